@@ -1,0 +1,175 @@
+"""Command line: thin flags -> Config -> library call; bad arguments get one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from fruitpipe.errors import FruitpipeError
+
+log = logging.getLogger("fruitpipe")
+
+EPILOG = (
+    "Paths are local folders or s3://bucket/prefix URIs. Settings merge as --config TOML < FRUITPIPE_* "
+    "environment variables < flags. Model files: --model-path FILE, or FRUITPIPE_MODELS=DIR, or a verified "
+    "download into FRUITPIPE_CACHE (default ~/.cache/fruitpipe/models)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (with the fix) and exit code 2, never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 0.95") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="TOML", help="read settings from a TOML file (table [fruitpipe])")
+    p.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bar, warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--master", help="Spark master URL (default local[*]; spark://host:7077, yarn)")
+    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Spark setting, repeatable (e.g. spark.executor.memory=4g)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+
+
+def _add_embed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
+    p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
+    p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
+    p.add_argument("--model-path", metavar="FILE", help="local ONNX file to use instead of downloading")
+    p.add_argument("--task-cpus", type=_positive_int, help="onnxruntime threads per Spark task (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per onnxruntime call (default 32)")
+    p.add_argument("--partition-size", type=_positive_int, help="images per Spark task (default 256)")
+    p.add_argument("--max-pixels", type=_positive_int, help="reject images larger than this (default 64000000)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an OUTPUT made with another input or model")
+
+
+def _add_reduce(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--k", type=_positive_int, help="number of PCA components (default 20)")
+    group.add_argument("--variance", type=_share,
+                       help="keep the fewest components reaching this explained-variance share, e.g. 0.95")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fruitpipe` parser with its commands; --help of each is the reference documentation."""
+    parser = _Parser(prog="fruitpipe", description="Images -> ONNX embeddings -> PCA -> Parquet, on Spark.",
+                     epilog=EPILOG)
+    from fruitpipe import __version__
+
+    parser.add_argument("--version", action="version", version=f"fruitpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    p_run = sub.add_parser("run", help="list, embed and reduce: the whole pipeline", epilog=EPILOG,
+                           description="List INPUT, embed new images, fit PCA, write everything under OUTPUT.")
+    _add_embed(p_run)
+    _add_reduce(p_run)
+    _add_common(p_run)
+    p_embed = sub.add_parser("embed", help="list and embed only (embeddings/, rejects/)", epilog=EPILOG,
+                             description="List INPUT and embed the images no earlier run has handled.")
+    _add_embed(p_embed)
+    _add_common(p_embed)
+    p_reduce = sub.add_parser("reduce", help="PCA on the embeddings of an OUTPUT (pca/, reduced/)", epilog=EPILOG,
+                              description="Fit PCA on OUTPUT/embeddings and write OUTPUT/pca and OUTPUT/reduced.")
+    p_reduce.add_argument("output", metavar="OUTPUT", help="an OUTPUT written by `fruitpipe embed` or `run`")
+    _add_reduce(p_reduce)
+    _add_common(p_reduce)
+    sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
+    return parser
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("py4j", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    flags = {k: v for k, v in vars(args).items() if v is not None and k != "spark_conf"}
+    conf: dict[str, str] = {}
+    for item in args.spark_conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FruitpipeError(f"--spark-conf {item!r} must look like KEY=VALUE, e.g. spark.executor.memory=4g")
+        conf[key] = value
+    if conf:
+        flags["spark_conf"] = conf
+    if os.environ.get("AWS_ENDPOINT_URL") and "s3_endpoint" not in flags:
+        flags["s3_endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+    if os.environ.get("AWS_REGION") and "region" not in flags:
+        flags["region"] = os.environ["AWS_REGION"]
+    return flags
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fruitpipe` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from fruitpipe.models import REGISTRY
+
+        for spec in REGISTRY.values():
+            sys.stdout.write(f"{spec.name}\t{spec.dim}-d\t{spec.input_size}x{spec.input_size}\t{spec.filename}\t{spec.sha256}\n")
+        return 0
+    _setup_logging(bool(args.quiet), args.verbose)
+    import fruitpipe
+    from fruitpipe.config import load_config
+    from fruitpipe.storage import StorageOptions
+
+    try:
+        flags = _flags(args)
+        if args.command == "reduce":
+            from fruitpipe.pipeline.run import read_marker
+
+            marker = read_marker(args.output, StorageOptions(flags.get("s3_endpoint"), flags.get("region", "eu-west-3")))
+            flags.setdefault("input", marker["input"])
+            flags["model"] = marker["model"]
+        config = load_config(flags, toml_path=args.config)
+        result = {"run": fruitpipe.run, "embed": fruitpipe.embed, "reduce": fruitpipe.reduce}[args.command](config)
+    except FruitpipeError as exc:
+        sys.stderr.write(f"fruitpipe: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("fruitpipe: interrupted; nothing was published as complete (no _SUCCESS)\n")
+        return 130
+    counts = result.counts
+    summary = {
+        "output": result.output,
+        "listed": counts.get("listed"),
+        "embedded": counts.get("embedded"),
+        "rejected": counts.get("rejected"),
+        "embedded_this_run": counts.get("embedded_this_run"),
+        "pca": result.report.get("pca"),
+        "timings_s": result.report.get("timings_s"),
+    }
+    if not args.quiet:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run configuration: one frozen dataclass, merged from TOML < environment < flags, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from fruitpipe.errors import ConfigError
+
+#: Prefix of the environment variables that override config fields (FRUITPIPE_K=30, FRUITPIPE_MASTER=...).
+ENV_PREFIX = "FRUITPIPE_"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs; paths are URIs (a local path, file://, or s3://bucket/prefix)."""
+
+    input: str
+    output: str
+    model: str = "mobilenet_v2"
+    #: A local ONNX file used instead of the registry's download (its sha256 is recorded, not enforced).
+    model_path: str | None = None
+    #: Number of PCA components; ignored when `variance` is set.
+    k: int = 20
+    #: Keep the fewest components whose cumulative explained variance reaches this share (0 < v <= 1).
+    variance: float | None = None
+    master: str = "local[*]"
+    #: onnxruntime threads per task = spark.task.cpus; 1 thread x one task per core measured best for
+    #: small JPEGs because decoding runs in parallel too (docs/performance.md).
+    task_cpus: int = 1
+    #: Images per onnxruntime call; 32 matches the throughput plateau measured in MODELS.md.
+    batch_size: int = 32
+    #: Images per Spark task: small enough for a smooth progress bar and cheap retries, large enough
+    #: that task start-up (~10 ms) stays under 1 % of a task's ~1.5 s of work.
+    partition_size: int = 256
+    #: Images whose header claims more pixels than this are rejected before decoding (decompression bombs).
+    max_pixels: int = 64_000_000
+    #: S3 endpoint (a loopback server in tests); None = the AWS default for the region.
+    s3_endpoint: str | None = None
+    #: AWS region for s3:// URIs; EU by default (GDPR).
+    region: str = "eu-west-3"
+    #: Replace an output made with another input or model instead of refusing it.
+    overwrite: bool = False
+    quiet: bool = False
+    #: Extra Spark settings (key -> value), e.g. {"spark.executor.memory": "4g"}.
+    spark_conf: Mapping[str, str] = field(default_factory=dict)
+
+    def validate(self) -> "Config":
+        """Check every field; raise ConfigError with a message that says how to fix the value."""
+        from fruitpipe.models.registry import get_spec
+
+        if not self.input:
+            raise ConfigError("INPUT is empty: pass a folder or an s3://bucket/prefix holding Class/ folders")
+        if not self.output:
+            raise ConfigError("OUTPUT is empty: pass a folder or an s3://bucket/prefix for the results")
+        get_spec(self.model)
+        if self.variance is not None:
+            if not 0.0 < self.variance <= 1.0:
+                raise ConfigError(
+                    f"--variance {self.variance} is outside (0, 1]: give a share such as 0.95 for 95 %"
+                )
+        elif self.k < 1:
+            raise ConfigError(f"--k {self.k} must be at least 1: use e.g. --k 20, or --variance 0.95")
+        elif self.k > get_spec(self.model).dim:
+            raise ConfigError(
+                f"--k {self.k} exceeds the embedding size {get_spec(self.model).dim} of {self.model}: use a smaller --k"
+            )
+        for name, low in (("task_cpus", 1), ("batch_size", 1), ("partition_size", 1), ("max_pixels", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.model_path is not None and not os.path.isfile(self.model_path):
+            raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a local .onnx file")
+        return self
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view, for run.json."""
+        d = dataclasses.asdict(self)
+        d["spark_conf"] = dict(self.spark_conf)
+        return d
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Convert a TOML/env value to the type of field `name`."""
+    types = {f.name: f.type for f in fields(Config)}
+    kind = str(types[name])
+    if raw is None:
+        return None
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if kind.startswith("Mapping"):
+            if isinstance(raw, Mapping):
+                return {str(k): str(v) for k, v in raw.items()}
+            raise ValueError("expected a table of key = value")
+    except ValueError as exc:
+        raise ConfigError(f"setting {name}={raw!r} is not a valid {kind}: {exc}") from None
+    return str(raw)
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    toml_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge a TOML file (table [fruitpipe] or top level), FRUITPIPE_* variables and flags; flags win."""
+    env = os.environ if env is None else env
+    known = {f.name for f in fields(Config)}
+    merged: dict[str, Any] = {}
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"--config {toml_path} does not exist: give the path of a TOML file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {toml_path} is not valid TOML ({exc}): fix the file") from None
+        data = data.get("fruitpipe", data)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {toml_path}; known: {', '.join(sorted(known))}")
+        merged.update({k: _coerce(k, v) for k, v in data.items()})
+    for name in known:
+        key = ENV_PREFIX + name.upper()
+        if key in env and name not in {"input", "output", "spark_conf"}:
+            merged[name] = _coerce(name, env[key])
+    merged.update({k: v for k, v in flags.items() if v is not None and k in known})
+    if "input" not in merged or "output" not in merged:
+        raise ConfigError("both INPUT and OUTPUT are required: fruitpipe run INPUT OUTPUT")
+    return Config(**merged)

@@ -1,0 +1,113 @@
+"""Image bytes -> uint8 RGB -> model input, with a typed rejection reason for every bad input (pure, no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Reasons recorded in rejects/; the detail column says more.
+REASONS = {
+    "empty": "the file has zero bytes",
+    "not_an_image": "the content is not an image format Pillow can read (text, random bytes, ...)",
+    "too_large": "the header claims more pixels than --max-pixels (decompression bomb guard)",
+    "truncated": "the image data ends early",
+    "corrupt": "the image data is damaged and cannot be decoded",
+    "unreadable": "the file or object could not be read (missing, permission denied)",
+    "duplicate": "same bytes as another input, which was embedded instead",
+}
+
+#: Background used when flattening transparency: Fruits-360 photos are shot on white.
+_BACKGROUND = (255, 255, 255)
+
+
+class Rejected(Exception):
+    """An input that cannot be embedded; `reason` is a key of REASONS, `detail` is for humans."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def content_id(data: bytes) -> str:
+    """Identifier of an input: the sha256 of its bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: scale 16/32-bit, flatten alpha on white, CMYK via Pillow."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        # 16-bit images use the full 0..65535 range; 8-bit data stored in mode I stays as is.
+        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+        mode = "L"
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, _BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np.ndarray:
+    """Decode image bytes to a HxWx3 uint8 RGB array, EXIF orientation applied; raise Rejected otherwise.
+
+    `size_hint` lets JPEG decoding downscale by 1/2..1/8 in the decoder (Pillow draft) when the image is far
+    larger than the model input; it never goes below the hint.
+    """
+    if not data:
+        raise Rejected("empty", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
+            if size_hint and img.format == "JPEG":
+                img.draft("RGB", (size_hint, size_hint))
+            img = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
+            img.load()
+            rgb = _to_rgb(img)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Rejected:
+        raise
+    except UnidentifiedImageError:
+        raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        reason = "truncated" if "truncat" in msg.lower() or isinstance(exc, EOFError) else "corrupt"
+        raise Rejected(reason, msg) from None
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize an RGB array to size x size with bilinear filtering (the filter used for MODELS.md's checks)."""
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    img = Image.fromarray(rgb, mode="RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def preprocess(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [-1, 1] (pixel / 127.5 - 1, Keras MobileNetV2 convention)."""
+    return rgb.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def model_input(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Image bytes -> float32 size x size x 3 model input; raises Rejected. Used in batch and serving alike."""
+    return preprocess(resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size))

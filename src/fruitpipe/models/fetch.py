@@ -1,0 +1,108 @@
+"""Find a model file: --model-path, FRUITPIPE_MODELS=DIR, the cache, or a verified download into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fruitpipe.errors import ModelError
+from fruitpipe.models.registry import DEFAULT_BASE_URL, ModelSpec
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model file on local disk, its sha256 and where it came from (path, models_dir, cache, download)."""
+
+    spec: ModelSpec
+    path: str
+    sha256: str
+    source: str
+
+    def read_bytes(self) -> bytes:
+        """The model file's bytes (what the driver broadcasts)."""
+        return Path(self.path).read_bytes()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """FRUITPIPE_CACHE, else $XDG_CACHE_HOME/fruitpipe/models, else ~/.cache/fruitpipe/models."""
+    if os.environ.get("FRUITPIPE_CACHE"):
+        return Path(os.environ["FRUITPIPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fruitpipe" / "models"
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
+    """Stream `url` to a temporary file beside `dest`, verify sha256, then rename; a bad file never lands."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (pinned https URL)
+                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+            except (urllib.error.URLError, OSError) as exc:
+                raise ModelError(
+                    f"could not download {url} ({exc}); set FRUITPIPE_MODELS=DIR or pass --model-path FILE"
+                ) from None
+        if h.hexdigest() != sha256:
+            raise ModelError(
+                f"{url} has sha256 {h.hexdigest()}, expected {sha256}; the file was discarded "
+                "(a corrupt download or a wrong mirror: retry, or set FRUITPIPE_MODEL_BASE_URL)"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve_model(spec: ModelSpec, model_path: str | None = None) -> ResolvedModel:
+    """Locate `spec`'s file, downloading and verifying it if needed."""
+    if model_path:
+        if not os.path.isfile(model_path):
+            raise ModelError(f"--model-path {model_path} is not a file: point it at a local .onnx file")
+        digest = sha256_file(model_path)
+        if digest != spec.sha256:
+            log.warning("model file %s has sha256 %s, not the registry's %s for %s (custom weights?)",
+                        model_path, digest, spec.sha256, spec.name)
+        return ResolvedModel(spec, os.path.abspath(model_path), digest, "model_path")
+    models_dir = os.environ.get("FRUITPIPE_MODELS")
+    if models_dir:
+        candidate = Path(models_dir) / spec.filename
+        if not candidate.is_file():
+            raise ModelError(f"FRUITPIPE_MODELS={models_dir} has no {spec.filename}: fix the variable or unset it")
+        digest = sha256_file(candidate)
+        if digest != spec.sha256:
+            raise ModelError(f"{candidate} has sha256 {digest}, expected {spec.sha256}: replace the file")
+        return ResolvedModel(spec, str(candidate.resolve()), digest, "models_dir")
+    cached = cache_dir() / spec.sha256[:16] / spec.filename
+    if cached.is_file():
+        if sha256_file(cached) == spec.sha256:
+            return ResolvedModel(spec, str(cached), spec.sha256, "cache")
+        log.warning("cached %s fails its sha256 check; downloading it again", cached)
+        cached.unlink()
+    url = spec.url(os.environ.get("FRUITPIPE_MODEL_BASE_URL") or DEFAULT_BASE_URL)
+    log.info("downloading %s (%d bytes) to %s", url, spec.size_bytes, cached)
+    download(url, cached, spec.sha256)
+    return ResolvedModel(spec, str(cached), spec.sha256, "download")

@@ -1,0 +1,54 @@
+"""onnxruntime sessions built once per Python worker (cached by model sha256) and the batch predict function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_SESSIONS: dict[tuple[str, int], object] = {}
+_LOCK = threading.Lock()
+#: How many sessions this process has built; tasks report it so tests can prove "once per worker".
+SESSIONS_BUILT = 0
+
+
+def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes]) -> object:
+    """The process-wide onnxruntime session for a model; `load_bytes` is called only on first use."""
+    global SESSIONS_BUILT
+    key = (sha256, threads)
+    with _LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(load_bytes(), sess_options=opts, providers=["CPUExecutionProvider"])
+            _SESSIONS[key] = session
+            SESSIONS_BUILT += 1
+            log.info("built onnxruntime session %s (threads=%d) in pid %d", sha256[:12], threads, os.getpid())
+    return session
+
+
+def make_predict_fn(
+    sha256: str,
+    load_bytes: Callable[[], bytes],
+    threads: int,
+    input_name: str = "input",
+    output_name: str = "features",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """predict(batch NHWC float32) -> float32 [batch, dim]; the session is built lazily, once per process."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        session = get_session(sha256, threads, load_bytes)
+        (out,) = session.run([output_name], {input_name: np.ascontiguousarray(batch, dtype=np.float32)})  # type: ignore[attr-defined]
+        return np.asarray(out, dtype=np.float32)
+
+    return predict

@@ -1,0 +1,234 @@
+"""Embed stage: on the executors, bytes -> RGB 224x224 -> ONNX features; part files staged, then deduplicated."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fruitpipe import images, storage
+from fruitpipe.models import runner
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Schema of embeddings/: one row per embedded image."""
+    del dim  # list<float32> of length dim; Spark and pandas read plain lists, not fixed-size ones
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("label", pa.string(), nullable=False),
+            pa.field("split", pa.string()),
+            pa.field("features", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),  # sha256 of the bytes; null when the bytes could not be read
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
+#: What each task returns to the driver: one small row per input, never the features.
+INDEX_DDL = (
+    "uri string, id string, label string, split string, status string, reason string, part string, "
+    "pid long, sessions_built int"
+)
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """Everything a task needs besides the broadcast model bytes; small and picklable."""
+
+    model_sha256: str
+    input_size: int
+    input_name: str
+    output_name: str
+    dim: int
+    batch_size: int
+    max_pixels: int
+    staging_uri: str
+    storage: StorageOptions
+
+
+def read_input(uri: str, opts: StorageOptions) -> bytes:
+    """Read one input; a missing or forbidden object is a Rejected('unreadable'), other I/O errors propagate.
+
+    Propagating (instead of rejecting) errors such as a lost connection makes the task fail and Spark retry it,
+    so an outage never turns good images into rejects.
+    """
+    try:
+        return storage.read_bytes(uri, opts)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        if "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):
+            raise images.Rejected("unreadable", str(exc)) from None
+        raise
+
+
+def embed_rows(
+    rows: pa.Table,
+    predict: Callable[[np.ndarray], np.ndarray],
+    settings: EmbedSettings,
+) -> tuple[pa.Table, pa.Table]:
+    """Embed manifest rows (uri, label, split): returns (embeddings, rejects) tables; every row ends in one."""
+    emb: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "features": []}
+    rej: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "reason": [], "detail": []}
+    pending: list[tuple[str, str, str, str | None, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        feats = predict(np.stack([p[4] for p in pending]))
+        for (cid, uri, label, split, _), vec in zip(pending, feats):
+            emb["id"].append(cid)
+            emb["uri"].append(uri)
+            emb["label"].append(label)
+            emb["split"].append(split)
+            emb["features"].append(vec)
+        pending.clear()
+
+    for uri, label, split in zip(*(rows.column(c).to_pylist() for c in ("uri", "label", "split"))):
+        cid: str | None = None
+        try:
+            data = read_input(uri, settings.storage)
+            cid = images.content_id(data)
+            x = images.model_input(data, settings.input_size, settings.max_pixels)
+        except images.Rejected as rj:
+            for key, value in zip(rej, (cid, uri, label, split, rj.reason, rj.detail)):
+                rej[key].append(value)
+            continue
+        pending.append((cid, uri, label, split, x))
+        if len(pending) >= settings.batch_size:
+            flush()
+    flush()
+    features = pa.array(
+        emb.pop("features"), type=pa.list_(pa.float32())
+    ) if emb["id"] else pa.array([], type=pa.list_(pa.float32()))
+    emb_table = pa.table({**emb, "features": features}, schema=embeddings_schema(settings.dim))
+    return emb_table, pa.table(rej, schema=REJECTS_SCHEMA)
+
+
+def _index_batch(emb: pa.Table, rej: pa.Table, part: str) -> pa.RecordBatch:
+    n_emb, n_rej = emb.num_rows, rej.num_rows
+    n = n_emb + n_rej
+    return pa.RecordBatch.from_pydict(
+        {
+            "uri": emb.column("uri").to_pylist() + rej.column("uri").to_pylist(),
+            "id": emb.column("id").to_pylist() + rej.column("id").to_pylist(),
+            "label": emb.column("label").to_pylist() + rej.column("label").to_pylist(),
+            "split": emb.column("split").to_pylist() + rej.column("split").to_pylist(),
+            "status": ["embedded"] * n_emb + ["rejected"] * n_rej,
+            "reason": [None] * n_emb + rej.column("reason").to_pylist(),
+            "part": [part] * n,
+            "pid": [os.getpid()] * n,
+            "sessions_built": [runner.SESSIONS_BUILT] * n,
+        },
+        schema=pa.schema(
+            [
+                ("uri", pa.string()), ("id", pa.string()), ("label", pa.string()), ("split", pa.string()),
+                ("status", pa.string()), ("reason", pa.string()), ("part", pa.string()),
+                ("pid", pa.int64()), ("sessions_built", pa.int32()),
+            ]
+        ),
+    )
+
+
+def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The mapInArrow function: embed one partition, write its part files to staging, return its index."""
+
+    def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        part = f"part-{ctx.partitionId():05d}.parquet"
+        threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
+        predict = runner.make_predict_fn(
+            settings.model_sha256, lambda: model_bc.value, threads,  # type: ignore[attr-defined]
+            settings.input_name, settings.output_name,
+        )
+        rows = pa.Table.from_batches(list(batches))
+        emb, rej = embed_rows(rows, predict, settings)
+        if emb.num_rows:
+            storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
+        if rej.num_rows:
+            storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part), settings.storage)
+        yield _index_batch(emb, rej, part)
+
+    return embed_partition
+
+
+def run_embed_job(
+    spark: object,
+    todo: pa.Table,
+    settings: EmbedSettings,
+    model_bytes: bytes,
+    partition_size: int,
+    quiet: bool,
+) -> pa.Table:
+    """Embed the `todo` manifest rows on the cluster; returns the per-input index (no features)."""
+    from fruitpipe.spark import JobProgress, default_parallelism
+
+    sc = spark.sparkContext  # type: ignore[attr-defined]
+    n = todo.num_rows
+    # Whole waves of tasks: at least one task per slot, and a multiple of the slots so no core idles at the end.
+    slots = default_parallelism(spark)
+    parts = max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots)
+    parts = min(parts, n)
+    rows = list(zip(*(todo.column(c).to_pylist() for c in ("uri", "label", "split"))))
+    model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
+    try:
+        df = spark.createDataFrame(  # type: ignore[attr-defined]
+            sc.parallelize(rows, parts), "uri string, label string, split string"
+        )
+        out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
+        with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet):
+            index = out.toArrow()
+    finally:
+        model_bc.destroy()
+    return index
+
+
+def find_duplicates(index: pa.Table, known: dict[str, str]) -> dict[str, str]:
+    """Embedded rows whose id was already embedded: {uri: uri of the copy kept}.
+
+    `known` maps id -> uri for rows embedded by earlier runs; within this run the smallest uri is kept.
+    """
+    emb = index.filter(pc.equal(index.column("status"), "embedded")).sort_by("uri")
+    kept = dict(known)
+    dups: dict[str, str] = {}
+    for uri, cid in zip(emb.column("uri").to_pylist(), emb.column("id").to_pylist()):
+        if cid in kept:
+            dups[uri] = kept[cid]
+        else:
+            kept[cid] = uri
+    return dups
+
+
+def drop_rows_from_parts(spark: object, files: dict[str, list[str]], opts: StorageOptions) -> None:
+    """On the executors, rewrite each staged part file without the given uris."""
+
+    def rewrite(item: tuple[str, list[str]]) -> None:
+        uri, drop = item
+        table = storage.read_parquet(uri, opts)
+        storage.write_parquet(table.filter(pc.invert(pc.is_in(table.column("uri"), pa.array(drop)))), uri, opts)
+
+    items = sorted(files.items())
+    if items:
+        spark.sparkContext.parallelize(items, len(items)).foreach(rewrite)  # type: ignore[attr-defined]

@@ -1,0 +1,191 @@
+"""Reduce stage: Spark ML PCA on the embeddings, explained-variance curve, reduced vectors as Parquet."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from fruitpipe import storage
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+REDUCED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("pca", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PcaFit:
+    """A fitted PCA: all components (dim x m, columns by decreasing variance) and their variance shares."""
+
+    components: np.ndarray
+    explained: np.ndarray
+    n_samples: int
+
+    @property
+    def cumulative(self) -> np.ndarray:
+        """Cumulative explained-variance share per number of components."""
+        return np.cumsum(self.explained)
+
+
+def choose_k(explained: np.ndarray, k: int, variance: float | None) -> int:
+    """The k to keep: the fixed `k`, or the fewest components whose cumulative share reaches `variance`."""
+    if variance is None:
+        return min(k, len(explained))
+    cumulative = np.cumsum(explained)
+    # A tolerance for float round-off: a target of 1.0 is met by the cumulative sum 0.9999999999.
+    reached = np.nonzero(cumulative >= variance - 1e-9)[0]
+    return int(reached[0] + 1) if len(reached) else len(explained)
+
+
+def project(features: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Reduced vectors = features @ components, exactly what Spark ML's PCAModel.transform computes
+    (it does not subtract the mean); shared by the batch job and the serving path."""
+    return (np.asarray(features, dtype=np.float64) @ components).astype(np.float32)
+
+
+def _features_matrix(table: pa.Table, column: str = "features") -> np.ndarray:
+    col = table.column(column).combine_chunks()
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(n, -1)
+
+
+def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> object:
+    """A DataFrame (id, uri, label, split, features) read from Parquet part files by the executors via
+    pyarrow.fs, so local paths and s3:// work the same without Hadoop's S3 connector."""
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for uri in batch.column(0).to_pylist():
+                yield from storage.read_parquet(uri, opts).to_batches(max_chunksize=2048)
+
+    sc = spark.sparkContext  # type: ignore[attr-defined]
+    paths = spark.createDataFrame(sc.parallelize([(f,) for f in files], max(1, len(files))), "path string")  # type: ignore[attr-defined]
+    return paths.mapInArrow(read, "id string, uri string, label string, split string, features array<float>")
+
+
+def fit_pca(df: object, dim: int) -> PcaFit:
+    """Fit Spark ML PCA with every component (dim), so the whole explained-variance curve is known."""
+    from pyspark.ml.feature import PCA
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.storagelevel import StorageLevel
+
+    vectors = df.select(array_to_vector("features").alias("v")).persist(StorageLevel.MEMORY_AND_DISK)  # type: ignore[attr-defined]
+    try:
+        n = vectors.count()
+        if n < 2:
+            raise ValueError(f"PCA needs at least 2 embedded images, found {n}")
+        model = PCA(k=dim, inputCol="v", outputCol="p").fit(vectors)
+    finally:
+        vectors.unpersist()
+    return PcaFit(
+        components=np.asarray(model.pc.toArray(), dtype=np.float64),
+        explained=np.asarray(model.explainedVariance.toArray(), dtype=np.float64),
+        n_samples=int(n),
+    )
+
+
+def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow function: project one partition's embeddings and write them as one reduced part file."""
+
+    def project_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        table = pa.Table.from_batches(list(batches))
+        part = f"part-{TaskContext.get().partitionId():05d}.parquet"
+        if table.num_rows:
+            reduced = project(_features_matrix(table), components)
+            out = pa.table(
+                {
+                    "id": table.column("id"), "uri": table.column("uri"), "label": table.column("label"),
+                    "split": table.column("split"),
+                    "pca": pa.array(list(reduced), type=pa.list_(pa.float32())),
+                },
+                schema=REDUCED_SCHEMA,
+            )
+            storage.write_parquet(out, storage.join(staging_uri, part), opts)
+        yield pa.RecordBatch.from_pydict({"rows": [table.num_rows]}, schema=pa.schema([("rows", pa.int64())]))
+
+    return project_partition
+
+
+def variance_report(fit: PcaFit, k: int, variance: float | None) -> dict[str, object]:
+    """The content of explained_variance.json."""
+    return {
+        "k": k,
+        "selected_by": "variance" if variance is not None else "k",
+        "target_variance": variance,
+        "explained_at_k": float(fit.cumulative[k - 1]),
+        "n_samples": fit.n_samples,
+        "dim": int(fit.components.shape[0]),
+        "per_component": [float(v) for v in fit.explained],
+        "cumulative": [float(v) for v in fit.cumulative],
+    }
+
+
+def scree_png(fit: PcaFit, k: int, show: int = 100) -> bytes:
+    """Scree plot: per-component share (bars) and cumulative share (line), the chosen k marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = min(show, len(fit.explained))
+    xs = np.arange(1, m + 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.bar(xs, fit.explained[:m] * 100, color="#4c72b0", label="per component")
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance (%)")
+    ax2 = ax.twinx()
+    ax2.plot(xs, fit.cumulative[:m] * 100, color="#dd8452", label="cumulative")
+    ax2.set_ylabel("cumulative (%)")
+    ax2.set_ylim(0, 100)
+    ax2.axvline(k, color="gray", linestyle="--")
+    ax2.annotate(f"k={k}: {fit.cumulative[k - 1] * 100:.1f} %", (k, fit.cumulative[k - 1] * 100),
+                 textcoords="offset points", xytext=(6, -14))
+    ax.set_title(f"PCA explained variance ({fit.n_samples} embeddings, first {m} of {len(fit.explained)} components)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def components_npy(components: np.ndarray) -> bytes:
+    """The kept components (dim x k, float64) as .npy bytes; load with numpy.load."""
+    buf = io.BytesIO()
+    np.save(buf, components)
+    return buf.getvalue()
+
+
+def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | None, fingerprint: dict[str, object],
+                        opts: StorageOptions) -> dict[str, object]:
+    """explained_variance.json, scree.png and components.npy under `pca_uri`; returns the report."""
+    report = variance_report(fit, k, variance)
+    report["fingerprint"] = fingerprint
+    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"),
+                        json.dumps(report, indent=2).encode(), opts)
+    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit, k), opts)
+    storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(fit.components[:, :k]), opts)
+    return report
+
+
+def load_components(pca_uri: str, opts: StorageOptions) -> np.ndarray:
+    """The fitted model's components (dim x k) written by a run, for projecting new embeddings."""
+    return np.load(io.BytesIO(storage.read_bytes(storage.join(pca_uri, "components.npy"), opts)))

@@ -1,0 +1,127 @@
+"""Spark session helper (reuse the active one, stop only what it started) and a driver-side progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from importlib import resources
+from typing import Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+
+def _log4j_config() -> str:
+    """Path of the packaged log4j2 config that keeps Spark's own logs at WARN from the first line."""
+    return str(resources.files("fruitpipe").joinpath("log4j2.properties"))
+
+
+@contextlib.contextmanager
+def spark_session(
+    master: str = "local[*]",
+    app_name: str = "fruitpipe",
+    task_cpus: int = 1,
+    conf: Mapping[str, str] | None = None,
+) -> Iterator["pyspark.sql.SparkSession"]:  # type: ignore[name-defined]  # noqa: F821
+    """Yield the active SparkSession if there is one, else start one and stop it on exit."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    # Executors must run this interpreter: otherwise they start the system Python, which lacks our packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    java_opts = f"-Dlog4j2.configurationFile=file:{_log4j_config()}"
+    builder = (
+        SparkSession.builder.master(master)
+        .appName(app_name)
+        .config("spark.task.cpus", str(task_cpus))
+        .config("spark.python.worker.reuse", "true")  # one Python worker (and one ONNX session) per slot
+        .config("spark.ui.showConsoleProgress", "false")  # our own bar on the driver instead
+        .config("spark.driver.extraJavaOptions", java_opts)
+        .config("spark.executor.extraJavaOptions", java_opts)
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", "8")
+    )
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def default_parallelism(spark: "pyspark.sql.SparkSession") -> int:  # type: ignore[name-defined]  # noqa: F821
+    """Task slots of the cluster: cores / spark.task.cpus (at least 1)."""
+    sc = spark.sparkContext
+    cpus = int(sc.getConf().get("spark.task.cpus", "1"))
+    return max(1, sc.defaultParallelism // cpus)
+
+
+class JobProgress:
+    """Progress bar on the driver for the Spark jobs of one job group: done/total items and items/s.
+
+    Tasks finish at their own pace; items done are estimated as completed tasks x items per task.
+    """
+
+    def __init__(self, spark: object, group: str, total: int, unit: str = "img", desc: str = "",
+                 quiet: bool = False, interval: float = 0.5) -> None:
+        self._sc = spark.sparkContext  # type: ignore[attr-defined]
+        self._group = group
+        self._total = total
+        self._unit = unit
+        self._desc = desc
+        self._quiet = quiet
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _fraction(self) -> float:
+        tracker = self._sc.statusTracker()
+        done = total = 0
+        for job_id in tracker.getJobIdsForGroup(self._group):
+            job = tracker.getJobInfo(job_id)
+            if job is None:
+                continue
+            for stage_id in job.stageIds:
+                stage = tracker.getStageInfo(stage_id)
+                if stage is not None:
+                    done += stage.numCompletedTasks
+                    total += stage.numTasks
+        return done / total if total else 0.0
+
+    def _loop(self) -> None:
+        from tqdm import tqdm
+
+        with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            while not self._stop.wait(self._interval):
+                bar.update(int(self._fraction() * self._total) - bar.n)
+            bar.update(int(self._fraction() * self._total) - bar.n)
+
+    def __enter__(self) -> "JobProgress":
+        self._sc.setJobGroup(self._group, self._desc or self._group)
+        if self._total > 0:
+            self._thread = threading.Thread(target=self._loop, name="fruitpipe-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._sc.setLocalProperty("spark.jobGroup.id", None)
+
+
+def wall_clock() -> float:
+    """Monotonic seconds, for stage timings."""
+    return time.perf_counter()

@@ -1,0 +1,161 @@
+"""URIs (local paths, file://, s3://) to pyarrow filesystems: list, read, write whole objects, publish."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object stores; small and picklable so Spark tasks rebuild the same filesystem."""
+
+    s3_endpoint: str | None = None
+    region: str = "eu-west-3"
+
+
+_FS_CACHE: dict[tuple[str, str | None, str], pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def is_s3(uri: str) -> bool:
+    """True for s3:// URIs."""
+    return uri.startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """Canonical form: s3://bucket/key without trailing slash, or an absolute local path."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve(uri: str, opts: StorageOptions) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for `uri`; one filesystem object per process and endpoint."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        key = ("s3", opts.s3_endpoint, opts.region)
+        with _FS_LOCK:
+            fs = _FS_CACHE.get(key)
+            if fs is None:
+                # Credentials come from the standard AWS chain (env, profile, instance role); none in code.
+                fs = pafs.S3FileSystem(
+                    region=opts.region,
+                    endpoint_override=opts.s3_endpoint,
+                    scheme="http" if (opts.s3_endpoint or "").startswith("http://") else "https",
+                )
+                _FS_CACHE[key] = fs
+        return fs, uri[len("s3://") :]
+    with _FS_LOCK:
+        fs = _FS_CACHE.setdefault(("local", None, ""), pafs.LocalFileSystem())
+    return fs, uri
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path segments to a URI."""
+    base = uri.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def to_uri(uri_root: str, fs_path: str) -> str:
+    """Turn a path returned by a filesystem of `uri_root` back into a URI of the same kind."""
+    return "s3://" + fs_path if is_s3(uri_root) else fs_path
+
+
+def exists(uri: str, opts: StorageOptions) -> bool:
+    """Whether a file or directory exists at `uri`."""
+    fs, path = resolve(uri, opts)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, opts: StorageOptions) -> bool:
+    """Whether `uri` is a directory (or a non-empty prefix on S3)."""
+    fs, path = resolve(uri, opts)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, opts: StorageOptions) -> Iterator[tuple[str, int]]:
+    """Every file below `uri`, recursively, as (URI, size in bytes); S3 listing is paginated by pyarrow."""
+    fs, path = resolve(uri, opts)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File:
+            yield to_uri(normalize(uri), info.path), int(info.size or 0)
+
+
+def read_bytes(uri: str, opts: StorageOptions) -> bytes:
+    """The whole object at `uri`."""
+    fs, path = resolve(uri, opts)
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def _tmp_sibling(path: str) -> str:
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def write_bytes(uri: str, data: bytes, opts: StorageOptions) -> None:
+    """Write an object whole: on S3 a PUT is atomic; locally write a sibling then rename over."""
+    fs, path = resolve(uri, opts)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
+        return
+    tmp = _tmp_sibling(path)
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(data)
+    fs.move(tmp, path)
+
+
+def write_parquet(table: pa.Table, uri: str, opts: StorageOptions) -> None:
+    """Write a Parquet file whole (never half-visible), zstd-compressed."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue(), opts)
+
+
+def read_parquet(uri: str, opts: StorageOptions, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file (or all the part files of a directory) into a table."""
+    fs, path = resolve(uri, opts)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        files = parquet_files(uri, opts)
+        tables = [pq.read_table(resolve(f, opts)[1], filesystem=fs, columns=columns) for f in files]
+        if not tables:
+            raise FileNotFoundError(f"no Parquet files under {uri}")
+        return pa.concat_tables(tables)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def parquet_files(uri: str, opts: StorageOptions) -> list[str]:
+    """Committed part files of a dataset directory, sorted (temporary siblings are skipped)."""
+    return sorted(u for u, _ in list_files(uri, opts) if u.endswith(".parquet"))
+
+
+def delete(uri: str, opts: StorageOptions) -> None:
+    """Remove a file or a whole directory if it exists."""
+    fs, path = resolve(uri, opts)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def move(src: str, dst: str, opts: StorageOptions) -> None:
+    """Rename a file (local: atomic rename; S3: copy then delete, each object appearing whole)."""
+    fs, src_path = resolve(src, opts)
+    _, dst_path = resolve(dst, opts)
+    fs.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
+    fs.move(src_path, dst_path)
