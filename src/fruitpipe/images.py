@@ -47,7 +47,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit images use the full 0..65535 range; 8-bit data stored in mode I stays as is.
         scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
         arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
+        img = Image.fromarray(arr)  # uint8 2-D -> mode L
         mode = "L"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -99,7 +99,7 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize an RGB array to size x size with bilinear filtering (the filter used for MODELS.md's checks)."""
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    img = Image.fromarray(rgb, mode="RGB").resize((size, size), Image.Resampling.BILINEAR)
+    img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -51,6 +51,8 @@ def spark_session(
         .config("spark.sql.shuffle.partitions", "8")
     )
     for key, value in (conf or {}).items():
+        if key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
+            value = f"{java_opts} {value}"  # keep our log4j settings beside the user's options
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

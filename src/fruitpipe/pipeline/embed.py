@@ -77,8 +77,9 @@ def read_input(uri: str, opts: StorageOptions) -> bytes:
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
-        if "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):
-            raise images.Rejected("unreadable", str(exc)) from None
+        # A local read error belongs to that file; on S3 only a refusal is the object's fault.
+        if not storage.is_s3(uri) or "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):
+            raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
         raise
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe import storage
+from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,59 @@ def fit_pca(df: object, dim: int) -> PcaFit:
         model = PCA(k=dim, inputCol="v", outputCol="p").fit(vectors)
     finally:
         vectors.unpersist()
-    return PcaFit(
+    fit = PcaFit(
         components=np.asarray(model.pc.toArray(), dtype=np.float64),
         explained=np.asarray(model.explainedVariance.toArray(), dtype=np.float64),
         n_samples=int(n),
     )
+    check_pca(df, fit)
+    return fit
+
+
+class PcaCheckError(FruitpipeError):
+    """Spark's PCA disagrees with the variance of the data projected on its own components."""
+
+
+def projected_variance_shares(df: object, components: np.ndarray) -> np.ndarray:
+    """Variance of the data along each given component, as a share of the total variance (one Spark pass,
+    plain float64 sums in numpy: no LAPACK involved)."""
+    d, m = components.shape
+
+    def moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        acc = [np.zeros(d), np.zeros(d), np.zeros(m), np.zeros(m)]
+        n = 0
+        for batch in batches:
+            x = _features_matrix(pa.Table.from_batches([batch])).astype(np.float64)
+            if not len(x):
+                continue
+            p = x @ components
+            n += len(x)
+            for i, v in enumerate((x.sum(0), (x * x).sum(0), p.sum(0), (p * p).sum(0))):
+                acc[i] += v
+        yield pa.RecordBatch.from_pydict({"n": [n], "sums": [np.concatenate(acc).tolist()]})
+
+    rows = df.select("features").mapInArrow(moments, "n long, sums array<double>").collect()  # type: ignore[attr-defined]
+    n = sum(r["n"] for r in rows)
+    total = np.sum([np.asarray(r["sums"]) for r in rows], axis=0)
+    sx, sxx, sp, spp = np.split(total, [d, 2 * d, 2 * d + m])
+    column_var = (sxx - sx * sx / n) / (n - 1)
+    projected_var = (spp - sp * sp / n) / (n - 1)
+    return projected_var / column_var.sum()
+
+
+def check_pca(df: object, fit: PcaFit, components: int = 20, rtol: float = 1e-4) -> None:
+    """Guard against a wrong eigendecomposition: seen with Spark's pure-Java LAPACK fallback (no liblapack.so.3),
+    which returned a nearly flat spectrum for 1280-d embeddings while numpy and native LAPACK agreed."""
+    m = min(components, fit.components.shape[1])
+    measured = projected_variance_shares(df, fit.components[:, :m])
+    claimed = fit.explained[:m]
+    if not np.allclose(measured, claimed, rtol=rtol, atol=1e-9):
+        worst = int(np.argmax(np.abs(measured - claimed)))
+        raise PcaCheckError(
+            f"Spark PCA is inconsistent: component {worst + 1} claims {claimed[worst]:.6f} of the variance but the "
+            f"data projected on it holds {measured[worst]:.6f}; install native BLAS/LAPACK on every node "
+            "(Debian: apt-get install libblas3 liblapack3) and re-run"
+        )
 
 
 def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:

@@ -24,7 +24,7 @@ from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
-from fruitpipe.pipeline.listing import list_images
+from fruitpipe.pipeline.listing import Listing, list_images
 from fruitpipe.spark import JobProgress, spark_session
 from fruitpipe.storage import StorageOptions
 
@@ -116,6 +116,11 @@ def _commit_staged(staging: str, out: str, dataset: str, token: str, opts: Stora
     return len(files)
 
 
+def _ensure_dataset(uri: str, schema: pa.Schema, opts: StorageOptions) -> None:
+    if not storage.exists(uri, opts) or not storage.parquet_files(uri, opts):
+        storage.write_parquet(schema.empty_table(), storage.join(uri, "part-empty.parquet"), opts)
+
+
 def _replace_dir(src: str, dst: str, opts: StorageOptions) -> None:
     """Replace directory `dst` by `src` (both fully written before; the reader is protected by _SUCCESS)."""
     storage.delete(dst, opts)
@@ -157,10 +162,10 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
 
 
 def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: str, token: str,
-                opts: StorageOptions, timings: dict[str, float]) -> dict[str, Any]:
+                opts: StorageOptions, timings: dict[str, float], listing: Listing | None = None) -> dict[str, Any]:
     """List the input, embed the inputs no earlier run has handled, deduplicate, commit; returns counts."""
     t0 = time.perf_counter()
-    listing = list_images(config.input, opts)
+    listing = listing if listing is not None else list_images(config.input, opts)
     timings["list"] = time.perf_counter() - t0
 
     emb_uri, rej_uri = storage.join(out, "embeddings"), storage.join(out, "rejects")
@@ -173,7 +178,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
     log.info("%d listed, %d already done, %d to embed", listing.count, listing.count - todo.num_rows, todo.num_rows)
 
     inference = {"tasks": 0, "workers": 0, "sessions_built": 0}
-    duplicates = 0
+    duplicates = committed = 0
     session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
     t0 = time.perf_counter()
     if todo.num_rows:
@@ -210,9 +215,12 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         committed = _commit_staged(staging, out, "embeddings", token, opts)
         _commit_staged(staging, out, "rejects", token, opts)
         storage.delete(staging, opts)
-        if committed:  # the embeddings changed, so any earlier PCA no longer describes them
-            for stale in ("pca", "reduced"):
-                storage.delete(storage.join(out, stale), opts)
+    # Readers always find both datasets with their schema, even when a run had nothing to put in one.
+    _ensure_dataset(emb_uri, embed_mod.embeddings_schema(model.spec.dim), opts)
+    _ensure_dataset(rej_uri, embed_mod.REJECTS_SCHEMA, opts)
+    if committed:  # the embeddings changed, so any earlier PCA no longer describes them
+        for stale in ("pca", "reduced"):
+            storage.delete(storage.join(out, stale), opts)
     timings["embed"] = time.perf_counter() - t0
 
     final_emb = _read_index(emb_uri, opts, ["uri", "id"])
@@ -293,8 +301,11 @@ def _run_context(config: Config) -> Iterator[tuple[_LazySpark, StorageOptions]]:
         yield _LazySpark(config, stack), StorageOptions(config.s3_endpoint, config.region)
 
 
-def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce")) -> RunResult:
-    """Run the given stages on `config`, commit the outputs and return what run.json records."""
+def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None) -> RunResult:
+    """Run the given stages on `config`, commit the outputs and return what run.json records.
+
+    `listing` replaces the listing of config.input (a manifest made elsewhere, e.g. from a catalogue).
+    """
     config.validate()
     started = time.time()
     t_total = time.perf_counter()
@@ -321,13 +332,14 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce")) -> RunRes
         storage.delete(storage.join(out, STAGING), opts)
         previous = _previous_report(out, opts)
         if "embed" in stages:
-            counts = embed_stage(config, model, spark, out, token, opts, timings)
+            counts = embed_stage(config, model, spark, out, token, opts, timings, listing)
         else:
             counts = previous.get("counts") or {}
             if "embedding_ids_digest" not in counts:
                 raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
         pca = reduce_stage(config, model, spark, out, token, opts, timings, counts["embedding_ids_digest"]) \
             if "reduce" in stages else previous.get("pca")
+        storage.delete(storage.join(out, STAGING), opts)
         timings["spark_start"] = spark.start_seconds
         timings["total"] = time.perf_counter() - t_total
         report = {

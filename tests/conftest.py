@@ -1,0 +1,53 @@
+"""Shared fixtures: the ../shared data and models, one local[2] Spark session, small real subsets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FRUITPIPE_SHARED", ROOT.parent / "shared"))
+SAMPLE = SHARED / "data" / "fruits360-sample"
+MODELS = SHARED / "models"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not (SAMPLE / "Training").is_dir() or not (MODELS / "mobilenet_v2_features.onnx").is_file():
+        raise pytest.UsageError(f"shared data not found under {SHARED}: set FRUITPIPE_SHARED")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Models from ../shared, a private download cache, no progress bar noise from tqdm."""
+    os.environ["FRUITPIPE_MODELS"] = str(MODELS)
+    os.environ["FRUITPIPE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real Spark for the whole session: local[2], no UI, few shuffle partitions."""
+    from fruitpipe.spark import spark_session
+
+    with spark_session("local[2]", "fruitpipe-tests", conf={"spark.ui.enabled": "false"}) as session:
+        yield session
+
+
+def copy_classes(dest: Path, classes: list[str], splits: tuple[str, ...] = ("Training", "Test"),
+                 per_split: int | None = None) -> Path:
+    """Copy some classes of the shared sample into `dest` (tests may add or break files there)."""
+    for split in splits:
+        for cls in classes:
+            src = SAMPLE / split / cls
+            files = sorted(src.iterdir())[:per_split]
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copyfile(f, dest / split / cls / f.name)
+    return dest
+
+
+def sample_classes(n: int) -> list[str]:
+    """The first n classes of the shared sample, sorted by name."""
+    return sorted(p.name for p in (SAMPLE / "Training").iterdir())[:n]

@@ -1,0 +1,125 @@
+"""Decoding: every kind of bad input gets its reason; every odd-but-valid image becomes RGB."""
+
+from __future__ import annotations
+
+import io
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fruitpipe import images
+from conftest import SAMPLE
+
+JPEG = next((SAMPLE / "Training").glob("*/*.jpg")).read_bytes()
+
+
+def _png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels (a decompression bomb as seen by a decoder)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _broken_huffman(jpeg: bytes) -> bytes:
+    """The JPEG with its first Huffman table (DHT segment) overwritten: headers parse, the scan cannot."""
+    at = jpeg.find(b"\xff\xc4")
+    length = int.from_bytes(jpeg[at + 2 : at + 4], "big")
+    return jpeg[: at + 4] + b"\xff" * (length - 2) + jpeg[at + 2 + length :]
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (JPEG[: len(JPEG) // 2], "truncated"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not_an_image"),
+        (b"name,colour\napple,red\n" * 20, "not_an_image"),
+        (_bomb_png(100_000, 100_000), "too_large"),
+        (_broken_huffman(JPEG), "corrupt"),
+    ],
+    ids=["empty", "truncated-jpeg", "random-bytes", "text", "bomb", "corrupt-jpeg"],
+)
+def test_bad_inputs_are_rejected_with_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(images.Rejected) as info:
+        images.model_input(data, 224, max_pixels=64_000_000)
+    assert info.value.reason == reason
+    assert info.value.detail
+
+
+def test_real_bomb_rejected_before_decoding() -> None:
+    big = Image.new("1", (20_000, 20_000))  # 400 Mpx, ~50 KB as PNG
+    data = _png_bytes(big)
+    assert len(data) < 2_000_000
+    with pytest.raises(images.Rejected) as info:
+        images.decode_rgb(data, max_pixels=64_000_000)
+    assert info.value.reason == "too_large" and "400000000" in info.value.detail
+
+
+def _rgb(img: Image.Image, fmt: str, **kw) -> np.ndarray:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return images.decode_rgb(buf.getvalue(), max_pixels=10**8)
+
+
+def test_grayscale_and_cmyk_jpeg_become_rgb() -> None:
+    gray = _rgb(Image.new("L", (40, 30), 77), "JPEG")
+    assert gray.shape == (30, 40, 3) and gray.dtype == np.uint8
+    assert abs(int(gray[5, 5, 0]) - 77) <= 2 and np.all(gray[..., 0] == gray[..., 2])
+    cmyk = _rgb(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG")  # pure red in CMYK
+    assert cmyk.shape == (32, 32, 3)
+    r, g, b = (int(v) for v in cmyk[16, 16])
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_alpha_and_palette_flatten_on_white() -> None:
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent red
+    rgba.paste((0, 0, 255, 255), (0, 0, 10, 20))  # opaque blue left half
+    out = _rgb(rgba, "PNG")
+    assert tuple(out[5, 2]) == (0, 0, 255) and tuple(out[5, 15]) == (255, 255, 255)
+    pal = Image.new("P", (10, 10), 1)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    out = _rgb(pal, "PNG", transparency=0)
+    assert tuple(out[3, 3]) == (0, 200, 0)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    img = Image.fromarray(arr)  # uint16 -> mode I;16
+    out = _rgb(img, "PNG")
+    assert out.shape == (1, 3, 3)
+    assert list(out[0, :, 0]) == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (60, 30), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    out = _rgb(img, "JPEG", exif=exif)
+    assert out.shape == (60, 30, 3)  # height and width swapped
+
+
+def test_webp_decodes() -> None:
+    out = _rgb(Image.new("RGB", (16, 24), (0, 0, 250)), "WEBP", quality=90)
+    assert out.shape == (24, 16, 3) and out[10, 10, 2] > 200
+
+
+def test_model_input_range_and_shape() -> None:
+    x = images.model_input(JPEG, 224, max_pixels=10**8)
+    assert x.shape == (224, 224, 3) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_content_id_is_sha256_of_bytes() -> None:
+    import hashlib
+
+    assert images.content_id(JPEG) == hashlib.sha256(JPEG).hexdigest()

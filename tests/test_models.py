@@ -1,0 +1,135 @@
+"""Model registry, regression values from MODELS.md, one session per process, verified download."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fruitpipe.errors import ConfigError, ModelError
+from fruitpipe.models import get_spec, make_predict_fn, resolve_model, runner
+from fruitpipe.models.fetch import sha256_file
+from conftest import MODELS
+
+
+def _synthetic() -> np.ndarray:
+    """MODELS.md's regression input: x[n,h,w,c] = ((7h + 3w + 50c + 101n) mod 256) / 127.5 - 1."""
+    n, h, w, c = np.meshgrid(np.arange(2), np.arange(224), np.arange(224), np.arange(3), indexing="ij")
+    return (((7 * h + 3 * w + 50 * c + 101 * n) % 256) / 127.5 - 1.0).astype(np.float32)
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="mobilenet_v2") as info:
+        get_spec("resnet9000")
+    assert "efficientnet_lite0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, norms, first",
+    [("mobilenet_v2", (35.6115, 35.9471), [0.0, 4.66755, 2.00691, 0.0]), ("efficientnet_lite0", (17.9776, 17.9392), None)],
+)
+def test_regression_values(name: str, norms: tuple[float, float], first: list[float] | None) -> None:
+    spec = get_spec(name)
+    model = resolve_model(spec)
+    assert model.sha256 == spec.sha256 and model.source == "models_dir"
+    predict = make_predict_fn(model.sha256, model.read_bytes, threads=1)
+    feats = predict(_synthetic())
+    assert feats.shape == (2, spec.dim)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), norms, atol=1e-3)
+    if first:
+        np.testing.assert_allclose(feats[0, :4], first, atol=1e-3)
+
+
+def test_session_is_built_once_per_process() -> None:
+    model = resolve_model(get_spec("mobilenet_v2"))
+    loads = []
+
+    def load() -> bytes:
+        loads.append(1)
+        return model.read_bytes()
+
+    before = runner.SESSIONS_BUILT
+    for _ in range(3):  # three "tasks" in one worker, each making its own predict function
+        make_predict_fn(model.sha256 + "-once", load, threads=1)(np.zeros((1, 224, 224, 3), np.float32))
+    assert runner.SESSIONS_BUILT - before == 1
+    assert len(loads) == 1
+
+
+# ---- download -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.delenv("FRUITPIPE_MODELS", raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FRUITPIPE_CACHE", str(cache))
+    return cache
+
+
+def test_download_verifies_and_caches(http_dir, no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, url = http_dir
+    shutil.copyfile(MODELS / "mobilenet_v2_features.onnx", root / "mobilenet_v2_features.onnx")
+    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", url)
+    spec = get_spec("mobilenet_v2")
+    got = resolve_model(spec)
+    assert got.source == "download"
+    assert Path(got.path).is_relative_to(no_local_models)
+    assert sha256_file(got.path) == spec.sha256
+    (root / "mobilenet_v2_features.onnx").unlink()  # the server no longer has it: the cache must serve
+    again = resolve_model(spec)
+    assert again.source == "cache" and again.path == got.path
+
+
+def test_corrupt_download_never_enters_cache(http_dir, no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, url = http_dir
+    good = (MODELS / "mobilenet_v2_features.onnx").read_bytes()
+    (root / "mobilenet_v2_features.onnx").write_bytes(good[:-100] + bytes(100))
+    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", url)
+    with pytest.raises(ModelError, match="sha256"):
+        resolve_model(get_spec("mobilenet_v2"))
+    leftovers = [p for p in no_local_models.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_server_down_gives_clear_error(no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", f"http://127.0.0.1:{port}/")
+    with pytest.raises(ModelError, match="FRUITPIPE_MODELS"):
+        resolve_model(get_spec("mobilenet_v2"))
+    assert not any(p.is_file() for p in no_local_models.rglob("*"))
+
+
+def test_models_dir_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mobilenet_v2_features.onnx").write_bytes(b"not a model")
+    monkeypatch.setenv("FRUITPIPE_MODELS", str(tmp_path))
+    with pytest.raises(ModelError, match="sha256"):
+        resolve_model(get_spec("mobilenet_v2"))
+
+
+def test_model_path_is_used_as_given() -> None:
+    path = str(MODELS / "mobilenet_v2_features.onnx")
+    got = resolve_model(get_spec("mobilenet_v2"), model_path=path)
+    assert got.source == "model_path" and got.path == os.path.abspath(path)

@@ -1,0 +1,234 @@
+"""End to end on real Spark (local[2]): layout, schemas, accounting, bad inputs, equality with raw
+onnxruntime, PCA against numpy, one ONNX session per worker, resume and incremental runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import fruitpipe
+from fruitpipe.pipeline.listing import list_images
+from fruitpipe.pipeline.run import run as run_stages
+from fruitpipe.storage import StorageOptions
+from conftest import MODELS, SAMPLE, copy_classes, sample_classes
+
+CLASSES = sample_classes(9)
+BASE_CLASSES, EXTRA_CLASS = CLASSES[:8], CLASSES[8]
+
+# file name -> expected reason, written into a class folder of the input
+BAD = {
+    "empty.jpg": "empty",
+    "truncated.jpg": "truncated",
+    "random.jpg": "not_an_image",
+    "notes.jpg": "not_an_image",
+    "bomb.png": "too_large",
+    "deleted-after-listing.jpg": "unreadable",
+}
+ODD_BUT_VALID = ["gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "sixteen.png", "rotated.jpg", "photo.webp"]
+
+
+def _write_bad_and_odd(folder: Path, jpeg: bytes) -> None:
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "random.jpg").write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)))
+    (folder / "notes.jpg").write_text("this is a text file named like a photo\n" * 10)
+    Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
+    (folder / "deleted-after-listing.jpg").write_bytes(jpeg)
+    src = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    src.convert("L").save(folder / "gray.jpg")
+    src.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = src.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    src.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png", transparency=0)
+    Image.fromarray((np.asarray(src.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    src.save(folder / "rotated.jpg", exif=exif)
+    src.save(folder / "photo.webp")
+
+
+@pytest.fixture(scope="module")
+def e2e(spark, tmp_path_factory: pytest.TempPathFactory):
+    """One full run on 8 classes (640 real photos) plus generated bad and odd inputs and a duplicate."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = copy_classes(root / "input", BASE_CLASSES)
+    odd_dir = data / "Training" / BASE_CLASSES[0]
+    jpeg = sorted(odd_dir.iterdir())[0].read_bytes()
+    _write_bad_and_odd(odd_dir, jpeg)
+    dup_of = sorted((data / "Test" / BASE_CLASSES[1]).iterdir())[0]
+    shutil.copyfile(dup_of, data / "Test" / BASE_CLASSES[1] / "zz-copy.jpg")  # same bytes, sorts after
+    (data / "README.txt").write_text("not in a class folder: ignored by the layout\n")
+    opts = StorageOptions()
+    listing = list_images(str(data), opts)
+    (odd_dir / "deleted-after-listing.jpg").unlink()  # gone between listing and reading
+    config = fruitpipe.Config(input=str(data), output=str(root / "out"), k=10, partition_size=64, quiet=True)
+    result = run_stages(config, listing=listing)
+    return {"input": data, "out": root / "out", "result": result, "config": config, "odd_dir": odd_dir,
+            "listing": listing, "dup": (dup_of, data / "Test" / BASE_CLASSES[1] / "zz-copy.jpg")}
+
+
+def _table(path: Path):
+    return pq.read_table(path)  # a directory of part files reads as one table
+
+
+def test_output_layout_and_schemas(e2e) -> None:
+    out: Path = e2e["out"]
+    for name in ("run.json", "_SUCCESS", "embeddings", "rejects", "reduced", "pca/explained_variance.json",
+                 "pca/scree.png", "pca/components.npy"):
+        assert (out / name).exists(), name
+    assert not (out / "_staging").exists()
+    emb = _table(out / "embeddings")
+    assert emb.schema.names == ["id", "uri", "label", "split", "features"]
+    assert str(emb.schema.field("features").type) == "list<element: float>"
+    assert set(len(v) for v in emb.column("features").to_pylist()[:50]) == {1280}
+    rej = _table(out / "rejects")
+    assert rej.schema.names == ["id", "uri", "label", "split", "reason", "detail"]
+    red = _table(out / "reduced")
+    assert red.schema.names == ["id", "uri", "label", "split", "pca"]
+    assert {len(v) for v in red.column("pca").to_pylist()} == {10}
+    assert sorted(red.column("id").to_pylist()) == sorted(emb.column("id").to_pylist())
+    assert set(emb.column("split").to_pylist()) == {"Training", "Test"}
+    assert set(emb.column("label").to_pylist()) == set(BASE_CLASSES)
+    png = (out / "pca" / "scree.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] >= 600
+
+
+def test_every_input_accounted_for_once(e2e) -> None:
+    out: Path = e2e["out"]
+    listed = set(e2e["listing"].manifest.column("uri").to_pylist())
+    emb, rej = _table(out / "embeddings"), _table(out / "rejects")
+    emb_uris, rej_uris = emb.column("uri").to_pylist(), rej.column("uri").to_pylist()
+    assert len(emb_uris) + len(rej_uris) == len(listed) == 8 * 80 + len(BAD) + len(ODD_BUT_VALID) + 1
+    assert set(emb_uris) | set(rej_uris) == listed and not set(emb_uris) & set(rej_uris)
+    ids = emb.column("id").to_pylist()
+    assert len(ids) == len(set(ids))
+    counts = e2e["result"].counts
+    assert counts["listed"] == len(listed) and counts["accounted"] is True
+    assert counts["embedded"] == len(emb_uris) and counts["rejected"] == len(rej_uris)
+    assert counts["ignored_outside_class_folders"] == 1
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["counts"] == counts
+    assert run_json["model"]["sha256"] == "ad116e43570b0c581f3d87b9b0797648f0920f3a978b9ed3b052533afc91aa04"
+    assert {"list", "embed", "reduce", "spark_start", "total"} <= set(run_json["timings_s"])
+    assert run_json["versions"]["pyspark"] == "4.3.0" and run_json["versions"]["java"]
+
+
+def test_bad_inputs_get_their_reason_and_odd_images_are_embedded(e2e) -> None:
+    rej = _table(e2e["out"] / "rejects").to_pylist()
+    by_name = {Path(r["uri"]).name: r for r in rej}
+    for name, reason in BAD.items():
+        assert by_name[name]["reason"] == reason, (name, by_name[name])
+        assert by_name[name]["detail"]
+        assert by_name[name]["label"] == BASE_CLASSES[0]
+    dup_of, copy = e2e["dup"]
+    assert by_name[copy.name]["reason"] == "duplicate" and str(dup_of) in by_name[copy.name]["detail"]
+    assert len(rej) == len(BAD) + 1
+    embedded = {Path(u).name for u in _table(e2e["out"] / "embeddings").column("uri").to_pylist()}
+    assert set(ODD_BUT_VALID) <= embedded and dup_of.name in embedded
+
+
+def test_one_onnx_session_per_worker(e2e) -> None:
+    inference = e2e["result"].counts["inference"]
+    assert inference["tasks"] >= 10  # 660 images / 64 per task, rounded to whole waves
+    assert 1 <= inference["workers"] <= 2  # local[2]: two reused Python workers
+    assert inference["sessions_built"] == inference["workers"]
+
+
+def _direct_features(paths: list[Path]) -> np.ndarray:
+    """Raw onnxruntime with its own preprocessing (PIL RGB, bilinear 224, pixel/127.5-1)."""
+    session = ort.InferenceSession(str(MODELS / "mobilenet_v2_features.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.stack([
+        np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1
+        for p in paths
+    ])
+    return session.run(["features"], {"input": batch})[0]
+
+
+def test_features_equal_direct_onnxruntime(e2e) -> None:
+    emb = _table(e2e["out"] / "embeddings")
+    rows = {r["uri"]: r["features"] for r in emb.select(["uri", "features"]).to_pylist()}
+    paths = [p for p in sorted((e2e["input"] / "Test" / BASE_CLASSES[2]).iterdir())[:6]]
+    paths += [sorted((e2e["input"] / "Training" / BASE_CLASSES[5]).iterdir())[0]]
+    expected = _direct_features(paths)
+    got = np.array([rows[str(p)] for p in paths], dtype=np.float32)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
+    out = e2e["out"]
+    emb = _table(out / "embeddings")
+    x = np.array(emb.column("features").to_pylist(), dtype=np.float64)
+    eig = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    share = eig / eig.sum()
+    report = json.loads((out / "pca" / "explained_variance.json").read_text())
+    spark_share = np.array(report["per_component"])
+    assert len(spark_share) == 1280 and report["k"] == 10
+    np.testing.assert_allclose(spark_share[:50], share[:50], rtol=1e-6)
+    np.testing.assert_allclose(report["cumulative"][9], share[:10].sum(), rtol=1e-6)
+    assert report["explained_at_k"] == pytest.approx(share[:10].sum(), rel=1e-6)
+    components = np.load(out / "pca" / "components.npy")
+    assert components.shape == (1280, 10)
+    red = {r["id"]: r["pca"] for r in _table(out / "reduced").select(["id", "pca"]).to_pylist()}
+    ids = emb.column("id").to_pylist()
+    got = np.array([red[i] for i in ids])
+    np.testing.assert_allclose(got, x @ components, rtol=1e-4, atol=1e-4)
+    # Spark ML's own PCAModel.transform on the same embeddings gives the same reduced vectors.
+    from pyspark.ml.feature import PCA
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+
+    df = spark.createDataFrame([(i, [float(v) for v in row]) for i, row in zip(ids, x)], "id string, f array<double>")
+    model = PCA(k=10, inputCol="v", outputCol="p").fit(df.select("id", array_to_vector("f").alias("v")))
+    sp = {r["id"]: r["p"] for r in model.transform(df.select("id", array_to_vector("f").alias("v")))
+          .select("id", vector_to_array("p").alias("p")).collect()}
+    np.testing.assert_allclose(np.array([sp[i] for i in ids]), got, rtol=1e-4, atol=1e-3)
+
+
+def _parquet_digest(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*.parquet"))}
+
+
+def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
+    out = e2e["out"]
+    before = _parquet_digest(out)
+    listing = list_images(str(e2e["input"]), StorageOptions())
+    result = run_stages(e2e["config"], listing=listing)
+    counts = result.counts
+    assert counts["embedded_this_run"] == 0 and counts["rejected_this_run"] == 0
+    assert counts["inference"]["sessions_built"] == 0
+    assert counts["skipped_already_done"] == counts["listed"] - 0
+    assert result.report["pca"]["skipped"] is True
+    assert result.report["timings_s"]["spark_start"] == 0  # nothing to do: Spark not even started
+    assert _parquet_digest(out) == before
+    assert (out / "_SUCCESS").exists()
+
+
+def test_adding_images_embeds_only_the_new_ones(e2e) -> None:
+    """Last in this module: it grows the shared input."""
+    out, data = e2e["out"], e2e["input"]
+    old = e2e["result"].counts
+    copy_classes(data, [EXTRA_CLASS])
+    result = fruitpipe.run(e2e["config"].replace(variance=0.9))
+    counts = result.counts
+    assert counts["embedded_this_run"] == 80 and counts["rejected_this_run"] == 0  # the new class only
+    assert counts["listed"] == old["listed"] - 1 + 80  # the deleted file is no longer listed...
+    assert counts["not_listed_anymore"] == 1  # ...but its reject row stays
+    assert counts["embedded"] == old["embedded"] + 80 and counts["accounted"] is True
+    assert result.report["pca"]["skipped"] is False
+    report = json.loads((out / "pca" / "explained_variance.json").read_text())
+    k = report["k"]
+    assert report["selected_by"] == "variance" and report["n_samples"] == old["embedded"] + 80
+    assert report["cumulative"][k - 1] >= 0.9 > report["cumulative"][k - 2]
+    assert {len(v) for v in _table(out / "reduced").column("pca").to_pylist()} == {k}
+    ids = _table(out / "embeddings").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == old["embedded"] + 80
