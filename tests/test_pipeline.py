@@ -140,7 +140,10 @@ def test_bad_inputs_get_their_reason_and_odd_images_are_embedded(e2e) -> None:
 def test_one_onnx_session_per_worker(e2e) -> None:
     inference = e2e["result"].counts["inference"]
     assert inference["tasks"] >= 10  # 660 images / 64 per task, rounded to whole waves
-    assert 1 <= inference["workers"] <= 2  # local[2]: two reused Python workers
+    # Python workers are reused across tasks (Spark may retire an idle one and fork another, so the
+    # count of workers is not pinned to the 2 slots), and no worker ever built a second session.
+    assert 1 <= inference["workers"] < inference["tasks"]
+    assert inference["max_sessions_per_worker"] == 1
     assert inference["sessions_built"] == inference["workers"]
 
 

@@ -148,9 +148,12 @@ def _versions(spark: Any) -> dict[str, str]:
     return versions
 
 
+_NO_INFERENCE = {"tasks": 0, "workers": 0, "sessions_built": 0, "max_sessions_per_worker": 0}
+
+
 def _inference_stats(index: pa.Table) -> dict[str, int]:
     if index.num_rows == 0:
-        return {"tasks": 0, "workers": 0, "sessions_built": 0}
+        return dict(_NO_INFERENCE)
     per_pid: dict[int, int] = {}
     for pid, built in zip(index.column("pid").to_pylist(), index.column("sessions_built").to_pylist()):
         per_pid[pid] = max(per_pid.get(pid, 0), built)
@@ -158,6 +161,7 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
         "tasks": len(set(index.column("part").to_pylist())),
         "workers": len(per_pid),
         "sessions_built": sum(per_pid.values()),
+        "max_sessions_per_worker": max(per_pid.values()),
     }
 
 
@@ -177,7 +181,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
     todo = listing.manifest.filter(pc.invert(pc.is_in(listing.manifest.column("uri"), done_uris)))
     log.info("%d listed, %d already done, %d to embed", listing.count, listing.count - todo.num_rows, todo.num_rows)
 
-    inference = {"tasks": 0, "workers": 0, "sessions_built": 0}
+    inference = dict(_NO_INFERENCE)
     duplicates = committed = 0
     session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
     t0 = time.perf_counter()

@@ -1,0 +1,154 @@
+"""CLI: --help of every command, README in sync, one-line errors with exit code 2, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import fruitpipe
+from fruitpipe.cli import build_parser, main
+from conftest import ROOT, copy_classes, sample_classes
+
+COMMANDS = ["run", "embed", "reduce", "models"]
+
+
+def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fruitpipe.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ}, **kw)
+
+
+def _subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command: str) -> None:
+    proc = _cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: fruitpipe {command}" in proc.stdout
+    for action in _subparsers()[command]._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                assert opt in proc.stdout
+
+
+def test_top_level_help_lists_commands() -> None:
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for command in COMMANDS:
+        assert command in proc.stdout
+
+
+def test_readme_documents_every_command_and_option() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command, sub in _subparsers().items():
+        assert re.search(rf"fruitpipe {command}\b", readme), f"`fruitpipe {command}` not in README"
+        for action in sub._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    assert f"`{opt}" in readme, f"option {opt} of `fruitpipe {command}` not in README"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_arguments_get_one_line(tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "in", sample_classes(1), splits=("Test",), per_split=2)
+    out = str(tmp_path / "out")
+    _one_line_error(_cli("run", str(tmp_path / "missing"), out), "is not a folder", "Training/<Class>/")
+    _one_line_error(_cli("run", str(data), out, "--model", "resnet9000"), "unknown model", "mobilenet_v2")
+    _one_line_error(_cli("run", str(data), out, "--k", "0"), "--k 0", "at least 1")
+    _one_line_error(_cli("run", str(data), out, "--k", "2000"), "exceeds the embedding size")
+    _one_line_error(_cli("run", str(data), out, "--variance", "1.5"), "--variance 1.5", "0.95")
+    _one_line_error(_cli("run", str(data), out, "--k", "five"), "'five' is not a whole number")
+    _one_line_error(_cli("run", str(data), out, "--spark-conf", "oops"), "KEY=VALUE")
+    _one_line_error(_cli("run", str(data), out, "--model-path", str(tmp_path / "nope.onnx")), "--model-path")
+    _one_line_error(_cli("run", str(data)), "required")
+    _one_line_error(_cli("reduce", out), "no fruitpipe embeddings")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.docx").write_text("precious")
+    _one_line_error(_cli("run", str(data), str(tmp_path / "busy")), "not a fruitpipe output")
+    assert (tmp_path / "busy" / "thesis.docx").read_text() == "precious"
+    assert not Path(out).exists()  # nothing was created by a refused command
+
+
+def test_output_from_another_config_is_refused(spark, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",), per_split=3)
+    out = tmp_path / "out"
+    fruitpipe.embed(fruitpipe.Config(input=str(data), output=str(out), quiet=True))
+    assert main(["embed", str(data), str(out), "--model", "efficientnet_lite0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to another configuration" in err[0] and "--overwrite" in err[0]
+    other = copy_classes(tmp_path / "other", sample_classes(1), splits=("Test",), per_split=1)
+    assert main(["embed", str(other), str(out), "--quiet"]) == 2
+    assert "input was" in capsys.readouterr().err
+    # --overwrite replaces it
+    assert main(["embed", str(other), str(out), "--quiet", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["embedded"] == 1
+
+
+def test_pca_guard_catches_java_lapack_fallback(tmp_path: Path) -> None:
+    """Spark's pure-Java LAPACK fallback got PCA wrong on 1280-d embeddings; the run must refuse to publish."""
+    data = copy_classes(tmp_path / "in", ["Apple 10", "Banana 1", "Lemon 1"])  # 240 photos: a known bad case
+    out = tmp_path / "out"
+    proc = _cli("run", str(data), str(out), "--quiet", "--spark-conf",
+                "spark.driver.extraJavaOptions=-Ddev.ludovic.netlib.lapack.allowNative=false")
+    assert proc.returncode == 2, proc.stderr
+    assert "liblapack3" in proc.stderr and "Spark PCA is inconsistent" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "_SUCCESS").exists() and not (out / "reduced").exists()
+
+
+def _parquet_rows(folder: Path) -> list[str]:
+    return pq.read_table(folder).column("uri").to_pylist() if folder.exists() else []
+
+
+def test_killed_run_publishes_nothing_and_resumes(spark, tmp_path: Path) -> None:
+    classes = sample_classes(8)
+    data = copy_classes(tmp_path / "in", classes[:2])
+    out = tmp_path / "out"
+    config = fruitpipe.Config(input=str(data), output=str(out), k=5, quiet=True)
+    first = fruitpipe.run(config)
+    assert (out / "_SUCCESS").exists()
+    committed = sorted(p.name for p in (out / "embeddings").iterdir())
+    copy_classes(data, classes[2:])  # 480 more images
+    proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(data), str(out), "--k", "5",
+                             "--quiet", "--partition-size", "16", "--master", "local[1]"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    staged: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        staged = list(out.glob("_staging/*/embeddings/*.parquet"))
+        if len(staged) >= 2:
+            break
+        time.sleep(0.2)
+    assert staged, "the embed stage never started staging part files"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and its Python workers
+    proc.wait(timeout=30)
+    assert not (out / "_SUCCESS").exists()  # the output no longer claims to be complete
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == committed  # nothing half-published
+    result = fruitpipe.run(config)
+    counts = result.counts
+    assert counts["listed"] == 640 and counts["embedded"] == 640 and counts["accounted"]
+    assert counts["embedded_this_run"] == 480 and first.counts["embedded"] == 160
+    uris = _parquet_rows(out / "embeddings")
+    ids = pq.read_table(out / "embeddings").column("id").to_pylist()
+    assert len(uris) == len(set(uris)) == 640 and len(set(ids)) == 640
+    assert (out / "_SUCCESS").exists() and not (out / "_staging").exists()
