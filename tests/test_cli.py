@@ -152,3 +152,14 @@ def test_killed_run_publishes_nothing_and_resumes(spark, tmp_path: Path) -> None
     ids = pq.read_table(out / "embeddings").column("id").to_pylist()
     assert len(uris) == len(set(uris)) == 640 and len(set(ids)) == 640
     assert (out / "_SUCCESS").exists() and not (out / "_staging").exists()
+
+
+def test_onnx_threads_follow_spark_task_cpus(tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",), per_split=8)
+    out = tmp_path / "out"
+    proc = _cli("embed", str(data), str(out), "--quiet", "--master", "local[2]", "--task-cpus", "2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "run.json").read_text())
+    assert report["config"]["task_cpus"] == 2
+    assert report["counts"]["inference"]["threads_per_task"] == 2
+    assert report["counts"]["embedded"] == 16 and report["pca"] is None

@@ -47,7 +47,7 @@ REJECTS_SCHEMA = pa.schema(
 #: What each task returns to the driver: one small row per input, never the features.
 INDEX_DDL = (
     "uri string, id string, label string, split string, status string, reason string, part string, "
-    "pid long, sessions_built int"
+    "pid long, sessions_built int, threads int"
 )
 
 
@@ -126,7 +126,7 @@ def embed_rows(
     return emb_table, pa.table(rej, schema=REJECTS_SCHEMA)
 
 
-def _index_batch(emb: pa.Table, rej: pa.Table, part: str) -> pa.RecordBatch:
+def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int) -> pa.RecordBatch:
     n_emb, n_rej = emb.num_rows, rej.num_rows
     n = n_emb + n_rej
     return pa.RecordBatch.from_pydict(
@@ -140,12 +140,13 @@ def _index_batch(emb: pa.Table, rej: pa.Table, part: str) -> pa.RecordBatch:
             "part": [part] * n,
             "pid": [os.getpid()] * n,
             "sessions_built": [runner.SESSIONS_BUILT] * n,
+            "threads": [threads] * n,
         },
         schema=pa.schema(
             [
                 ("uri", pa.string()), ("id", pa.string()), ("label", pa.string()), ("split", pa.string()),
                 ("status", pa.string()), ("reason", pa.string()), ("part", pa.string()),
-                ("pid", pa.int64()), ("sessions_built", pa.int32()),
+                ("pid", pa.int64()), ("sessions_built", pa.int32()), ("threads", pa.int32()),
             ]
         ),
     )
@@ -170,7 +171,7 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
             storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
         if rej.num_rows:
             storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part), settings.storage)
-        yield _index_batch(emb, rej, part)
+        yield _index_batch(emb, rej, part, threads)
 
     return embed_partition
 

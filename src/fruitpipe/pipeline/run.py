@@ -148,7 +148,8 @@ def _versions(spark: Any) -> dict[str, str]:
     return versions
 
 
-_NO_INFERENCE = {"tasks": 0, "workers": 0, "sessions_built": 0, "max_sessions_per_worker": 0}
+_NO_INFERENCE = {"tasks": 0, "workers": 0, "sessions_built": 0, "max_sessions_per_worker": 0,
+                 "threads_per_task": 0}
 
 
 def _inference_stats(index: pa.Table) -> dict[str, int]:
@@ -162,6 +163,7 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
         "workers": len(per_pid),
         "sessions_built": sum(per_pid.values()),
         "max_sessions_per_worker": max(per_pid.values()),
+        "threads_per_task": max(index.column("threads").to_pylist()),
     }
 
 
