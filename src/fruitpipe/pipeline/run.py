@@ -184,7 +184,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
     log.info("%d listed, %d already done, %d to embed", listing.count, listing.count - todo.num_rows, todo.num_rows)
 
     inference = dict(_NO_INFERENCE)
-    duplicates = committed = 0
+    embedded_now = rejected_now = committed = 0
     session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
     t0 = time.perf_counter()
     if todo.num_rows:
@@ -197,12 +197,15 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
         inference = _inference_stats(index)
+        embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
+        rejected_now = index.num_rows - embedded_now
         known = {} if done_emb is None else dict(
             zip(done_emb.column("id").to_pylist(), done_emb.column("uri").to_pylist()))
         dups = embed_mod.find_duplicates(index, known)
         if dups:
-            duplicates = len(dups)
-            log.info("%d duplicate input(s) (same bytes as another): recorded in rejects", duplicates)
+            embedded_now -= len(dups)
+            rejected_now += len(dups)
+            log.info("%d duplicate input(s) (same bytes as another): recorded in rejects", len(dups))
             by_part: dict[str, list[str]] = {}
             rows = index.filter(pc.is_in(index.column("uri"), pa.array(list(dups))))
             for uri, part in zip(rows.column("uri").to_pylist(), rows.column("part").to_pylist()):
@@ -244,10 +247,8 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         "rejected": rej_listed,
         "accounted": emb_listed + rej_listed == listing.count,
         "not_listed_anymore": n_rows - emb_listed - rej_listed,
-        "embedded_this_run": 0 if not todo.num_rows else int(
-            pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0) - duplicates,
-        "rejected_this_run": 0 if not todo.num_rows else index.num_rows - int(
-            pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0) + duplicates,
+        "embedded_this_run": embedded_now,
+        "rejected_this_run": rejected_now,
         "skipped_already_done": listing.count - todo.num_rows,
         "rejects_by_reason": dict(sorted(reasons.items())),
         "embedding_ids_digest": hashlib.sha256("\n".join(sorted(all_ids)).encode()).hexdigest(),
