@@ -102,6 +102,9 @@ def test_output_from_another_config_is_refused(spark, tmp_path: Path, capsys: py
     # --overwrite replaces it
     assert main(["embed", str(other), str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads((out / "run.json").read_text())["counts"]["embedded"] == 1
+    assert main(["reduce", str(out), "--quiet"]) == 2  # one embedding: no PCA, and a message saying why
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 2 embedded images" in err[0]
 
 
 def test_pca_guard_catches_java_lapack_fallback(tmp_path: Path) -> None:
@@ -109,9 +112,10 @@ def test_pca_guard_catches_java_lapack_fallback(tmp_path: Path) -> None:
     data = copy_classes(tmp_path / "in", ["Apple 10", "Banana 1", "Lemon 1"])  # 240 photos: a known bad case
     out = tmp_path / "out"
     proc = _cli("run", str(data), str(out), "--quiet", "--spark-conf",
-                "spark.driver.extraJavaOptions=-Ddev.ludovic.netlib.lapack.allowNative=false")
+                "spark.driver.extraJavaOptions=-Ddev.ludovic.netlib.lapack.allowNative=false "
+                "-Ddev.ludovic.netlib.blas.allowNative=false")  # as on a machine with no native BLAS/LAPACK
     assert proc.returncode == 2, proc.stderr
-    assert "liblapack3" in proc.stderr and "Spark PCA is inconsistent" in proc.stderr
+    assert "libopenblas0-pthread" in proc.stderr and "Spark PCA is inconsistent" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "_SUCCESS").exists() and not (out / "reduced").exists()
 

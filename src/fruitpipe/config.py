@@ -28,14 +28,14 @@ class Config:
     #: Keep the fewest components whose cumulative explained variance reaches this share (0 < v <= 1).
     variance: float | None = None
     master: str = "local[*]"
-    #: onnxruntime threads per task = spark.task.cpus; 1 thread x one task per core measured best for
-    #: small JPEGs because decoding runs in parallel too (docs/performance.md).
+    #: onnxruntime threads per task = spark.task.cpus; one task per core with 1 thread each measured 162 img/s
+    #: against 145 for one task with 2 threads (decoding then runs on one core only; docs/performance.md).
     task_cpus: int = 1
-    #: Images per onnxruntime call; 32 matches the throughput plateau measured in MODELS.md.
+    #: Images per onnxruntime call: the raw onnxruntime sweep peaked at 32 (16: 195, 32: 204, 64: 195 img/s).
     batch_size: int = 32
-    #: Images per Spark task: small enough for a smooth progress bar and cheap retries, large enough
-    #: that task start-up (~10 ms) stays under 1 % of a task's ~1.5 s of work.
-    partition_size: int = 256
+    #: Images per Spark task. Measured on the 5,280-image sample, local[2] (docs/performance.md): 256 -> 162 img/s,
+    #: 512 -> 180, 1024 -> 178, 2048 -> 156 (too few tasks to balance); 512 keeps retries cheap and progress smooth.
+    partition_size: int = 512
     #: Images whose header claims more pixels than this are rejected before decoding (decompression bombs).
     max_pixels: int = 64_000_000
     #: S3 endpoint (a loopback server in tests); None = the AWS default for the region.

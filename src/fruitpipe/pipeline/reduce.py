@@ -82,35 +82,25 @@ def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> obje
 
 
 def fit_pca(df: object, dim: int) -> PcaFit:
-    """Fit Spark ML PCA with every component (dim), so the whole explained-variance curve is known."""
+    """Fit Spark ML PCA with every component (dim), so the whole explained-variance curve is known, then
+    check it. Pass a persisted `df`: the fit and the check each read it once."""
     from pyspark.ml.feature import PCA
     from pyspark.ml.functions import array_to_vector
-    from pyspark.storagelevel import StorageLevel
 
-    vectors = df.select(array_to_vector("features").alias("v")).persist(StorageLevel.MEMORY_AND_DISK)  # type: ignore[attr-defined]
-    try:
-        n = vectors.count()
-        if n < 2:
-            raise ValueError(f"PCA needs at least 2 embedded images, found {n}")
-        model = PCA(k=dim, inputCol="v", outputCol="p").fit(vectors)
-    finally:
-        vectors.unpersist()
-    fit = PcaFit(
-        components=np.asarray(model.pc.toArray(), dtype=np.float64),
-        explained=np.asarray(model.explainedVariance.toArray(), dtype=np.float64),
-        n_samples=int(n),
-    )
-    check_pca(df, fit)
-    return fit
+    model = PCA(k=dim, inputCol="v", outputCol="p").fit(df.select(array_to_vector("features").alias("v")))  # type: ignore[attr-defined]
+    components = np.asarray(model.pc.toArray(), dtype=np.float64)
+    explained = np.asarray(model.explainedVariance.toArray(), dtype=np.float64)
+    n = check_pca(df, components, explained)
+    return PcaFit(components=components, explained=explained, n_samples=n)
 
 
 class PcaCheckError(FruitpipeError):
     """Spark's PCA disagrees with the variance of the data projected on its own components."""
 
 
-def projected_variance_shares(df: object, components: np.ndarray) -> np.ndarray:
-    """Variance of the data along each given component, as a share of the total variance (one Spark pass,
-    plain float64 sums in numpy: no LAPACK involved)."""
+def projected_variance_shares(df: object, components: np.ndarray) -> tuple[int, np.ndarray]:
+    """Row count, and the variance of the data along each given component as a share of the total variance
+    (one Spark pass, plain float64 sums in numpy: no LAPACK involved)."""
     d, m = components.shape
 
     def moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -132,22 +122,26 @@ def projected_variance_shares(df: object, components: np.ndarray) -> np.ndarray:
     sx, sxx, sp, spp = np.split(total, [d, 2 * d, 2 * d + m])
     column_var = (sxx - sx * sx / n) / (n - 1)
     projected_var = (spp - sp * sp / n) / (n - 1)
-    return projected_var / column_var.sum()
+    return n, projected_var / column_var.sum()
 
 
-def check_pca(df: object, fit: PcaFit, components: int = 20, rtol: float = 1e-4) -> None:
-    """Guard against a wrong eigendecomposition: seen with Spark's pure-Java LAPACK fallback (no liblapack.so.3),
-    which returned a nearly flat spectrum for 1280-d embeddings while numpy and native LAPACK agreed."""
-    m = min(components, fit.components.shape[1])
-    measured = projected_variance_shares(df, fit.components[:, :m])
-    claimed = fit.explained[:m]
+def check_pca(df: object, components: np.ndarray, explained: np.ndarray, first: int = 20,
+              rtol: float = 1e-4) -> int:
+    """Guard against a wrong eigendecomposition: seen with Spark's pure-Java BLAS/LAPACK fallback (a machine with
+    no libblas.so.3/liblapack.so.3), which returned a nearly flat spectrum for 1280-d embeddings of 240 photos
+    while numpy and native LAPACK agreed.
+    Returns the number of rows."""
+    m = min(first, components.shape[1])
+    n, measured = projected_variance_shares(df, components[:, :m])
+    claimed = explained[:m]
     if not np.allclose(measured, claimed, rtol=rtol, atol=1e-9):
         worst = int(np.argmax(np.abs(measured - claimed)))
         raise PcaCheckError(
             f"Spark PCA is inconsistent: component {worst + 1} claims {claimed[worst]:.6f} of the variance but the "
             f"data projected on it holds {measured[worst]:.6f}; install native BLAS/LAPACK on every node "
-            "(Debian: apt-get install libblas3 liblapack3) and re-run"
+            "(Debian: apt-get install libopenblas0-pthread) and re-run"
         )
+    return n
 
 
 def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
@@ -233,6 +227,17 @@ def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | Non
     storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit, k), opts)
     storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(fit.components[:, :k]), opts)
     return report
+
+
+def count_rows(files: list[str], opts: StorageOptions) -> int:
+    """Rows in Parquet part files, from their footers only."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for uri in files:
+        fs, path = storage.resolve(uri, opts)
+        total += pq.read_metadata(path, filesystem=fs).num_rows
+    return total
 
 
 def load_components(pca_uri: str, opts: StorageOptions) -> np.ndarray:

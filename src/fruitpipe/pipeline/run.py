@@ -270,19 +270,27 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: s
             timings["reduce"] = time.perf_counter() - t0
             return {**_pca_summary(previous), "skipped": True}
     files = storage.parquet_files(storage.join(out, "embeddings"), opts)
-    if not files:
-        raise OutputError(f"no embeddings under {out}: run `fruitpipe embed` (or `fruitpipe run`) first")
+    n_rows = reduce_mod.count_rows(files, opts)
+    if n_rows < 2:
+        raise OutputError(f"PCA needs at least 2 embedded images and {out} has {n_rows}: add images to the input, "
+                          "or use `fruitpipe embed` alone")
     session = spark.get()
     t0 = time.perf_counter()
-    df = reduce_mod.embeddings_df(session, files, opts)
-    with JobProgress(session, "fruitpipe-pca", total=0, quiet=True):
+    from pyspark.storagelevel import StorageLevel
+
+    # Read once, kept for the three passes (PCA fit, its check, the projection); spills to disk if large.
+    df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
         fit = reduce_mod.fit_pca(df, model.spec.dim)
-    k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
-    staging = storage.join(out, STAGING, token)
-    report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance, fingerprint, opts)
-    project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
-    with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
-        df.mapInArrow(project, "rows long").collect()
+        k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
+        staging = storage.join(out, STAGING, token)
+        report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance, fingerprint,
+                                                opts)
+        project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
+        with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
+            df.mapInArrow(project, "rows long").collect()
+    finally:
+        df.unpersist()
     _replace_dir(storage.join(staging, "pca"), pca_uri, opts)
     _replace_dir(storage.join(staging, "reduced"), reduced_uri, opts)
     storage.delete(staging, opts)
