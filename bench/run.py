@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5280, help="number of images (default: the 5,280 of the sample)")
     parser.add_argument("--batch-sizes", default="16,32,64", help="ceiling sweep (default 16,32,64)")
     parser.add_argument("--ceiling-sweep-images", type=int, default=1000, help="images per sweep point")
+    parser.add_argument("--ceiling-max-images", type=int, default=10560,
+                        help="measure the ceiling on at most this many of the images (same per-image work)")
     parser.add_argument("--memory-scale", type=int, default=0, help="also run fruitpipe on K x images for RSS")
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive Spark baseline")
     parser.add_argument("--fruitpipe-args", default="", help="extra flags for `fruitpipe run`, quoted")
@@ -187,7 +189,7 @@ def main() -> None:
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         sweep[bs] = ceiling(paths[: args.ceiling_sweep_images], bs, cores)
     best = max(sweep, key=sweep.__getitem__)
-    ceiling_ips = ceiling(paths, best, cores)
+    ceiling_ips = ceiling(paths[: args.ceiling_max_images], best, cores)
     results["ceiling"] = {"batch_sweep_img_s": sweep, "batch_size": best, "img_s": ceiling_ips}
 
     fp = run_fruitpipe(images, args.workdir / "out-fruitpipe", args.fruitpipe_args.split())

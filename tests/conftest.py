@@ -24,6 +24,12 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Models from ../shared, a private download cache, no progress bar noise from tqdm."""
     os.environ["FRUITPIPE_MODELS"] = str(MODELS)
     os.environ["FRUITPIPE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    # Credentials for the loopback S3 server only, set before Spark starts so its Python workers inherit them;
+    # no instance-metadata look-ups.
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        os.environ.pop(var, None)
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,18 @@ def test_model_path_is_used_as_given() -> None:
     path = str(MODELS / "mobilenet_v2_features.onnx")
     got = resolve_model(get_spec("mobilenet_v2"), model_path=path)
     assert got.source == "model_path" and got.path == os.path.abspath(path)
+
+
+def test_cuda_request_falls_back_to_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    from fruitpipe.models.runner import providers_for
+
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert providers_for("cuda")[0] == "CUDAExecutionProvider"
+    else:  # the CPU-only wheel, as in CI
+        with caplog.at_level("WARNING", logger="fruitpipe.models.runner"):
+            assert providers_for("cuda") == ["CPUExecutionProvider"]
+        assert "onnxruntime-gpu" in caplog.text
+        assert providers_for("auto") == ["CPUExecutionProvider"]

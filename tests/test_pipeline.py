@@ -217,7 +217,7 @@ def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
 
 
 def test_adding_images_embeds_only_the_new_ones(e2e) -> None:
-    """Last in this module: it grows the shared input."""
+    """It grows the shared input: tests after it see 9 classes."""
     out, data = e2e["out"], e2e["input"]
     old = e2e["result"].counts
     copy_classes(data, [EXTRA_CLASS])
@@ -235,3 +235,21 @@ def test_adding_images_embeds_only_the_new_ones(e2e) -> None:
     assert {len(v) for v in _table(out / "reduced").column("pca").to_pylist()} == {k}
     ids = _table(out / "embeddings").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == old["embedded"] + 80
+
+
+def test_pca_guard_rejects_a_wrong_decomposition(e2e, spark) -> None:
+    """The check behind every fit: components that are not the data's principal axes are refused."""
+    from fruitpipe.pipeline import reduce as reduce_mod
+    from fruitpipe.storage import StorageOptions
+
+    out = e2e["out"]
+    files = sorted(str(p) for p in (out / "embeddings").glob("*.parquet"))
+    df = reduce_mod.embeddings_df(spark, files, StorageOptions())
+    components = np.load(out / "pca" / "components.npy")
+    report = json.loads((out / "pca" / "explained_variance.json").read_text())
+    claimed = np.array(report["per_component"][: components.shape[1]])
+    n = reduce_mod.check_pca(df, components, claimed)  # the published fit passes
+    assert n == report["n_samples"]
+    wrong, _ = np.linalg.qr(np.random.default_rng(0).normal(size=components.shape))  # orthonormal, arbitrary
+    with pytest.raises(reduce_mod.PcaCheckError, match="libopenblas0-pthread"):
+        reduce_mod.check_pca(df, wrong, claimed)

@@ -57,6 +57,8 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
     p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
     p.add_argument("--model-path", metavar="FILE", help="local ONNX file to use instead of downloading")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
     p.add_argument("--task-cpus", type=_positive_int, help="onnxruntime threads per Spark task (default 1)")
     p.add_argument("--batch-size", type=_positive_int, help="images per onnxruntime call (default 32)")
     p.add_argument("--partition-size", type=_positive_int, help="images per Spark task (default 512)")

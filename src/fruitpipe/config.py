@@ -31,6 +31,9 @@ class Config:
     #: onnxruntime threads per task = spark.task.cpus; one task per core with 1 thread each measured 162 img/s
     #: against 145 for one task with 2 threads (decoding then runs on one core only; docs/performance.md).
     task_cpus: int = 1
+    #: Inference device: "auto" uses CUDA where onnxruntime-gpu and a GPU are present, else the CPU (logged);
+    #: "cuda" asks for it (falls back to the CPU with a warning); "cpu" never uses a GPU.
+    device: str = "auto"
     #: Images per onnxruntime call: the raw onnxruntime sweep peaked at 32 (16: 195, 32: 204, 64: 195 img/s).
     batch_size: int = 32
     #: Images per Spark task. Measured on the 5,280-image sample, local[2] (docs/performance.md): 256 -> 162 img/s,
@@ -68,6 +71,8 @@ class Config:
             raise ConfigError(
                 f"--k {self.k} exceeds the embedding size {get_spec(self.model).dim} of {self.model}: use a smaller --k"
             )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         for name, low in (("task_cpus", 1), ("batch_size", 1), ("partition_size", 1), ("max_pixels", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")

@@ -11,16 +11,30 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_SESSIONS: dict[tuple[str, int], object] = {}
+_SESSIONS: dict[tuple[str, int, str], object] = {}
 _LOCK = threading.Lock()
 #: How many sessions this process has built; tasks report it so tests can prove "once per worker".
 SESSIONS_BUILT = 0
 
 
-def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes]) -> object:
+def providers_for(device: str) -> list[str]:
+    """onnxruntime execution providers for `device` (auto, cpu, cuda); CUDA only where onnxruntime has it."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a "
+                    "machine with a GPU); falling back to the CPU")
+    return ["CPUExecutionProvider"]
+
+
+def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes], device: str = "cpu") -> object:
     """The process-wide onnxruntime session for a model; `load_bytes` is called only on first use."""
     global SESSIONS_BUILT
-    key = (sha256, threads)
+    key = (sha256, threads, device)
     with _LOCK:
         session = _SESSIONS.get(key)
         if session is None:
@@ -30,10 +44,12 @@ def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes]) -> o
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(load_bytes(), sess_options=opts, providers=["CPUExecutionProvider"])
+            providers = providers_for(device)
+            session = ort.InferenceSession(load_bytes(), sess_options=opts, providers=providers)
             _SESSIONS[key] = session
             SESSIONS_BUILT += 1
-            log.info("built onnxruntime session %s (threads=%d) in pid %d", sha256[:12], threads, os.getpid())
+            log.info("built onnxruntime session %s (threads=%d, %s) in pid %d", sha256[:12], threads,
+                     session.get_providers()[0], os.getpid())
     return session
 
 
@@ -43,11 +59,12 @@ def make_predict_fn(
     threads: int,
     input_name: str = "input",
     output_name: str = "features",
+    device: str = "cpu",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """predict(batch NHWC float32) -> float32 [batch, dim]; the session is built lazily, once per process."""
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        session = get_session(sha256, threads, load_bytes)
+        session = get_session(sha256, threads, load_bytes, device)
         (out,) = session.run([output_name], {input_name: np.ascontiguousarray(batch, dtype=np.float32)})  # type: ignore[attr-defined]
         return np.asarray(out, dtype=np.float32)
 

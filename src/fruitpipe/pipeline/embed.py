@@ -64,6 +64,7 @@ class EmbedSettings:
     max_pixels: int
     staging_uri: str
     storage: StorageOptions
+    device: str = "cpu"
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -163,7 +164,7 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
         threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
         predict = runner.make_predict_fn(
             settings.model_sha256, lambda: model_bc.value, threads,  # type: ignore[attr-defined]
-            settings.input_name, settings.output_name,
+            settings.input_name, settings.output_name, settings.device,
         )
         rows = pa.Table.from_batches(list(batches))
         emb, rej = embed_rows(rows, predict, settings)
@@ -193,12 +194,10 @@ def run_embed_job(
     slots = default_parallelism(spark)
     parts = max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots)
     parts = min(parts, n)
-    rows = list(zip(*(todo.column(c).to_pylist() for c in ("uri", "label", "split"))))
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
     try:
-        df = spark.createDataFrame(  # type: ignore[attr-defined]
-            sc.parallelize(rows, parts), "uri string, label string, split string"
-        )
+        # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
+        df = spark.createDataFrame(todo.select(["uri", "label", "split"])).repartition(parts)  # type: ignore[attr-defined]
         out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
         with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet):
             index = out.toArrow()
@@ -207,15 +206,27 @@ def run_embed_job(
     return index
 
 
-def find_duplicates(index: pa.Table, known: dict[str, str]) -> dict[str, str]:
-    """Embedded rows whose id was already embedded: {uri: uri of the copy kept}.
+def find_duplicates(index: pa.Table, done: pa.Table | None) -> dict[str, str]:
+    """Embedded rows whose content was already embedded: {uri: uri of the copy kept}.
 
-    `known` maps id -> uri for rows embedded by earlier runs; within this run the smallest uri is kept.
+    `done` (id, uri) holds what earlier runs embedded, which always wins; within this run the smallest uri is
+    kept. Vectorised: Python objects are made only for the ids that actually repeat.
     """
-    emb = index.filter(pc.equal(index.column("status"), "embedded")).sort_by("uri")
-    kept = dict(known)
+    emb = index.filter(pc.equal(index.column("status"), "embedded")).select(["uri", "id"])
+    counts = emb.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.greater(counts.column("id_count"), 1)).column("id")
+    if done is not None and done.num_rows:
+        repeated = pa.concat_arrays([repeated.combine_chunks(), pc.filter(
+            emb.column("id"), pc.is_in(emb.column("id"), done.column("id"))).combine_chunks()])
+    if len(repeated) == 0:
+        return {}
+    kept: dict[str, str] = {}
+    if done is not None and done.num_rows:
+        prior = done.filter(pc.is_in(done.column("id"), repeated))
+        kept.update(zip(prior.column("id").to_pylist(), prior.column("uri").to_pylist()))
     dups: dict[str, str] = {}
-    for uri, cid in zip(emb.column("uri").to_pylist(), emb.column("id").to_pylist()):
+    rows = emb.filter(pc.is_in(emb.column("id"), repeated)).sort_by("uri")
+    for uri, cid in zip(rows.column("uri").to_pylist(), rows.column("id").to_pylist()):
         if cid in kept:
             dups[uri] = kept[cid]
         else:

@@ -192,16 +192,14 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         settings = embed_mod.EmbedSettings(
             model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
-            max_pixels=config.max_pixels, staging_uri=staging, storage=opts,
+            max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
         )
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
         inference = _inference_stats(index)
         embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
         rejected_now = index.num_rows - embedded_now
-        known = {} if done_emb is None else dict(
-            zip(done_emb.column("id").to_pylist(), done_emb.column("uri").to_pylist()))
-        dups = embed_mod.find_duplicates(index, known)
+        dups = embed_mod.find_duplicates(index, done_emb)
         if dups:
             embedded_now -= len(dups)
             rejected_now += len(dups)
@@ -278,8 +276,9 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: s
     t0 = time.perf_counter()
     from pyspark.storagelevel import StorageLevel
 
-    # Read once, kept for the three passes (PCA fit, its check, the projection); spills to disk if large.
-    df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.MEMORY_AND_DISK)
+    # Read once, kept on local disk for the three passes (PCA fit, its check, the projection). Disk, not memory:
+    # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
+    df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
     try:
         fit = reduce_mod.fit_pca(df, model.spec.dim)
         k = reduce_mod.choose_k(fit.explained, config.k, config.variance)

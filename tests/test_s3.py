@@ -1,0 +1,86 @@
+"""S3 to S3 on a real S3 API (moto server on 127.0.0.1): same outputs as a local run on the same images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+import fruitpipe
+from conftest import copy_classes, sample_classes
+
+REGION = "eu-west-3"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on a free loopback port, for this module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> int:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    n = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+            n += 1
+    return n
+
+
+def _read(endpoint: str, uri: str):
+    fs = pafs.S3FileSystem(region=REGION, endpoint_override=endpoint, scheme="http")
+    return pq.read_table(uri[len("s3://"):], filesystem=fs)
+
+
+def _by_relpath(table, root: str, column: str) -> dict[str, np.ndarray]:
+    return {u[len(root):].lstrip("/"): np.asarray(v) for u, v in zip(table.column("uri").to_pylist(),
+                                                                      table.column(column).to_pylist())}
+
+
+def test_s3_to_s3_equals_local(spark, s3_endpoint: str, tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "in", sample_classes(4), per_split=15)
+    (data / "Test" / sample_classes(1)[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert _upload(data, s3_endpoint, "fruits", "fruits360") == 4 * 2 * 15 + 1
+    local = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(tmp_path / "out"), k=5, quiet=True))
+    remote = fruitpipe.run(fruitpipe.Config(input="s3://fruits/fruits360", output="s3://fruits/runs/1", k=5,
+                                            quiet=True, s3_endpoint=s3_endpoint, region=REGION))
+    for key in ("listed", "embedded", "rejected", "accounted", "rejects_by_reason"):
+        assert remote.counts[key] == local.counts[key], key
+    assert remote.counts["embedded"] == 120 and remote.counts["rejects_by_reason"] == {"truncated": 1}
+
+    emb_l = _by_relpath(pq.read_table(tmp_path / "out" / "embeddings"), str(data), "features")
+    emb_r = _by_relpath(_read(s3_endpoint, "s3://fruits/runs/1/embeddings"), "s3://fruits/fruits360", "features")
+    assert emb_l.keys() == emb_r.keys()
+    assert max(np.abs(emb_l[k] - emb_r[k]).max() for k in emb_l) < 1e-6
+    red_l = _by_relpath(pq.read_table(tmp_path / "out" / "reduced"), str(data), "pca")
+    red_r = _by_relpath(_read(s3_endpoint, "s3://fruits/runs/1/reduced"), "s3://fruits/fruits360", "pca")
+    assert red_l.keys() == red_r.keys()
+    assert max(np.abs(red_l[k] - red_r[k]).max() for k in red_l) < 1e-3
+
+    fs = pafs.S3FileSystem(region=REGION, endpoint_override=s3_endpoint, scheme="http")
+    names = {i.path.split("/", 3)[3] for i in fs.get_file_info(pafs.FileSelector("fruits/runs/1", recursive=True))
+             if i.type == pafs.FileType.File}
+    assert {"run.json", "_SUCCESS", "_fruitpipe.json", "pca/explained_variance.json", "pca/scree.png",
+            "pca/components.npy"} <= names
+    assert not any(n.startswith("_staging") for n in names)
+    with fs.open_input_stream("fruits/runs/1/run.json") as fh:
+        report = json.loads(fh.read())
+    assert report["config"]["region"] == REGION and report["counts"]["accounted"] is True
+
+    again = fruitpipe.run(fruitpipe.Config(input="s3://fruits/fruits360", output="s3://fruits/runs/1", k=5,
+                                           quiet=True, s3_endpoint=s3_endpoint, region=REGION))
+    assert again.counts["embedded_this_run"] == 0 and again.report["pca"]["skipped"] is True
