@@ -123,3 +123,14 @@ def test_content_id_is_sha256_of_bytes() -> None:
     import hashlib
 
     assert images.content_id(JPEG) == hashlib.sha256(JPEG).hexdigest()
+
+
+def test_vectors_round_trip() -> None:
+    from fruitpipe.vectors import to_list_array, to_matrix
+
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    arr = to_list_array(m)
+    assert arr.type == __import__("pyarrow").list_(__import__("pyarrow").float32())
+    assert arr.to_pylist()[1] == [4.0, 5.0, 6.0, 7.0]
+    np.testing.assert_array_equal(to_matrix(arr), m)
+    assert len(to_list_array(np.zeros((0, 1280), np.float32))) == 0

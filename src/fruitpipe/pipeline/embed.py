@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from fruitpipe import images, storage
 from fruitpipe.models import runner
 from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_list_array
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,8 @@ def embed_rows(
         if len(pending) >= settings.batch_size:
             flush()
     flush()
-    features = pa.array(
-        emb.pop("features"), type=pa.list_(pa.float32())
-    ) if emb["id"] else pa.array([], type=pa.list_(pa.float32()))
+    feats = emb.pop("features")
+    features = to_list_array(np.stack(feats) if feats else np.zeros((0, settings.dim), np.float32))
     emb_table = pa.table({**emb, "features": features}, schema=embeddings_schema(settings.dim))
     return emb_table, pa.table(rej, schema=REJECTS_SCHEMA)
 

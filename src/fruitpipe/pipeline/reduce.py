@@ -14,6 +14,7 @@ import pyarrow as pa
 from fruitpipe import storage
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_list_array, to_matrix
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,6 @@ def project(features: np.ndarray, components: np.ndarray) -> np.ndarray:
     return (np.asarray(features, dtype=np.float64) @ components).astype(np.float32)
 
 
-def _features_matrix(table: pa.Table, column: str = "features") -> np.ndarray:
-    col = table.column(column).combine_chunks()
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(n, -1)
-
-
 def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> object:
     """A DataFrame (id, uri, label, split, features) read from Parquet part files by the executors via
     pyarrow.fs, so local paths and s3:// work the same without Hadoop's S3 connector."""
@@ -107,7 +99,7 @@ def projected_variance_shares(df: object, components: np.ndarray) -> tuple[int, 
         acc = [np.zeros(d), np.zeros(d), np.zeros(m), np.zeros(m)]
         n = 0
         for batch in batches:
-            x = _features_matrix(pa.Table.from_batches([batch])).astype(np.float64)
+            x = to_matrix(batch.column("features")).astype(np.float64)
             if not len(x):
                 continue
             p = x @ components
@@ -153,12 +145,12 @@ def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptio
         table = pa.Table.from_batches(list(batches))
         part = f"part-{TaskContext.get().partitionId():05d}.parquet"
         if table.num_rows:
-            reduced = project(_features_matrix(table), components)
+            reduced = project(to_matrix(table.column("features")), components)
             out = pa.table(
                 {
                     "id": table.column("id"), "uri": table.column("uri"), "label": table.column("label"),
                     "split": table.column("split"),
-                    "pca": pa.array(list(reduced), type=pa.list_(pa.float32())),
+                    "pca": to_list_array(reduced),
                 },
                 schema=REDUCED_SCHEMA,
             )
