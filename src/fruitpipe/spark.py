@@ -76,8 +76,9 @@ class JobProgress:
     """
 
     def __init__(self, spark: object, group: str, total: int, unit: str = "img", desc: str = "",
-                 quiet: bool = False, interval: float = 0.5) -> None:
+                 quiet: bool = False, interval: float = 0.5, tasks: int | None = None) -> None:
         self._sc = spark.sparkContext  # type: ignore[attr-defined]
+        self._tasks = tasks
         self._group = group
         self._total = total
         self._unit = unit
@@ -88,17 +89,22 @@ class JobProgress:
         self._thread: threading.Thread | None = None
 
     def _fraction(self) -> float:
+        """Completed share of the tasks of the stage doing the work: the last stage with `tasks` tasks (when
+        given), else each job's last stage. A preceding stage, such as the shuffle that spreads the manifest
+        (a job of its own under adaptive execution), finishes in a second and must not move the bar."""
         tracker = self._sc.statusTracker()
         done = total = 0
         for job_id in tracker.getJobIdsForGroup(self._group):
             job = tracker.getJobInfo(job_id)
             if job is None:
                 continue
-            for stage_id in job.stageIds:
-                stage = tracker.getStageInfo(stage_id)
-                if stage is not None:
-                    done += stage.numCompletedTasks
-                    total += stage.numTasks
+            stages = [tracker.getStageInfo(s) for s in sorted(job.stageIds, reverse=True)]
+            stages = [s for s in stages if s is not None and (self._tasks is None or s.numTasks == self._tasks)]
+            if stages:
+                done += stages[0].numCompletedTasks
+                total += stages[0].numTasks
+        if self._tasks is not None:
+            return min(1.0, done / self._tasks)
         return done / total if total else 0.0
 
     def _loop(self) -> None:
@@ -107,8 +113,8 @@ class JobProgress:
         with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             while not self._stop.wait(self._interval):
-                bar.update(int(self._fraction() * self._total) - bar.n)
-            bar.update(int(self._fraction() * self._total) - bar.n)
+                bar.update(max(0, int(self._fraction() * self._total) - bar.n))
+            bar.update(max(0, int(self._fraction() * self._total) - bar.n))
 
     def __enter__(self) -> "JobProgress":
         self._sc.setJobGroup(self._group, self._desc or self._group)

@@ -199,7 +199,7 @@ def run_embed_job(
         # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
         df = spark.createDataFrame(todo.select(["uri", "label", "split"])).repartition(parts)  # type: ignore[attr-defined]
         out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
-        with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet):
+        with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet, tasks=parts):
             index = out.toArrow()
     finally:
         model_bc.destroy()
