@@ -134,3 +134,19 @@ def test_vectors_round_trip() -> None:
     assert arr.to_pylist()[1] == [4.0, 5.0, 6.0, 7.0]
     np.testing.assert_array_equal(to_matrix(arr), m)
     assert len(to_list_array(np.zeros((0, 1280), np.float32))) == 0
+
+
+def test_read_ahead_keeps_order_and_turns_missing_files_into_rejections(tmp_path) -> None:
+    from fruitpipe.pipeline.embed import read_ahead
+    from fruitpipe.storage import StorageOptions
+
+    uris = []
+    for i in range(25):
+        path = tmp_path / f"{i:02d}.bin"
+        path.write_bytes(bytes([i]) * (i + 1))
+        uris.append(str(path))
+    uris.insert(7, str(tmp_path / "gone.jpg"))
+    got = list(read_ahead(uris, StorageOptions(), window=4))
+    assert len(got) == 26
+    assert isinstance(got[7], images.Rejected) and got[7].reason == "unreadable"
+    assert [g for i, g in enumerate(got) if i != 7] == [bytes([i]) * (i + 1) for i in range(25)]

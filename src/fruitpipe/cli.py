@@ -62,6 +62,7 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-cpus", type=_positive_int, help="onnxruntime threads per Spark task (default 1)")
     p.add_argument("--batch-size", type=_positive_int, help="images per onnxruntime call (default 32)")
     p.add_argument("--partition-size", type=_positive_int, help="images per Spark task (default 512)")
+    p.add_argument("--read-ahead", type=_positive_int, help="inputs read concurrently per task (default 8)")
     p.add_argument("--max-pixels", type=_positive_int, help="reject images larger than this (default 64000000)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an OUTPUT made with another input or model")

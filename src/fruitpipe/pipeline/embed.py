@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +69,7 @@ class EmbedSettings:
     staging_uri: str
     storage: StorageOptions
     device: str = "cpu"
+    read_ahead: int = 8
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -83,6 +87,30 @@ def read_input(uri: str, opts: StorageOptions) -> bytes:
         if not storage.is_s3(uri) or "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):
             raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
         raise
+
+
+def _fetch(uri: str, opts: StorageOptions) -> bytes | images.Rejected:
+    try:
+        return read_input(uri, opts)
+    except images.Rejected as rj:
+        return rj
+
+
+def read_ahead(uris: Iterable[str], opts: StorageOptions, window: int) -> Iterator[bytes | images.Rejected]:
+    """The bytes of each uri, in order, with up to `window` reads in flight: an S3 GET of a small object takes
+    20-50 ms, which one read at a time would make the bottleneck. Memory stays bounded by the window."""
+    if window <= 1:
+        yield from (_fetch(uri, opts) for uri in uris)
+        return
+    it = iter(uris)
+    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="fruitpipe-read") as pool:
+        pending = deque(pool.submit(_fetch, uri, opts) for uri in itertools.islice(it, window))
+        while pending:
+            result = pending.popleft().result()  # infrastructure errors propagate: the task fails and retries
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_fetch, nxt, opts))
+            yield result
 
 
 def embed_rows(
@@ -107,10 +135,12 @@ def embed_rows(
             emb["features"].append(vec)
         pending.clear()
 
-    for uri, label, split in zip(*(rows.column(c).to_pylist() for c in ("uri", "label", "split"))):
+    uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
+    for uri, label, split, data in zip(uris, labels, splits, read_ahead(uris, settings.storage, settings.read_ahead)):
         cid: str | None = None
         try:
-            data = read_input(uri, settings.storage)
+            if isinstance(data, images.Rejected):
+                raise data
             cid = images.content_id(data)
             x = images.model_input(data, settings.input_size, settings.max_pixels)
         except images.Rejected as rj:

@@ -193,6 +193,8 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
             model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
             max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
+            # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
+            read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
         )
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
