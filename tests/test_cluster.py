@@ -1,0 +1,153 @@
+"""A real standalone Spark cluster on 127.0.0.1 (master + 2 one-core workers): same outputs as local mode,
+and a worker killed mid-embed loses nothing and duplicates nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import fruitpipe
+from conftest import copy_classes, sample_classes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spark_class() -> str:
+    import pyspark
+
+    return os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class")
+
+
+class Cluster:
+    """Master and workers started from the pyspark wheel, each worker in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                    "SPARK_WORKER_DIR": str(root / "work"), "SPARK_LOG_DIR": str(root / "logs")}
+        self.procs: list[subprocess.Popen] = []
+        self.master = self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                                             "--port", str(self.port), "--webui-port", "0"])
+        self._wait_log("master", "I have been elected leader")
+        self.workers = [self._start(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.url,
+                                                   "--cores", "1", "--memory", "2g", "--host", "127.0.0.1",
+                                                   "--webui-port", "0"]) for i in range(2)]
+        self._wait_log("master", "Registering worker", count=2)
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen([_spark_class(), *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_log(self, name: str, text: str, count: int = 1, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if (self.root / f"{name}.log").read_text(errors="replace").count(text) >= count:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} never logged {text!r}: {(self.root / f'{name}.log').read_text()[-2000:]}")
+
+    def kill_worker(self, i: int) -> None:
+        """SIGKILL a worker with everything it started (its executor JVM and Python workers)."""
+        os.killpg(self.workers[i].pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_input(spark, tmp_path_factory: pytest.TempPathFactory):
+    """4 classes x 80 photos and their local-mode run, the reference for the cluster runs."""
+    root = tmp_path_factory.mktemp("cluster")
+    data = copy_classes(root / "in", sample_classes(4))
+    local = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(root / "local"), k=8, quiet=True))
+    return data, root / "local", local
+
+
+def _cli_run(data: Path, out: Path, master: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(data), str(out), "--k", "8",
+                             "--quiet", "--master", master, "--partition-size", "16"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_same_outputs(out: Path, reference: Path) -> None:
+    emb = {r["uri"]: np.asarray(r["features"]) for r in pq.read_table(out / "embeddings").to_pylist()}
+    ref = {r["uri"]: np.asarray(r["features"]) for r in pq.read_table(reference / "embeddings").to_pylist()}
+    assert emb.keys() == ref.keys()  # every input exactly once (a dict would hide a repeat: check rows too)
+    assert pq.read_table(out / "embeddings").num_rows == len(ref)
+    assert max(np.abs(emb[u] - ref[u]).max() for u in ref) < 1e-5
+    got = json.loads((out / "pca" / "explained_variance.json").read_text())
+    want = json.loads((reference / "pca" / "explained_variance.json").read_text())
+    np.testing.assert_allclose(got["per_component"][:8], want["per_component"][:8], rtol=1e-6)
+    red = {r["uri"]: np.asarray(r["pca"]) for r in pq.read_table(out / "reduced").to_pylist()}
+    red_ref = {r["uri"]: np.asarray(r["pca"]) for r in pq.read_table(reference / "reduced").to_pylist()}
+    a = np.array([red[u] for u in sorted(ref)])
+    b = np.array([red_ref[u] for u in sorted(ref)])
+    signs = np.sign((a * b).sum(axis=0))  # a principal axis is defined up to its sign
+    np.testing.assert_allclose(a * signs, b, atol=1e-3)
+
+
+def test_cluster_run_equals_local(cluster: Cluster, cluster_input, tmp_path: Path) -> None:
+    data, reference, local = cluster_input
+    started = time.time()
+    proc = _cli_run(data, tmp_path / "out", cluster.url)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    print(f"clean cluster run: {time.time() - started:.1f} s")
+    report = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert report["counts"]["accounted"] and report["counts"]["embedded"] == local.counts["embedded"]
+    inference = report["counts"]["inference"]
+    assert inference["workers"] >= 2 and inference["max_sessions_per_worker"] == 1  # both executors worked
+    assert report["config"]["master"] == cluster.url
+    _assert_same_outputs(tmp_path / "out", reference)
+
+
+def test_killed_worker_loses_and_duplicates_nothing(cluster: Cluster, cluster_input, tmp_path: Path) -> None:
+    data, reference, local = cluster_input
+    out = tmp_path / "out"
+    started = time.time()
+    proc = _cli_run(data, out, cluster.url)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("_staging/*/embeddings/*.parquet"))) < 3:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the worker could be killed"
+    killed_at = time.time()
+    cluster.kill_worker(0)
+    _, err = proc.communicate(timeout=400)
+    finished = time.time()
+    assert proc.returncode == 0, err
+    report = json.loads((out / "run.json").read_text())
+    assert report["counts"]["accounted"] and report["counts"]["listed"] == local.counts["listed"]
+    _assert_same_outputs(out, reference)
+    print(f"worker killed {killed_at - started:.1f} s into the run; run finished {finished - killed_at:.1f} s later "
+          f"(total {finished - started:.1f} s)")
