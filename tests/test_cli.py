@@ -102,6 +102,7 @@ def test_output_from_another_config_is_refused(spark, tmp_path: Path, capsys: py
     assert "input was" in capsys.readouterr().err
     # --overwrite replaces it
     assert main(["embed", str(other), str(out), "--quiet", "--overwrite"]) == 0
+    capsys.readouterr()  # the --overwrite warning
     assert json.loads((out / "run.json").read_text())["counts"]["embedded"] == 1
     assert main(["reduce", str(out), "--quiet"]) == 2  # one embedding: no PCA, and a message saying why
     err = capsys.readouterr().err.strip().splitlines()

@@ -84,3 +84,47 @@ def test_s3_to_s3_equals_local(spark, s3_endpoint: str, tmp_path: Path) -> None:
     again = fruitpipe.run(fruitpipe.Config(input="s3://fruits/fruits360", output="s3://fruits/runs/1", k=5,
                                            quiet=True, s3_endpoint=s3_endpoint, region=REGION))
     assert again.counts["embedded_this_run"] == 0 and again.report["pca"]["skipped"] is True
+
+
+def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> None:
+    """The S3 server goes away after listing: the run fails with one clear error and publishes nothing; once the
+    server is back (same port, same data), the same command completes with every image exactly once."""
+    from moto.server import ThreadedMotoServer
+
+    from fruitpipe.pipeline.listing import list_images
+    from fruitpipe.pipeline.run import JobFailedError, run as run_stages
+    from fruitpipe.storage import StorageOptions
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",))
+    _upload(data, endpoint, "outage", "fruits")
+    config = fruitpipe.Config(input="s3://outage/fruits", output=str(tmp_path / "out"), k=3, quiet=True,
+                              s3_endpoint=endpoint, region=REGION)
+    listing = list_images(config.input, StorageOptions(endpoint, REGION))
+    server.stop()  # gone between listing and reading
+    with pytest.raises(JobFailedError) as info:
+        run_stages(config, listing=listing)
+    message = str(info.value)
+    assert "\n" not in message and "re-run the same command" in message
+    assert message.startswith("a Spark job failed") and "Could not connect" in message  # the executors' reads
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "embeddings").exists()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # moto keeps its data in-process
+    server.start()
+    try:
+        result = fruitpipe.run(config)
+    finally:
+        server.stop()
+    assert result.counts["embedded"] == 40 and result.counts["accounted"]
+    uris = pq.read_table(tmp_path / "out" / "embeddings").column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 40
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import fruitpipe
 from fruitpipe import storage
 from fruitpipe.config import Config
-from fruitpipe.errors import ConfigError, OutputError
+from fruitpipe.errors import ConfigError, FruitpipeError, OutputError
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.pipeline import embed as embed_mod
@@ -317,6 +317,42 @@ def _run_context(config: Config) -> Iterator[tuple[_LazySpark, StorageOptions]]:
         yield _LazySpark(config, stack), StorageOptions(config.s3_endpoint, config.region)
 
 
+class JobFailedError(FruitpipeError):
+    """A Spark job or a storage call failed (storage unreachable, executors lost beyond retries); nothing was
+    published as complete."""
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """The root cause of a failure in one line (the last Python or Java error line of its text)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if ("Error:" in line or "Exception:" in line) and "Traceback" not in line]
+    return (causes[-1] if causes else (lines[0] if lines else type(exc).__name__))[:300]
+
+
+@contextlib.contextmanager
+def _job_failures(out: str) -> Iterator[None]:
+    """Turn a failed Spark job into a one-line FruitpipeError that says how to resume."""
+    try:
+        yield
+    except FruitpipeError:
+        raise
+    except OSError as exc:  # storage unreachable or refusing, on the driver (listing, commit, run.json)
+        raise JobFailedError(
+            f"storage error: {_failure_summary(exc)}; nothing was published as complete (no {out}/_SUCCESS): "
+            "fix the cause and re-run the same command, done work is kept"
+        ) from exc
+    except Exception as exc:
+        from py4j.protocol import Py4JError
+        from pyspark.errors import PySparkException
+
+        if not isinstance(exc, (Py4JError, PySparkException)):
+            raise
+        raise JobFailedError(
+            f"a Spark job failed: {_failure_summary(exc)}; nothing was published as complete (no {out}/_SUCCESS): "
+            "fix the cause and re-run the same command, done work is kept"
+        ) from exc
+
+
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
 
@@ -328,9 +364,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     out = storage.normalize(config.output)
     token = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
     timings: dict[str, float] = {}
-    with _run_context(config) as (spark, opts):
+    with _run_context(config) as (spark, opts), _job_failures(out):
         if "embed" in stages:
-            if not storage.is_dir(config.input, opts):
+            if listing is None and not storage.is_dir(config.input, opts):
                 raise ConfigError(
                     f"input {config.input} is not a folder: pass a directory (or s3://bucket/prefix) holding "
                     "Training/<Class>/ and Test/<Class>/ folders, or <Class>/ folders"
@@ -347,6 +383,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
         storage.delete(storage.join(out, SUCCESS), opts)
         storage.delete(storage.join(out, STAGING), opts)
         previous = _previous_report(out, opts)
+        if not config.master.startswith("local") and not storage.is_s3(out):
+            log.warning("OUTPUT %s is a local path: with --master %s every node must see it (shared folder)",
+                        out, config.master)
         if "embed" in stages:
             counts = embed_stage(config, model, spark, out, token, opts, timings, listing)
         else:
