@@ -181,6 +181,9 @@ def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
     assert report["explained_at_k"] == pytest.approx(share[:10].sum(), rel=1e-6)
     components = np.load(out / "pca" / "components.npy")
     assert components.shape == (1280, 10)
+    from fruitpipe.pipeline.reduce import load_components  # what the serving path will load
+
+    np.testing.assert_array_equal(load_components(str(out / "pca"), StorageOptions()), components)
     red = {r["id"]: r["pca"] for r in _table(out / "reduced").select(["id", "pca"]).to_pylist()}
     ids = emb.column("id").to_pylist()
     got = np.array([red[i] for i in ids])

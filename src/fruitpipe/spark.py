@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from importlib import resources
 from typing import Iterator, Mapping
 
@@ -128,8 +127,3 @@ class JobProgress:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._sc.setLocalProperty("spark.jobGroup.id", None)
-
-
-def wall_clock() -> float:
-    """Monotonic seconds, for stage timings."""
-    return time.perf_counter()

@@ -127,14 +127,8 @@ def write_parquet(table: pa.Table, uri: str, opts: StorageOptions) -> None:
 
 
 def read_parquet(uri: str, opts: StorageOptions, columns: list[str] | None = None) -> pa.Table:
-    """Read one Parquet file (or all the part files of a directory) into a table."""
+    """Read one Parquet file into a table."""
     fs, path = resolve(uri, opts)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        files = parquet_files(uri, opts)
-        tables = [pq.read_table(resolve(f, opts)[1], filesystem=fs, columns=columns) for f in files]
-        if not tables:
-            raise FileNotFoundError(f"no Parquet files under {uri}")
-        return pa.concat_tables(tables)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
