@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -59,18 +59,18 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", metavar="FILE", help="local ONNX file to use instead of downloading")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
-    p.add_argument("--task-cpus", type=_positive_int, help="onnxruntime threads per Spark task (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per onnxruntime call (default 32)")
-    p.add_argument("--partition-size", type=_positive_int, help="images per Spark task (default 512)")
-    p.add_argument("--read-ahead", type=_positive_int, help="inputs read concurrently per task (default 8)")
-    p.add_argument("--max-pixels", type=_positive_int, help="reject images larger than this (default 64000000)")
+    p.add_argument("--task-cpus", type=_whole_number, help="onnxruntime threads per Spark task (default 1)")
+    p.add_argument("--batch-size", type=_whole_number, help="images per onnxruntime call (default 32)")
+    p.add_argument("--partition-size", type=_whole_number, help="images per Spark task (default 512)")
+    p.add_argument("--read-ahead", type=_whole_number, help="inputs read concurrently per task (default 8)")
+    p.add_argument("--max-pixels", type=_whole_number, help="reject images larger than this (default 64000000)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an OUTPUT made with another input or model")
 
 
 def _add_reduce(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--k", type=_positive_int, help="number of PCA components (default 20)")
+    group.add_argument("--k", type=_whole_number, help="number of PCA components (default 20)")
     group.add_argument("--variance", type=_share,
                        help="keep the fewest components reaching this explained-variance share, e.g. 0.95")
 
