@@ -55,14 +55,19 @@ def parse_layout(rel_parts: list[str]) -> tuple[str, str | None] | None:
     return None
 
 
-def list_images(uri: str, opts: StorageOptions) -> Listing:
-    """List every candidate input below `uri`; raises ConfigError if `uri` is not a folder or prefix."""
-    root = storage.normalize(uri)
-    if not storage.is_dir(root, opts):
+def check_input(uri: str, opts: StorageOptions) -> None:
+    """Raise ConfigError, saying what to pass, if `uri` is not a folder or prefix."""
+    if not storage.is_dir(storage.normalize(uri), opts):
         raise ConfigError(
             f"input {uri} is not a folder: pass a directory (or s3://bucket/prefix) holding "
             "Training/<Class>/ and Test/<Class>/ folders, or <Class>/ folders"
         )
+
+
+def list_images(uri: str, opts: StorageOptions) -> Listing:
+    """List every candidate input below `uri`; raises ConfigError if `uri` is not a folder or prefix."""
+    root = storage.normalize(uri)
+    check_input(root, opts)
     uris: list[str] = []
     labels: list[str] = []
     splits: list[str | None] = []

@@ -19,12 +19,12 @@ import pyarrow.compute as pc
 import fruitpipe
 from fruitpipe import storage
 from fruitpipe.config import Config
-from fruitpipe.errors import ConfigError, FruitpipeError, OutputError
+from fruitpipe.errors import FruitpipeError, OutputError
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
-from fruitpipe.pipeline.listing import Listing, list_images
+from fruitpipe.pipeline.listing import Listing, check_input, list_images
 from fruitpipe.spark import JobProgress, spark_session
 from fruitpipe.storage import StorageOptions
 
@@ -366,11 +366,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     timings: dict[str, float] = {}
     with _run_context(config) as (spark, opts), _job_failures(out):
         if "embed" in stages:
-            if listing is None and not storage.is_dir(config.input, opts):
-                raise ConfigError(
-                    f"input {config.input} is not a folder: pass a directory (or s3://bucket/prefix) holding "
-                    "Training/<Class>/ and Test/<Class>/ folders, or <Class>/ folders"
-                )
+            if listing is None:
+                check_input(config.input, opts)  # before the output is claimed: a wrong INPUT leaves it untouched
             model = resolve_model(get_spec(config.model), config.model_path)
             fingerprint = _fingerprint(config, model)
             claim_output(out, fingerprint, config.overwrite, opts)
