@@ -56,7 +56,8 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
     p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
     p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
-    p.add_argument("--model-path", metavar="FILE", help="local ONNX file to use instead of downloading")
+    p.add_argument("--model-path", metavar="FILE",
+                   help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
     p.add_argument("--task-cpus", type=_whole_number, help="onnxruntime threads per Spark task (default 1)")

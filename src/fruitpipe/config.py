@@ -21,7 +21,8 @@ class Config:
     input: str
     output: str
     model: str = "mobilenet_v2"
-    #: A local ONNX file used instead of the registry's download (its sha256 is recorded, not enforced).
+    #: An ONNX file (local, or s3:// read once by the driver) used instead of the registry's download; its
+    #: sha256 is recorded and compared with the registry's (a mismatch is logged: custom weights).
     model_path: str | None = None
     #: Number of PCA components; ignored when `variance` is set.
     k: int = 20
@@ -80,8 +81,9 @@ class Config:
                           ("read_ahead", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.model_path is not None and not os.path.isfile(self.model_path):
-            raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a local .onnx file")
+        if self.model_path is not None and not self.model_path.startswith("s3://") \
+                and not os.path.isfile(self.model_path):
+            raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a .onnx file or s3:// URI")
         return self
 
     def replace(self, **changes: Any) -> "Config":

@@ -8,7 +8,10 @@ import os
 import sys
 import threading
 from importlib import resources
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,26 @@ def default_parallelism(spark: "pyspark.sql.SparkSession") -> int:  # type: igno
     sc = spark.sparkContext
     cpus = int(sc.getConf().get("spark.task.cpus", "1"))
     return max(1, sc.defaultParallelism // cpus)
+
+
+def from_arrow(spark: "pyspark.sql.SparkSession", table: "pa.Table") -> "pyspark.sql.DataFrame":  # type: ignore[name-defined]  # noqa: F821
+    """A DataFrame from an Arrow table, straight to the JVM on Spark 4; through pandas (still Arrow-based) on
+    Spark 3.5, which EMR 7 ships and whose createDataFrame takes no Arrow table."""
+    if int(spark.version.split(".")[0]) >= 4:
+        return spark.createDataFrame(table)
+    return spark.createDataFrame(table.to_pandas())
+
+
+def to_arrow(df: "pyspark.sql.DataFrame") -> "pa.Table":  # type: ignore[name-defined]  # noqa: F821
+    """Collect a DataFrame as an Arrow table: DataFrame.toArrow on Spark 4, its Arrow batches on Spark 3.5."""
+    import pyarrow as pa
+
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    batches = df._collect_as_arrow()  # Spark 3.5: the same Arrow collection that toPandas uses
+    return pa.Table.from_batches(batches, schema=batches[0].schema if batches else to_arrow_schema(df.schema))
 
 
 class JobProgress:

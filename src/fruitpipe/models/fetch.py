@@ -10,9 +10,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fruitpipe.errors import ModelError
 from fruitpipe.models.registry import DEFAULT_BASE_URL, ModelSpec
+
+if TYPE_CHECKING:
+    from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +81,33 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
             os.unlink(tmp)
 
 
-def resolve_model(spec: ModelSpec, model_path: str | None = None) -> ResolvedModel:
-    """Locate `spec`'s file, downloading and verifying it if needed."""
+def _fetch_from_store(spec: ModelSpec, uri: str, opts: "StorageOptions") -> str:
+    """Copy an s3:// model into the cache once (keyed by its sha256) and return the local path."""
+    from fruitpipe import storage
+
+    try:
+        data = storage.read_bytes(uri, opts)
+    except OSError as exc:
+        raise ModelError(f"--model-path {uri} cannot be read ({exc}): check the URI and the credentials") from None
+    digest = hashlib.sha256(data).hexdigest()
+    dest = cache_dir() / digest[:16] / spec.filename
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, dest)
+    log.info("model %s (%d bytes, sha256 %s) copied to %s", uri, len(data), digest[:12], dest)
+    return str(dest)
+
+
+def resolve_model(spec: ModelSpec, model_path: str | None = None,
+                  opts: "StorageOptions | None" = None) -> ResolvedModel:
+    """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), downloading if needed."""
+    if model_path and model_path.startswith("s3://"):
+        from fruitpipe.storage import StorageOptions
+
+        model_path = _fetch_from_store(spec, model_path, opts or StorageOptions())
     if model_path:
         if not os.path.isfile(model_path):
             raise ModelError(f"--model-path {model_path} is not a file: point it at a local .onnx file")

@@ -216,7 +216,7 @@ def run_embed_job(
     quiet: bool,
 ) -> pa.Table:
     """Embed the `todo` manifest rows on the cluster; returns the per-input index (no features)."""
-    from fruitpipe.spark import JobProgress, default_parallelism
+    from fruitpipe.spark import JobProgress, default_parallelism, from_arrow, to_arrow
 
     sc = spark.sparkContext  # type: ignore[attr-defined]
     n = todo.num_rows
@@ -227,10 +227,10 @@ def run_embed_job(
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
     try:
         # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
-        df = spark.createDataFrame(todo.select(["uri", "label", "split"])).repartition(parts)  # type: ignore[attr-defined]
+        df = from_arrow(spark, todo.select(["uri", "label", "split"])).repartition(parts)
         out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
         with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet, tasks=parts):
-            index = out.toArrow()
+            index = to_arrow(out)
     finally:
         model_bc.destroy()
     return index

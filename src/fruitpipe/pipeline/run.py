@@ -368,7 +368,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
         if "embed" in stages:
             if listing is None:
                 check_input(config.input, opts)  # before the output is claimed: a wrong INPUT leaves it untouched
-            model = resolve_model(get_spec(config.model), config.model_path)
+            model = resolve_model(get_spec(config.model), config.model_path, opts)
             fingerprint = _fingerprint(config, model)
             claim_output(out, fingerprint, config.overwrite, opts)
         else:
