@@ -57,3 +57,32 @@ def copy_classes(dest: Path, classes: list[str], splits: tuple[str, ...] = ("Tra
 def sample_classes(n: int) -> list[str]:
     """The first n classes of the shared sample, sorted by name."""
     return sorted(p.name for p in (SAMPLE / "Training").iterdir())[:n]
+
+
+REGION = "eu-west-3"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto server (S3, EMR, IAM, STS, KMS APIs) on a free loopback port, for one test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def upload_folder(folder: Path, endpoint: str, bucket: str, prefix: str) -> int:
+    """Create `bucket` in eu-west-3 and upload every file under `folder` below `prefix`; returns the count."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    n = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+            n += 1
+    return n

@@ -11,35 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fruitpipe
-from conftest import copy_classes, sample_classes
-
-REGION = "eu-west-3"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free loopback port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> int:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-    n = 0
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-            n += 1
-    return n
-
+from conftest import REGION, copy_classes, sample_classes, upload_folder
 
 def _read(endpoint: str, uri: str):
     fs = pafs.S3FileSystem(region=REGION, endpoint_override=endpoint, scheme="http")
@@ -54,7 +26,7 @@ def _by_relpath(table, root: str, column: str) -> dict[str, np.ndarray]:
 def test_s3_to_s3_equals_local(spark, s3_endpoint: str, tmp_path: Path) -> None:
     data = copy_classes(tmp_path / "in", sample_classes(4), per_split=15)
     (data / "Test" / sample_classes(1)[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    assert _upload(data, s3_endpoint, "fruits", "fruits360") == 4 * 2 * 15 + 1
+    assert upload_folder(data, s3_endpoint, "fruits", "fruits360") == 4 * 2 * 15 + 1
     local = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(tmp_path / "out"), k=5, quiet=True))
     remote = fruitpipe.run(fruitpipe.Config(input="s3://fruits/fruits360", output="s3://fruits/runs/1", k=5,
                                             quiet=True, s3_endpoint=s3_endpoint, region=REGION))
@@ -100,7 +72,7 @@ def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",))
-    _upload(data, endpoint, "outage", "fruits")
+    upload_folder(data, endpoint, "outage", "fruits")
     config = fruitpipe.Config(input="s3://outage/fruits", output=str(tmp_path / "out"), k=3, quiet=True,
                               s3_endpoint=endpoint, region=REGION)
     listing = list_images(config.input, StorageOptions(endpoint, REGION))

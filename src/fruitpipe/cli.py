@@ -100,7 +100,147 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reduce(p_reduce)
     _add_common(p_reduce)
     sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
+    _add_emr(sub)
     return parser
+
+
+EMR_EPILOG = (
+    "Credentials come from the standard AWS chain (environment, profile, instance role); AWS_ENDPOINT_URL points "
+    "every client at another endpoint. Typical use: `emr plan`, then `emr setup` once, then `emr run`."
+)
+
+
+def _positive_float(text: str) -> float:
+    value = _share(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
+    from fruitpipe.cloud.emr import DEFAULT_RELEASE, MEASURED_IMG_PER_VCPU_S
+
+    p.add_argument("input", metavar="INPUT", help="s3://bucket/prefix of the images")
+    p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix for the results")
+    p.add_argument("--region", default="eu-west-3", help="AWS region (default eu-west-3; non-EU needs --allow-non-eu)")
+    p.add_argument("--allow-non-eu", action="store_true", help="accept a region outside the EU")
+    p.add_argument("--artifacts", metavar="S3_PREFIX",
+                   help="where the wheel, bootstrap script and model go (default s3://<OUTPUT bucket>/fruitpipe-artifacts)")
+    p.add_argument("--logs", metavar="S3_PREFIX", help="EMR log prefix (default s3://<OUTPUT bucket>/fruitpipe-logs)")
+    p.add_argument("--release-label", default=DEFAULT_RELEASE, help=f"EMR release (default {DEFAULT_RELEASE})")
+    p.add_argument("--master-type", default="m5.xlarge", help="master instance type (default m5.xlarge)")
+    p.add_argument("--core-type", default="m5.xlarge", help="core instance type (default m5.xlarge)")
+    p.add_argument("--core-nodes", type=_whole_number, default=2, help="number of core nodes (default 2)")
+    p.add_argument("--ebs-gb", type=_whole_number, default=64, help="gp3 volume per node, GB (default 64)")
+    p.add_argument("--name", default="fruitpipe", help="cluster name (default fruitpipe)")
+    p.add_argument("--service-role", default="fruitpipe-emr-service", help="EMR service role name")
+    p.add_argument("--instance-role", default="fruitpipe-emr-ec2", help="EC2 instance role and profile name")
+    p.add_argument("--subnet-id", help="VPC subnet for the nodes (default: the account's default VPC)")
+    p.add_argument("--model", default="mobilenet_v2", help="backbone (default mobilenet_v2)")
+    p.add_argument("--model-path", metavar="FILE", help="local ONNX file to upload instead of the registry's")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra cluster tag, repeatable")
+    p.add_argument("--run-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the step's `fruitpipe run`, repeatable (e.g. --run-arg=--k --run-arg=50)")
+    p.add_argument("--images", type=_whole_number, default=138_704,
+                   help="images expected, for the cost estimate (default 138704: Fruits-360)")
+    p.add_argument("--img-per-vcpu-s", type=_positive_float, default=MEASURED_IMG_PER_VCPU_S,
+                   help=f"throughput per vCPU for the estimate (default {MEASURED_IMG_PER_VCPU_S}, measured)")
+    p.add_argument("--node-price", type=_positive_float, metavar="USD_PER_HOUR",
+                   help="price per node-hour (EC2 + EMR) instead of the stated eu-west-3 list prices")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _add_emr_cluster_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cluster_id", metavar="CLUSTER_ID", help="the j-... id printed by `emr up`")
+    p.add_argument("--region", default="eu-west-3", help="AWS region (default eu-west-3)")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _add_emr(sub: Any) -> None:
+    p_emr = sub.add_parser("emr", help="run on AWS EMR: plan, setup, upload, up, status, logs, down, run",
+                           description="Run fruitpipe on an AWS EMR cluster (eu-west-3 by default).", epilog=EMR_EPILOG)
+    emr = p_emr.add_subparsers(dest="emr_command", metavar="EMR_COMMAND", parser_class=_Parser)
+    emr.required = True
+    specs = (
+        ("plan", "print the cluster request and its estimated cost; calls no AWS API"),
+        ("setup", "once per account and prefixes: KMS key, security configuration, least-privilege roles"),
+        ("upload", "build the wheel; upload wheel, requirements, bootstrap script and model to S3"),
+        ("up", "start the cluster with its `fruitpipe run` step; prints the cluster id"),
+        ("run", "upload + up + wait (progress shown) + fetch run.json + down"),
+    )
+    for name, help_text in specs:
+        p = emr.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                           epilog=EMR_EPILOG)
+        _add_emr_cluster(p)
+        if name in ("upload", "run"):
+            p.add_argument("--wheel", metavar="FILE", help="use this wheel instead of building one")
+        if name == "run":
+            p.add_argument("--timeout", type=_positive_float, default=6 * 3600.0,
+                           help="seconds to wait for the step (default 21600)")
+            p.add_argument("--poll", type=_positive_float, default=30.0, help="seconds between polls (default 30)")
+    for name, help_text in (("status", "cluster and step states"), ("logs", "the step's logs from S3"),
+                            ("down", "terminate the cluster")):
+        p = emr.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                           epilog=EMR_EPILOG)
+        _add_emr_cluster_id(p)
+        if name == "logs":
+            p.add_argument("--step", metavar="STEP_ID", help="step id (default: the cluster's last step)")
+
+
+def _emr_settings(args: argparse.Namespace) -> Any:
+    from fruitpipe.cloud.emr import EmrSettings
+
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FruitpipeError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag team=vision")
+        tags[key] = value
+    return EmrSettings(
+        input=args.input, output=args.output, region=args.region, allow_non_eu=args.allow_non_eu,
+        artifacts=args.artifacts, logs=args.logs, release_label=args.release_label, master_type=args.master_type,
+        core_type=args.core_type, core_nodes=args.core_nodes, ebs_gb=args.ebs_gb, name=args.name,
+        service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
+        model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
+        img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price,
+    ).validate()
+
+
+def _emr_main(args: argparse.Namespace) -> int:
+    from fruitpipe.cloud import emr as emr_mod
+
+    def show(obj: Any) -> None:
+        sys.stdout.write((obj if isinstance(obj, str) else json.dumps(obj, indent=2)) + "\n")
+
+    cmd = args.emr_command
+    if cmd == "plan":
+        show(emr_mod.plan(_emr_settings(args)))
+        return 0
+    aws = emr_mod.Emr(args.region)
+    if cmd == "status":
+        show(aws.status(args.cluster_id))
+    elif cmd == "logs":
+        for name, text in aws.logs(args.cluster_id, args.step).items():
+            sys.stdout.write(f"==> {name} <==\n{text}\n")
+    elif cmd == "down":
+        show({"cluster_id": args.cluster_id, "state": aws.down(args.cluster_id)})
+    else:
+        settings = _emr_settings(args)
+        if cmd == "setup":
+            show(aws.setup(settings))
+        elif cmd == "upload":
+            show(aws.upload(settings, args.wheel))
+        elif cmd == "up":
+            show(aws.up(settings))
+        else:
+            report = None if args.quiet else (lambda line: sys.stderr.write(line + "\n"))
+            result = aws.run(settings, args.timeout, args.poll, args.wheel, report)
+            run = result["run"]
+            show({"cluster_id": result["cluster_id"], "step": result["step_state"], "output": settings.output,
+                  "counts": run.get("counts"), "timings_s": run.get("timings_s")})
+    return 0
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -133,6 +273,18 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fruitpipe` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "emr":
+        _setup_logging(args.quiet, args.verbose)
+        try:
+            return _emr_main(args)
+        except FruitpipeError as exc:
+            sys.stderr.write(f"fruitpipe emr: error: {exc}\n")
+            return 2
+        except Exception as exc:  # botocore: no credentials, access denied, throttling...
+            if type(exc).__module__.startswith("botocore"):
+                sys.stderr.write(f"fruitpipe emr: AWS error: {exc}\n")
+                return 2
+            raise
     if args.command == "models":
         from fruitpipe.models import REGISTRY
 

@@ -1,0 +1,307 @@
+"""`fruitpipe emr`: the plan, the shipped IAM policies, and every command against a moto server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REGION, copy_classes, sample_classes, upload_folder
+from fruitpipe.cli import main
+from fruitpipe.cloud import emr
+
+INPUT = "s3://fruits-in/fruits360"
+OUTPUT = "s3://fruits-out/runs/emr"
+
+
+def _settings(**changes) -> emr.EmrSettings:
+    return emr.EmrSettings(input=INPUT, output=OUTPUT, **changes).validate()
+
+
+def _s3_statements(policy: dict) -> list[dict]:
+    actions = lambda st: [st["Action"]] if isinstance(st["Action"], str) else st["Action"]  # noqa: E731
+    return [st for st in policy["Statement"] if any(a.startswith("s3:") or a == "*" for a in actions(st))]
+
+
+# -- policies and plan: no AWS call ---------------------------------------------------------------------------
+
+def test_shipped_policies_are_least_privilege() -> None:
+    """Every Allow on S3 names one action list without wildcards and resources under the run's prefixes only."""
+    from importlib import resources
+
+    folder = resources.files("fruitpipe.cloud").joinpath("policies")
+    names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust"]
+    for name in names:
+        json.loads(folder.joinpath(f"{name}.json").read_text())  # the templates themselves are valid JSON
+    values = emr.policy_values(_settings(), "123456789012", "arn:aws:kms:eu-west-3:123456789012:key/k1")
+    instance = emr.render_policy("ec2-instance-role", **values)
+    allowed_prefixes = ("arn:aws:s3:::fruits-in/fruits360", "arn:aws:s3:::fruits-out/runs/emr",
+                        "arn:aws:s3:::fruits-out/fruitpipe-artifacts/", "arn:aws:s3:::fruits-out/fruitpipe-logs/")
+    s3_statements = _s3_statements(instance)
+    assert len(s3_statements) == 6
+    for st in s3_statements:
+        assert st["Effect"] == "Allow"
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources_ = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        assert all("*" not in a for a in actions), st
+        for res in resources_:
+            assert res != "*" and not res.startswith("arn:aws:s3:::*"), st
+            if actions == ["s3:ListBucket"]:  # bucket ARN, narrowed to the prefix by a condition
+                assert res in ("arn:aws:s3:::fruits-in", "arn:aws:s3:::fruits-out")
+                prefixes = st["Condition"]["StringLike"]["s3:prefix"]
+                assert all(p.startswith(("fruits360", "runs/emr")) for p in prefixes)
+            else:
+                assert res.startswith(allowed_prefixes), res
+                assert not res.endswith("/*") or res.count("*") == 1
+    by_sid = {st["Sid"]: st for st in instance["Statement"]}
+    assert by_sid["ReadInputPrefixOnly"]["Action"] == "s3:GetObject"  # input: read, never write
+    assert by_sid["WriteLogsOnly"]["Action"] == "s3:PutObject"
+    assert all(st["Resource"] != "*" for st in instance["Statement"])
+    service = emr.render_policy("emr-service-role", **values)
+    assert _s3_statements(service) == []  # the service role gets no S3 access of its own
+    assert {st["Resource"] for st in service["Statement"]} == {
+        "arn:aws:iam::123456789012:role/fruitpipe-emr-ec2", "arn:aws:kms:eu-west-3:123456789012:key/k1"}
+    trust = emr.render_policy("emr-service-trust", **values)
+    assert trust["Statement"][0]["Condition"]["StringEquals"]["aws:SourceAccount"] == "123456789012"
+
+
+def test_whole_bucket_prefixes_are_refused() -> None:
+    with pytest.raises(emr.EmrError, match="never a whole bucket"):
+        emr.plan(emr.EmrSettings(input="s3://fruits-in", output=OUTPUT))
+
+
+def test_plan_has_the_whole_request(capsys) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, "--core-nodes", "3", "--run-arg=--k", "--run-arg=50"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    req = plan["run_job_flow"]
+    assert plan["region"] == "eu-west-3" and req["ReleaseLabel"] == emr.DEFAULT_RELEASE
+    groups = {g["InstanceRole"]: g for g in req["Instances"]["InstanceGroups"]}
+    assert groups["MASTER"]["InstanceType"] == groups["CORE"]["InstanceType"] == "m5.xlarge"
+    assert groups["MASTER"]["InstanceCount"] == 1 and groups["CORE"]["InstanceCount"] == 3
+    assert req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False  # terminates after its step
+    assert req["Applications"] == [{"Name": "Spark"}] and req["LogUri"] == "s3://fruits-out/fruitpipe-logs/"
+    art = plan["artifacts"]
+    assert art["wheel"] == f"s3://fruits-out/fruitpipe-artifacts/{emr._version()}/{emr.wheel_name()}"
+    assert art["model"].startswith("s3://fruits-out/fruitpipe-artifacts/models/ad116e43570b0c58/")
+    bootstrap = req["BootstrapActions"][0]["ScriptBootstrapAction"]
+    assert bootstrap == {"Path": art["bootstrap"], "Args": [art["prefix"], emr.wheel_name()]}
+    step = req["Steps"][0]
+    assert step["ActionOnFailure"] == "TERMINATE_CLUSTER" and step["HadoopJarStep"]["Jar"] == "command-runner.jar"
+    args = step["HadoopJarStep"]["Args"]
+    assert args[:5] == ["spark-submit", "--master", "yarn", "--deploy-mode", "client"]
+    run = args[args.index(emr.SUBMIT_SCRIPT) + 1:]
+    assert run == ["run", INPUT, OUTPUT, "--model", "mobilenet_v2", "--model-path", art["model"], "--master", "yarn",
+                   "--region", "eu-west-3", "--k", "50"]
+    assert req["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION  # EBS encrypted with the setup's KMS key
+    assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in req["Tags"]
+    est = plan["estimate"]
+    assert est["core_vcpus"] == 12 and est["prices"]["as_of"] == emr.PRICES_DATE
+    expected_min = 138_704 / (12 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 12.0
+    assert est["total_minutes"] == pytest.approx(expected_min, abs=0.1)
+    expected_usd = expected_min / 60 * 4 * sum(emr.NODE_PRICES_EU_WEST_3["m5.xlarge"])
+    assert est["usd"]["nodes"] == pytest.approx(expected_usd, abs=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--region", "us-east-1"], "outside the EU"),
+    (["--core-nodes", "0"], "at least 1"),
+    (["--core-type", "x9.huge"], "no price known"),
+    (["--release-label", "emr-6.15.0"], "predates EMR 7"),
+])
+def test_plan_refuses_bad_settings_in_one_line(capsys, argv, message) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_non_eu_region_needs_the_flag(capsys) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, "--region", "us-east-1", "--allow-non-eu"]) == 0
+    assert json.loads(capsys.readouterr().out)["region"] == "us-east-1"
+
+
+# -- every command against moto server --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aws(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
+    """AWS_ENDPOINT_URL at the loopback moto server, the sample uploaded as INPUT, and a wheel built once."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    mp.setenv("AWS_REGION", REGION)
+    mp.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")  # AWS's managed policies, as a real account has them
+    data = copy_classes(tmp_path_factory.mktemp("emr-in"), sample_classes(2), per_split=5)
+    upload_folder(data, s3_endpoint, "fruits-in", "fruits360")
+    wheel = emr.build_wheel(tmp_path_factory.mktemp("wheel"))
+    yield {"endpoint": s3_endpoint, "wheel": str(wheel)}
+    mp.undo()
+
+
+def _client(name: str, endpoint: str):
+    return boto3.client(name, endpoint_url=endpoint, region_name=REGION)
+
+
+def test_setup_creates_roles_key_and_hardened_buckets(aws, capsys) -> None:
+    assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    iam = _client("iam", aws["endpoint"])
+    inline = iam.get_role_policy(RoleName="fruitpipe-emr-ec2", PolicyName="fruitpipe")["PolicyDocument"]
+    assert {st["Sid"] for st in inline["Statement"]} >= {"ReadInputPrefixOnly", "ReadWriteOutputPrefixOnly"}
+    assert "arn:aws:s3:::fruits-in/fruits360/*" in json.dumps(inline)
+    attached = iam.list_attached_role_policies(RoleName="fruitpipe-emr-service")["AttachedPolicies"]
+    assert [p["PolicyArn"] for p in attached] == [emr.EMR_MANAGED_POLICY]
+    profile = iam.get_instance_profile(InstanceProfileName="fruitpipe-emr-ec2")["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == ["fruitpipe-emr-ec2"]
+    sec = _client("emr", aws["endpoint"]).describe_security_configuration(Name=emr.SECURITY_CONFIGURATION)
+    disk = json.loads(sec["SecurityConfiguration"])["EncryptionConfiguration"]["AtRestEncryptionConfiguration"]
+    assert disk["LocalDiskEncryptionConfiguration"]["EnableEbsEncryption"] is True
+    assert disk["LocalDiskEncryptionConfiguration"]["AwsKmsKey"] == done["kms_key"]
+    s3 = _client("s3", aws["endpoint"])
+    block = s3.get_public_access_block(Bucket="fruits-out")["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    rule = s3.get_bucket_encryption(Bucket="fruits-out")["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(s3.get_bucket_policy(Bucket="fruits-out")["Policy"])
+    deny = [st for st in policy["Statement"] if st["Effect"] == "Deny"]
+    assert deny and deny[0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0  # idempotent: a second setup changes nothing
+    capsys.readouterr()
+    assert len(json.loads(s3.get_bucket_policy(Bucket="fruits-out")["Policy"])["Statement"]) == len(policy["Statement"])
+    # moto applies a bucket policy's Deny without its Condition (a documented moto limitation), so on this
+    # plain-http loopback server the TLS-only statement would refuse every later request of these tests.
+    with pytest.raises(Exception, match="403|Forbidden|AccessDenied"):
+        s3.put_object(Bucket="fruits-out", Key="probe", Body=b"x")
+    s3.delete_bucket_policy(Bucket="fruits-out")
+
+
+def test_up_refuses_without_artifacts(aws, capsys) -> None:
+    assert main(["emr", "up", INPUT, "s3://fruits-out/other", "--artifacts", "s3://fruits-out/empty-prefix"]) == 2
+    assert "run `fruitpipe emr upload` first" in capsys.readouterr().err
+
+
+def test_upload_up_status_logs_down(aws, capsys) -> None:
+    assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "-q"]) == 0
+    uris = json.loads(capsys.readouterr().out)
+    s3 = _client("s3", aws["endpoint"])
+    keys = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="fruits-out",
+                                                            Prefix="fruitpipe-artifacts/")["Contents"]}
+    version = emr._version()
+    assert set(keys) == {f"fruitpipe-artifacts/{version}/{emr.wheel_name()}",
+                         f"fruitpipe-artifacts/{version}/requirements.txt", f"fruitpipe-artifacts/{version}/bootstrap.sh",
+                         "fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"}
+    assert keys["fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"] == Path(
+        __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
+    reqs = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/requirements.txt")["Body"].read()
+    assert b"onnxruntime==" in reqs and b"pyspark" not in reqs  # the nodes use EMR's own Spark
+    head = s3.head_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")
+    assert head["ServerSideEncryption"] == "AES256"
+
+    assert main(["emr", "up", INPUT, OUTPUT]) == 0
+    started = json.loads(capsys.readouterr().out)
+    cluster_id = started["cluster_id"]
+    api = _client("emr", aws["endpoint"])
+    cluster = api.describe_cluster(ClusterId=cluster_id)["Cluster"]
+    assert cluster["ReleaseLabel"] == emr.DEFAULT_RELEASE and cluster["AutoTerminate"] is True
+    assert cluster["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION
+    assert {"Key": "project", "Value": "fruitpipe"} in cluster["Tags"]
+    assert cluster["ServiceRole"] == "fruitpipe-emr-service"
+    assert cluster["Ec2InstanceAttributes"]["IamInstanceProfile"] == "fruitpipe-emr-ec2"
+    groups = {g["InstanceGroupType"]: g for g in api.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
+    assert groups["MASTER"]["InstanceType"] == "m5.xlarge" and groups["CORE"]["RequestedInstanceCount"] == 2
+    actions = api.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
+    assert actions[0]["ScriptPath"] == uris["bootstrap"] and actions[0]["Args"] == [uris["prefix"], emr.wheel_name()]
+    step = api.list_steps(ClusterId=cluster_id)["Steps"][0]
+    assert step["Id"] == started["step_id"] and step["Config"]["Args"] == emr.step_args(_settings())
+
+    assert main(["emr", "status", cluster_id]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] in ("STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING")
+    assert status["steps"][0]["id"] == started["step_id"]
+
+    assert main(["emr", "logs", cluster_id]) == 2  # nothing pushed yet: one line that says to wait
+    assert "try again later" in capsys.readouterr().err
+    log_key = f"fruitpipe-logs/{cluster_id}/steps/{started['step_id']}/stderr.gz"
+    s3.put_object(Bucket="fruits-out", Key=log_key, Body=gzip.compress(b"INFO fruitpipe: embed 20 images\n"))
+    assert main(["emr", "logs", cluster_id]) == 0
+    assert "==> stderr <==\nINFO fruitpipe: embed 20 images" in capsys.readouterr().out
+
+    assert main(["emr", "down", cluster_id]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "TERMINATED"
+    assert main(["emr", "status", "j-NOSUCHCLUSTER"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def _play_the_cluster(endpoint: str, errors: list[BaseException]) -> None:
+    """What EMR would do here: wait for the cluster, run its step's `fruitpipe run` arguments (in this process,
+    on the tests' Spark session instead of YARN), then auto-terminate."""
+    api = _client("emr", endpoint)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            clusters = api.list_clusters(ClusterStates=["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"])["Clusters"]
+            mine = [c for c in clusters if c["Name"] == "fruitpipe-run-test"]
+            if mine:
+                break
+            assert time.monotonic() < deadline, "no cluster started"
+            time.sleep(0.2)
+        cluster_id = mine[0]["Id"]
+        args = api.list_steps(ClusterId=cluster_id)["Steps"][0]["Config"]["Args"]
+        assert main(args[args.index(emr.SUBMIT_SCRIPT) + 1:] + ["--quiet"]) == 0
+        api.terminate_job_flows(JobFlowIds=[cluster_id])
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+
+
+def test_emr_run_executes_its_step_and_fetches_run_json(aws, spark, capsys) -> None:
+    """`emr run`: upload, up, wait with progress, fetch run.json, down. The step's own arguments are executed
+    (against the same S3 API, the model read from the artifacts), so a wrong argument fails here."""
+    errors: list[BaseException] = []
+    cluster = threading.Thread(target=_play_the_cluster, args=(aws["endpoint"], errors))
+    cluster.start()
+    code = main(["emr", "run", INPUT, "s3://fruits-out/runs/emr-run", "--name", "fruitpipe-run-test",
+                 "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "300", "--run-arg=--k", "--run-arg=4"])
+    cluster.join(timeout=300)
+    assert not errors, errors
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["counts"]["embedded"] == 20 and result["counts"]["accounted"] is True
+    assert "cluster TERMINATED" in captured.err  # the progress lines
+    api = _client("emr", aws["endpoint"])
+    assert api.describe_cluster(ClusterId=result["cluster_id"])["Cluster"]["Status"]["State"] == "TERMINATED"
+    s3 = _client("s3", aws["endpoint"])
+    run_json = json.loads(s3.get_object(Bucket="fruits-out", Key="runs/emr-run/run.json")["Body"].read())
+    assert run_json["model"]["source"] == "model_path" and run_json["pca"]["k"] == 4
+    import io
+
+    reduced = pq.read_table(io.BytesIO(s3.get_object(Bucket="fruits-out", Key=next(
+        o["Key"] for o in s3.list_objects_v2(Bucket="fruits-out", Prefix="runs/emr-run/reduced/")["Contents"]
+        if o["Key"].endswith(".parquet")))["Body"].read()))
+    assert len(reduced.column("pca")[0].as_py()) == 4
+
+
+def test_emr_run_reports_a_failed_step(aws, capsys) -> None:
+    """A cluster that terminates without publishing (_SUCCESS missing) is a failure that points at the logs."""
+    def fail_the_cluster() -> None:
+        api = _client("emr", aws["endpoint"])
+        for _ in range(300):
+            clusters = [c for c in api.list_clusters(ClusterStates=["STARTING", "BOOTSTRAPPING", "RUNNING",
+                                                                   "WAITING"])["Clusters"]
+                        if c["Name"] == "fruitpipe-fail-test"]
+            if clusters:
+                api.terminate_job_flows(JobFlowIds=[clusters[0]["Id"]])
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=fail_the_cluster)
+    thread.start()
+    code = main(["emr", "run", INPUT, "s3://fruits-out/runs/never", "--name", "fruitpipe-fail-test",
+                 "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "60", "-q"])
+    thread.join()
+    err = capsys.readouterr().err
+    assert code == 2 and "did not complete" in err and "fruitpipe emr logs j-" in err and err.count("\n") == 1
