@@ -19,7 +19,8 @@ import fruitpipe
 from fruitpipe.cli import build_parser, main
 from conftest import ROOT, copy_classes, sample_classes
 
-COMMANDS = ["run", "embed", "reduce", "models"]
+COMMANDS = ["run", "embed", "reduce", "models", "emr", "emr plan", "emr setup", "emr upload", "emr up", "emr run",
+            "emr status", "emr logs", "emr down"]
 
 
 def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -27,15 +28,21 @@ def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ}, **kw)
 
 
-def _subparsers():
-    parser = build_parser()
+def _subparsers(parser=None) -> dict:
+    """{"run": parser, ..., "emr plan": parser, ...}: every command and sub-command."""
+    parser = parser or build_parser()
     action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return action.choices
+    found = {}
+    for name, sub in action.choices.items():
+        found[name] = sub
+        if any(a.__class__.__name__ == "_SubParsersAction" for a in sub._actions):
+            found.update({f"{name} {k}": v for k, v in _subparsers(sub).items()})
+    return found
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_every_command(command: str) -> None:
-    proc = _cli(command, "--help")
+    proc = _cli(*command.split(), "--help")
     assert proc.returncode == 0, proc.stderr
     assert f"usage: fruitpipe {command}" in proc.stdout
     for action in _subparsers()[command]._actions:
@@ -47,8 +54,9 @@ def test_help_of_every_command(command: str) -> None:
 def test_top_level_help_lists_commands() -> None:
     proc = _cli("--help")
     assert proc.returncode == 0
+    assert set(COMMANDS) == set(_subparsers())
     for command in COMMANDS:
-        assert command in proc.stdout
+        assert command.split()[0] in proc.stdout
 
 
 def test_readme_documents_every_command_and_option() -> None:

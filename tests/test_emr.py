@@ -102,7 +102,7 @@ def test_plan_has_the_whole_request(capsys) -> None:
     assert req["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION  # EBS encrypted with the setup's KMS key
     assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in req["Tags"]
     est = plan["estimate"]
-    assert est["core_vcpus"] == 12 and est["prices"]["as_of"] == emr.PRICES_DATE
+    assert est["core_vcpus"] == 12 and est["prices"]["stated_on"] == emr.PRICES_DATE
     expected_min = 138_704 / (12 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 12.0
     assert est["total_minutes"] == pytest.approx(expected_min, abs=0.1)
     expected_usd = expected_min / 60 * 4 * sum(emr.NODE_PRICES_EU_WEST_3["m5.xlarge"])
@@ -305,3 +305,71 @@ def test_emr_run_reports_a_failed_step(aws, capsys) -> None:
     thread.join()
     err = capsys.readouterr().err
     assert code == 2 and "did not complete" in err and "fruitpipe emr logs j-" in err and err.count("\n") == 1
+
+
+def test_pipeline_runs_with_only_the_instance_role_policy(aws, tmp_path: Path) -> None:
+    """The shipped EC2 policy is enough for a whole run, and no more: moto enforces IAM for this test, the
+    pipeline runs (a fresh `fruitpipe run` process) with a user holding only that policy plus a Deny on one
+    image. That image ends in rejects as `unreadable` (access denied); everything else is embedded; reading
+    outside the granted prefixes is refused."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    endpoint = aws["endpoint"]
+    iam, s3 = _client("iam", endpoint), _client("s3", endpoint)
+    for bucket in ("fruits-private", "fruits-out"):
+        if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_object(Bucket="fruits-private", Key="secret.txt", Body=b"not for the cluster")
+    s3.put_object(Bucket="fruits-in", Key="other-prefix/x.jpg", Body=b"outside the input prefix")
+    denied_key = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="fruits-in", Prefix="fruits360/Test/")["Contents"])[0]
+    settings = emr.EmrSettings(input=INPUT, output="s3://fruits-out/runs/iam").validate()
+    policy = emr.render_policy("ec2-instance-role", **emr.policy_values(
+        settings, "123456789012", "arn:aws:kms:eu-west-3:123456789012:key/k1"))
+    policy["Statement"].append({"Sid": "TestDeniesOneImage", "Effect": "Deny", "Action": "s3:GetObject",
+                                "Resource": f"arn:aws:s3:::fruits-in/{denied_key}"})
+    # moto authorises a multi-object delete (POST ?delete) as s3:DeleteObject on the *bucket* ARN, where AWS checks
+    # s3:DeleteObject on each key (already granted above). On AWS this extra statement grants nothing: object
+    # actions never match a bucket ARN.
+    policy["Statement"].append({"Sid": "MotoMultiDelete", "Effect": "Allow", "Action": "s3:DeleteObject",
+                                "Resource": "arn:aws:s3:::fruits-out"})
+    iam.create_user(UserName="emr-node")
+    iam.put_user_policy(UserName="emr-node", PolicyName="instance-role", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="emr-node")["AccessKey"]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+           "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": REGION}
+
+    def enforce(count: str) -> None:
+        """moto's switch: IAM is enforced after `count` more requests (0: now; inf: never)."""
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(),
+                                                      headers={"Content-Type": "text/plain"}, method="POST"),
+                               timeout=10).close()
+
+    enforce("0")
+    try:
+        node = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=key["AccessKeyId"],
+                            aws_secret_access_key=key["SecretAccessKey"])
+        for bucket, k in (("fruits-private", "secret.txt"), ("fruits-in", "other-prefix/x.jpg")):
+            with pytest.raises(Exception, match="AccessDenied|403"):
+                node.get_object(Bucket=bucket, Key=k)
+        with pytest.raises(Exception, match="AccessDenied|403"):
+            node.put_object(Bucket="fruits-in", Key="fruits360/Test/new.jpg", Body=b"x")  # input is read-only
+        done = subprocess.run([sys.executable, "-m", "fruitpipe.cli", "run", INPUT, "s3://fruits-out/runs/iam",
+                               "--k", "3", "--master", "local[2]", "--quiet"], env=env, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        enforce("inf")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(s3.get_object(Bucket="fruits-out", Key="runs/iam/run.json")["Body"].read())
+    counts = report["counts"]
+    assert counts["listed"] == 20 and counts["embedded"] == 19 and counts["accounted"] is True
+    assert counts["rejects_by_reason"] == {"unreadable": 1}
+    import io
+
+    rejects_key = next(o["Key"] for o in s3.list_objects_v2(Bucket="fruits-out", Prefix="runs/iam/rejects/")["Contents"]
+                       if o["Key"].endswith(".parquet"))
+    rejects = pq.read_table(io.BytesIO(s3.get_object(Bucket="fruits-out", Key=rejects_key)["Body"].read()))
+    assert rejects.column("uri").to_pylist() == [f"s3://fruits-in/{denied_key}"]
+    assert "ACCESS_DENIED" in rejects.column("detail")[0].as_py() or "403" in rejects.column("detail")[0].as_py()

@@ -31,7 +31,12 @@ def spark_session(
     """Yield the active SparkSession if there is one, else start one and stop it on exit."""
     from pyspark.sql import SparkSession
 
+    from pyspark import SparkContext
+
     active = SparkSession.getActiveSession()
+    if active is None and SparkContext._active_spark_context is not None:
+        # Started elsewhere, e.g. in another thread (the active session is per thread): reuse it, never stop it.
+        active = SparkSession.builder.getOrCreate()
     if active is not None:
         yield active
         return

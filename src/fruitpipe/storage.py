@@ -84,13 +84,50 @@ def is_dir(uri: str, opts: StorageOptions) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def list_files(uri: str, opts: StorageOptions) -> Iterator[tuple[str, int]]:
-    """Every file below `uri`, recursively, as (URI, size in bytes); S3 listing is paginated by pyarrow."""
+#: S3 listing: the first levels (split, class) are listed with a delimiter, then each class prefix is listed in
+#: parallel by this many threads. One ListObjectsV2 page holds 1,000 keys and takes tens of ms, so a flat listing
+#: of 10^7 objects would be 10,000 sequential round trips (docs/performance.md).
+LIST_THREADS = 16
+LIST_FAN_OUT_DEPTH = 2
+
+
+def list_files(uri: str, opts: StorageOptions, threads: int = LIST_THREADS) -> Iterator[tuple[str, int]]:
+    """Every file below `uri`, recursively, as (URI, size in bytes).
+
+    Local folders are walked in one pass. S3 prefixes are fanned out: the top LIST_FAN_OUT_DEPTH levels are
+    listed one level at a time, then the prefixes found are listed recursively (paginated by pyarrow) in
+    `threads` threads at once.
+    """
     fs, path = resolve(uri, opts)
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    for info in fs.get_file_info(selector):
-        if info.type == pafs.FileType.File:
-            yield to_uri(normalize(uri), info.path), int(info.size or 0)
+    root = normalize(uri)
+    if not is_s3(uri) or threads <= 1:
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+            if info.type == pafs.FileType.File:
+                yield to_uri(root, info.path), int(info.size or 0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one_level(prefix: str) -> list[pafs.FileInfo]:
+        return fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
+
+    def whole(prefix: str) -> list[pafs.FileInfo]:
+        return fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fruitpipe-list") as pool:
+        prefixes = [path]
+        for _ in range(LIST_FAN_OUT_DEPTH):
+            below: list[str] = []
+            for infos in pool.map(one_level, prefixes):
+                for info in infos:
+                    if info.type == pafs.FileType.File:
+                        yield to_uri(root, info.path), int(info.size or 0)
+                    elif info.type == pafs.FileType.Directory:
+                        below.append(info.path)
+            prefixes = below
+        for infos in pool.map(whole, prefixes):
+            for info in infos:
+                if info.type == pafs.FileType.File:
+                    yield to_uri(root, info.path), int(info.size or 0)
 
 
 def read_bytes(uri: str, opts: StorageOptions) -> bytes:
@@ -107,12 +144,11 @@ def _tmp_sibling(path: str) -> str:
 def write_bytes(uri: str, data: bytes, opts: StorageOptions) -> None:
     """Write an object whole: on S3 a PUT is atomic; locally write a sibling then rename over."""
     fs, path = resolve(uri, opts)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if is_s3(uri):
         with fs.open_output_stream(path) as fh:
             fh.write(data)
         return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = _tmp_sibling(path)
     with fs.open_output_stream(tmp) as fh:
         fh.write(data)
@@ -151,5 +187,8 @@ def move(src: str, dst: str, opts: StorageOptions) -> None:
     """Rename a file (local: atomic rename; S3: copy then delete, each object appearing whole)."""
     fs, src_path = resolve(src, opts)
     _, dst_path = resolve(dst, opts)
-    fs.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
+    if not is_s3(dst):
+        # S3 has no folders; creating one would also ask for the bucket (HeadBucket = s3:ListBucket on the
+        # whole bucket), which a prefix-scoped IAM policy rightly does not grant.
+        fs.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
     fs.move(src_path, dst_path)

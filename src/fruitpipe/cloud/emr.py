@@ -294,10 +294,11 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
         "total_minutes": round(minutes, 1),
         "usd": {"nodes": round(compute, 3), "ebs": round(ebs, 4), "s3_get": round(gets, 4),
                 "total": round(compute + ebs + gets, 2)},
-        "prices": {"region": "eu-west-3", "as_of": PRICES_DATE,
+        "prices": {"region": "eu-west-3", "stated_on": PRICES_DATE,
                    "node_usd_per_hour": {"master": round(master_h, 4), "core": round(core_h, 4)},
                    "source": "--node-price" if settings.node_price is not None else
-                   "AWS public on-demand price pages (EC2 + EMR fee), not fetched live: check before quoting",
+                   "AWS public on-demand price pages (EC2 + EMR fee), written down offline, not fetched live: "
+                   "check them before quoting",
                    "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_usd_per_1000": S3_GET_PER_1000},
         "basis": "measured end-to-end throughput on a 2-vCPU VM (docs/performance.md); +-30 % until measured "
                  "on EMR",
