@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--json", default=str(ROOT / "bench" / ".work" / "s3_listing.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_EC2_METADATA_DISABLED": "true"})
     rows = []

@@ -60,6 +60,8 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
                    help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
+    p.add_argument("--precision", choices=["fp32", "int8"],
+                   help="fp32 (default) or int8: embedding 1.7x faster, slightly less accurate (needs fruitpipe[int8])")
     p.add_argument("--task-cpus", type=_whole_number, help="onnxruntime threads per Spark task (default 1)")
     p.add_argument("--batch-size", type=_whole_number, help="images per onnxruntime call (default 32)")
     p.add_argument("--partition-size", type=_whole_number, help="images per Spark task (default 512)")

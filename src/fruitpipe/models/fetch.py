@@ -89,16 +89,21 @@ def _fetch_from_store(spec: ModelSpec, uri: str, opts: "StorageOptions") -> str:
         data = storage.read_bytes(uri, opts)
     except OSError as exc:
         raise ModelError(f"--model-path {uri} cannot be read ({exc}): check the URI and the credentials") from None
-    digest = hashlib.sha256(data).hexdigest()
-    dest = cache_dir() / digest[:16] / spec.filename
+    dest = cache_bytes(data, spec.filename)
+    log.info("model %s (%d bytes) copied to %s", uri, len(data), dest)
+    return str(dest)
+
+
+def cache_bytes(data: bytes, filename: str) -> Path:
+    """Keep model bytes in the cache under their sha256 (written once, atomically); returns the path."""
+    dest = cache_dir() / hashlib.sha256(data).hexdigest()[:16] / filename
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         os.replace(tmp, dest)
-    log.info("model %s (%d bytes, sha256 %s) copied to %s", uri, len(data), digest[:12], dest)
-    return str(dest)
+    return dest
 
 
 def resolve_model(spec: ModelSpec, model_path: str | None = None,

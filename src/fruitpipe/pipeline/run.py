@@ -22,6 +22,7 @@ from fruitpipe.config import Config
 from fruitpipe.errors import FruitpipeError, OutputError
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
+from fruitpipe.models.quantize import output_int8_model
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
@@ -68,13 +69,16 @@ class _LazySpark:
 
 
 def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
-    """What makes two runs' embeddings comparable: same input, same model bytes, same input size."""
-    return {
+    """What makes two runs' embeddings comparable: same input, same model bytes, same input size, precision."""
+    fingerprint = {
         "input": storage.normalize(config.input),
         "model": config.model,
         "model_sha256": model.sha256,
         "input_size": model.spec.input_size,
     }
+    if config.precision != "fp32":  # absent for fp32, so outputs made before --precision existed still match
+        fingerprint["precision"] = config.precision
+    return fingerprint
 
 
 def claim_output(out: str, fingerprint: dict[str, Any], overwrite: bool, opts: StorageOptions) -> None:
@@ -85,7 +89,9 @@ def claim_output(out: str, fingerprint: dict[str, Any], overwrite: bool, opts: S
         if previous != fingerprint:
             if not overwrite:
                 diff = ", ".join(
-                    f"{k} was {previous.get(k)!r} (now {v!r})" for k, v in fingerprint.items() if previous.get(k) != v
+                    f"{k} was {previous.get(k, 'fp32' if k == 'precision' else None)!r} "
+                    f"(now {fingerprint.get(k, 'fp32' if k == 'precision' else None)!r})"
+                    for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k)
                 )
                 raise OutputError(
                     f"output {out} belongs to another configuration ({diff}): choose a new OUTPUT or pass --overwrite"
@@ -170,9 +176,10 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
 def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: str, token: str,
                 opts: StorageOptions, timings: dict[str, float], listing: Listing | None = None) -> dict[str, Any]:
     """List the input, embed the inputs no earlier run has handled, deduplicate, commit; returns counts."""
-    t0 = time.perf_counter()
-    listing = listing if listing is not None else list_images(config.input, opts)
-    timings["list"] = time.perf_counter() - t0
+    if listing is None:
+        t0 = time.perf_counter()
+        listing = list_images(config.input, opts)
+        timings["list"] = time.perf_counter() - t0
 
     emb_uri, rej_uri = storage.join(out, "embeddings"), storage.join(out, "rejects")
     done_emb = _read_index(emb_uri, opts, ["uri", "id"])
@@ -371,6 +378,14 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             model = resolve_model(get_spec(config.model), config.model_path, opts)
             fingerprint = _fingerprint(config, model)
             claim_output(out, fingerprint, config.overwrite, opts)
+            if config.precision == "int8":  # calibration needs the listing: list first
+                if listing is None:
+                    t0 = time.perf_counter()
+                    listing = list_images(config.input, opts)
+                    timings["list"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model = output_int8_model(model, listing.manifest, out, opts, config.max_pixels)
+                timings["int8_model"] = time.perf_counter() - t0
         else:
             fingerprint = read_marker(out, opts)
             # Reducing needs only the embedding size: the model file itself is not fetched.
@@ -400,6 +415,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             "stages": list(stages),
             "config": {**config.to_dict(), "input": fingerprint["input"], "output": out},
             "model": {"name": model.spec.name, "sha256": model.sha256, "source": model.source,
+                      "precision": fingerprint.get("precision", "fp32"),
                       "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size},
             "versions": _versions(spark.session),
             "counts": counts,
