@@ -44,6 +44,7 @@ def test_int8_run_is_close_to_fp32_and_reuses_its_model(spark, tmp_path: Path) -
     report = json.loads((tmp_path / "int8" / "run.json").read_text())
     assert report["model"]["precision"] == "int8" and report["model"]["sha256"] != fp32.report["model"]["sha256"]
     assert report["model"]["source"].startswith("int8 of ad116e43570b")
+    assert {"list", "int8_model", "embed"} <= set(report["timings_s"])
     stored = tmp_path / "int8" / "model" / "mobilenet_v2_features.int8.onnx"
     meta = json.loads((tmp_path / "int8" / "model" / "int8.json").read_text())
     assert stored.is_file() and meta["calibration_images"] == 36  # the 36 Training images of the input

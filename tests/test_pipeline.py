@@ -119,7 +119,9 @@ def test_every_input_accounted_for_once(e2e) -> None:
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["counts"] == counts
     assert run_json["model"]["sha256"] == "ad116e43570b0c581f3d87b9b0797648f0920f3a978b9ed3b052533afc91aa04"
-    assert {"list", "embed", "reduce", "spark_start", "total"} <= set(run_json["timings_s"])
+    # The listing was made by the test and handed in, so there is no "list" timing of fruitpipe's own.
+    assert {"embed", "reduce", "spark_start", "total"} <= set(run_json["timings_s"])
+    assert "list" not in run_json["timings_s"]
     import pyspark
 
     assert run_json["versions"]["pyspark"] == pyspark.__version__ and run_json["versions"]["java"]

@@ -344,12 +344,13 @@ def plan(settings: EmrSettings) -> dict[str, Any]:
     }
 
 
-def runtime_requirements() -> list[str]:
-    """fruitpipe's runtime dependencies pinned to the versions installed here (the ones tested), without pyspark:
-    the nodes use EMR's own Spark."""
+def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """fruitpipe's runtime dependencies (and those of `extras`) pinned to the versions installed here (the ones
+    tested), without pyspark: the nodes use EMR's own Spark."""
     reqs = []
     for req in importlib.metadata.requires("fruitpipe") or []:
-        if "extra ==" in req:
+        extra = re.search(r"""extra == ['"]([^'"]+)['"]""", req)
+        if extra and extra.group(1) not in extras:
             continue
         name = re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0]
         if name.lower() == "pyspark":
@@ -512,7 +513,8 @@ class Emr:
             if path.name != wheel_name():
                 raise EmrError(f"--wheel {path} is not {wheel_name()}: build this version's wheel")
             self._put(uris["wheel"], path.read_bytes())
-        self._put(uris["requirements"], ("\n".join(runtime_requirements()) + "\n").encode())
+        extras = ("int8",) if "int8" in settings.run_args else ()  # --run-arg=--precision --run-arg=int8
+        self._put(uris["requirements"], ("\n".join(runtime_requirements(extras)) + "\n").encode())
         self._put(uris["bootstrap"], resources.files("fruitpipe.cloud").joinpath("bootstrap.sh").read_bytes())
         if self._exists(uris["model"]):
             log.info("model already in S3: %s", uris["model"])

@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 _SESSIONS: dict[tuple[str, int, str], object] = {}
 _LOCK = threading.Lock()
-#: How many sessions this process has built; tasks report it so tests can prove "once per worker".
-SESSIONS_BUILT = 0
+#: Sessions this process has built, per model sha256; tasks report theirs so tests can prove "once per worker"
+#: (a worker reused by a later run with another model, e.g. --precision int8, builds one for that model too).
+SESSIONS_BUILT: dict[str, int] = {}
 
 
 def providers_for(device: str) -> list[str]:
@@ -33,7 +34,6 @@ def providers_for(device: str) -> list[str]:
 
 def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes], device: str = "cpu") -> object:
     """The process-wide onnxruntime session for a model; `load_bytes` is called only on first use."""
-    global SESSIONS_BUILT
     key = (sha256, threads, device)
     with _LOCK:
         session = _SESSIONS.get(key)
@@ -47,7 +47,7 @@ def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes], devi
             providers = providers_for(device)
             session = ort.InferenceSession(load_bytes(), sess_options=opts, providers=providers)
             _SESSIONS[key] = session
-            SESSIONS_BUILT += 1
+            SESSIONS_BUILT[sha256] = SESSIONS_BUILT.get(sha256, 0) + 1
             log.info("built onnxruntime session %s (threads=%d, %s) in pid %d", sha256[:12], threads,
                      session.get_providers()[0], os.getpid())
     return session

@@ -157,7 +157,7 @@ def embed_rows(
     return emb_table, pa.table(rej, schema=REJECTS_SCHEMA)
 
 
-def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int) -> pa.RecordBatch:
+def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int, model_sha256: str) -> pa.RecordBatch:
     n_emb, n_rej = emb.num_rows, rej.num_rows
     n = n_emb + n_rej
     return pa.RecordBatch.from_pydict(
@@ -170,7 +170,7 @@ def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int) -> pa.Re
             "reason": [None] * n_emb + rej.column("reason").to_pylist(),
             "part": [part] * n,
             "pid": [os.getpid()] * n,
-            "sessions_built": [runner.SESSIONS_BUILT] * n,
+            "sessions_built": [runner.SESSIONS_BUILT.get(model_sha256, 0)] * n,
             "threads": [threads] * n,
         },
         schema=pa.schema(
@@ -202,7 +202,7 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
             storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
         if rej.num_rows:
             storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part), settings.storage)
-        yield _index_batch(emb, rej, part, threads)
+        yield _index_batch(emb, rej, part, threads, settings.model_sha256)
 
     return embed_partition
 
