@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -192,7 +193,7 @@ def main() -> None:
     ceiling_ips = ceiling(paths[: args.ceiling_max_images], best, cores)
     results["ceiling"] = {"batch_sweep_img_s": sweep, "batch_size": best, "img_s": ceiling_ips}
 
-    fp = run_fruitpipe(images, args.workdir / "out-fruitpipe", args.fruitpipe_args.split())
+    fp = run_fruitpipe(images, args.workdir / "out-fruitpipe", shlex.split(args.fruitpipe_args))
     rep = fp["report"]
     t = rep["timings_s"]
     n = rep["counts"]["listed"]
@@ -205,7 +206,7 @@ def main() -> None:
     }
     if args.memory_scale:
         big = prepare_images(args.images * args.memory_scale, args.workdir)
-        fp_big = run_fruitpipe(big, args.workdir / "out-fruitpipe-big", args.fruitpipe_args.split())
+        fp_big = run_fruitpipe(big, args.workdir / "out-fruitpipe-big", shlex.split(args.fruitpipe_args))
         tb = fp_big["report"]["timings_s"]
         nb = fp_big["report"]["counts"]["listed"]
         results["fruitpipe_scaled"] = {

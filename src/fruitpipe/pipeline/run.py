@@ -289,14 +289,18 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: s
     # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
     df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
     try:
-        fit = reduce_mod.fit_pca(df, model.spec.dim)
+        fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
         k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
         staging = storage.join(out, STAGING, token)
+        t1 = time.perf_counter()
         report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance, fingerprint,
                                                 opts)
+        timings["reduce_artifacts"] = time.perf_counter() - t1
         project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
+        t1 = time.perf_counter()
         with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
             df.mapInArrow(project, "rows long").collect()
+        timings["reduce_project"] = time.perf_counter() - t1
     finally:
         df.unpersist()
     _replace_dir(storage.join(staging, "pca"), pca_uri, opts)
