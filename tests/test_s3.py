@@ -100,3 +100,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_object_deleted_after_listing_is_rejected_unreadable(spark, s3_endpoint: str, tmp_path: Path) -> None:
+    """An object listed, then deleted before the executors read it: one `unreadable` reject, the rest embedded."""
+    import boto3
+
+    from fruitpipe.pipeline.listing import list_images
+    from fruitpipe.pipeline.run import run as run_stages
+    from fruitpipe.storage import StorageOptions
+
+    data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",), per_split=5)
+    upload_folder(data, s3_endpoint, "vanishing", "fruits")
+    config = fruitpipe.Config(input="s3://vanishing/fruits", output="s3://vanishing/out", k=2, quiet=True,
+                              s3_endpoint=s3_endpoint, region=REGION)
+    listing = list_images(config.input, StorageOptions(s3_endpoint, REGION))
+    gone = listing.manifest.column("uri")[3].as_py()
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION).delete_object(
+        Bucket="vanishing", Key=gone[len("s3://vanishing/"):])
+    result = run_stages(config, listing=listing)
+    assert result.counts["listed"] == 10 and result.counts["embedded"] == 9 and result.counts["accounted"]
+    assert result.counts["rejects_by_reason"] == {"unreadable": 1}
+    rejects = _read(s3_endpoint, "s3://vanishing/out/rejects")
+    assert rejects.column("uri").to_pylist() == [gone]
