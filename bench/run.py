@@ -96,18 +96,18 @@ class RssSampler:
         return tree
 
     @staticmethod
-    def _rss_mb(pid: int) -> tuple[float, str]:
+    def _rss_mb(pid: int) -> tuple[float, float, str]:
+        """(current RSS, the process's own peak RSS so far (VmHWM: exact, not sampled), command line)."""
         try:
             with open(f"/proc/{pid}/status") as fh:
                 status = fh.read()
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            return 0.0, ""
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024, cmd
-        return 0.0, cmd
+            return 0.0, 0.0, ""
+        values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
+                  if line.startswith(("VmRSS:", "VmHWM:"))}
+        return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0), cmd
 
     def _sample(self) -> None:
         tree = self._children()
@@ -118,16 +118,18 @@ class RssSampler:
             stack.extend(tree.get(p, []))
         workers = []
         for p in seen:
-            rss, cmd = self._rss_mb(p)
+            rss, hwm, cmd = self._rss_mb(p)
+            # One process's peak is its VmHWM, which misses no spike between samples; a sum over processes
+            # can only be sampled (their peaks need not coincide).
             if p == self.pid:
-                self.peak["driver_python_mb"] = max(self.peak["driver_python_mb"], rss)
+                self.peak["driver_python_mb"] = max(self.peak["driver_python_mb"], hwm)
             elif "java" in cmd.split(" ")[0]:
-                self.peak["jvm_mb"] = max(self.peak["jvm_mb"], rss)
+                self.peak["jvm_mb"] = max(self.peak["jvm_mb"], hwm)
             elif "pyspark" in cmd or "daemon" in cmd or "worker" in cmd:
                 workers.append(rss)
+                self.peak["worker_max_mb"] = max(self.peak["worker_max_mb"], hwm)
         if workers:
             self.peak["workers_total_mb"] = max(self.peak["workers_total_mb"], sum(workers))
-            self.peak["worker_max_mb"] = max(self.peak["worker_max_mb"], max(workers))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -123,3 +123,20 @@ def test_object_deleted_after_listing_is_rejected_unreadable(spark, s3_endpoint:
     assert result.counts["rejects_by_reason"] == {"unreadable": 1}
     rejects = _read(s3_endpoint, "s3://vanishing/out/rejects")
     assert rejects.column("uri").to_pylist() == [gone]
+
+
+def test_fanned_out_listing_equals_flat_listing(s3_endpoint: str, tmp_path: Path) -> None:
+    """The parallel S3 listing finds exactly what one flat listing finds, at every depth."""
+    from fruitpipe.storage import StorageOptions, list_files
+
+    root = tmp_path / "tree"
+    for rel in ("README.txt", "Training/loose.jpg", "Training/Apple/a.jpg", "Training/Apple/deep/b.jpg",
+                "Test/Pear/c.jpg", "Banana/d.jpg", "Banana/.hidden.jpg", "Empty class/e.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    assert upload_folder(root, s3_endpoint, "listing-tree", "data") == 8
+    opts = StorageOptions(s3_endpoint, REGION)
+    flat = sorted(list_files("s3://listing-tree/data", opts, threads=1))
+    fanned = sorted(list_files("s3://listing-tree/data", opts, threads=16))
+    assert fanned == flat and len(flat) == 8
+    assert ("s3://listing-tree/data/Training/Apple/deep/b.jpg", len("Training/Apple/deep/b.jpg")) in fanned

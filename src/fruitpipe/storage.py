@@ -91,13 +91,14 @@ LIST_THREADS = 16
 LIST_FAN_OUT_DEPTH = 2
 
 
-def list_files(uri: str, opts: StorageOptions, threads: int = LIST_THREADS) -> Iterator[tuple[str, int]]:
+def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> Iterator[tuple[str, int]]:
     """Every file below `uri`, recursively, as (URI, size in bytes).
 
     Local folders are walked in one pass. S3 prefixes are fanned out: the top LIST_FAN_OUT_DEPTH levels are
     listed one level at a time, then the prefixes found are listed recursively (paginated by pyarrow) in
-    `threads` threads at once.
+    `threads` threads at once (default LIST_THREADS; 1 lists flat, as pyarrow alone does).
     """
+    threads = LIST_THREADS if threads is None else threads
     fs, path = resolve(uri, opts)
     root = normalize(uri)
     if not is_s3(uri) or threads <= 1:
