@@ -73,17 +73,12 @@ def time_listing(endpoint: str, threads: int, repeats: int) -> tuple[float, int]
     from fruitpipe.storage import StorageOptions
 
     opts = StorageOptions(endpoint, REGION)
-    old = storage.LIST_THREADS
-    storage.LIST_THREADS = threads
-    try:
-        times, count = [], 0
-        for _ in range(repeats):
-            storage._FS_CACHE.clear()
-            t = time.perf_counter()
-            count = list_images("s3://listing/fruits", opts).count
-            times.append(time.perf_counter() - t)
-    finally:
-        storage.LIST_THREADS = old
+    times, count = [], 0
+    for _ in range(repeats):
+        storage._FS_CACHE.clear()
+        t = time.perf_counter()
+        count = list_images("s3://listing/fruits", opts, threads).count
+        times.append(time.perf_counter() - t)
     return statistics.median(times), count
 
 

@@ -84,19 +84,21 @@ def is_dir(uri: str, opts: StorageOptions) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-#: S3 listing: the first levels (split, class) are listed with a delimiter, then each class prefix is listed in
-#: parallel by this many threads. One ListObjectsV2 page holds 1,000 keys and takes tens of ms, so a flat listing
-#: of 10^7 objects would be 10,000 sequential round trips (docs/performance.md).
-LIST_THREADS = 16
+#: S3 listing threads (--list-threads). 1 = one flat, paginated listing: on a loopback S3 server it listed 5,000
+#: objects in 1.2 s against 2.6 s fanned out in 16 threads, and 20,000 in 4.2 s against 7.1 s; with 100 ms added
+#: per request the two were even (7.2 and 7.0 s; docs/performance.md). Fanning out can only pay where round trips
+#: dominate, e.g. 10^7 objects (10,000 sequential pages) on S3: not measured.
+LIST_THREADS = 1
+#: When fanning out: levels listed one at a time (split, class) before each prefix is listed in a thread.
 LIST_FAN_OUT_DEPTH = 2
 
 
 def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> Iterator[tuple[str, int]]:
     """Every file below `uri`, recursively, as (URI, size in bytes).
 
-    Local folders are walked in one pass. S3 prefixes are fanned out: the top LIST_FAN_OUT_DEPTH levels are
-    listed one level at a time, then the prefixes found are listed recursively (paginated by pyarrow) in
-    `threads` threads at once (default LIST_THREADS; 1 lists flat, as pyarrow alone does).
+    Local folders, and S3 with one thread (the default, LIST_THREADS), are listed in one recursive pass, which
+    pyarrow paginates. With more threads an S3 listing fans out: the top LIST_FAN_OUT_DEPTH levels are listed one
+    level at a time, then the prefixes found are listed recursively, `threads` at once.
     """
     threads = LIST_THREADS if threads is None else threads
     fs, path = resolve(uri, opts)

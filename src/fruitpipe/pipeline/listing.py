@@ -64,8 +64,9 @@ def check_input(uri: str, opts: StorageOptions) -> None:
         )
 
 
-def list_images(uri: str, opts: StorageOptions) -> Listing:
-    """List every candidate input below `uri`; raises ConfigError if `uri` is not a folder or prefix."""
+def list_images(uri: str, opts: StorageOptions, threads: int | None = None) -> Listing:
+    """List every candidate input below `uri` (`threads` > 1 fans an S3 listing out by prefix); raises
+    ConfigError if `uri` is not a folder or prefix."""
     root = storage.normalize(uri)
     check_input(root, opts)
     uris: list[str] = []
@@ -73,7 +74,7 @@ def list_images(uri: str, opts: StorageOptions) -> Listing:
     splits: list[str | None] = []
     sizes: list[int] = []
     ignored: list[str] = []
-    for file_uri, size in storage.list_files(root, opts):
+    for file_uri, size in storage.list_files(root, opts, threads):
         rel = file_uri[len(root) :].lstrip("/").split("/")
         parsed = parse_layout(rel)
         if parsed is None:

@@ -178,7 +178,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
     """List the input, embed the inputs no earlier run has handled, deduplicate, commit; returns counts."""
     if listing is None:
         t0 = time.perf_counter()
-        listing = list_images(config.input, opts)
+        listing = list_images(config.input, opts, config.list_threads)
         timings["list"] = time.perf_counter() - t0
 
     emb_uri, rej_uri = storage.join(out, "embeddings"), storage.join(out, "rejects")
@@ -385,7 +385,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             if config.precision == "int8":  # calibration needs the listing: list first
                 if listing is None:
                     t0 = time.perf_counter()
-                    listing = list_images(config.input, opts)
+                    listing = list_images(config.input, opts, config.list_threads)
                     timings["list"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 model = output_int8_model(model, listing.manifest, out, opts, config.max_pixels)
