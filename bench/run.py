@@ -9,7 +9,6 @@ are repeated with one pixel changed and re-encoded, so every id stays distinct.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
 import os

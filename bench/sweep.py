@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     images = prepare_images(args.images, args.workdir)
     out = args.workdir / "out-sweep"
-    print(f"| flags | embed img/s | embed s | tasks | workers |\n| --- | --- | --- | --- | --- |")
+    print("| flags | embed img/s | embed s | tasks | workers |\n| --- | --- | --- | --- | --- |")
     for setting in args.settings:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "fruitpipe.cli", "embed", str(images), str(out), "--quiet", *setting.split()]

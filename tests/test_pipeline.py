@@ -19,7 +19,7 @@ import fruitpipe
 from fruitpipe.pipeline.listing import list_images
 from fruitpipe.pipeline.run import run as run_stages
 from fruitpipe.storage import StorageOptions
-from conftest import MODELS, SAMPLE, copy_classes, sample_classes
+from conftest import MODELS, copy_classes, sample_classes
 
 CLASSES = sample_classes(9)
 BASE_CLASSES, EXTRA_CLASS = CLASSES[:8], CLASSES[8]
