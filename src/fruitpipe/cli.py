@@ -284,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FruitpipeError as exc:
             sys.stderr.write(f"fruitpipe emr: error: {exc}\n")
             return 2
+        except KeyboardInterrupt:  # Emr.run terminates the cluster it started before this point
+            sys.stderr.write("fruitpipe emr: interrupted\n")
+            return 130
         except Exception as exc:  # botocore: no credentials, access denied, throttling...
             if type(exc).__module__.startswith("botocore"):
                 sys.stderr.write(f"fruitpipe emr: AWS error: {exc}\n")
