@@ -87,13 +87,26 @@ def fit_pca(df: object, dim: int, timings: dict[str, float] | None = None) -> Pc
 
     t0 = time.perf_counter()
     model = PCA(k=dim, inputCol="v", outputCol="p").fit(df.select(array_to_vector("features").alias("v")))  # type: ignore[attr-defined]
-    components = np.asarray(model.pc.toArray(), dtype=np.float64)
+    components = orient(np.asarray(model.pc.toArray(), dtype=np.float64))
     explained = np.asarray(model.explainedVariance.toArray(), dtype=np.float64)
     t1 = time.perf_counter()
     n = check_pca(df, components, explained)
     if timings is not None:
         timings["reduce_fit"], timings["reduce_check"] = t1 - t0, time.perf_counter() - t1
     return PcaFit(components=components, explained=explained, n_samples=n)
+
+
+def orient(components: np.ndarray) -> np.ndarray:
+    """Fix each component's sign so that its largest loading (in absolute value) is positive.
+
+    A principal axis is only defined up to its sign, and the eigensolver's choice can flip with the order in which
+    rows were summed: the same embeddings read from S3 and from a local folder once gave reduced vectors that
+    differed by a sign. With this convention they agree, run after run.
+    """
+    cols = np.arange(components.shape[1])
+    signs = np.sign(components[np.argmax(np.abs(components), axis=0), cols])
+    signs[signs == 0] = 1.0
+    return components * signs
 
 
 class PcaCheckError(FruitpipeError):
