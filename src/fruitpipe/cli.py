@@ -196,12 +196,7 @@ def _add_emr(sub: Any) -> None:
 def _emr_settings(args: argparse.Namespace) -> Any:
     from fruitpipe.cloud.emr import EmrSettings
 
-    tags = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FruitpipeError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag team=vision")
-        tags[key] = value
+    tags = _key_values(args.tag, "--tag", "team=vision")
     return EmrSettings(
         input=args.input, output=args.output, region=args.region, allow_non_eu=args.allow_non_eu,
         artifacts=args.artifacts, logs=args.logs, release_label=args.release_label, master_type=args.master_type,
@@ -209,7 +204,7 @@ def _emr_settings(args: argparse.Namespace) -> Any:
         service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
         model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
         img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price,
-    ).validate()
+    )  # validated by each emr command it is handed to
 
 
 def _emr_main(args: argparse.Namespace) -> int:
@@ -255,16 +250,22 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _key_values(items: Sequence[str], flag: str, example: str) -> dict[str, str]:
+    """{KEY: VALUE} from repeated KEY=VALUE flags; a malformed one is a one-line error naming `flag`."""
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FruitpipeError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} {example}")
+        found[key] = value
+    return found
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
     flags = {k: v for k, v in vars(args).items() if v is not None and k != "spark_conf"}
-    conf: dict[str, str] = {}
-    for item in args.spark_conf:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FruitpipeError(f"--spark-conf {item!r} must look like KEY=VALUE, e.g. spark.executor.memory=4g")
-        conf[key] = value
+    conf = _key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g")
     if conf:
         flags["spark_conf"] = conf
     if os.environ.get("AWS_ENDPOINT_URL") and "s3_endpoint" not in flags:

@@ -68,6 +68,10 @@ class _LazySpark:
         return self.session
 
 
+#: Fingerprint keys written only when they differ from this default, so older outputs keep matching.
+_FINGERPRINT_DEFAULTS = {"precision": "fp32"}
+
+
 def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
     """What makes two runs' embeddings comparable: same input, same model bytes, same input size, precision."""
     fingerprint = {
@@ -76,7 +80,7 @@ def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
         "model_sha256": model.sha256,
         "input_size": model.spec.input_size,
     }
-    if config.precision != "fp32":  # absent for fp32, so outputs made before --precision existed still match
+    if config.precision != _FINGERPRINT_DEFAULTS["precision"]:
         fingerprint["precision"] = config.precision
     return fingerprint
 
@@ -89,8 +93,8 @@ def claim_output(out: str, fingerprint: dict[str, Any], overwrite: bool, opts: S
         if previous != fingerprint:
             if not overwrite:
                 diff = ", ".join(
-                    f"{k} was {previous.get(k, 'fp32' if k == 'precision' else None)!r} "
-                    f"(now {fingerprint.get(k, 'fp32' if k == 'precision' else None)!r})"
+                    f"{k} was {previous.get(k, _FINGERPRINT_DEFAULTS.get(k))!r} "
+                    f"(now {fingerprint.get(k, _FINGERPRINT_DEFAULTS.get(k))!r})"
                     for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k)
                 )
                 raise OutputError(
@@ -174,13 +178,8 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
 
 
 def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: str, token: str,
-                opts: StorageOptions, timings: dict[str, float], listing: Listing | None = None) -> dict[str, Any]:
-    """List the input, embed the inputs no earlier run has handled, deduplicate, commit; returns counts."""
-    if listing is None:
-        t0 = time.perf_counter()
-        listing = list_images(config.input, opts, config.list_threads)
-        timings["list"] = time.perf_counter() - t0
-
+                opts: StorageOptions, timings: dict[str, float], listing: Listing) -> dict[str, Any]:
+    """Embed the listed inputs no earlier run has handled, deduplicate, commit; returns counts."""
     emb_uri, rej_uri = storage.join(out, "embeddings"), storage.join(out, "rejects")
     done_emb = _read_index(emb_uri, opts, ["uri", "id"])
     done_rej = _read_index(rej_uri, opts, ["uri"])
@@ -382,11 +381,11 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             model = resolve_model(get_spec(config.model), config.model_path, opts)
             fingerprint = _fingerprint(config, model)
             claim_output(out, fingerprint, config.overwrite, opts)
-            if config.precision == "int8":  # calibration needs the listing: list first
-                if listing is None:
-                    t0 = time.perf_counter()
-                    listing = list_images(config.input, opts, config.list_threads)
-                    timings["list"] = time.perf_counter() - t0
+            if listing is None:
+                t0 = time.perf_counter()
+                listing = list_images(config.input, opts, config.list_threads)
+                timings["list"] = time.perf_counter() - t0
+            if config.precision == "int8":  # calibrated on the listing's Training images
                 t0 = time.perf_counter()
                 model = output_int8_model(model, listing.manifest, out, opts, config.max_pixels)
                 timings["int8_model"] = time.perf_counter() - t0
@@ -419,7 +418,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             "stages": list(stages),
             "config": {**config.to_dict(), "input": fingerprint["input"], "output": out},
             "model": {"name": model.spec.name, "sha256": model.sha256, "source": model.source,
-                      "precision": fingerprint.get("precision", "fp32"),
+                      "precision": fingerprint.get("precision", _FINGERPRINT_DEFAULTS["precision"]),
                       "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size},
             "versions": _versions(spark.session),
             "counts": counts,
