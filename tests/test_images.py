@@ -150,3 +150,40 @@ def test_read_ahead_keeps_order_and_turns_missing_files_into_rejections(tmp_path
     assert len(got) == 26
     assert isinstance(got[7], images.Rejected) and got[7].reason == "unreadable"
     assert [g for i, g in enumerate(got) if i != 7] == [bytes([i]) * (i + 1) for i in range(25)]
+
+
+def test_decoding_threads_give_the_same_tables_as_one_thread(tmp_path) -> None:
+    """--decode-threads N (the GPU default) keeps every row, its order and its reason, exactly as decoding inline."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from fruitpipe.pipeline.embed import EmbedSettings, embed_rows
+    from fruitpipe.storage import StorageOptions
+
+    good = sorted((SAMPLE / "Training").glob("*/*.jpg"))[:37]
+    bad = {"empty.jpg": b"", "text.jpg": b"not an image", "trunc.jpg": JPEG[: len(JPEG) // 2],
+           "bomb.png": _bomb_png(20_000, 20_000)}
+    uris = [str(p) for p in good]
+    for i, (name, data) in enumerate(bad.items()):
+        (tmp_path / name).write_bytes(data)
+        uris.insert(5 + 9 * i, str(tmp_path / name))
+    uris.insert(3, str(tmp_path / "gone.jpg"))
+    rows = pa.table({"uri": uris, "label": ["l"] * len(uris), "split": ["Training"] * len(uris)})
+    settings = EmbedSettings(model_sha256="x", input_size=224, input_name="input", output_name="features", dim=3,
+                             batch_size=8, max_pixels=64_000_000, staging_uri="", storage=StorageOptions())
+    calls: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:  # a cheap stand-in for the model: per-channel means
+        calls.append(len(batch))
+        return batch.mean(axis=(1, 2)).astype(np.float32)
+
+    serial = embed_rows(rows, predict, settings, decode_threads=1)
+    threaded = embed_rows(rows, predict, settings, decode_threads=4)
+    assert serial[0].num_rows == 37 and serial[1].num_rows == 5
+    assert serial[0].equals(threaded[0]) and serial[1].equals(threaded[1])
+    assert serial[0].column("uri").to_pylist() == [str(p) for p in good]
+    assert serial[0].column("id").to_pylist()[0] == hashlib.sha256(good[0].read_bytes()).hexdigest()
+    assert sorted(serial[1].column("reason").to_pylist()) == ["empty", "not_an_image", "too_large", "truncated",
+                                                               "unreadable"]
+    assert calls == [8, 8, 8, 8, 5] * 2  # batches are filled the same way

@@ -32,6 +32,13 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def uses_cuda(device: str) -> bool:
+    """True when sessions for `device` run on onnxruntime's CUDA provider."""
+    import onnxruntime as ort
+
+    return device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def get_session(sha256: str, threads: int, load_bytes: Callable[[], bytes], device: str = "cpu") -> object:
     """The process-wide onnxruntime session for a model; `load_bytes` is called only on first use."""
     key = (sha256, threads, device)

@@ -70,6 +70,9 @@ class EmbedSettings:
     storage: StorageOptions
     device: str = "cpu"
     read_ahead: int = 8
+    #: Threads decoding and resizing per task; 0 = auto: 1 on the CPU (the cores already run inference), the
+    #: task's cpus on a GPU, where a single decoding thread starves the device (bench/gpu.py).
+    decode_threads: int = 0
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -113,10 +116,42 @@ def read_ahead(uris: Iterable[str], opts: StorageOptions, window: int) -> Iterat
             yield result
 
 
+Prepared = tuple[str | None, "np.ndarray | images.Rejected"]
+
+
+def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared:
+    """(content id, model input) of one input's bytes, or (id if known, the reason it is rejected)."""
+    if isinstance(data, images.Rejected):
+        return None, data
+    cid = images.content_id(data)
+    try:
+        return cid, images.model_input(data, settings.input_size, settings.max_pixels)
+    except images.Rejected as rj:
+        return cid, rj
+
+
+def prepared(uris: list[str], settings: EmbedSettings, decode_threads: int) -> Iterator[Prepared]:
+    """_prepare of each uri's bytes, in order; with decode_threads > 1 decoding runs in a pool (Pillow and numpy
+    release the GIL), at most 2 x decode_threads images ahead, so memory stays bounded."""
+    stream = read_ahead(uris, settings.storage, settings.read_ahead)
+    if decode_threads <= 1:
+        yield from (_prepare(data, settings) for data in stream)
+        return
+    with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="fruitpipe-decode") as pool:
+        pending: deque = deque()
+        for data in stream:
+            pending.append(pool.submit(_prepare, data, settings))
+            if len(pending) >= 2 * decode_threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def embed_rows(
     rows: pa.Table,
     predict: Callable[[np.ndarray], np.ndarray],
     settings: EmbedSettings,
+    decode_threads: int = 1,
 ) -> tuple[pa.Table, pa.Table]:
     """Embed manifest rows (uri, label, split): returns (embeddings, rejects) tables; every row ends in one."""
     emb: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "features": []}
@@ -136,15 +171,9 @@ def embed_rows(
         pending.clear()
 
     uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
-    for uri, label, split, data in zip(uris, labels, splits, read_ahead(uris, settings.storage, settings.read_ahead)):
-        cid: str | None = None
-        try:
-            if isinstance(data, images.Rejected):
-                raise data
-            cid = images.content_id(data)
-            x = images.model_input(data, settings.input_size, settings.max_pixels)
-        except images.Rejected as rj:
-            for key, value in zip(rej, (cid, uri, label, split, rj.reason, rj.detail)):
+    for uri, label, split, (cid, x) in zip(uris, labels, splits, prepared(uris, settings, decode_threads)):
+        if isinstance(x, images.Rejected):
+            for key, value in zip(rej, (cid, uri, label, split, x.reason, x.detail)):
                 rej[key].append(value)
             continue
         pending.append((cid, uri, label, split, x))
@@ -192,12 +221,13 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
         ctx = TaskContext.get()
         part = f"part-{ctx.partitionId():05d}.parquet"
         threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
+        decode = settings.decode_threads or (threads if runner.uses_cuda(settings.device) else 1)
         predict = runner.make_predict_fn(
             settings.model_sha256, lambda: model_bc.value, threads,  # type: ignore[attr-defined]
             settings.input_name, settings.output_name, settings.device,
         )
         rows = pa.Table.from_batches(list(batches))
-        emb, rej = embed_rows(rows, predict, settings)
+        emb, rej = embed_rows(rows, predict, settings, decode)
         if emb.num_rows:
             storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
         if rej.num_rows:
