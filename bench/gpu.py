@@ -9,9 +9,12 @@ with `--device cuda` does on one GPU node. Every figure comes from the same imag
 1. CPU ceiling: raw onnxruntime, one process, all cores (bench/run.py's `ceiling`);
 2. CPU pipeline-shaped: P = all cores processes x 1 thread, `embed_rows` on the CPU provider;
 3. GPU model only: pre-decoded batches, per batch size (what the GPU could do if decoding were free);
-4. GPU pipeline-shaped: `embed_rows` with the CUDA provider in P processes x D decoding threads, P x D = cores
-   (`local[P]` with spark.task.cpus = D and the default --decode-threads);
-5. agreement: the CUDA features against the CPU features of the same images.
+4. agreement: the CUDA features against the CPU features of the same images;
+5. GPU pipeline-shaped: `embed_rows` with the CUDA provider in P processes, inference inline or overlapped with
+   decoding (the task's default on a GPU);
+6. where the time goes: decoding alone and inference alone, in the same process layouts.
+
+Results of a run on an H200: bench/results/gpu-h200-2026-11-25.json and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -47,12 +50,16 @@ def _settings(device: str, batch_size: int) -> object:
     )
 
 
-def _worker(paths: list[str], device: str, batch_size: int, decode: int, barrier: object, queue: object) -> None:
-    """One 'task': build the session and warm it up, wait for the others, then embed its share with embed_rows."""
+def _worker(paths: list[str], device: str, batch_size: int, overlap: bool, mode: str, barrier: object,
+            queue: object) -> None:
+    """One 'task': build the session and warm it up, wait for the others, then process its share: `embed`
+    (embed_rows, the real task), `decode` (read + decode + resize only) or `model` (inference on a pre-decoded
+    batch only, as many images)."""
     import pyarrow as pa
 
+    from fruitpipe.images import model_input
     from fruitpipe.models import runner
-    from fruitpipe.pipeline.embed import embed_rows
+    from fruitpipe.pipeline.embed import embed_rows, prepared
 
     settings = _settings(device, batch_size)
     model_bytes = MODEL.read_bytes()
@@ -60,20 +67,33 @@ def _worker(paths: list[str], device: str, batch_size: int, decode: int, barrier
     predict(np.zeros((batch_size, 224, 224, 3), np.float32))  # session built and warm, as on a reused worker
     session = runner.get_session(settings.model_sha256, 1, lambda: model_bytes, device)
     rows = pa.table({"uri": paths, "label": ["x"] * len(paths), "split": ["Training"] * len(paths)})
+    batch = np.stack([model_input(Path(u).read_bytes(), 224, 64_000_000) for u in paths[:batch_size]])
     barrier.wait()  # type: ignore[attr-defined]
     t0 = time.perf_counter()
-    emb, rej = embed_rows(rows, predict, settings, decode)
-    queue.put({"embedded": emb.num_rows, "rejected": rej.num_rows, "seconds": time.perf_counter() - t0,  # type: ignore[attr-defined]
+    if mode == "embed":
+        emb, rej = embed_rows(rows, predict, settings, overlap)
+        done, rejected = emb.num_rows, rej.num_rows
+    elif mode == "decode":
+        done = rejected = 0
+        for _, x in prepared(paths, settings):  # counted, not kept: holding 5,280 inputs would cost 3 GB
+            done += isinstance(x, np.ndarray)
+            rejected += not isinstance(x, np.ndarray)
+    else:
+        for _ in range(0, len(paths), batch_size):
+            predict(batch)
+        done, rejected = len(paths), 0
+    queue.put({"embedded": done, "rejected": rejected, "seconds": time.perf_counter() - t0,  # type: ignore[attr-defined]
                "provider": session.get_providers()[0]})  # type: ignore[attr-defined]
 
 
-def pipeline_shaped(paths: list[Path], procs: int, device: str, batch_size: int, decode: int = 1) -> dict[str, object]:
-    """img/s of `procs` processes, each embedding an equal share of `paths` with its own session and `decode`
-    decoding threads."""
+def pipeline_shaped(paths: list[Path], procs: int, device: str, batch_size: int, overlap: bool = False,
+                    mode: str = "embed") -> dict[str, object]:
+    """img/s of `procs` processes, each processing an equal share of `paths` (see _worker's modes) with its own
+    session, inference inline or `overlap`ped with decoding."""
     ctx = mp.get_context("spawn")  # never fork a process that may hold a CUDA context
     barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
     shares = [[str(p) for p in paths[i::procs]] for i in range(procs)]
-    workers = [ctx.Process(target=_worker, args=(s, device, batch_size, decode, barrier, queue)) for s in shares]
+    workers = [ctx.Process(target=_worker, args=(s, device, batch_size, overlap, mode, barrier, queue)) for s in shares]
     for w in workers:
         w.start()
     barrier.wait(timeout=300)
@@ -84,8 +104,9 @@ def pipeline_shaped(paths: list[Path], procs: int, device: str, batch_size: int,
         w.join()
     embedded = sum(int(r["embedded"]) for r in results)
     assert embedded + sum(int(r["rejected"]) for r in results) == len(paths)
+    assert mode == "model" or sum(int(r["rejected"]) for r in results) == 0
     providers = sorted({str(r["provider"]) for r in results})
-    return {"procs": procs, "decode_threads": decode, "device": device, "batch_size": batch_size,
+    return {"mode": mode, "procs": procs, "overlap": overlap, "device": device, "batch_size": batch_size,
             "images": embedded, "wall_s": wall,
             "img_s": embedded / wall, "providers": providers}
 
@@ -113,8 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5280, help="number of images (default: the 5,280 of the sample)")
     parser.add_argument("--batch-sizes", default="32,64,128,256,512", help="GPU model-only sweep")
-    parser.add_argument("--layouts", default="", help="GPU processes x decoding threads, e.g. 1x16,16x1 (default: "
-                        "every power-of-two split of the cores)")
+    parser.add_argument("--procs", default="", help="GPU process counts, e.g. 1,4,16 (default: 1, 4 and the cores)")
     parser.add_argument("--embed-batch", type=int, default=0, help="embed_rows batch on the GPU (default: best of "
                         "the sweep up to 256)")
     parser.add_argument("--require-gpu", action="store_true", help="exit 1 if onnxruntime has no CUDA provider")
@@ -166,15 +186,23 @@ def main() -> None:
             print(f"GPU model only, batch {bs}: {sweep[bs]:.1f} img/s", flush=True)
         results["gpu_model_only_img_s"] = sweep
         embed_batch = args.embed_batch or max((b for b in sweep if b <= 256), key=sweep.__getitem__)
-        layouts = [tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")] if args.layouts else \
-            sorted({(2 ** i, max(1, cores // 2 ** i)) for i in range(cores.bit_length()) if 2 ** i <= cores})
+        counts = [int(c) for c in args.procs.split(",")] if args.procs else sorted({1, min(4, cores), cores})
         shaped = []
-        for procs, decode in layouts:
-            r = pipeline_shaped(paths, procs, "cuda", embed_batch, decode)
-            shaped.append(r)
-            print(f"GPU pipeline-shaped, {procs} processes x {decode} decoding threads, batch {embed_batch}: "
-                  f"{r['img_s']:.1f} img/s ({r['providers']})", flush=True)
+        for procs in counts:
+            for overlap in (False, True):
+                r = pipeline_shaped(paths, procs, "cuda", embed_batch, overlap)
+                shaped.append(r)
+                print(f"GPU pipeline-shaped, {procs} processes, inference {'overlapped' if overlap else 'inline'}, "
+                      f"batch {embed_batch}: {r['img_s']:.1f} img/s ({r['providers']})", flush=True)
         results["gpu_pipeline_shaped"] = shaped
+        # Where the time goes: decoding alone (no model) and inference alone (pre-decoded), in the same layouts.
+        diag = []
+        for mode, device in (("decode", "cpu"), ("model", "cuda")):
+            for procs in counts:
+                r = pipeline_shaped(paths, procs, device, embed_batch, False, mode)
+                diag.append(r)
+                print(f"{mode} only, {procs} processes: {r['img_s']:.1f} img/s", flush=True)
+        results["where_the_time_goes"] = diag
         best = max(shaped, key=lambda r: float(r["img_s"]))  # type: ignore[arg-type]
         results["ratios"] = {
             "gpu_model_only_best_vs_cpu_ceiling": max(sweep.values()) / cpu_ceiling,

@@ -87,7 +87,6 @@ def test_bad_arguments_get_one_line(tmp_path: Path) -> None:
     _one_line_error(_cli("run", str(data), out, "--k", "2000"), "exceeds the embedding size")
     _one_line_error(_cli("run", str(data), out, "--variance", "1.5"), "--variance 1.5", "0.95")
     _one_line_error(_cli("run", str(data), out, "--k", "five"), "'five' is not a whole number")
-    _one_line_error(_cli("run", str(data), out, "--decode-threads", "-1"), "--decode-threads", "at least 0")
     _one_line_error(_cli("run", str(data), out, "--spark-conf", "oops"), "KEY=VALUE")
     _one_line_error(_cli("run", str(data), out, "--model-path", str(tmp_path / "nope.onnx")), "--model-path")
     _one_line_error(_cli("run", str(data)), "required")

@@ -152,9 +152,10 @@ def test_read_ahead_keeps_order_and_turns_missing_files_into_rejections(tmp_path
     assert [g for i, g in enumerate(got) if i != 7] == [bytes([i]) * (i + 1) for i in range(25)]
 
 
-def test_decoding_threads_give_the_same_tables_as_one_thread(tmp_path) -> None:
-    """--decode-threads N (the GPU default) keeps every row, its order and its reason, exactly as decoding inline."""
+def test_overlapped_inference_gives_the_same_tables(tmp_path) -> None:
+    """Inference overlapped with decoding (the GPU default) keeps every row, its order and its reason."""
     import hashlib
+    import threading
 
     import pyarrow as pa
 
@@ -172,18 +173,26 @@ def test_decoding_threads_give_the_same_tables_as_one_thread(tmp_path) -> None:
     rows = pa.table({"uri": uris, "label": ["l"] * len(uris), "split": ["Training"] * len(uris)})
     settings = EmbedSettings(model_sha256="x", input_size=224, input_name="input", output_name="features", dim=3,
                              batch_size=8, max_pixels=64_000_000, staging_uri="", storage=StorageOptions())
-    calls: list[int] = []
+    calls: list[tuple[int, str]] = []
 
     def predict(batch: np.ndarray) -> np.ndarray:  # a cheap stand-in for the model: per-channel means
-        calls.append(len(batch))
+        calls.append((len(batch), threading.current_thread().name))
         return batch.mean(axis=(1, 2)).astype(np.float32)
 
-    serial = embed_rows(rows, predict, settings, decode_threads=1)
-    threaded = embed_rows(rows, predict, settings, decode_threads=4)
+    serial = embed_rows(rows, predict, settings)
+    overlapped = embed_rows(rows, predict, settings, overlap=True)
     assert serial[0].num_rows == 37 and serial[1].num_rows == 5
-    assert serial[0].equals(threaded[0]) and serial[1].equals(threaded[1])
+    assert serial[0].equals(overlapped[0]) and serial[1].equals(overlapped[1])
     assert serial[0].column("uri").to_pylist() == [str(p) for p in good]
     assert serial[0].column("id").to_pylist()[0] == hashlib.sha256(good[0].read_bytes()).hexdigest()
     assert sorted(serial[1].column("reason").to_pylist()) == ["empty", "not_an_image", "too_large", "truncated",
                                                                "unreadable"]
-    assert calls == [8, 8, 8, 8, 5] * 2  # batches are filled the same way
+    assert [n for n, _ in calls] == [8, 8, 8, 8, 5] * 2  # batches are filled the same way
+    assert {t for _, t in calls[:5]} == {threading.current_thread().name}
+    assert all(t.startswith("fruitpipe-infer") for _, t in calls[5:])  # overlapped: off the decoding thread
+
+    def failing(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("CUDA error")
+
+    with pytest.raises(RuntimeError, match="CUDA error"):  # a failed inference fails the task (Spark retries it)
+        embed_rows(rows, failing, settings, overlap=True)

@@ -147,3 +147,16 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(caplog: pytest.LogCapture
             assert providers_for("cuda") == ["CPUExecutionProvider"]
         assert "onnxruntime-gpu" in caplog.text
         assert providers_for("auto") == ["CPUExecutionProvider"]
+        assert providers_for("cuda", gpu_id=1) == ["CPUExecutionProvider"]
+
+
+def test_task_gpu_is_the_address_spark_assigned() -> None:
+    """Under Spark GPU scheduling (spark.task.resource.gpu.amount) each task runs on the GPU it was given."""
+    from pyspark.resource import ResourceInformation
+
+    from fruitpipe.models.runner import task_gpu
+
+    assert task_gpu({}) is None  # no GPU scheduling: CUDA's default device
+    assert task_gpu({"gpu": ResourceInformation("gpu", ["3"])}) == 3
+    assert task_gpu({"gpu": ResourceInformation("gpu", [])}) is None
+    assert task_gpu({"fpga": ResourceInformation("fpga", ["0"])}) is None

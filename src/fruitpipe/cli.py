@@ -66,8 +66,6 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_whole_number, help="images per onnxruntime call (default 32)")
     p.add_argument("--partition-size", type=_whole_number, help="images per Spark task (default 512)")
     p.add_argument("--read-ahead", type=_whole_number, help="inputs read concurrently per task (default 8)")
-    p.add_argument("--decode-threads", type=_whole_number,
-                   help="threads decoding images per task (default 0 = auto: 1 on a CPU, --task-cpus on a GPU)")
     p.add_argument("--list-threads", type=_whole_number,
                    help="threads listing an s3:// INPUT (default 1: flat; e.g. 16 for millions of objects)")
     p.add_argument("--max-pixels", type=_whole_number, help="reject images larger than this (default 64000000)")

@@ -47,9 +47,6 @@ class Config:
     #: Inputs read concurrently by each task on S3, to hide its latency (20-50 ms per small object); local
     #: inputs are read one at a time (the sweep showed no gain from a pool there).
     read_ahead: int = 8
-    #: Threads decoding and resizing per task; 0 = auto: 1 on the CPU, where the cores already run inference,
-    #: and spark.task.cpus on a GPU, where one decoding thread per task starves the device (bench/gpu.py).
-    decode_threads: int = 0
     #: Threads listing an s3:// INPUT: 1 lists flat (fastest measured up to 20,000 objects on a loopback server);
     #: more fans the listing out by split and class prefix, for millions of objects on S3 (storage.LIST_THREADS).
     list_threads: int = 1
@@ -90,7 +87,7 @@ class Config:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         for name, low in (("task_cpus", 1), ("batch_size", 1), ("partition_size", 1), ("max_pixels", 1),
-                          ("read_ahead", 1), ("list_threads", 1), ("decode_threads", 0)):
+                          ("read_ahead", 1), ("list_threads", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.model_path is not None and not self.model_path.startswith("s3://") \

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -70,9 +70,6 @@ class EmbedSettings:
     storage: StorageOptions
     device: str = "cpu"
     read_ahead: int = 8
-    #: Threads decoding and resizing per task; 0 = auto: 1 on the CPU (the cores already run inference), the
-    #: task's cpus on a GPU, where a single decoding thread starves the device (bench/gpu.py).
-    decode_threads: int = 0
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -130,56 +127,66 @@ def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared
         return cid, rj
 
 
-def prepared(uris: list[str], settings: EmbedSettings, decode_threads: int) -> Iterator[Prepared]:
-    """_prepare of each uri's bytes, in order; with decode_threads > 1 decoding runs in a pool (Pillow and numpy
-    release the GIL), at most 2 x decode_threads images ahead, so memory stays bounded."""
-    stream = read_ahead(uris, settings.storage, settings.read_ahead)
-    if decode_threads <= 1:
-        yield from (_prepare(data, settings) for data in stream)
-        return
-    with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="fruitpipe-decode") as pool:
-        pending: deque = deque()
-        for data in stream:
-            pending.append(pool.submit(_prepare, data, settings))
-            if len(pending) >= 2 * decode_threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+def prepared(uris: list[str], settings: EmbedSettings) -> Iterator[Prepared]:
+    """_prepare of each uri's bytes, in order."""
+    return (_prepare(data, settings) for data in read_ahead(uris, settings.storage, settings.read_ahead))
 
 
 def embed_rows(
     rows: pa.Table,
     predict: Callable[[np.ndarray], np.ndarray],
     settings: EmbedSettings,
-    decode_threads: int = 1,
+    overlap: bool = False,
 ) -> tuple[pa.Table, pa.Table]:
-    """Embed manifest rows (uri, label, split): returns (embeddings, rejects) tables; every row ends in one."""
+    """Embed manifest rows (uri, label, split): returns (embeddings, rejects) tables; every row ends in one.
+
+    With `overlap`, each batch is inferred in a background thread while the next one is decoded (onnxruntime
+    releases the GIL), so a GPU and the decoding core work at the same time; order and results are unchanged.
+    """
     emb: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "features": []}
     rej: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "reason": [], "detail": []}
     pending: list[tuple[str, str, str, str | None, np.ndarray]] = []
+    in_flight: list[tuple[Future, list]] = []  # submitted, not yet collected: at most 2 batches
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fruitpipe-infer") if overlap else None
 
-    def flush() -> None:
-        if not pending:
-            return
-        feats = predict(np.stack([p[4] for p in pending]))
-        for (cid, uri, label, split, _), vec in zip(pending, feats):
+    def append(feats: np.ndarray, meta: list) -> None:
+        for (cid, uri, label, split), vec in zip(meta, feats):
             emb["id"].append(cid)
             emb["uri"].append(uri)
             emb["label"].append(label)
             emb["split"].append(split)
             emb["features"].append(vec)
-        pending.clear()
 
-    uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
-    for uri, label, split, (cid, x) in zip(uris, labels, splits, prepared(uris, settings, decode_threads)):
-        if isinstance(x, images.Rejected):
-            for key, value in zip(rej, (cid, uri, label, split, x.reason, x.detail)):
-                rej[key].append(value)
-            continue
-        pending.append((cid, uri, label, split, x))
-        if len(pending) >= settings.batch_size:
-            flush()
-    flush()
+    def flush() -> None:
+        if not pending:
+            return
+        batch, meta = np.stack([p[4] for p in pending]), [p[:4] for p in pending]
+        pending.clear()
+        if pool is None:
+            append(predict(batch), meta)
+            return
+        in_flight.append((pool.submit(predict, batch), meta))
+        if len(in_flight) > 1:
+            done, done_meta = in_flight.pop(0)
+            append(done.result(), done_meta)
+
+    try:
+        uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
+        for uri, label, split, (cid, x) in zip(uris, labels, splits, prepared(uris, settings)):
+            if isinstance(x, images.Rejected):
+                for key, value in zip(rej, (cid, uri, label, split, x.reason, x.detail)):
+                    rej[key].append(value)
+                continue
+            pending.append((cid, uri, label, split, x))
+            if len(pending) >= settings.batch_size:
+                flush()
+        flush()
+        while in_flight:
+            done, done_meta = in_flight.pop(0)
+            append(done.result(), done_meta)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     feats = emb.pop("features")
     features = to_list_array(np.stack(feats) if feats else np.zeros((0, settings.dim), np.float32))
     emb_table = pa.table({**emb, "features": features}, schema=embeddings_schema(settings.dim))
@@ -221,13 +228,14 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
         ctx = TaskContext.get()
         part = f"part-{ctx.partitionId():05d}.parquet"
         threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
-        decode = settings.decode_threads or (threads if runner.uses_cuda(settings.device) else 1)
         predict = runner.make_predict_fn(
             settings.model_sha256, lambda: model_bc.value, threads,  # type: ignore[attr-defined]
             settings.input_name, settings.output_name, settings.device,
+            runner.task_gpu(ctx.resources()),  # the task's GPU under Spark GPU scheduling, on multi-GPU nodes
         )
         rows = pa.Table.from_batches(list(batches))
-        emb, rej = embed_rows(rows, predict, settings, decode)
+        # On a GPU, decoding and inference overlap (bench/gpu.py); on a CPU both need the task's cores.
+        emb, rej = embed_rows(rows, predict, settings, overlap=runner.uses_cuda(settings.device))
         if emb.num_rows:
             storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
         if rej.num_rows:

@@ -201,7 +201,6 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
             max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
             read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
-            decode_threads=config.decode_threads,
         )
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
