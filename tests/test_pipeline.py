@@ -120,7 +120,9 @@ def test_every_input_accounted_for_once(e2e) -> None:
     assert run_json["counts"] == counts
     assert run_json["model"]["sha256"] == "ad116e43570b0c581f3d87b9b0797648f0920f3a978b9ed3b052533afc91aa04"
     # The listing was made by the test and handed in, so there is no "list" timing of fruitpipe's own.
-    assert {"embed", "reduce", "spark_start", "total"} <= set(run_json["timings_s"])
+    timings = run_json["timings_s"]
+    assert {"embed", "embed_job", "reduce", "reduce_fit", "spark_start", "total"} <= set(timings)
+    assert 0 < timings["embed_job"] <= timings["embed"] and 0 < timings["reduce_fit"] <= timings["reduce"]
     assert "list" not in run_json["timings_s"]
     import pyspark
 

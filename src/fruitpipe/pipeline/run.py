@@ -204,6 +204,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         )
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
+        timings["embed_job"] = time.perf_counter() - t0
         inference = _inference_stats(index)
         embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
         rejected_now = index.num_rows - embedded_now
