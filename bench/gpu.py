@@ -210,10 +210,7 @@ def main() -> None:
             "gpu_pipeline_shaped_best_vs_cpu_pipeline_shaped": float(best["img_s"]) / float(cpu_pipe["img_s"]),  # type: ignore[arg-type]
         }
         print(json.dumps(results["ratios"], indent=2))
-    out = args.json or args.workdir / f"gpu-{len(paths)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written: {out}")
+    bench_run.write_results(args.json or args.workdir / f"gpu-{len(paths)}.json", results)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,13 @@ def ceiling(paths: list[Path], batch_size: int, threads: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
+def write_results(out: Path, results: object) -> None:
+    """Write a benchmark's results as indented JSON and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {out}")
+
+
 class RssSampler:
     """Peak resident memory of a process tree: the Python driver, the JVM, and the Python workers."""
 
@@ -248,10 +255,7 @@ def main() -> None:
         print(f"at {s['images']} images: embed {s['embed_img_s']:.1f} img/s, wall {s['wall_s']:.0f} s, "
               f"peak RSS (MB) {json.dumps({k: round(v) for k, v in s['rss_mb'].items()})}, "
               f"ratio to 1x {json.dumps({k: round(v, 2) if v else None for k, v in s['rss_ratio'].items()})}")
-    out = args.json or args.workdir / f"results-{len(paths)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten: {out}")
+    write_results(args.json or args.workdir / f"results-{len(paths)}.json", results)
 
 
 if __name__ == "__main__":

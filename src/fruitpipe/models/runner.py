@@ -21,11 +21,7 @@ SESSIONS_BUILT: dict[str, int] = {}
 def providers_for(device: str, gpu_id: int | None = None) -> list:
     """onnxruntime execution providers for `device` (auto, cpu, cuda); CUDA only where onnxruntime has it, on
     CUDA device `gpu_id` when given (the GPU Spark assigned to the task), else the default device 0."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    if uses_cuda(device):
         cuda = "CUDAExecutionProvider" if gpu_id is None else ("CUDAExecutionProvider", {"device_id": gpu_id})
         return [cuda, "CPUExecutionProvider"]
     if device == "cuda":

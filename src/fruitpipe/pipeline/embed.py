@@ -157,6 +157,10 @@ def embed_rows(
             emb["split"].append(split)
             emb["features"].append(vec)
 
+    def collect_oldest() -> None:
+        done, meta = in_flight.pop(0)
+        append(done.result(), meta)
+
     def flush() -> None:
         if not pending:
             return
@@ -167,8 +171,7 @@ def embed_rows(
             return
         in_flight.append((pool.submit(predict, batch), meta))
         if len(in_flight) > 1:
-            done, done_meta = in_flight.pop(0)
-            append(done.result(), done_meta)
+            collect_oldest()
 
     try:
         uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
@@ -182,8 +185,7 @@ def embed_rows(
                 flush()
         flush()
         while in_flight:
-            done, done_meta = in_flight.pop(0)
-            append(done.result(), done_meta)
+            collect_oldest()
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
