@@ -88,11 +88,11 @@ def test_output_layout_and_schemas(e2e) -> None:
         assert (out / name).exists(), name
     assert not (out / "_staging").exists()
     emb = _table(out / "embeddings")
-    assert emb.schema.names == ["id", "uri", "label", "split", "features"]
+    assert emb.schema.names == ["id", "uri", "label", "split", "features", "size", "mtime_ns"]
     assert str(emb.schema.field("features").type) == "list<element: float>"
     assert set(len(v) for v in emb.column("features").to_pylist()[:50]) == {1280}
     rej = _table(out / "rejects")
-    assert rej.schema.names == ["id", "uri", "label", "split", "reason", "detail"]
+    assert rej.schema.names == ["id", "uri", "label", "split", "reason", "detail", "size", "mtime_ns"]
     red = _table(out / "reduced")
     assert red.schema.names == ["id", "uri", "label", "split", "pca"]
     assert {len(v) for v in red.column("pca").to_pylist()} == {10}
@@ -217,10 +217,15 @@ def _parquet_digest(out: Path) -> dict[str, str]:
 
 def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
     out = e2e["out"]
-    before = _parquet_digest(out)
     listing = list_images(str(e2e["input"]), StorageOptions())
+    # The first re-run drops the reject row of the file deleted after the first listing (it is no longer listed)
+    first = run_stages(e2e["config"], listing=listing).counts
+    assert first["dropped_before_embedding"] == {"deleted": 1} and first["not_listed_anymore"] == 0
+    assert first["embedded_this_run"] == 0 and first["accounted"] and first["listed"] == e2e["listing"].count - 1
+    before = _parquet_digest(out)
     result = run_stages(e2e["config"], listing=listing)
     counts = result.counts
+    assert counts["dropped_before_embedding"] == {}
     assert counts["embedded_this_run"] == 0 and counts["rejected_this_run"] == 0
     assert counts["inference"]["sessions_built"] == 0
     assert counts["skipped_already_done"] == counts["listed"] - 0
@@ -239,7 +244,7 @@ def test_adding_images_embeds_only_the_new_ones(e2e) -> None:
     counts = result.counts
     assert counts["embedded_this_run"] == 80 and counts["rejected_this_run"] == 0  # the new class only
     assert counts["listed"] == old["listed"] - 1 + 80  # the deleted file is no longer listed...
-    assert counts["not_listed_anymore"] == 1  # ...but its reject row stays
+    assert counts["not_listed_anymore"] == 0  # ...and its reject row was dropped by the re-run before
     assert counts["embedded"] == old["embedded"] + 80 and counts["accounted"] is True
     assert result.report["pca"]["skipped"] is False
     report = json.loads((out / "pca" / "explained_variance.json").read_text())

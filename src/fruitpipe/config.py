@@ -106,28 +106,61 @@ class Config:
         return d
 
 
-def _coerce(name: str, raw: Any) -> Any:
-    """Convert a TOML/env value to the type of field `name`."""
+#: Settings of which only one may be in force: a layer (TOML, environment, flags) that sets one clears the other
+#: from the layers below it.
+EXCLUSIVE = (("k", "variance"),)
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Convert a TOML/env value to the type of field `name`; a wrong type is a ConfigError naming its source."""
     types = {f.name: f.type for f in fields(Config)}
     kind = str(types[name])
+    from_text = isinstance(raw, str) and source.startswith("environment")
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"setting {name} = {raw!r} ({source}) must be {what}: fix the value")
+
     if raw is None:
         return None
-    try:
-        if kind.startswith("int"):
+    if kind.startswith("int"):
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)) or (isinstance(raw, str) and not from_text):
+            raise bad("a whole number, e.g. 20")
+        try:
             return int(raw)
-        if kind.startswith("float"):
+        except ValueError:
+            raise bad("a whole number, e.g. 20") from None
+    if kind.startswith("float"):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)) or (isinstance(raw, str) and not from_text):
+            raise bad("a number, e.g. 0.95")
+        try:
             return float(raw)
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
-        if kind.startswith("Mapping"):
-            if isinstance(raw, Mapping):
-                return {str(k): str(v) for k, v in raw.items()}
-            raise ValueError("expected a table of key = value")
-    except ValueError as exc:
-        raise ConfigError(f"setting {name}={raw!r} is not a valid {kind}: {exc}") from None
-    return str(raw)
+        except ValueError:
+            raise bad("a number, e.g. 0.95") from None
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower() if from_text else None
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise bad("true or false")
+    if kind.startswith("Mapping"):
+        if isinstance(raw, Mapping) and all(isinstance(v, (str, int, float, bool)) for v in raw.values()):
+            return {str(k): str(v) for k, v in raw.items()}
+        raise bad("a table of key = value, e.g. [fruitpipe.spark_conf]")
+    if not isinstance(raw, str):
+        raise bad("a string (in quotes)")
+    return raw
+
+
+def _layer(merged: dict[str, Any], values: Mapping[str, Any]) -> None:
+    """Apply one layer over the ones below: its values win, and setting one of an exclusive pair clears the other."""
+    for a, b in EXCLUSIVE:
+        for mine, other in ((a, b), (b, a)):
+            if values.get(mine) is not None and values.get(other) is None:
+                merged.pop(other, None)
+    merged.update({k: v for k, v in values.items() if v is not None})
 
 
 def load_config(
@@ -135,28 +168,37 @@ def load_config(
     toml_path: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge a TOML file (table [fruitpipe] or top level), FRUITPIPE_* variables and flags; flags win."""
+    """Merge a TOML file (table [fruitpipe] or top level), FRUITPIPE_* variables and flags: flags win over the
+    environment, which wins over the file; each layer that sets k or variance clears the other one below it."""
     env = os.environ if env is None else env
     known = {f.name for f in fields(Config)}
     merged: dict[str, Any] = {}
     if toml_path:
         try:
             with open(toml_path, "rb") as fh:
-                data = tomllib.load(fh)
+                data: Any = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"--config {toml_path} does not exist: give the path of a TOML file") from None
-        except tomllib.TOMLDecodeError as exc:
+        except IsADirectoryError:
+            raise ConfigError(f"--config {toml_path} is a folder: give the path of a TOML file") from None
+        except OSError as exc:
+            raise ConfigError(f"--config {toml_path} cannot be read ({exc.strerror}): check the path") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--config {toml_path} is not valid TOML ({exc}): fix the file") from None
         data = data.get("fruitpipe", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {toml_path}: [fruitpipe] must be a table of settings, not {data!r}")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {toml_path}; known: {', '.join(sorted(known))}")
-        merged.update({k: _coerce(k, v) for k, v in data.items()})
+        _layer(merged, {k: _coerce(k, v, f"in {toml_path}") for k, v in data.items()})
+    from_env = {}
     for name in known:
         key = ENV_PREFIX + name.upper()
         if key in env and name not in {"input", "output", "spark_conf"}:
-            merged[name] = _coerce(name, env[key])
-    merged.update({k: v for k, v in flags.items() if v is not None and k in known})
+            from_env[name] = _coerce(name, env[key], f"environment {key}")
+    _layer(merged, from_env)
+    _layer(merged, {k: v for k, v in flags.items() if v is not None and k in known})
     if "input" not in merged or "output" not in merged:
         raise ConfigError("both INPUT and OUTPUT are required: fruitpipe run INPUT OUTPUT")
     return Config(**merged)

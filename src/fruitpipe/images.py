@@ -18,6 +18,7 @@ REASONS = {
     "corrupt": "the image data is damaged and cannot be decoded",
     "unreadable": "the file or object could not be read (missing, permission denied)",
     "duplicate": "same bytes as another input, which was embedded instead",
+    "bad_name": "the file name is not valid UTF-8 (stored with \\x escapes): rename the file",
 }
 
 #: Background used when flattening transparency: Fruits-360 photos are shot on white.
@@ -73,7 +74,17 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
+                    EOFError) as exc:
+                if isinstance(exc, UnidentifiedImageError):
+                    raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+                raise
+            except UnidentifiedImageError:
+                raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+            except Exception as exc:  # any plug-in's failure to parse a header (DDS: NotImplementedError, ...)
+                raise Rejected("not_an_image", f"{type(exc).__name__}: {exc}"[:300]) from None
             width, height = img.size
             if width * height > max_pixels:
                 raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
@@ -82,17 +93,20 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np
             img = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
             img.load()
             rgb = _to_rgb(img)
-            return np.asarray(rgb, dtype=np.uint8)
+            arr = np.asarray(rgb, dtype=np.uint8)
+            if arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
+                raise Rejected("corrupt", f"decoded to an unusable array of shape {arr.shape}")
+            return arr
     except Rejected:
         raise
-    except UnidentifiedImageError:
-        raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc) or type(exc).__name__
         reason = "truncated" if "truncat" in msg.lower() or isinstance(exc, EOFError) else "corrupt"
-        raise Rejected(reason, msg) from None
+        raise Rejected(reason, msg[:300]) from None
+    except Exception as exc:  # a decoder bug on hostile bytes (OverflowError, NotImplementedError, ...) is one reject
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:300]) from None
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -93,20 +93,12 @@ LIST_THREADS = 1
 LIST_FAN_OUT_DEPTH = 2
 
 
-def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> Iterator[tuple[str, int]]:
-    """Every file below `uri`, recursively, as (URI, size in bytes).
-
-    Local folders, and S3 with one thread (the default, LIST_THREADS), are listed in one recursive pass, which
-    pyarrow paginates. With more threads an S3 listing fans out: the top LIST_FAN_OUT_DEPTH levels are listed one
-    level at a time, then the prefixes found are listed recursively, `threads` at once.
-    """
-    threads = LIST_THREADS if threads is None else threads
-    fs, path = resolve(uri, opts)
-    root = normalize(uri)
-    if not is_s3(uri) or threads <= 1:
+def _s3_infos(fs: pafs.FileSystem, path: str, threads: int) -> Iterator[pafs.FileInfo]:
+    """Every file object below `path` on S3: one flat paginated listing, or fanned out by prefix in threads."""
+    if threads <= 1:
         for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
             if info.type == pafs.FileType.File:
-                yield to_uri(root, info.path), int(info.size or 0)
+                yield info
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -123,14 +115,143 @@ def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> It
             for infos in pool.map(one_level, prefixes):
                 for info in infos:
                     if info.type == pafs.FileType.File:
-                        yield to_uri(root, info.path), int(info.size or 0)
+                        yield info
                     elif info.type == pafs.FileType.Directory:
                         below.append(info.path)
             prefixes = below
         for infos in pool.map(whole, prefixes):
-            for info in infos:
-                if info.type == pafs.FileType.File:
-                    yield to_uri(root, info.path), int(info.size or 0)
+            yield from (info for info in infos if info.type == pafs.FileType.File)
+
+
+def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> Iterator[tuple[str, int]]:
+    """Every file below `uri`, recursively, as (URI, size in bytes): fruitpipe's own outputs (no links followed).
+
+    S3 with one thread (the default, LIST_THREADS) is listed in one recursive pass, which pyarrow paginates. With
+    more threads an S3 listing fans out: the top LIST_FAN_OUT_DEPTH levels are listed one level at a time, then
+    the prefixes found are listed recursively, `threads` at once. Inputs are listed with walk_input instead.
+    """
+    threads = LIST_THREADS if threads is None else threads
+    fs, path = resolve(uri, opts)
+    root = normalize(uri)
+    if is_s3(uri):
+        for info in _s3_infos(fs, path, threads):
+            yield to_uri(root, info.path), int(info.size or 0)
+        return
+    for entry in walk_input(root, follow_links=False)[0]:
+        yield entry.uri, entry.size
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input file as listed: URI, size, modification time (ns); `problem` is set when it cannot be used as is
+    (a name that is not UTF-8), with the name escaped into `uri`."""
+
+    uri: str
+    size: int
+    mtime_ns: int
+    problem: str | None = None
+
+
+#: Why a listed path is not an input (counted in run.json under "ignored").
+IGNORED_REASONS = {
+    "symlink_repeat": "a link to a folder already listed (a loop, or a second way into the same folder)",
+    "dangling_symlink": "a link whose target does not exist",
+    "not_a_regular_file": "a FIFO, socket or device",
+    "unreadable_folder": "a folder that could not be listed (permission denied)",
+}
+
+
+def _escaped(path: str) -> str:
+    """A path whose undecodable bytes (surrogate escapes) are written as \\xNN, so it can be stored and shown."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk_input(uri: str, opts: StorageOptions | None = None, threads: int | None = None,
+               follow_links: bool = True) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """Every file below an input `uri`: (entries, ignored [(path, reason)]).
+
+    Locally, the real folders are walked first and linked folders after, each real folder (device, inode) at
+    most once: a link loop ends, and a photo reached both directly and through a link keeps its own class
+    folder. Dangling links, FIFOs, sockets and devices are ignored with their reason. A name that is not UTF-8 is
+    listed with a problem (it becomes a reject), never stops the listing.
+    """
+    if is_s3(uri):
+        fs, path = resolve(uri, opts or StorageOptions())
+        root = normalize(uri)
+        infos = _s3_infos(fs, path, LIST_THREADS if threads is None else threads)
+        return [Entry(to_uri(root, i.path), int(i.size or 0), int(i.mtime_ns or 0)) for i in infos], []
+    import stat
+
+    root = normalize(uri)
+    entries: list[Entry] = []
+    ignored: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    linked: list[str] = []  # linked folders, walked after every real one
+
+    def walk(folder: str) -> None:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            ignored.append((_escaped(folder), "unreadable_folder"))
+            return
+        if (st.st_dev, st.st_ino) in seen:
+            ignored.append((_escaped(folder), "symlink_repeat"))
+            return
+        seen.add((st.st_dev, st.st_ino))
+        stack = [folder]
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(current) as it:
+                    items = sorted(it, key=lambda e: e.name)
+            except OSError:
+                ignored.append((_escaped(current), "unreadable_folder"))
+                continue
+            subdirs = []
+            for item in items:
+                try:
+                    if item.is_symlink():
+                        if not follow_links:
+                            continue
+                        try:
+                            target = os.stat(item.path)
+                        except OSError:
+                            ignored.append((_escaped(item.path), "dangling_symlink"))
+                            continue
+                        if stat.S_ISDIR(target.st_mode):
+                            linked.append(item.path)
+                            continue
+                        if not stat.S_ISREG(target.st_mode):
+                            ignored.append((_escaped(item.path), "not_a_regular_file"))
+                            continue
+                        info = target
+                    elif item.is_dir(follow_symlinks=False):
+                        dst = item.stat(follow_symlinks=False)
+                        if (dst.st_dev, dst.st_ino) not in seen:
+                            seen.add((dst.st_dev, dst.st_ino))
+                            subdirs.append(item.path)
+                        continue
+                    elif item.is_file(follow_symlinks=False):
+                        info = item.stat(follow_symlinks=False)
+                    else:
+                        ignored.append((_escaped(item.path), "not_a_regular_file"))
+                        continue
+                except OSError:
+                    ignored.append((_escaped(item.path), "unreadable_folder"))
+                    continue
+                try:
+                    item.path.encode("utf-8")
+                    entries.append(Entry(item.path, int(info.st_size), int(info.st_mtime_ns)))
+                except UnicodeEncodeError:
+                    entries.append(Entry(_escaped(item.path), int(info.st_size), int(info.st_mtime_ns),
+                                         "bad_name"))
+            stack.extend(reversed(subdirs))
+
+    if os.path.isdir(root):
+        walk(root)
+        while linked:
+            walk(linked.pop(0))
+    return entries, ignored
 
 
 def read_bytes(uri: str, opts: StorageOptions) -> bytes:

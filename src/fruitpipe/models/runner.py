@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fruitpipe.models.fetch import ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +86,42 @@ def make_predict_fn(
         return np.asarray(out, dtype=np.float32)
 
     return predict
+
+
+def check_model(model: "ResolvedModel") -> None:
+    """Load a model on the driver and run one blank image through it, before any output is claimed: a file that
+    is not ONNX, a truncated one, a wrong input or output name or size is one ModelError line, not a worker trace."""
+    import onnxruntime as ort
+
+    from fruitpipe.errors import ModelError
+
+    spec = model.spec
+    where = f"model file {model.path} ({model.source})"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.path, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{where} is not a loadable ONNX model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): point --model-path at a valid "
+                         ".onnx file") from None
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    if spec.input_name not in inputs:
+        raise ModelError(f"{where} has no input named {spec.input_name!r} (it has {', '.join(inputs)}): use a model "
+                         f"exported for {spec.name}")
+    if spec.output_name not in outputs:
+        raise ModelError(f"{where} has no output named {spec.output_name!r} (it has {', '.join(outputs)}): use a "
+                         f"model exported for {spec.name}")
+    shape = inputs[spec.input_name].shape
+    if len(shape) != 4:
+        raise ModelError(f"{where}: input {spec.input_name!r} has rank {len(shape)}, expected 4 (NHWC images)")
+    blank = np.zeros((1, spec.input_size, spec.input_size, 3), dtype=np.float32)
+    try:
+        (out,) = session.run([spec.output_name], {spec.input_name: blank})
+    except Exception as exc:
+        raise ModelError(f"{where} fails on a {spec.input_size}x{spec.input_size}x3 image ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): use a model for this input size") from None
+    if np.asarray(out).reshape(1, -1).shape[1] != spec.dim:
+        raise ModelError(f"{where} gives {np.asarray(out).size} features per image, {spec.name} has {spec.dim}: use "
+                         "the matching --model")

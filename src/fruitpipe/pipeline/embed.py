@@ -16,43 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import images, storage
+from fruitpipe.schemas import INDEX_DDL, INDEX_SCHEMA, REJECTS_SCHEMA, TASK_INPUT_COLUMNS, embeddings_schema
 from fruitpipe.models import runner
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
 
 log = logging.getLogger(__name__)
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    """Schema of embeddings/: one row per embedded image."""
-    del dim  # list<float32> of length dim; Spark and pandas read plain lists, not fixed-size ones
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("uri", pa.string(), nullable=False),
-            pa.field("label", pa.string(), nullable=False),
-            pa.field("split", pa.string()),
-            pa.field("features", pa.list_(pa.float32()), nullable=False),
-        ]
-    )
-
-
-REJECTS_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),  # sha256 of the bytes; null when the bytes could not be read
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("split", pa.string()),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string(), nullable=False),
-    ]
-)
-
-#: What each task returns to the driver: one small row per input, never the features.
-INDEX_DDL = (
-    "uri string, id string, label string, split string, status string, reason string, part string, "
-    "pid long, sessions_built int, threads int"
-)
 
 
 @dataclass(frozen=True)
@@ -125,6 +94,8 @@ def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared
         return cid, images.model_input(data, settings.input_size, settings.max_pixels)
     except images.Rejected as rj:
         return cid, rj
+    except Exception as exc:  # never let one hostile file fail the task (and every retry of it)
+        return cid, images.Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:300])
 
 
 def prepared(uris: list[str], settings: EmbedSettings) -> Iterator[Prepared]:
@@ -143,19 +114,19 @@ def embed_rows(
     With `overlap`, each batch is inferred in a background thread while the next one is decoded (onnxruntime
     releases the GIL), so a GPU and the decoding core work at the same time; order and results are unchanged.
     """
-    emb: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "features": []}
-    rej: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "reason": [], "detail": []}
-    pending: list[tuple[str, str, str, str | None, np.ndarray]] = []
+    emb: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "features": [], "size": [],
+                            "mtime_ns": []}
+    rej: dict[str, list] = {"id": [], "uri": [], "label": [], "split": [], "reason": [], "detail": [], "size": [],
+                            "mtime_ns": []}
+    pending: list[tuple[str, str, str, str | None, int | None, int | None, np.ndarray]] = []
     in_flight: list[tuple[Future, list]] = []  # submitted, not yet collected: at most 2 batches
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fruitpipe-infer") if overlap else None
 
     def append(feats: np.ndarray, meta: list) -> None:
-        for (cid, uri, label, split), vec in zip(meta, feats):
-            emb["id"].append(cid)
-            emb["uri"].append(uri)
-            emb["label"].append(label)
-            emb["split"].append(split)
-            emb["features"].append(vec)
+        for (cid, uri, label, split, size, mtime), vec in zip(meta, feats):
+            for key, value in (("id", cid), ("uri", uri), ("label", label), ("split", split), ("features", vec),
+                               ("size", size), ("mtime_ns", mtime)):
+                emb[key].append(value)
 
     def collect_oldest() -> None:
         done, meta = in_flight.pop(0)
@@ -164,7 +135,7 @@ def embed_rows(
     def flush() -> None:
         if not pending:
             return
-        batch, meta = np.stack([p[4] for p in pending]), [p[:4] for p in pending]
+        batch, meta = np.stack([p[6] for p in pending]), [p[:6] for p in pending]
         pending.clear()
         if pool is None:
             append(predict(batch), meta)
@@ -175,12 +146,16 @@ def embed_rows(
 
     try:
         uris, labels, splits = (rows.column(c).to_pylist() for c in ("uri", "label", "split"))
-        for uri, label, split, (cid, x) in zip(uris, labels, splits, prepared(uris, settings)):
+        n = rows.num_rows
+        sizes, mtimes = ((rows.column(c).to_pylist() if c in rows.column_names else [None] * n)
+                         for c in ("size", "mtime_ns"))
+        for uri, label, split, size, mtime, (cid, x) in zip(uris, labels, splits, sizes, mtimes,
+                                                            prepared(uris, settings)):
             if isinstance(x, images.Rejected):
-                for key, value in zip(rej, (cid, uri, label, split, x.reason, x.detail)):
+                for key, value in zip(rej, (cid, uri, label, split, x.reason, x.detail, size, mtime)):
                     rej[key].append(value)
                 continue
-            pending.append((cid, uri, label, split, x))
+            pending.append((cid, uri, label, split, size, mtime, x))
             if len(pending) >= settings.batch_size:
                 flush()
         flush()
@@ -211,13 +186,7 @@ def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int, model_sh
             "sessions_built": [runner.SESSIONS_BUILT.get(model_sha256, 0)] * n,
             "threads": [threads] * n,
         },
-        schema=pa.schema(
-            [
-                ("uri", pa.string()), ("id", pa.string()), ("label", pa.string()), ("split", pa.string()),
-                ("status", pa.string()), ("reason", pa.string()), ("part", pa.string()),
-                ("pid", pa.int64()), ("sessions_built", pa.int32()), ("threads", pa.int32()),
-            ]
-        ),
+        schema=INDEX_SCHEMA,
     )
 
 
@@ -235,7 +204,11 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[It
             settings.input_name, settings.output_name, settings.device,
             runner.task_gpu(ctx.resources()),  # the task's GPU under Spark GPU scheduling, on multi-GPU nodes
         )
-        rows = pa.Table.from_batches(list(batches))
+        got = [b for b in batches if b.num_rows]
+        if not got:  # an empty partition (more tasks than inputs): nothing to embed or report
+            yield pa.RecordBatch.from_pylist([], schema=INDEX_SCHEMA)
+            return
+        rows = pa.Table.from_batches(got)
         # On a GPU, decoding and inference overlap (bench/gpu.py); on a CPU both need the task's cores.
         emb, rej = embed_rows(rows, predict, settings, overlap=runner.uses_cuda(settings.device))
         if emb.num_rows:
@@ -267,7 +240,7 @@ def run_embed_job(
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
     try:
         # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
-        df = from_arrow(spark, todo.select(["uri", "label", "split"])).repartition(parts)
+        df = from_arrow(spark, todo.select(TASK_INPUT_COLUMNS)).repartition(parts)
         out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
         with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet, tasks=parts):
             index = to_arrow(out)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from fruitpipe import storage
+from fruitpipe import schemas, storage
 from fruitpipe.errors import ConfigError
 from fruitpipe.storage import StorageOptions
 
@@ -16,27 +16,35 @@ log = logging.getLogger(__name__)
 #: Folder names that mark a split (the dataset's own spelling first).
 SPLITS = {"training": "Training", "test": "Test"}
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("split", pa.string()),
-        pa.field("size", pa.int64(), nullable=False),
-    ]
-)
+MANIFEST_SCHEMA = schemas.MANIFEST_SCHEMA
 
 
 @dataclass
 class Listing:
-    """The listed inputs (one row per file: uri, label, split, size) and the files skipped by the layout."""
+    """The listed inputs (one row per file: uri, label, split, size, mtime_ns), the files skipped by the layout,
+    the paths not listed and why (links, FIFOs), and listed files that are rejected as listed (bad names)."""
 
     manifest: pa.Table
     ignored: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Rejects decided by the listing itself (REJECTS_SCHEMA rows): files whose name is not UTF-8.
+    rejected: pa.Table = field(default_factory=schemas.REJECTS_SCHEMA.empty_table)
 
     @property
     def count(self) -> int:
-        """Number of listed inputs."""
-        return self.manifest.num_rows
+        """Number of listed inputs (including those rejected by the listing)."""
+        return self.manifest.num_rows + self.rejected.num_rows
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """How many paths were not listed, per reason (storage.IGNORED_REASONS)."""
+        return _by_reason(self.skipped)
+
+
+def _by_reason(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def parse_layout(rel_parts: list[str]) -> tuple[str, str | None] | None:
@@ -69,25 +77,30 @@ def list_images(uri: str, opts: StorageOptions, threads: int | None = None) -> L
     ConfigError if `uri` is not a folder or prefix."""
     root = storage.normalize(uri)
     check_input(root, opts)
-    uris: list[str] = []
-    labels: list[str] = []
-    splits: list[str | None] = []
-    sizes: list[int] = []
+    rows: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
+    bad: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
     ignored: list[str] = []
-    for file_uri, size in storage.list_files(root, opts, threads):
-        rel = file_uri[len(root) :].lstrip("/").split("/")
+    entries, skipped = storage.walk_input(root, opts, threads)
+    for entry in entries:
+        rel = entry.uri[len(root) :].lstrip("/").split("/")
         parsed = parse_layout(rel)
         if parsed is None:
-            ignored.append(file_uri)
+            ignored.append(entry.uri)
             continue
-        uris.append(file_uri)
-        labels.append(parsed[0])
-        splits.append(parsed[1])
-        sizes.append(size)
+        target = bad if entry.problem else rows
+        for key, value in zip(target, (entry.uri, parsed[0], parsed[1], entry.size, entry.mtime_ns)):
+            target[key].append(value)
     if ignored:
         log.info("ignored %d file(s) outside class folders, e.g. %s", len(ignored), ignored[0])
-    manifest = pa.table(
-        {"uri": uris, "label": labels, "split": splits, "size": sizes}, schema=MANIFEST_SCHEMA
-    ).sort_by("uri")
-    log.info("listed %d input(s) in %d class(es) under %s", manifest.num_rows, len(set(labels)), root)
-    return Listing(manifest=manifest, ignored=sorted(ignored))
+    if skipped:
+        log.warning("not listed: %s", ", ".join(f"{n} {r}" for r, n in _by_reason(skipped).items()))
+    manifest = pa.table(rows, schema=MANIFEST_SCHEMA).sort_by("uri")
+    n_bad = len(bad["uri"])
+    if n_bad:
+        log.warning("%d file name(s) are not valid UTF-8 and are recorded as rejects (bad_name), e.g. %s", n_bad,
+                    bad["uri"][0])
+    rejected = pa.table({**bad, "id": [None] * n_bad, "reason": ["bad_name"] * n_bad,
+                         "detail": ["the file name is not valid UTF-8: rename it (shown with \\x escapes)"] * n_bad},
+                        schema=schemas.REJECTS_SCHEMA)
+    log.info("listed %d input(s) in %d class(es) under %s", manifest.num_rows + n_bad, len(set(rows["label"])), root)
+    return Listing(manifest=manifest, ignored=sorted(ignored), skipped=skipped, rejected=rejected)

@@ -13,21 +13,11 @@ import pyarrow as pa
 
 from fruitpipe import storage
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.schemas import REDUCED_SCHEMA
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
 
 log = logging.getLogger(__name__)
-
-REDUCED_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("split", pa.string()),
-        pa.field("pca", pa.list_(pa.float32()), nullable=False),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class PcaFit:

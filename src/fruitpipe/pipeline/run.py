@@ -1,4 +1,4 @@
-"""One run: claim the output, list, embed what is new, reduce, then publish run.json and _SUCCESS."""
+"""One run: the order of stages (check, list, claim under a lease, embed what is new, reduce, publish)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import platform
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -17,23 +19,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import fruitpipe
-from fruitpipe import storage
+from fruitpipe import lease, storage
 from fruitpipe.config import Config
 from fruitpipe.errors import FruitpipeError, OutputError
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
-from fruitpipe.models.quantize import output_int8_model
+from fruitpipe.models.quantize import Int8Model, prepare_int8_model
+from fruitpipe.models.runner import check_model
+from fruitpipe.output import RunDir
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
+from fruitpipe.pipeline.validity import invalid_rows
+from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, spark_session
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-MARKER = "_fruitpipe.json"
-SUCCESS = "_SUCCESS"
-STAGING = "_staging"
 
 
 @dataclass
@@ -85,59 +88,6 @@ def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
     return fingerprint
 
 
-def claim_output(out: str, fingerprint: dict[str, Any], overwrite: bool, opts: StorageOptions) -> None:
-    """Make `out` ours: refuse an output made with another input or model (unless overwrite), mark it ours."""
-    marker = storage.join(out, MARKER)
-    if storage.exists(marker, opts):
-        previous = json.loads(storage.read_bytes(marker, opts))
-        if previous != fingerprint:
-            if not overwrite:
-                diff = ", ".join(
-                    f"{k} was {previous.get(k, _FINGERPRINT_DEFAULTS.get(k))!r} "
-                    f"(now {fingerprint.get(k, _FINGERPRINT_DEFAULTS.get(k))!r})"
-                    for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k)
-                )
-                raise OutputError(
-                    f"output {out} belongs to another configuration ({diff}): choose a new OUTPUT or pass --overwrite"
-                )
-            log.warning("--overwrite: deleting %s made with another configuration", out)
-            storage.delete(out, opts)
-    elif storage.exists(out, opts) and any(True for _ in storage.list_files(out, opts)):
-        if not overwrite:
-            raise OutputError(f"output {out} exists and is not a fruitpipe output: choose an empty or new OUTPUT")
-        storage.delete(out, opts)
-    storage.write_bytes(marker, json.dumps(fingerprint, indent=2).encode(), opts)
-
-
-def _read_index(dataset_uri: str, opts: StorageOptions, columns: list[str]) -> pa.Table | None:
-    files = storage.parquet_files(dataset_uri, opts) if storage.exists(dataset_uri, opts) else []
-    if not files:
-        return None
-    return pa.concat_tables([storage.read_parquet(f, opts, columns=columns) for f in files])
-
-
-def _commit_staged(staging: str, out: str, dataset: str, token: str, opts: StorageOptions) -> int:
-    """Move staged part files of `dataset` into the output under unique names; returns how many."""
-    files = storage.parquet_files(storage.join(staging, dataset), opts) if storage.exists(
-        storage.join(staging, dataset), opts) else []
-    for src in files:
-        name = src.rsplit("/", 1)[1]
-        storage.move(src, storage.join(out, dataset, f"{token}-{name}"), opts)
-    return len(files)
-
-
-def _ensure_dataset(uri: str, schema: pa.Schema, opts: StorageOptions) -> None:
-    if not storage.exists(uri, opts) or not storage.parquet_files(uri, opts):
-        storage.write_parquet(schema.empty_table(), storage.join(uri, "part-empty.parquet"), opts)
-
-
-def _replace_dir(src: str, dst: str, opts: StorageOptions) -> None:
-    """Replace directory `dst` by `src` (both fully written before; the reader is protected by _SUCCESS)."""
-    storage.delete(dst, opts)
-    for f, _ in list(storage.list_files(src, opts)):
-        storage.move(f, dst + f[len(src):], opts)
-
-
 def _versions(spark: Any) -> dict[str, str]:
     import numpy
     import onnxruntime
@@ -177,24 +127,34 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
     }
 
 
-def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: str, token: str,
-                opts: StorageOptions, timings: dict[str, float], listing: Listing) -> dict[str, Any]:
-    """Embed the listed inputs no earlier run has handled, deduplicate, commit; returns counts."""
-    emb_uri, rej_uri = storage.join(out, "embeddings"), storage.join(out, "rejects")
-    done_emb = _read_index(emb_uri, opts, ["uri", "id"])
-    done_rej = _read_index(rej_uri, opts, ["uri"])
-    done_uris = pa.concat_arrays(
-        [t.column("uri").combine_chunks() for t in (done_emb, done_rej) if t is not None] or [pa.array([], pa.string())]
-    )
+def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir: RunDir, token: str,
+                timings: dict[str, float], listing: Listing) -> dict[str, Any]:
+    """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
+    returns the counts of run.json."""
+    opts = rundir.opts
+    emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
+    rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
+    invalid = invalid_rows(emb_idx, rej_idx, listing, rundir.settings(), config.max_pixels)
+    dropped = rundir.drop_rows({"embeddings": invalid.embeddings, "rejects": invalid.rejects}, token)
+    if dropped:
+        log.info("dropped %d row(s) no longer valid: %s", dropped, invalid.by_reason)
+        emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
+        rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
+    done_uris = pa.concat_arrays([emb_idx.column("uri").combine_chunks(), rej_idx.column("uri").combine_chunks()])
     todo = listing.manifest.filter(pc.invert(pc.is_in(listing.manifest.column("uri"), done_uris)))
-    log.info("%d listed, %d already done, %d to embed", listing.count, listing.count - todo.num_rows, todo.num_rows)
+    name_rejects = listing.rejected.filter(pc.invert(pc.is_in(listing.rejected.column("uri"), done_uris)))
+    log.info("%d listed, %d already done, %d to embed", listing.count,
+             listing.count - todo.num_rows - name_rejects.num_rows, todo.num_rows)
 
     inference = dict(_NO_INFERENCE)
-    embedded_now = rejected_now = committed = 0
+    embedded_now = rejected_now = 0
     session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
     t0 = time.perf_counter()
+    staging = rundir.staging(token)
+    if name_rejects.num_rows:
+        storage.write_parquet(name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
+        rejected_now += name_rejects.num_rows
     if todo.num_rows:
-        staging = storage.join(out, STAGING, token)
         settings = embed_mod.EmbedSettings(
             model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
@@ -207,8 +167,8 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
         timings["embed_job"] = time.perf_counter() - t0
         inference = _inference_stats(index)
         embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
-        rejected_now = index.num_rows - embedded_now
-        dups = embed_mod.find_duplicates(index, done_emb)
+        rejected_now += index.num_rows - embedded_now
+        dups = embed_mod.find_duplicates(index, emb_idx.select(["id", "uri"]))
         if dups:
             embedded_now -= len(dups)
             rejected_now += len(dups)
@@ -218,69 +178,80 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: st
             for uri, part in zip(rows.column("uri").to_pylist(), rows.column("part").to_pylist()):
                 by_part.setdefault(storage.join(staging, "embeddings", part), []).append(uri)
             embed_mod.drop_rows_from_parts(session, by_part, opts)
+            stats = todo.filter(pc.is_in(todo.column("uri"), rows.column("uri")))
+            size_of = dict(zip(stats.column("uri").to_pylist(), stats.column("size").to_pylist()))
+            mtime_of = dict(zip(stats.column("uri").to_pylist(), stats.column("mtime_ns").to_pylist()))
+            uris = rows.column("uri").to_pylist()
             dup_rejects = pa.table(
                 {
                     "id": rows.column("id"), "uri": rows.column("uri"), "label": rows.column("label"),
                     "split": rows.column("split"), "reason": pa.array(["duplicate"] * rows.num_rows),
-                    "detail": pa.array([f"same bytes as {dups[u]}" for u in rows.column("uri").to_pylist()]),
+                    "detail": pa.array([f"same bytes as {dups[u]}" for u in uris]),
+                    "size": pa.array([size_of.get(u) for u in uris], pa.int64()),
+                    "mtime_ns": pa.array([mtime_of.get(u) for u in uris], pa.int64()),
                 },
-                schema=embed_mod.REJECTS_SCHEMA,
+                schema=REJECTS_SCHEMA,
             )
             storage.write_parquet(dup_rejects, storage.join(staging, "rejects", "part-duplicates.parquet"), opts)
-        # Publish: embeddings first, then rejects; an interrupted commit is finished by the next run's resume.
-        committed = _commit_staged(staging, out, "embeddings", token, opts)
-        _commit_staged(staging, out, "rejects", token, opts)
-        storage.delete(staging, opts)
-    # Readers always find both datasets with their schema, even when a run had nothing to put in one.
-    _ensure_dataset(emb_uri, embed_mod.embeddings_schema(model.spec.dim), opts)
-    _ensure_dataset(rej_uri, embed_mod.REJECTS_SCHEMA, opts)
-    if committed:  # the embeddings changed, so any earlier PCA no longer describes them
-        for stale in ("pca", "reduced"):
-            storage.delete(storage.join(out, stale), opts)
+    # Publish: the staged parts are moved in, then named in the commit record in one write.
+    rundir.commit_parts(staging, token, settings={"max_pixels": config.max_pixels})
+    storage.delete(staging, opts)
+    rundir.ensure_datasets(token)  # readers always find both datasets with their schema
     timings["embed"] = time.perf_counter() - t0
+    return {**_accounting(rundir, listing), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
+            "skipped_already_done": listing.count - todo.num_rows - name_rejects.num_rows,
+            "dropped_before_embedding": invalid.by_reason, "inference": inference}
 
-    final_emb = _read_index(emb_uri, opts, ["uri", "id"])
-    final_rej = _read_index(rej_uri, opts, ["uri", "reason"])
-    listed = listing.manifest.column("uri")
-    emb_listed = 0 if final_emb is None else pc.sum(pc.is_in(final_emb.column("uri"), listed)).as_py() or 0
-    rej_listed = 0 if final_rej is None else pc.sum(pc.is_in(final_rej.column("uri"), listed)).as_py() or 0
-    all_ids = [] if final_emb is None else final_emb.column("id").to_pylist()
-    reasons = Counter(final_rej.column("reason").to_pylist()) if final_rej is not None else Counter()
-    n_rows = (final_emb.num_rows if final_emb is not None else 0) + (final_rej.num_rows if final_rej is not None else 0)
+
+def _accounting(rundir: RunDir, listing: Listing) -> dict[str, Any]:
+    """Counts from the committed rows alone: every listed input in exactly one of embeddings or rejects."""
+    final_emb = rundir.read_index("embeddings", ["uri", "id"])
+    final_rej = rundir.read_index("rejects", ["uri", "reason"])
+    listed = pa.concat_arrays([listing.manifest.column("uri").combine_chunks(),
+                               listing.rejected.column("uri").combine_chunks()])
+    emb_uris, rej_uris = final_emb.column("uri"), final_rej.column("uri")
+    emb_listed = int(pc.sum(pc.is_in(emb_uris, listed)).as_py() or 0)
+    rej_listed = int(pc.sum(pc.is_in(rej_uris, listed)).as_py() or 0)
+    all_uris = pa.concat_arrays([emb_uris.combine_chunks(), rej_uris.combine_chunks()])
+    distinct = len(pc.unique(all_uris))
+    ids = final_emb.column("id")
+    reasons = Counter(final_rej.column("reason").to_pylist())
     return {
         "listed": listing.count,
         "ignored_outside_class_folders": len(listing.ignored),
+        "ignored": listing.skipped_by_reason(),
         "embedded": emb_listed,
         "rejected": rej_listed,
-        "accounted": emb_listed + rej_listed == listing.count,
-        "not_listed_anymore": n_rows - emb_listed - rej_listed,
-        "embedded_this_run": embedded_now,
-        "rejected_this_run": rejected_now,
-        "skipped_already_done": listing.count - todo.num_rows,
+        "accounted": emb_listed + rej_listed == listing.count == distinct == len(all_uris)
+        and len(pc.unique(ids)) == len(ids),
+        "not_listed_anymore": len(all_uris) - emb_listed - rej_listed,
         "rejects_by_reason": dict(sorted(reasons.items())),
-        "embedding_ids_digest": hashlib.sha256("\n".join(sorted(all_ids)).encode()).hexdigest(),
-        "inference": inference,
+        "embedding_ids_digest": _ids_digest(ids),
     }
 
 
-def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: str, token: str,
-                 opts: StorageOptions, timings: dict[str, float], ids_digest: str) -> dict[str, Any]:
-    """Fit PCA on every embedding, write pca/ and reduced/; skipped when they already match the embeddings."""
+def _ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
+    return hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()
+
+
+def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir: RunDir, token: str,
+                 timings: dict[str, float], ids_digest: str) -> dict[str, Any]:
+    """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
+    committed PCA was fitted on exactly these embeddings with these settings."""
     t0 = time.perf_counter()
-    pca_uri, reduced_uri = storage.join(out, "pca"), storage.join(out, "reduced")
+    opts = rundir.opts
     fingerprint = {"embedding_ids_digest": ids_digest, "k": config.k, "variance": config.variance}
-    report_uri = storage.join(pca_uri, "explained_variance.json")
-    if storage.exists(report_uri, opts) and storage.exists(reduced_uri, opts):
-        previous = json.loads(storage.read_bytes(report_uri, opts))
-        if previous.get("fingerprint") == fingerprint:
-            log.info("PCA and reduced vectors are up to date; nothing to reduce")
-            timings["reduce"] = time.perf_counter() - t0
-            return {**_pca_summary(previous), "skipped": True}
-    files = storage.parquet_files(storage.join(out, "embeddings"), opts)
+    entry = rundir.reduce_entry()
+    if entry is not None and entry.get("fingerprint") == fingerprint:
+        log.info("PCA and reduced vectors are up to date; nothing to reduce")
+        report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
+        timings["reduce"] = time.perf_counter() - t0
+        return {**_pca_summary(report), "skipped": True}
+    files = rundir.files("embeddings")
     n_rows = reduce_mod.count_rows(files, opts)
     if n_rows < 2:
-        raise OutputError(f"PCA needs at least 2 embedded images and {out} has {n_rows}: add images to the input, "
-                          "or use `fruitpipe embed` alone")
+        raise OutputError(f"PCA needs at least 2 embedded images and {rundir.uri} has {n_rows}: add images to the "
+                          "input, or use `fruitpipe embed` alone")
     session = spark.get()
     t0 = time.perf_counter()
     from pyspark.storagelevel import StorageLevel
@@ -288,10 +259,10 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: s
     # Read once, kept on local disk for the three passes (PCA fit, its check, the projection). Disk, not memory:
     # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
     df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
+    staging = rundir.staging(token)
     try:
         fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
         k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
-        staging = storage.join(out, STAGING, token)
         t1 = time.perf_counter()
         report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance, fingerprint,
                                                 opts)
@@ -299,12 +270,14 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, out: s
         project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
         with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
-            df.mapInArrow(project, "rows long").collect()
+            rows = sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect())
         timings["reduce_project"] = time.perf_counter() - t1
     finally:
         df.unpersist()
-    _replace_dir(storage.join(staging, "pca"), pca_uri, opts)
-    _replace_dir(storage.join(staging, "reduced"), reduced_uri, opts)
+    if rows != fit.n_samples:
+        raise OutputError(f"the projection wrote {rows} reduced rows for {fit.n_samples} embeddings; nothing was "
+                          "published: re-run the same command")
+    rundir.commit_reduce(staging, fingerprint, token)
     storage.delete(staging, opts)
     timings["reduce"] = time.perf_counter() - t0
     log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * report["explained_at_k"])
@@ -358,10 +331,41 @@ def _job_failures(out: str) -> Iterator[None]:
 
         if not isinstance(exc, (Py4JError, PySparkException)):
             raise
+        if _INTERRUPTED.is_set() or "cancellation of all jobs" in str(exc) or "SparkContext was shut down" in str(exc):
+            raise KeyboardInterrupt from None  # Ctrl-C cancelled the jobs: an interruption, not a failure
         raise JobFailedError(
             f"a Spark job failed: {_failure_summary(exc)}; nothing was published as complete (no {out}/_SUCCESS): "
             "fix the cause and re-run the same command, done work is kept"
         ) from exc
+
+
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[None]:
+    """Remember a Ctrl-C (SIGINT) or SIGTERM: PySpark's handler cancels the running jobs, which then surface as a
+    'job cancelled' or py4j error; with the flag set they are reported as the interruption they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _INTERRUPTED.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        prev = previous.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+        raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
 
 
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None) -> RunResult:
@@ -375,74 +379,105 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     out = storage.normalize(config.output)
     token = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
     timings: dict[str, float] = {}
-    with _run_context(config) as (spark, opts), _job_failures(out):
+    int8: Int8Model | None = None
+    with _interrupt_flag(), _run_context(config) as (spark, opts), _job_failures(out):
+        rundir = RunDir(out, opts)
         if "embed" in stages:
+            # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
+            # leaves it as it was.
+            rundir.check_separate_from(config.input)
             if listing is None:
-                check_input(config.input, opts)  # before the output is claimed: a wrong INPUT leaves it untouched
+                check_input(config.input, opts)
             model = resolve_model(get_spec(config.model), config.model_path, opts)
+            check_model(model)
             fingerprint = _fingerprint(config, model)
-            claim_output(out, fingerprint, config.overwrite, opts)
+            _precheck_claim(rundir, fingerprint, config.overwrite)
             if listing is None:
                 t0 = time.perf_counter()
                 listing = list_images(config.input, opts, config.list_threads)
                 timings["list"] = time.perf_counter() - t0
-            if config.precision == "int8":  # calibrated on the listing's Training images
+            if config.precision == "int8":  # calibrated on the listing's Training images, checked on this CPU
                 t0 = time.perf_counter()
-                model = output_int8_model(model, listing.manifest, out, opts, config.max_pixels)
+                int8 = prepare_int8_model(model, listing.manifest, out, opts, config.max_pixels)
+                model = int8.model
                 timings["int8_model"] = time.perf_counter() - t0
         else:
             fingerprint = read_marker(out, opts)
             # Reducing needs only the embedding size: the model file itself is not fetched.
             model = ResolvedModel(get_spec(fingerprint["model"]), "", fingerprint["model_sha256"], "output")
             config = config.replace(input=fingerprint["input"], model=fingerprint["model"])
-        # From here until _SUCCESS is written again, readers know the output is being changed.
-        storage.delete(storage.join(out, SUCCESS), opts)
-        storage.delete(storage.join(out, STAGING), opts)
-        previous = _previous_report(out, opts)
-        if not config.master.startswith("local") and not storage.is_s3(out):
-            log.warning("OUTPUT %s is a local path: with --master %s every node must see it (shared folder)",
-                        out, config.master)
-        if "embed" in stages:
-            counts = embed_stage(config, model, spark, out, token, opts, timings, listing)
-        else:
-            counts = previous.get("counts") or {}
-            if "embedding_ids_digest" not in counts:
-                raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
-        pca = reduce_stage(config, model, spark, out, token, opts, timings, counts["embedding_ids_digest"]) \
-            if "reduce" in stages else previous.get("pca")
-        storage.delete(storage.join(out, STAGING), opts)
-        timings["spark_start"] = spark.start_seconds
-        timings["total"] = time.perf_counter() - t_total
-        report = {
-            "fruitpipe_version": fruitpipe.__version__,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "stages": list(stages),
-            "config": {**config.to_dict(), "input": fingerprint["input"], "output": out},
-            "model": {"name": model.spec.name, "sha256": model.sha256, "source": model.source,
-                      "precision": fingerprint.get("precision", _FINGERPRINT_DEFAULTS["precision"]),
-                      "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size},
-            "versions": _versions(spark.session),
-            "counts": counts,
-            "pca": pca,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        }
-        embedded_now = counts.get("embedded_this_run", 0)
-        if timings.get("embed") and embedded_now:
-            report["throughput_img_s"] = {"embed": round((embedded_now + counts.get("rejected_this_run", 0))
-                                                         / timings["embed"], 1)}
-        storage.write_bytes(storage.join(out, "run.json"), json.dumps(report, indent=2).encode(), opts)
-        storage.write_bytes(storage.join(out, SUCCESS), b"", opts)
+        with lease.hold(out, token, opts) as held:
+            if "embed" in stages:
+                rundir.claim(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
+                if int8 is not None:
+                    int8.store(out, opts)
+            # From here until _SUCCESS is written again, readers know the output is being changed.
+            rundir.begin(token)
+            previous = rundir.previous_report() if "embed" not in stages else {}
+            if not config.master.startswith("local") and not storage.is_s3(out):
+                log.warning("OUTPUT %s is a local path: with --master %s every node must see it (shared folder)",
+                            out, config.master)
+            if "embed" in stages:
+                assert listing is not None
+                counts = embed_stage(config, model, spark, rundir, token, timings, listing)
+            else:
+                counts = dict(previous.get("counts") or {})
+                counts["embedding_ids_digest"] = _ids_digest(rundir.read_index("embeddings", ["id"]).column("id"))
+                if "accounted" not in counts:
+                    raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
+            held.check()
+            pca = reduce_stage(config, model, spark, rundir, token, timings, counts["embedding_ids_digest"]) \
+                if "reduce" in stages else (previous.get("pca") if rundir.reduce_entry() else None)
+            timings["spark_start"] = spark.start_seconds
+            timings["total"] = time.perf_counter() - t_total
+            report = {
+                "fruitpipe_version": fruitpipe.__version__,
+                "run_id": token,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "stages": list(stages),
+                "config": {**config.to_dict(), "input": fingerprint["input"], "output": out},
+                "model": {"name": model.spec.name, "sha256": model.sha256, "source": model.source,
+                          "precision": fingerprint.get("precision", _FINGERPRINT_DEFAULTS["precision"]),
+                          "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size},
+                "versions": _versions(spark.session),
+                "commit": {"version": rundir.record()["version"]},
+                "counts": counts,
+                "pca": pca,
+                "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            }
+            if int8 is not None:
+                report["model"]["int8"] = {k: int8.meta[k] for k in ("scheme", "agreement", "cpu") if k in int8.meta}
+                if "last_check" in int8.meta:
+                    report["model"]["int8"]["this_run"] = int8.meta["last_check"]
+            embedded_now = counts.get("embedded_this_run", 0)
+            if timings.get("embed") and embedded_now:
+                report["throughput_img_s"] = {"embed": round((embedded_now + counts.get("rejected_this_run", 0))
+                                                             / timings["embed"], 1)}
+            held.check()
+            rundir.publish(report, bool(counts.get("accounted")),
+                           f"the accounting failed: {counts.get('listed')} listed, {counts.get('embedded')} "
+                           f"embedded + {counts.get('rejected')} rejected")
     return RunResult(output=out, report=report)
 
 
-def _previous_report(out: str, opts: StorageOptions) -> dict[str, Any]:
-    uri = storage.join(out, "run.json")
-    return json.loads(storage.read_bytes(uri, opts)) if storage.exists(uri, opts) else {}
+def _precheck_claim(rundir: RunDir, fingerprint: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a foreign folder, or an output of another configuration without --overwrite, before the lease is
+    taken (so a refused command writes nothing there); the claim itself is repeated under the lease."""
+    if rundir.has_foreign_files():
+        raise OutputError(f"output {rundir.uri} exists and is not a fruitpipe output: choose an empty or new OUTPUT;"
+                          " --overwrite never deletes files fruitpipe did not write")
+    previous = rundir.read_marker()
+    if previous is not None and previous != fingerprint and not overwrite:
+        rundir.claim(fingerprint, overwrite, _FINGERPRINT_DEFAULTS)  # raises, with the differences
 
 
 def read_marker(out: str, opts: StorageOptions) -> dict[str, Any]:
     """The fingerprint (input, model, sha256) of the run that owns `out`; OutputError if there is none."""
-    marker = storage.join(storage.normalize(out), MARKER)
-    if not storage.exists(marker, opts):
+    marker = RunDir(out, opts).read_marker()
+    if marker is None:
         raise OutputError(f"{out} holds no fruitpipe embeddings: run `fruitpipe embed INPUT {out}` first")
-    return json.loads(storage.read_bytes(marker, opts))
+    for key in ("input", "model", "model_sha256"):
+        if not isinstance(marker.get(key), str):
+            raise OutputError(f"{out}/_fruitpipe.json is corrupt (no {key}): re-run `fruitpipe embed` with "
+                              "--overwrite")
+    return marker

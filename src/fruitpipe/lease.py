@@ -1,0 +1,227 @@
+"""A writer's lease on an output: one run at a time, with an owner, a heartbeat and takeover of a dead owner's lease.
+
+Local (and shared-folder) outputs serialise every change of the lease file under an exclusive `flock`; S3 uses
+conditional writes (If-None-Match to create, If-Match on the ETag to renew or take over), which S3 has supported
+since 2024, so two drivers can never both believe they hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from fruitpipe import storage
+from fruitpipe.errors import OutputError
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+LEASE = "_lease.json"
+#: A lease whose heartbeat is older than this is a dead owner's (a live run renews it every TTL / 4).
+TTL_S = 120.0
+
+
+class LeaseHeldError(OutputError):
+    """Another live run holds the output's lease."""
+
+
+class LeaseLostError(OutputError):
+    """This run's lease was taken over (it stalled past the TTL): it must not publish."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lease:
+    """A held lease; `check()` raises LeaseLostError if another run took it over."""
+
+    out: str
+    owner: dict[str, Any]
+    opts: StorageOptions
+    ttl_s: float = TTL_S
+    _etag: str | None = None
+    _lost: bool = False
+    _fd: int | None = None
+
+    @property
+    def uri(self) -> str:
+        """Where the lease lives."""
+        return storage.join(self.out, LEASE)
+
+    # -- one store-specific compare-and-swap, used for acquire, renew and release ------------------------------
+
+    @contextlib.contextmanager
+    def _local_lock(self) -> Iterator[None]:
+        """Hold flock on the lease file itself: it is never deleted or renamed (a waiter would then lock a stale
+        inode), only rewritten in place under the lock; a released lease is marked so."""
+        path = storage.normalize(self.uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd = fd
+            yield
+        finally:
+            self._fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _s3(self) -> tuple[Any, str, str]:
+        import boto3
+
+        bucket, _, key = self.uri[len("s3://"):].partition("/")
+        client = boto3.client("s3", region_name=self.opts.region, endpoint_url=self.opts.s3_endpoint)
+        return client, bucket, key
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(current lease, its ETag on S3), or (None, None) when there is none."""
+        if storage.is_s3(self.uri):
+            client, bucket, key = self._s3()
+            try:
+                obj = client.get_object(Bucket=bucket, Key=key)
+            except client.exceptions.NoSuchKey:
+                return None, None
+            body = obj["Body"].read()
+            etag = obj["ETag"]
+        else:
+            assert self._fd is not None, "local lease read outside its lock"
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            body, etag = os.read(self._fd, 1 << 16), None
+        if not body.strip():
+            return None, None
+        try:
+            doc = json.loads(body)
+        except ValueError:  # a corrupt lease file belongs to nobody
+            return {"owner": "corrupt", "heartbeat_at": 0}, etag
+        return (None, etag) if doc.get("released") else (doc, etag)
+
+    def _write(self, doc: dict[str, Any] | None, expect_etag: str | None, create: bool) -> bool:
+        """Write (or delete, doc=None) the lease if it is still what was read; False if someone changed it."""
+        if storage.is_s3(self.uri):
+            client, bucket, key = self._s3()
+            from botocore.exceptions import ClientError
+
+            try:
+                if doc is None:
+                    client.delete_object(Bucket=bucket, Key=key, **({"IfMatch": expect_etag} if expect_etag else {}))
+                    return True
+                cond = {"IfNoneMatch": "*"} if create else {"IfMatch": expect_etag or "*"}
+                resp = client.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode(), **cond)
+                self._etag = resp["ETag"]
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        assert self._fd is not None, "local lease written outside its lock"
+        body = json.dumps({"released": True, "released_at": time.time()} if doc is None else doc).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, body, 0)
+        os.fsync(self._fd)
+        return True
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+
+    def _stale(self, doc: dict[str, Any]) -> str | None:
+        """Why `doc` (another owner's lease) may be taken over, or None if its owner looks alive."""
+        age = time.time() - float(doc.get("heartbeat_at", 0))
+        if doc.get("host") == self.owner["host"] and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"]):
+            return f"its owner (pid {doc['pid']} on this host) is dead"
+        if age > float(doc.get("ttl_s", self.ttl_s)):
+            return f"its heartbeat is {age:.0f} s old (TTL {doc.get('ttl_s', self.ttl_s):.0f} s)"
+        return None
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if storage.is_s3(self.uri) else self._local_lock()
+
+    def acquire(self) -> None:
+        """Take the lease or raise LeaseHeldError with one line naming the live owner."""
+        with self._transaction():
+            current, etag = self._read()
+            doc = {**self.owner, "acquired_at": time.time(), "heartbeat_at": time.time(), "ttl_s": self.ttl_s}
+            if current is not None and current.get("token") != self.owner["token"]:
+                why = self._stale(current)
+                if why is None:
+                    age = time.time() - float(current.get("heartbeat_at", 0))
+                    raise LeaseHeldError(
+                        f"output {self.out} is being written by another run (pid {current.get('pid')} on "
+                        f"{current.get('host')}, started {time.strftime('%H:%M:%S', time.localtime(current.get('acquired_at', 0)))}, "
+                        f"heartbeat {age:.0f} s ago): wait for it to finish, or use another OUTPUT"
+                    )
+                log.warning("taking over the lease of %s: %s", self.out, why)
+            ok = self._write(doc, etag, create=current is None)
+        if not ok:
+            raise LeaseHeldError(f"output {self.out} was claimed by another run at the same moment: wait for it to "
+                                 "finish, or use another OUTPUT")
+
+    def renew(self) -> None:
+        """Move the heartbeat forward; marks the lease lost if another run took it over."""
+        with self._transaction():
+            current, etag = self._read()
+            if current is None or current.get("token") != self.owner["token"]:
+                self._lost = True
+                return
+            if not self._write({**current, "heartbeat_at": time.time()}, etag, create=False):
+                self._lost = True
+
+    def check(self) -> None:
+        """Raise LeaseLostError if this run no longer holds the lease (checked before every publish)."""
+        if not self._lost:
+            with self._transaction():
+                current, _ = self._read()
+            self._lost = current is None or current.get("token") != self.owner["token"]
+        if self._lost:
+            raise LeaseLostError(f"this run lost its lease on {self.out} (it stalled longer than {self.ttl_s:.0f} s "
+                                 "and another run took over): nothing more was published; re-run the command")
+
+    def release(self) -> None:
+        """Give the lease back if it is still ours."""
+        with self._transaction():
+            current, etag = self._read()
+            if current is not None and current.get("token") == self.owner["token"]:
+                self._write(None, etag, create=False)
+
+
+@contextlib.contextmanager
+def hold(out: str, token: str, opts: StorageOptions, ttl_s: float = TTL_S) -> Iterator[Lease]:
+    """Hold the lease of `out` for the block, renewing it every ttl_s / 4 from a daemon thread."""
+    owner = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
+    lease = Lease(storage.normalize(out), owner, opts, ttl_s)
+    lease.acquire()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ttl_s / 4):
+            try:
+                lease.renew()
+            except Exception as exc:  # a failed renewal is retried; the TTL leaves room for several
+                log.warning("could not renew the lease of %s: %s", out, exc)
+
+    thread = threading.Thread(target=beat, name="fruitpipe-lease", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            lease.release()
+        except Exception as exc:  # an unreachable store: the lease then expires by its TTL
+            log.warning("could not release the lease of %s (it expires in %.0f s): %s", out, ttl_s, exc)

@@ -1,0 +1,356 @@
+"""RunDir: the output directory as an object: layout, claim, staging, the commit record, _SUCCESS, index reads.
+
+The commit record (`_commit.json`, replaced whole and atomically, as a table format's log) names every file that
+belongs to the output. Part files are written under unique names and are only part of the output once the record
+names them; a file the record does not name is debris of an interrupted run, removed by the next run that holds
+the lease. A run decides what is done from the record alone, and `_SUCCESS` is written only when the record, the
+directories and the accounting all agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fruitpipe import storage
+from fruitpipe.errors import OutputError
+from fruitpipe.schemas import EMBEDDINGS_SCHEMA, REJECTS_SCHEMA, conform
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+MARKER = "_fruitpipe.json"
+SUCCESS = "_SUCCESS"
+STAGING = "_staging"
+RECORD = "_commit.json"
+RUN_JSON = "run.json"
+DATASETS = {"embeddings": EMBEDDINGS_SCHEMA, "rejects": REJECTS_SCHEMA}
+REDUCE_DIRS = ("pca", "reduced")
+#: Everything fruitpipe writes in an output: --overwrite deletes these names and nothing else.
+OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS)
+#: The writer's lease (fruitpipe.lease): never deleted by --overwrite, which runs under it.
+LEASE_ENTRY = "_lease.json"
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def _read_json(uri: str, opts: StorageOptions, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(storage.read_bytes(uri, opts))
+    except ValueError as exc:
+        raise OutputError(f"{uri} is corrupt ({what}: {exc}); delete it, or re-run with --overwrite to start this "
+                          "output afresh") from None
+    if not isinstance(doc, dict):
+        raise OutputError(f"{uri} is corrupt ({what}: not a JSON object); delete it, or re-run with --overwrite")
+    return doc
+
+
+class RunDir:
+    """One output directory (local path or s3:// prefix) and the protocol every stage uses to change it."""
+
+    def __init__(self, uri: str, opts: StorageOptions) -> None:
+        self.uri = storage.normalize(uri)
+        self.opts = opts
+        self._record: dict[str, Any] | None = None
+
+    def join(self, *parts: str) -> str:
+        """A URI inside the output."""
+        return storage.join(self.uri, *parts)
+
+    # -- ownership -----------------------------------------------------------------------------------------------
+
+    def read_marker(self) -> dict[str, Any] | None:
+        """The fingerprint of the configuration that owns this output, or None if it is not a fruitpipe output."""
+        uri = self.join(MARKER)
+        return _read_json(uri, self.opts, "the output's marker") if storage.exists(uri, self.opts) else None
+
+    def check_separate_from(self, input_uri: str) -> None:
+        """Refuse an OUTPUT equal to, inside, or holding INPUT: --overwrite would delete photos, and an output
+        inside its input would be listed as input."""
+        inp = storage.normalize(input_uri)
+        if _inside(self.uri, inp) or _inside(inp, self.uri):
+            where = "the same as" if self.uri == inp else "inside" if _inside(self.uri, inp) else "a parent of"
+            raise OutputError(f"OUTPUT {self.uri} is {where} INPUT {inp}: choose an OUTPUT outside the input "
+                              "folder (and not containing it)")
+
+    def claim(self, fingerprint: dict[str, Any], overwrite: bool, defaults: dict[str, Any]) -> None:
+        """Make the output ours: refuse one made with another configuration (unless overwrite) and any folder with
+        files that fruitpipe did not write; --overwrite deletes only fruitpipe's own entries."""
+        previous = self.read_marker()
+        if previous is not None:
+            if previous != fingerprint:
+                if not overwrite:
+                    diff = ", ".join(
+                        f"{k} was {previous.get(k, defaults.get(k))!r} (now {fingerprint.get(k, defaults.get(k))!r})"
+                        for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k))
+                    raise OutputError(f"output {self.uri} belongs to another configuration ({diff}): choose a new "
+                                      "OUTPUT or pass --overwrite")
+                log.warning("--overwrite: deleting what fruitpipe wrote in %s (made with another configuration)",
+                            self.uri)
+                self.delete_own_entries()
+        elif self.has_foreign_files():
+            raise OutputError(f"output {self.uri} exists and is not a fruitpipe output (no {MARKER}): choose an "
+                              "empty or new OUTPUT; --overwrite never deletes files fruitpipe did not write")
+        storage.write_bytes(self.join(MARKER), json.dumps(fingerprint, indent=2).encode(), self.opts)
+
+    def has_foreign_files(self) -> bool:
+        """Whether the folder holds files and is not a fruitpipe output (no marker): never to be written over."""
+        if not storage.exists(self.uri, self.opts) or storage.exists(self.join(MARKER), self.opts):
+            return False
+        return any(not u.endswith("/" + LEASE_ENTRY) for u, _ in storage.list_files(self.uri, self.opts))
+
+    def delete_own_entries(self) -> None:
+        """Delete what fruitpipe wrote (the names of its layout), never anything else in the folder."""
+        for name in OWN_ENTRIES:
+            storage.delete(self.join(name), self.opts)
+        self._record = None
+
+    # -- the commit record ---------------------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """The commit record; an output from before records existed is adopted as it stands, without its PCA."""
+        if self._record is None:
+            uri = self.join(RECORD)
+            if storage.exists(uri, self.opts):
+                rec = _read_json(uri, self.opts, "the commit record")
+                if not isinstance(rec.get("datasets"), dict):
+                    raise OutputError(f"{uri} is corrupt (no datasets): re-run with --overwrite")
+            else:
+                rec = {"format": 1, "version": 0, "reduce": None, "settings": {},
+                       "datasets": {name: [u.rsplit("/", 1)[1] for u in self._listed_parquet(name)]
+                                    for name in DATASETS}}
+            self._record = rec
+        return self._record
+
+    def _write_record(self, rec: dict[str, Any], token: str) -> None:
+        rec = {**rec, "version": int(rec.get("version", 0)) + 1, "token": token,
+               "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        storage.write_bytes(self.join(RECORD), json.dumps(rec, indent=1).encode(), self.opts)
+        self._record = rec
+
+    def files(self, dataset: str) -> list[str]:
+        """The committed part files of a dataset (URIs)."""
+        return [self.join(dataset, name) for name in self.record()["datasets"].get(dataset, [])]
+
+    def _listed_parquet(self, dataset: str) -> list[str]:
+        uri = self.join(dataset)
+        return storage.parquet_files(uri, self.opts) if storage.exists(uri, self.opts) else []
+
+    def reduce_entry(self) -> dict[str, Any] | None:
+        """The committed PCA (fingerprint, files of pca/ and reduced/), or None when there is none."""
+        return self.record().get("reduce")
+
+    def settings(self) -> dict[str, Any]:
+        """Settings that decided the committed rows (e.g. max_pixels for too_large rejects)."""
+        return dict(self.record().get("settings") or {})
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    def read_index(self, dataset: str, columns: list[str]) -> pa.Table:
+        """The given columns of a committed dataset, plus _file (part name) and _row (row in that part)."""
+        schema = DATASETS[dataset]
+        pieces = []
+        for uri in self.files(dataset):
+            try:
+                t = storage.read_parquet(uri, self.opts)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from "
+                                  f"{self.join(RECORD)}, or re-run with --overwrite") from None
+            t = conform(t.select([c for c in t.column_names if c in columns]), pa.schema(
+                [schema.field(c) for c in columns]))
+            name = uri.rsplit("/", 1)[1]
+            t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))
+            pieces.append(t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+        if not pieces:
+            empty = pa.schema([schema.field(c) for c in columns] + [("_file", pa.string()), ("_row", pa.int64())])
+            return empty.empty_table()
+        return pa.concat_tables(pieces)
+
+    # -- changes (the caller holds the lease) ---------------------------------------------------------------------
+
+    def begin(self, token: str) -> None:
+        """Start changing the output: readers lose _SUCCESS; debris of interrupted runs (files the record does not
+        name, staging) is removed, so what the directories hold is what the record says."""
+        storage.delete(self.join(SUCCESS), self.opts)
+        storage.delete(self.join(STAGING), self.opts)
+        rec = self.record()
+        removed = 0
+        for name in DATASETS:
+            keep = set(rec["datasets"].get(name, []))
+            for uri, _ in list(storage.list_files(self.join(name), self.opts)):
+                if uri.rsplit("/", 1)[1] not in keep:
+                    storage.delete(uri, self.opts)
+                    removed += 1
+        entry = rec.get("reduce")
+        for name in REDUCE_DIRS:
+            keep = set(entry.get(name, [])) if entry else set()
+            for uri, _ in list(storage.list_files(self.join(name), self.opts)):
+                if posixpath.relpath(uri, self.join(name)) not in keep:
+                    storage.delete(uri, self.opts)
+                    removed += 1
+        if removed:
+            log.warning("removed %d file(s) of an interrupted run from %s (not in its commit record)", removed,
+                        self.uri)
+        if not storage.exists(self.join(RECORD), self.opts):
+            self._write_record(rec, token)
+
+    def staging(self, token: str) -> str:
+        """This run's private staging prefix."""
+        return self.join(STAGING, token)
+
+    def commit_parts(self, staging: str, token: str, settings: dict[str, Any] | None = None) -> int:
+        """Publish the part files staged under `staging`/<dataset>/: moved under unique names, then named in the
+        record in one write (which also drops the PCA, since the embeddings changed). Returns the files moved."""
+        rec = self.record()
+        added: dict[str, list[str]] = {}
+        for name in DATASETS:
+            src_dir = storage.join(staging, name)
+            files = storage.parquet_files(src_dir, self.opts) if storage.exists(src_dir, self.opts) else []
+            added[name] = []
+            for src in files:
+                dest = f"{token}-{src.rsplit('/', 1)[1]}"
+                storage.move(src, self.join(name, dest), self.opts)
+                added[name].append(dest)
+        n = sum(len(v) for v in added.values())
+        if n or settings:
+            datasets = {name: rec["datasets"].get(name, []) + added.get(name, []) for name in DATASETS}
+            changed = bool(added["embeddings"])
+            self._write_record({**rec, "datasets": datasets, "reduce": None if changed else rec.get("reduce"),
+                                "settings": {**self.settings(), **(settings or {})}}, token)
+        return n
+
+    def drop_rows(self, rows: dict[str, pa.Table], token: str) -> int:
+        """Remove rows from committed parts: `rows[dataset]` has the _file and _row of each row to drop. Rewritten
+        parts get new names and one record write swaps them in; the old files are deleted after. Returns rows."""
+        rec = self.record()
+        datasets = {name: list(rec["datasets"].get(name, [])) for name in DATASETS}
+        replaced: list[str] = []
+        dropped = 0
+        emb_changed = False
+        for name, table in rows.items():
+            if table.num_rows == 0:
+                continue
+            by_file: dict[str, set[int]] = {}
+            for f, r in zip(table.column("_file").to_pylist(), table.column("_row").to_pylist()):
+                by_file.setdefault(f, set()).add(int(r))
+            for fname, drop in sorted(by_file.items()):
+                old = self.join(name, fname)
+                t = storage.read_parquet(old, self.opts)
+                mask = np.ones(t.num_rows, dtype=bool)
+                mask[sorted(drop)] = False
+                kept = t.filter(pa.array(mask))
+                idx = datasets[name].index(fname)
+                if kept.num_rows:
+                    new = f"{token}-{uuid.uuid4().hex[:12]}.parquet"
+                    storage.write_parquet(kept, self.join(name, new), self.opts)
+                    datasets[name][idx] = new
+                else:
+                    datasets[name][idx] = ""
+                replaced.append(old)
+                dropped += t.num_rows - kept.num_rows
+                emb_changed |= name == "embeddings"
+        if not replaced:
+            return 0
+        datasets = {name: [f for f in files if f] for name, files in datasets.items()}
+        self._write_record({**rec, "datasets": datasets, "reduce": None if emb_changed else rec.get("reduce")}, token)
+        for old in replaced:
+            storage.delete(old, self.opts)
+        return dropped
+
+    def commit_reduce(self, staging: str, fingerprint: dict[str, Any], token: str) -> None:
+        """Replace pca/ and reduced/ by the staged ones: the record first forgets the old PCA, the directories are
+        swapped, then the record names the new files. A crash at any point leaves a record that says 'no PCA',
+        so the next run fits it again instead of trusting half-replaced directories."""
+        rec = self.record()
+        if rec.get("reduce") is not None:
+            self._write_record({**rec, "reduce": None}, token)
+        entry: dict[str, Any] = {"fingerprint": fingerprint}
+        for name in REDUCE_DIRS:
+            storage.delete(self.join(name), self.opts)
+            src_dir = storage.join(staging, name)
+            names = []
+            for src, _ in list(storage.list_files(src_dir, self.opts)):
+                rel = posixpath.relpath(src, src_dir)
+                storage.move(src, self.join(name, rel), self.opts)
+                names.append(rel)
+            entry[name] = sorted(names)
+        self._write_record({**self.record(), "reduce": entry}, token)
+
+    def ensure_datasets(self, token: str) -> None:
+        """Readers always find both datasets with their schema: an empty part where a dataset has none."""
+        rec = self.record()
+        missing = [name for name in DATASETS if not rec["datasets"].get(name)]
+        if not missing:
+            return
+        datasets = dict(rec["datasets"])
+        for name in missing:
+            part = f"{token}-part-empty.parquet"
+            storage.write_parquet(DATASETS[name].empty_table(), self.join(name, part), self.opts)
+            datasets[name] = [part]
+        self._write_record({**rec, "datasets": datasets}, token)
+
+    # -- publishing ----------------------------------------------------------------------------------------------
+
+    def consistency_problems(self) -> list[str]:
+        """Differences between the record and the directories (empty when they agree)."""
+        rec = self.record()
+        problems = []
+        for name in DATASETS:
+            on_disk = {u.rsplit("/", 1)[1] for u, _ in storage.list_files(self.join(name), self.opts)}
+            named = set(rec["datasets"].get(name, []))
+            if on_disk != named:
+                problems.append(f"{name}/: {len(named - on_disk)} named file(s) missing, "
+                                f"{len(on_disk - named)} unnamed file(s)")
+        entry = rec.get("reduce")
+        for name in REDUCE_DIRS:
+            on_disk = {posixpath.relpath(u, self.join(name)) for u, _ in storage.list_files(self.join(name), self.opts)}
+            named = set(entry.get(name, [])) if entry else set()
+            if on_disk != named:
+                problems.append(f"{name}/ does not match the commit record")
+        return problems
+
+    def publish(self, report: dict[str, Any], complete: bool, why_not: str = "") -> None:
+        """Write run.json; write _SUCCESS only when `complete` and the directories match the record."""
+        storage.delete(self.join(STAGING), self.opts)
+        storage.write_bytes(self.join(RUN_JSON), json.dumps(report, indent=2).encode(), self.opts)
+        if not complete:
+            raise OutputError(f"{why_not}; {self.uri}/_SUCCESS was not written: re-run the same command to repair")
+        problems = self.consistency_problems()
+        if problems:
+            raise OutputError(f"the output does not match its commit record ({'; '.join(problems)}); "
+                              f"{self.uri}/_SUCCESS was not written: re-run the same command to repair")
+        storage.write_bytes(self.join(SUCCESS), b"", self.opts)
+
+    def previous_report(self) -> dict[str, Any]:
+        """The last run.json, or {} when there is none."""
+        uri = self.join(RUN_JSON)
+        return _read_json(uri, self.opts, "the last run's report") if storage.exists(uri, self.opts) else {}
+
+
+def duplicate_rows(index: pa.Table) -> pa.Table:
+    """Rows of an index (uri, _file, _row, ...) whose uri occurred earlier in it: every uri kept once."""
+    if index.num_rows == 0:
+        return index
+    uris = index.column("uri").to_pylist()
+    seen: set[str] = set()
+    mask = np.zeros(len(uris), dtype=bool)
+    for i, u in enumerate(uris):
+        if u in seen:
+            mask[i] = True
+        seen.add(u)
+    return index.filter(pa.array(mask))
+
+
+def count_in(column: pa.ChunkedArray | pa.Array, values: pa.Array) -> int:
+    """How many entries of `column` are in `values`."""
+    return int(pc.sum(pc.is_in(column, values)).as_py() or 0)
