@@ -151,19 +151,22 @@ def test_killed_run_publishes_nothing_and_resumes(spark, tmp_path: Path) -> None
     assert (out / "_SUCCESS").exists()
     committed = sorted(p.name for p in (out / "embeddings").iterdir())
     copy_classes(data, classes[2:])  # 480 more images
+    gate = tmp_path / "gate"
+    gate.touch()  # the worker pauses after 40 images, i.e. with 2 parts of 16 staged: the run cannot finish first
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "gate"), "FRUITPIPE_TEST_GATE": str(gate),
+           "FRUITPIPE_TEST_GATE_AFTER": "40"}
     proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(data), str(out), "--k", "5",
                              "--quiet", "--partition-size", "16", "--master", "local[1]"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 240
-    staged: list[Path] = []
-    while time.time() < deadline and proc.poll() is None:
-        staged = list(out.glob("_staging/*/embeddings/*.parquet"))
-        if len(staged) >= 2:
-            break
-        time.sleep(0.2)
-    assert staged, "the embed stage never started staging part files"
+    while not list(tmp_path.glob("gate.held-*")):  # observable: the third task is under way
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)  # polling for the event, not a timed fault
+    staged = list(out.glob("_staging/*/embeddings/*.parquet"))
+    assert len(staged) == 2, staged
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and its Python workers
     proc.wait(timeout=30)
+    gate.unlink()
     assert not (out / "_SUCCESS").exists()  # the output no longer claims to be complete
     assert sorted(p.name for p in (out / "embeddings").iterdir()) == committed  # nothing half-published
     result = fruitpipe.run(config)

@@ -39,8 +39,12 @@ class Cluster:
         self.root = root
         self.port = _free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
+        # The executors' Python workers load tests/gate: while root/gate exists, each waits after 8 images.
+        self.gate = root / "gate"
         self.env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
-                    "SPARK_WORKER_DIR": str(root / "work"), "SPARK_LOG_DIR": str(root / "logs")}
+                    "SPARK_WORKER_DIR": str(root / "work"), "SPARK_LOG_DIR": str(root / "logs"),
+                    "PYTHONPATH": str(Path(__file__).parent / "gate"), "FRUITPIPE_TEST_GATE": str(self.gate),
+                    "FRUITPIPE_TEST_GATE_AFTER": "8"}
         self.procs: list[subprocess.Popen] = []
         self.master = self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                              "--port", str(self.port), "--webui-port", "0"])
@@ -136,13 +140,15 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster: Cluster, cluster_in
     data, reference, local = cluster_input
     out = tmp_path / "out"
     started = time.time()
+    cluster.gate.touch()  # executors pause mid-task once they have embedded 8 images: the run cannot finish
     proc = _cli_run(data, out, cluster.url)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("_staging/*/embeddings/*.parquet"))) < 3:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before the worker could be killed"
+    while not list(cluster.root.glob("gate.held-*")):  # observable: an executor is inside a task
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)  # polling for the event, not a timed fault
     killed_at = time.time()
     cluster.kill_worker(0)
+    cluster.gate.unlink()
     _, err = proc.communicate(timeout=400)
     finished = time.time()
     assert proc.returncode == 0, err

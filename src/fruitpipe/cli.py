@@ -247,7 +247,8 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     for noisy in ("py4j", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        # py4j logs the Java side of an interrupted or failed call as ERROR tracebacks; the CLI's one line says it.
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def _key_values(items: Sequence[str], flag: str, example: str) -> dict[str, str]:
@@ -315,10 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(flags, toml_path=args.config)
         result = {"run": fruitpipe.run, "embed": fruitpipe.embed, "reduce": fruitpipe.reduce}[args.command](config)
     except FruitpipeError as exc:
+        log.debug("the cause, in full:", exc_info=exc)  # --verbose
         sys.stderr.write(f"fruitpipe: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("fruitpipe: interrupted; nothing was published as complete (no _SUCCESS)\n")
+        sys.stderr.write("fruitpipe: interrupted; nothing was published as complete (no _SUCCESS); committed work is "
+                         "kept, re-run the same command to finish\n")
         return 130
     counts = result.counts
     summary = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -90,6 +91,11 @@ class Config:
                           ("read_ahead", 1), ("list_threads", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        _check_master(self.master)
+        for key, value in self.spark_conf.items():
+            if (key.endswith(".memory") or key.endswith("memoryOverhead") or key.endswith("maxResultSize")) \
+                    and not _MEMORY.fullmatch(str(value).strip().lower()):
+                raise ConfigError(f"--spark-conf {key}={value!r} is not a size: use e.g. {key}=4g (k, m, g or t)")
         if self.model_path is not None and not self.model_path.startswith("s3://") \
                 and not os.path.isfile(self.model_path):
             raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a .onnx file or s3:// URI")
@@ -104,6 +110,18 @@ class Config:
         d = dataclasses.asdict(self)
         d["spark_conf"] = dict(self.spark_conf)
         return d
+
+
+_MEMORY = re.compile(r"\d+[kmgtp]?b?")
+_MASTER = re.compile(r"local(\[(\*|[1-9]\d*)(,\s*[0-9]+)?\])?|local-cluster\[[1-9]\d*,\s*[1-9]\d*,\s*[1-9]\d*\]"
+                     r"|spark://[^\s/]+:\d+(,[^\s/]+:\d+)*|yarn|k8s://\S+")
+
+
+def _check_master(master: str) -> None:
+    """Refuse a master URL Spark would fail on with a Java trace (garbage, local[0])."""
+    if not _MASTER.fullmatch(master):
+        raise ConfigError(f"--master {master!r} is not a Spark master URL: use local[*], local[N] (N >= 1), "
+                          "spark://HOST:PORT, yarn or k8s://...")
 
 
 #: Settings of which only one may be in force: a layer (TOML, environment, flags) that sets one clears the other

@@ -44,14 +44,16 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
-def _read_json(uri: str, opts: StorageOptions, what: str) -> dict[str, Any]:
+_AFRESH = "re-run `fruitpipe run` or `embed` with --overwrite to start this output afresh"
+
+
+def _read_json(uri: str, opts: StorageOptions, what: str, fix: str = _AFRESH) -> dict[str, Any]:
     try:
         doc = json.loads(storage.read_bytes(uri, opts))
-    except ValueError as exc:
-        raise OutputError(f"{uri} is corrupt ({what}: {exc}); delete it, or re-run with --overwrite to start this "
-                          "output afresh") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OutputError(f"{uri} is corrupt ({what}: {str(exc)[:80]}): {fix}") from None
     if not isinstance(doc, dict):
-        raise OutputError(f"{uri} is corrupt ({what}: not a JSON object); delete it, or re-run with --overwrite")
+        raise OutputError(f"{uri} is corrupt ({what}: not a JSON object): {fix}")
     return doc
 
 
@@ -334,7 +336,8 @@ class RunDir:
     def previous_report(self) -> dict[str, Any]:
         """The last run.json, or {} when there is none."""
         uri = self.join(RUN_JSON)
-        return _read_json(uri, self.opts, "the last run's report") if storage.exists(uri, self.opts) else {}
+        fix = "re-run `fruitpipe embed INPUT OUTPUT` (nothing is re-embedded) to write it again"
+        return _read_json(uri, self.opts, "the last run's report", fix) if storage.exists(uri, self.opts) else {}
 
 
 def duplicate_rows(index: pa.Table) -> pa.Table:

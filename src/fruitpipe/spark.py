@@ -113,6 +113,7 @@ class JobProgress:
         self._quiet = quiet
         self._interval = interval
         self._stop = threading.Event()
+        self._failed = False
         self._thread: threading.Thread | None = None
 
     def _fraction(self) -> float:
@@ -141,7 +142,10 @@ class JobProgress:
                   file=sys.stderr, dynamic_ncols=True) as bar:
             while not self._stop.wait(self._interval):
                 bar.update(max(0, int(self._fraction() * self._total) - bar.n))
-            bar.update(max(0, int(self._fraction() * self._total) - bar.n))
+            if self._failed:
+                bar.set_postfix_str("failed")  # the bar stays where the work stopped, never a false 100 %
+            else:
+                bar.update(max(0, int(self._fraction() * self._total) - bar.n))
 
     def __enter__(self) -> "JobProgress":
         self._sc.setJobGroup(self._group, self._desc or self._group)
@@ -151,6 +155,7 @@ class JobProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._failed = exc[0] is not None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

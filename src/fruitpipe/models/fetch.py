@@ -118,7 +118,7 @@ def resolve_model(spec: ModelSpec, model_path: str | None = None,
             raise ModelError(f"--model-path {model_path} is not a file: point it at a local .onnx file")
         digest = sha256_file(model_path)
         if digest != spec.sha256:
-            log.warning("model file %s has sha256 %s, not the registry's %s for %s (custom weights?)",
+            log.info("model file %s has sha256 %s, not the registry's %s for %s (custom weights; run.json records it)",
                         model_path, digest, spec.sha256, spec.name)
         return ResolvedModel(spec, os.path.abspath(model_path), digest, "model_path")
     models_dir = os.environ.get("FRUITPIPE_MODELS")

@@ -243,10 +243,15 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
     fingerprint = {"embedding_ids_digest": ids_digest, "k": config.k, "variance": config.variance}
     entry = rundir.reduce_entry()
     if entry is not None and entry.get("fingerprint") == fingerprint:
-        log.info("PCA and reduced vectors are up to date; nothing to reduce")
-        report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
-        timings["reduce"] = time.perf_counter() - t0
-        return {**_pca_summary(report), "skipped": True}
+        try:
+            report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
+            summary = _pca_summary(report)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("pca/explained_variance.json is unreadable (%s): fitting the PCA again", exc)
+        else:
+            log.info("PCA and reduced vectors are up to date; nothing to reduce")
+            timings["reduce"] = time.perf_counter() - t0
+            return {**summary, "skipped": True}
     files = rundir.files("embeddings")
     n_rows = reduce_mod.count_rows(files, opts)
     if n_rows < 2:
