@@ -14,5 +14,7 @@ run: setup
 	$(MODELS_ENV) .venv/bin/fruitpipe run "$(INPUT)" "$(OUTPUT)" $(ARGS)
 
 test: setup
+	.venv/bin/ruff check src
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,28 @@ def test_int8_below_the_agreement_bar_is_refused_and_nothing_is_published(spark,
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), quiet=True, precision="int8"))
     assert not out.exists()  # nothing claimed, nothing published
     fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=2, quiet=True))  # fp32 is accepted
+
+
+def test_ctrl_c_mid_embed_exits_130_with_one_line(spark, tmp_path: Path) -> None:
+    import signal as sig
+
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=10)
+    out = tmp_path / "out"
+    gate = tmp_path / "gate"
+    gate.touch()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "gate"), "FRUITPIPE_TEST_GATE": str(gate)}
+    proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(data), str(out), "--quiet",
+                             "--master", "local[1]"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        while not list(tmp_path.glob("gate.held-*")):  # observable: a task is embedding
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)  # polling for the event, not a timed fault
+        proc.send_signal(sig.SIGINT)  # what Ctrl-C sends to the foreground process
+        _, err = proc.communicate(timeout=120)
+    finally:
+        gate.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(JVM_BANNER)]
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, err)
+    assert not (out / "_SUCCESS").exists()

@@ -126,19 +126,25 @@ def test_a_dead_owners_lease_is_taken_over(spark, tmp_path: Path) -> None:
 def test_lease_on_s3_uses_conditional_writes(s3_endpoint: str) -> None:
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3").create_bucket(
-        Bucket="leases", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3")
+    s3.create_bucket(Bucket="leases", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
     opts = StorageOptions(s3_endpoint)
     with lease.hold("s3://leases/out", "run-a", opts):
         with pytest.raises(lease.LeaseHeldError, match="being written by another run"):
             with lease.hold("s3://leases/out", "run-b", opts):
                 pass
-    with lease.hold("s3://leases/out", "run-c", opts, ttl_s=0.0) as held:  # released: free again
+    # A stalled owner on another host (heartbeat older than its TTL) is taken over...
+    stalled = {"token": "stalled", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - 1000,
+               "acquired_at": time.time() - 2000, "ttl_s": 120}
+    s3.put_object(Bucket="leases", Key="out/_lease.json", Body=json.dumps(stalled).encode())
+    with lease.hold("s3://leases/out", "run-c", opts) as held:
         held.check()
-        # A stalled owner (heartbeat older than its TTL) is taken over; the stalled one then may not publish.
-        with lease.hold("s3://leases/out", "run-d", opts):
-            with pytest.raises(lease.LeaseLostError, match="lost its lease"):
-                held.check()
+        # ...and a run whose lease was taken over in turn may not publish.
+        s3.put_object(Bucket="leases", Key="out/_lease.json", Body=json.dumps({**stalled, "token": "run-d",
+                                                                              "heartbeat_at": time.time()}).encode())
+        with pytest.raises(lease.LeaseLostError, match="lost its lease"):
+            held.check()
+    assert json.loads(s3.get_object(Bucket="leases", Key="out/_lease.json")["Body"].read())["token"] == "run-d"
 
 
 def test_duplicate_rows_left_by_older_concurrent_runs_are_repaired(spark, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fruitpipe.errors import FruitpipeError
 
@@ -53,7 +54,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
+    p.add_argument("input", metavar="INPUT",
+                   help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
     p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
     p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
     p.add_argument("--model-path", metavar="FILE",
@@ -129,7 +131,8 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default="eu-west-3", help="AWS region (default eu-west-3; non-EU needs --allow-non-eu)")
     p.add_argument("--allow-non-eu", action="store_true", help="accept a region outside the EU")
     p.add_argument("--artifacts", metavar="S3_PREFIX",
-                   help="where the wheel, bootstrap script and model go (default s3://<OUTPUT bucket>/fruitpipe-artifacts)")
+                   help="where the wheel, bootstrap script and model go "
+                        "(default s3://<OUTPUT bucket>/fruitpipe-artifacts)")
     p.add_argument("--logs", metavar="S3_PREFIX", help="EMR log prefix (default s3://<OUTPUT bucket>/fruitpipe-logs)")
     p.add_argument("--release-label", default=DEFAULT_RELEASE, help=f"EMR release (default {DEFAULT_RELEASE})")
     p.add_argument("--master-type", default="m5.xlarge", help="master instance type (default m5.xlarge)")
@@ -234,7 +237,10 @@ def _emr_main(args: argparse.Namespace) -> int:
         elif cmd == "up":
             show(aws.up(settings))
         else:
-            report = None if args.quiet else (lambda line: sys.stderr.write(line + "\n"))
+            def to_stderr(line: str) -> None:
+                sys.stderr.write(line + "\n")
+
+            report = None if args.quiet else to_stderr
             result = aws.run(settings, args.timeout, args.poll, args.wheel, report)
             run = result["run"]
             show({"cluster_id": result["cluster_id"], "step": result["step_state"], "output": settings.output,
@@ -310,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "reduce":
             from fruitpipe.pipeline.run import read_marker
 
-            marker = read_marker(args.output, StorageOptions(flags.get("s3_endpoint"), flags.get("region", "eu-west-3")))
+            opts = StorageOptions(flags.get("s3_endpoint"), flags.get("region", "eu-west-3"))
+            marker = read_marker(args.output, opts)
             flags.setdefault("input", marker["input"])
             flags["model"] = marker["model"]
         config = load_config(flags, toml_path=args.config)

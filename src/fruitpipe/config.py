@@ -6,8 +6,9 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from fruitpipe.errors import ConfigError
 
@@ -63,7 +64,7 @@ class Config:
     #: Extra Spark settings (key -> value), e.g. {"spark.executor.memory": "4g"}.
     spark_conf: Mapping[str, str] = field(default_factory=dict)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every field; raise ConfigError with a message that says how to fix the value."""
         from fruitpipe.models.registry import get_spec
 
@@ -101,7 +102,7 @@ class Config:
             raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a .onnx file or s3:// URI")
         return self
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -208,7 +209,8 @@ def load_config(
             raise ConfigError(f"--config {toml_path}: [fruitpipe] must be a table of settings, not {data!r}")
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {toml_path}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {toml_path}; "
+                              f"known: {', '.join(sorted(known))}")
         _layer(merged, {k: _coerce(k, v, f"in {toml_path}") for k, v in data.items()})
     from_env = {}
     for name in known:

@@ -90,9 +90,9 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np
                 raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
             if size_hint and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
-            img = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
-            img.load()
-            rgb = _to_rgb(img)
+            oriented: Image.Image = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
+            oriented.load()
+            rgb = _to_rgb(oriented)
             arr = np.asarray(rgb, dtype=np.uint8)
             if arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
                 raise Rejected("corrupt", f"decoded to an unusable array of shape {arr.shape}")

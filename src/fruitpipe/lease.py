@@ -15,8 +15,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from fruitpipe import storage
 from fruitpipe.errors import OutputError
@@ -160,9 +161,10 @@ class Lease:
                 why = self._stale(current)
                 if why is None:
                     age = time.time() - float(current.get("heartbeat_at", 0))
+                    since = time.strftime("%H:%M:%S", time.localtime(current.get("acquired_at", 0)))
                     raise LeaseHeldError(
                         f"output {self.out} is being written by another run (pid {current.get('pid')} on "
-                        f"{current.get('host')}, started {time.strftime('%H:%M:%S', time.localtime(current.get('acquired_at', 0)))}, "
+                        f"{current.get('host')}, started {since}, "
                         f"heartbeat {age:.0f} s ago): wait for it to finish, or use another OUTPUT"
                     )
                 log.warning("taking over the lease of %s: %s", self.out, why)
@@ -208,7 +210,7 @@ def hold(out: str, token: str, opts: StorageOptions, ttl_s: float = TTL_S) -> It
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(ttl_s / 4):
+        while not stop.wait(max(ttl_s / 4, 1.0)):
             try:
                 lease.renew()
             except Exception as exc:  # a failed renewal is retried; the TTL leaves room for several

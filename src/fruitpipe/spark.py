@@ -7,13 +7,17 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
+
+#: A mapInArrow function: Arrow batches of one partition in, Arrow batches out.
+ArrowFn = Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]
 
 
 def _log4j_config() -> str:
@@ -27,11 +31,10 @@ def spark_session(
     app_name: str = "fruitpipe",
     task_cpus: int = 1,
     conf: Mapping[str, str] | None = None,
-) -> Iterator["pyspark.sql.SparkSession"]:  # type: ignore[name-defined]  # noqa: F821
+) -> Iterator[pyspark.sql.SparkSession]:  # type: ignore[name-defined]  # noqa: F821
     """Yield the active SparkSession if there is one, else start one and stop it on exit."""
-    from pyspark.sql import SparkSession
-
     from pyspark import SparkContext
+    from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is None and SparkContext._active_spark_context is not None:
@@ -69,14 +72,14 @@ def spark_session(
         spark.stop()
 
 
-def default_parallelism(spark: "pyspark.sql.SparkSession") -> int:  # type: ignore[name-defined]  # noqa: F821
+def default_parallelism(spark: pyspark.sql.SparkSession) -> int:  # type: ignore[name-defined]  # noqa: F821
     """Task slots of the cluster: cores / spark.task.cpus (at least 1)."""
     sc = spark.sparkContext
     cpus = int(sc.getConf().get("spark.task.cpus", "1"))
     return max(1, sc.defaultParallelism // cpus)
 
 
-def from_arrow(spark: "pyspark.sql.SparkSession", table: "pa.Table") -> "pyspark.sql.DataFrame":  # type: ignore[name-defined]  # noqa: F821
+def from_arrow(spark: pyspark.sql.SparkSession, table: pa.Table) -> pyspark.sql.DataFrame:  # type: ignore[name-defined]  # noqa: F821
     """A DataFrame from an Arrow table, straight to the JVM on Spark 4; through pandas (still Arrow-based) on
     Spark 3.5, which EMR 7 ships and whose createDataFrame takes no Arrow table."""
     if int(spark.version.split(".")[0]) >= 4:
@@ -84,7 +87,7 @@ def from_arrow(spark: "pyspark.sql.SparkSession", table: "pa.Table") -> "pyspark
     return spark.createDataFrame(table.to_pandas())
 
 
-def to_arrow(df: "pyspark.sql.DataFrame") -> "pa.Table":  # type: ignore[name-defined]  # noqa: F821
+def to_arrow(df: pyspark.sql.DataFrame) -> pa.Table:  # type: ignore[name-defined]  # noqa: F821
     """Collect a DataFrame as an Arrow table: DataFrame.toArrow on Spark 4, its Arrow batches on Spark 3.5."""
     import pyarrow as pa
 
@@ -147,7 +150,7 @@ class JobProgress:
             else:
                 bar.update(max(0, int(self._fraction() * self._total) - bar.n))
 
-    def __enter__(self) -> "JobProgress":
+    def __enter__(self) -> JobProgress:
         self._sc.setJobGroup(self._group, self._desc or self._group)
         if self._total > 0:
             self._thread = threading.Thread(target=self._loop, name="fruitpipe-progress", daemon=True)

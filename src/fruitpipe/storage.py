@@ -6,8 +6,8 @@ import io
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs

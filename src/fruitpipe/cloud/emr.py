@@ -14,10 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from fruitpipe.errors import FruitpipeError
 
@@ -103,7 +104,7 @@ class EmrSettings:
     img_per_vcpu_s: float = MEASURED_IMG_PER_VCPU_S
     node_price: float | None = None
 
-    def validate(self) -> "EmrSettings":
+    def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
         if not self.region.startswith("eu-") and not self.allow_non_eu:
             raise EmrError(f"--region {self.region} is outside the EU: the data must stay in the EU (GDPR); "
@@ -462,7 +463,8 @@ class Emr:
             have = json.loads(self.emr.describe_security_configuration(
                 Name=SECURITY_CONFIGURATION)["SecurityConfiguration"])
         except ClientError:
-            self.emr.create_security_configuration(Name=SECURITY_CONFIGURATION, SecurityConfiguration=json.dumps(wanted))
+            self.emr.create_security_configuration(Name=SECURITY_CONFIGURATION,
+                                                   SecurityConfiguration=json.dumps(wanted))
         else:
             if have != wanted:  # security configurations are immutable; clusters keep the one they started with
                 raise EmrError(f"security configuration {SECURITY_CONFIGURATION} exists with other settings: "
@@ -496,9 +498,9 @@ class Emr:
 
     def upload(self, settings: EmrSettings, wheel: str | None = None) -> dict[str, str]:
         """Put the wheel, requirements, bootstrap script and model in S3; the model only if not there yet."""
-        from fruitpipe.models import get_spec, resolve_model
-
         from botocore.exceptions import ClientError
+
+        from fruitpipe.models import get_spec, resolve_model
 
         settings.validate()
         uris = artifact_uris(settings)

@@ -81,7 +81,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
             os.unlink(tmp)
 
 
-def _fetch_from_store(spec: ModelSpec, uri: str, opts: "StorageOptions") -> str:
+def _fetch_from_store(spec: ModelSpec, uri: str, opts: StorageOptions) -> str:
     """Copy an s3:// model into the cache once (keyed by its sha256) and return the local path."""
     from fruitpipe import storage
 
@@ -107,7 +107,7 @@ def cache_bytes(data: bytes, filename: str) -> Path:
 
 
 def resolve_model(spec: ModelSpec, model_path: str | None = None,
-                  opts: "StorageOptions | None" = None) -> ResolvedModel:
+                  opts: StorageOptions | None = None) -> ResolvedModel:
     """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), downloading if needed."""
     if model_path and model_path.startswith("s3://"):
         from fruitpipe.storage import StorageOptions

@@ -9,9 +9,10 @@ import logging
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -146,7 +147,7 @@ def passes(agree: dict[str, float]) -> bool:
     return agree["mean_cosine"] >= MIN_MEAN_COSINE and agree["min_cosine"] >= MIN_MIN_COSINE
 
 
-def _load(uris: list[str], opts: "StorageOptions", size: int, max_pixels: int) -> list[np.ndarray]:
+def _load(uris: list[str], opts: StorageOptions, size: int, max_pixels: int) -> list[np.ndarray]:
     arrays = []
     for u in uris:
         try:
@@ -164,7 +165,7 @@ class Int8Model:
     meta: dict[str, Any]
     new_bytes: bytes | None
 
-    def store(self, out: str, opts: "StorageOptions") -> None:
+    def store(self, out: str, opts: StorageOptions) -> None:
         """Keep a newly made model in OUTPUT/model/ (int8.json first: the model file's presence means both)."""
         name = self.model.spec.filename.replace(".onnx", ".int8.onnx")
         storage.write_bytes(storage.join(out, "model", "int8.json"), json.dumps(self.meta, indent=2).encode(), opts)
@@ -181,7 +182,7 @@ def _refuse(agree: dict[str, float], cpu: dict[str, Any], what: str) -> ModelErr
     )
 
 
-def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts: "StorageOptions",
+def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts: StorageOptions,
                        max_pixels: int) -> Int8Model:
     """The int8 model of OUTPUT, checked against float32 on this CPU: the one kept in OUTPUT/model/ (so every
     incremental run embeds with the same weights), else a new one calibrated on the listing's Training images.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def make_predict_fn(
     return predict
 
 
-def check_model(model: "ResolvedModel") -> None:
+def check_model(model: ResolvedModel) -> None:
     """Load a model on the driver and run one blank image through it, before any output is claimed: a file that
     is not ONNX, a truncated one, a wrong input or output name or size is one ModelError line, not a worker trace."""
     import onnxruntime as ort
@@ -120,8 +121,9 @@ def check_model(model: "ResolvedModel") -> None:
     try:
         (out,) = session.run([spec.output_name], {spec.input_name: blank})
     except Exception as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise ModelError(f"{where} fails on a {spec.input_size}x{spec.input_size}x3 image ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): use a model for this input size") from None
+                         f"{first}): use a model for this input size") from None
     if np.asarray(out).reshape(1, -1).shape[1] != spec.dim:
         raise ModelError(f"{where} gives {np.asarray(out).size} features per image, {spec.name} has {spec.dim}: use "
                          "the matching --model")

@@ -7,17 +7,18 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import images, storage
-from fruitpipe.schemas import INDEX_DDL, INDEX_SCHEMA, REJECTS_SCHEMA, TASK_INPUT_COLUMNS, embeddings_schema
 from fruitpipe.models import runner
+from fruitpipe.schemas import INDEX_DDL, INDEX_SCHEMA, REJECTS_SCHEMA, TASK_INPUT_COLUMNS, embeddings_schema
+from fruitpipe.spark import ArrowFn
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
 
@@ -190,13 +191,14 @@ def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int, model_sh
     )
 
 
-def make_partition_fn(settings: EmbedSettings, model_bc: object) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
     """The mapInArrow function: embed one partition, write its part files to staging, return its index."""
 
     def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
+        assert ctx is not None, "runs inside a Spark task"
         part = f"part-{ctx.partitionId():05d}.parquet"
         threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
         predict = runner.make_predict_fn(

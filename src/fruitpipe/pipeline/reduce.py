@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pyarrow as pa
 from fruitpipe import storage
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.schemas import REDUCED_SCHEMA
+from fruitpipe.spark import ArrowFn
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
 
@@ -49,7 +51,7 @@ def project(features: np.ndarray, components: np.ndarray) -> np.ndarray:
     return (np.asarray(features, dtype=np.float64) @ components).astype(np.float32)
 
 
-def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> object:
+def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
     """A DataFrame (id, uri, label, split, features) read from Parquet part files by the executors via
     pyarrow.fs, so local paths and s3:// work the same without Hadoop's S3 connector. One partition per part
     file (at most --partition-size rows) keeps each task's memory flat as the input grows: Spark's own reader
@@ -61,8 +63,8 @@ def embeddings_df(spark: object, files: list[str], opts: StorageOptions) -> obje
             for uri in batch.column(0).to_pylist():
                 yield from storage.read_parquet(uri, opts).to_batches(max_chunksize=2048)
 
-    sc = spark.sparkContext  # type: ignore[attr-defined]
-    paths = spark.createDataFrame(sc.parallelize([(f,) for f in files], max(1, len(files))), "path string")  # type: ignore[attr-defined]
+    sc = spark.sparkContext
+    paths = spark.createDataFrame(sc.parallelize([(f,) for f in files], max(1, len(files))), "path string")
     return paths.mapInArrow(read, "id string, uri string, label string, split string, features array<float>")
 
 
@@ -76,7 +78,8 @@ def fit_pca(df: object, dim: int, timings: dict[str, float] | None = None) -> Pc
     from pyspark.ml.functions import array_to_vector
 
     t0 = time.perf_counter()
-    model = PCA(k=dim, inputCol="v", outputCol="p").fit(df.select(array_to_vector("features").alias("v")))  # type: ignore[attr-defined]
+    vectors = df.select(array_to_vector("features").alias("v"))  # type: ignore[attr-defined, arg-type]
+    model = PCA(k=dim, inputCol="v", outputCol="p").fit(vectors)
     components = orient(np.asarray(model.pc.toArray(), dtype=np.float64))
     explained = np.asarray(model.explainedVariance.toArray(), dtype=np.float64)
     t1 = time.perf_counter()
@@ -149,13 +152,15 @@ def check_pca(df: object, components: np.ndarray, explained: np.ndarray, first: 
     return n
 
 
-def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> ArrowFn:
     """mapInArrow function: project one partition's embeddings and write them as one reduced part file."""
 
     def project_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
-        part = f"part-{TaskContext.get().partitionId():05d}.parquet"
+        ctx = TaskContext.get()
+        assert ctx is not None, "runs inside a Spark task"
+        part = f"part-{ctx.partitionId():05d}.parquet"
         pieces = []
         for batch in batches:  # one Arrow batch of features at a time; only the small reduced rows are kept
             if batch.num_rows:

@@ -12,8 +12,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,6 +69,7 @@ class _LazySpark:
                 spark_session(self._config.master, "fruitpipe", self._config.task_cpus, self._config.spark_conf)
             )
             self.start_seconds = time.perf_counter() - t0
+            _watch_interrupts()  # SparkContext replaced the handler: watch again, chaining to its own
         return self.session
 
 
@@ -275,7 +277,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
         project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
         with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
-            rows = sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect())
+            rows = int(sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect()))
         timings["reduce_project"] = time.perf_counter() - t1
     finally:
         df.unpersist()
@@ -285,7 +287,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
     rundir.commit_reduce(staging, fingerprint, token)
     storage.delete(staging, opts)
     timings["reduce"] = time.perf_counter() - t0
-    log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * report["explained_at_k"])
+    log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))  # type: ignore[arg-type]
     return {**_pca_summary(report), "skipped": False}
 
 
@@ -325,47 +327,58 @@ def _job_failures(out: str) -> Iterator[None]:
         yield
     except FruitpipeError:
         raise
-    except OSError as exc:  # storage unreachable or refusing, on the driver (listing, commit, run.json)
-        raise JobFailedError(
-            f"storage error: {_failure_summary(exc)}; nothing was published as complete (no {out}/_SUCCESS): "
-            "fix the cause and re-run the same command, done work is kept"
-        ) from exc
     except Exception as exc:
-        from py4j.protocol import Py4JError
-        from pyspark.errors import PySparkException
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt from None  # whatever a Ctrl-C broke (a py4j call, a job) is the interruption
+        _raise_job_failure(out, exc)
 
-        if not isinstance(exc, (Py4JError, PySparkException)):
-            raise
-        if _INTERRUPTED.is_set() or "cancellation of all jobs" in str(exc) or "SparkContext was shut down" in str(exc):
-            raise KeyboardInterrupt from None  # Ctrl-C cancelled the jobs: an interruption, not a failure
-        raise JobFailedError(
-            f"a Spark job failed: {_failure_summary(exc)}; nothing was published as complete (no {out}/_SUCCESS): "
-            "fix the cause and re-run the same command, done work is kept"
-        ) from exc
+
+def _raise_job_failure(out: str, exc: Exception) -> None:
+    """Raise the one-line JobFailedError for a storage or Spark failure; re-raise anything else unchanged."""
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+
+    resume = (f"nothing was published as complete (no {out}/_SUCCESS): fix the cause and re-run the same command, "
+              "committed work is kept")
+    if isinstance(exc, OSError):  # storage unreachable or refusing, on the driver (listing, commit, run.json)
+        raise JobFailedError(f"storage error: {_failure_summary(exc)}; {resume}") from exc
+    if not isinstance(exc, (Py4JError, PySparkException)):
+        raise exc
+    if "cancellation of all jobs" in str(exc):
+        raise KeyboardInterrupt from None  # Ctrl-C cancelled the jobs: an interruption, not a failure
+    raise JobFailedError(f"a Spark job failed: {_failure_summary(exc)}; {resume}") from exc
 
 
 _INTERRUPTED = threading.Event()
 
 
+def _watch_interrupts() -> None:
+    """Install a SIGINT/SIGTERM handler that sets _INTERRUPTED, then does what the current handler did (PySpark's
+    own cancels the running jobs); called again once Spark has started, since SparkContext installs its own."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        prev = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, prev: Any = prev) -> None:
+            _INTERRUPTED.set()
+            if callable(prev):
+                prev(signum, frame)
+            raise KeyboardInterrupt
+
+        signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def _interrupt_flag() -> Iterator[None]:
-    """Remember a Ctrl-C (SIGINT) or SIGTERM: PySpark's handler cancels the running jobs, which then surface as a
-    'job cancelled' or py4j error; with the flag set they are reported as the interruption they are."""
+    """Remember a Ctrl-C (SIGINT) or SIGTERM for the whole run: PySpark's handler cancels the running jobs, which
+    then surface as a 'job cancelled' or py4j error; with the flag set they are reported as the interruption."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _INTERRUPTED.clear()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        _INTERRUPTED.set()
-        prev = previous.get(signum)
-        if callable(prev):
-            prev(signum, frame)
-        raise KeyboardInterrupt
-
-    for sig in previous:
-        signal.signal(sig, handler)
+    _watch_interrupts()
     try:
         yield
     finally:
@@ -435,7 +448,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 if "reduce" in stages else (previous.get("pca") if rundir.reduce_entry() else None)
             timings["spark_start"] = spark.start_seconds
             timings["total"] = time.perf_counter() - t_total
-            report = {
+            report: dict[str, Any] = {
                 "fruitpipe_version": fruitpipe.__version__,
                 "run_id": token,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
