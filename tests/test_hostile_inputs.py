@@ -57,7 +57,8 @@ def test_decoder_fuzz_every_mutation_is_an_image_or_a_reason() -> None:
                     data[pos] ^= 1 << int(rng.integers(0, 8))
             elif kind == 1:
                 start = int(rng.integers(0, len(data)))
-                data[start:start + 64] = rng.integers(0, 256, size=len(data[start:start + 64]), dtype=np.uint8).tobytes()
+                n = len(data[start:start + 64])
+                data[start:start + 64] = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
             elif kind == 2:
                 data = data[: int(rng.integers(1, len(data)))]
             else:

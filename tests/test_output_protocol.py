@@ -215,8 +215,8 @@ def test_success_is_not_written_when_the_accounting_fails(spark, tmp_path: Path,
     out = tmp_path / "out"
     from fruitpipe.pipeline import run as run_mod
 
-    real = run_mod._accounting
-    monkeypatch.setattr(run_mod, "_accounting", lambda rundir, listing: {**real(rundir, listing), "accounted": False})
+    real = run_mod.accounting
+    monkeypatch.setattr(run_mod, "accounting", lambda rundir, listing: {**real(rundir, listing), "accounted": False})
     with pytest.raises(OutputError, match="accounting failed"):
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=2, quiet=True))
     assert (out / "run.json").exists() and not (out / "_SUCCESS").exists()

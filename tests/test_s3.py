@@ -64,7 +64,8 @@ def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> 
     from moto.server import ThreadedMotoServer
 
     from fruitpipe.pipeline.listing import list_images
-    from fruitpipe.pipeline.run import JobFailedError, run as run_stages
+    from fruitpipe.pipeline.failures import JobFailedError
+    from fruitpipe.pipeline.run import run as run_stages
     from fruitpipe.storage import StorageOptions
 
     port = _free_port()

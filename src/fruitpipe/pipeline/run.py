@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import platform
-import signal
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +18,7 @@ import pyarrow.compute as pc
 import fruitpipe
 from fruitpipe import lease, storage
 from fruitpipe.config import Config
-from fruitpipe.errors import FruitpipeError, OutputError
+from fruitpipe.errors import OutputError
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.quantize import Int8Model, prepare_int8_model
@@ -30,8 +26,9 @@ from fruitpipe.models.runner import check_model
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
+from fruitpipe.pipeline.failures import interrupt_flag, job_failures, watch_interrupts
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
-from fruitpipe.pipeline.validity import invalid_rows
+from fruitpipe.pipeline.validity import accounting, ids_digest, invalid_rows
 from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, spark_session
 from fruitpipe.storage import StorageOptions
@@ -69,7 +66,7 @@ class _LazySpark:
                 spark_session(self._config.master, "fruitpipe", self._config.task_cpus, self._config.spark_conf)
             )
             self.start_seconds = time.perf_counter() - t0
-            _watch_interrupts()  # SparkContext replaced the handler: watch again, chaining to its own
+            watch_interrupts()  # SparkContext replaced the handler: watch again, chaining to its own
         return self.session
 
 
@@ -200,49 +197,18 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir:
     storage.delete(staging, opts)
     rundir.ensure_datasets(token)  # readers always find both datasets with their schema
     timings["embed"] = time.perf_counter() - t0
-    return {**_accounting(rundir, listing), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
+    return {**accounting(rundir, listing), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
             "skipped_already_done": listing.count - todo.num_rows - name_rejects.num_rows,
             "dropped_before_embedding": invalid.by_reason, "inference": inference}
 
 
-def _accounting(rundir: RunDir, listing: Listing) -> dict[str, Any]:
-    """Counts from the committed rows alone: every listed input in exactly one of embeddings or rejects."""
-    final_emb = rundir.read_index("embeddings", ["uri", "id"])
-    final_rej = rundir.read_index("rejects", ["uri", "reason"])
-    listed = pa.concat_arrays([listing.manifest.column("uri").combine_chunks(),
-                               listing.rejected.column("uri").combine_chunks()])
-    emb_uris, rej_uris = final_emb.column("uri"), final_rej.column("uri")
-    emb_listed = int(pc.sum(pc.is_in(emb_uris, listed)).as_py() or 0)
-    rej_listed = int(pc.sum(pc.is_in(rej_uris, listed)).as_py() or 0)
-    all_uris = pa.concat_arrays([emb_uris.combine_chunks(), rej_uris.combine_chunks()])
-    distinct = len(pc.unique(all_uris))
-    ids = final_emb.column("id")
-    reasons = Counter(final_rej.column("reason").to_pylist())
-    return {
-        "listed": listing.count,
-        "ignored_outside_class_folders": len(listing.ignored),
-        "ignored": listing.skipped_by_reason(),
-        "embedded": emb_listed,
-        "rejected": rej_listed,
-        "accounted": emb_listed + rej_listed == listing.count == distinct == len(all_uris)
-        and len(pc.unique(ids)) == len(ids),
-        "not_listed_anymore": len(all_uris) - emb_listed - rej_listed,
-        "rejects_by_reason": dict(sorted(reasons.items())),
-        "embedding_ids_digest": _ids_digest(ids),
-    }
-
-
-def _ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
-    return hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()
-
-
 def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir: RunDir, token: str,
-                 timings: dict[str, float], ids_digest: str) -> dict[str, Any]:
+                 timings: dict[str, float], digest: str) -> dict[str, Any]:
     """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
     committed PCA was fitted on exactly these embeddings with these settings."""
     t0 = time.perf_counter()
     opts = rundir.opts
-    fingerprint = {"embedding_ids_digest": ids_digest, "k": config.k, "variance": config.variance}
+    fingerprint = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
     entry = rundir.reduce_entry()
     if entry is not None and entry.get("fingerprint") == fingerprint:
         try:
@@ -308,84 +274,6 @@ def _run_context(config: Config) -> Iterator[tuple[_LazySpark, StorageOptions]]:
         yield _LazySpark(config, stack), StorageOptions(config.s3_endpoint, config.region)
 
 
-class JobFailedError(FruitpipeError):
-    """A Spark job or a storage call failed (storage unreachable, executors lost beyond retries); nothing was
-    published as complete."""
-
-
-def _failure_summary(exc: BaseException) -> str:
-    """The root cause of a failure in one line (the last Python or Java error line of its text)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    causes = [line for line in lines if ("Error:" in line or "Exception:" in line) and "Traceback" not in line]
-    return (causes[-1] if causes else (lines[0] if lines else type(exc).__name__))[:300]
-
-
-@contextlib.contextmanager
-def _job_failures(out: str) -> Iterator[None]:
-    """Turn a failed Spark job into a one-line FruitpipeError that says how to resume."""
-    try:
-        yield
-    except FruitpipeError:
-        raise
-    except Exception as exc:
-        if _INTERRUPTED.is_set():
-            raise KeyboardInterrupt from None  # whatever a Ctrl-C broke (a py4j call, a job) is the interruption
-        _raise_job_failure(out, exc)
-
-
-def _raise_job_failure(out: str, exc: Exception) -> None:
-    """Raise the one-line JobFailedError for a storage or Spark failure; re-raise anything else unchanged."""
-    from py4j.protocol import Py4JError
-    from pyspark.errors import PySparkException
-
-    resume = (f"nothing was published as complete (no {out}/_SUCCESS): fix the cause and re-run the same command, "
-              "committed work is kept")
-    if isinstance(exc, OSError):  # storage unreachable or refusing, on the driver (listing, commit, run.json)
-        raise JobFailedError(f"storage error: {_failure_summary(exc)}; {resume}") from exc
-    if not isinstance(exc, (Py4JError, PySparkException)):
-        raise exc
-    if "cancellation of all jobs" in str(exc):
-        raise KeyboardInterrupt from None  # Ctrl-C cancelled the jobs: an interruption, not a failure
-    raise JobFailedError(f"a Spark job failed: {_failure_summary(exc)}; {resume}") from exc
-
-
-_INTERRUPTED = threading.Event()
-
-
-def _watch_interrupts() -> None:
-    """Install a SIGINT/SIGTERM handler that sets _INTERRUPTED, then does what the current handler did (PySpark's
-    own cancels the running jobs); called again once Spark has started, since SparkContext installs its own."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        prev = signal.getsignal(sig)
-
-        def handler(signum: int, frame: Any, prev: Any = prev) -> None:
-            _INTERRUPTED.set()
-            if callable(prev):
-                prev(signum, frame)
-            raise KeyboardInterrupt
-
-        signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _interrupt_flag() -> Iterator[None]:
-    """Remember a Ctrl-C (SIGINT) or SIGTERM for the whole run: PySpark's handler cancels the running jobs, which
-    then surface as a 'job cancelled' or py4j error; with the flag set they are reported as the interruption."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _INTERRUPTED.clear()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _watch_interrupts()
-    try:
-        yield
-    finally:
-        for sig, prev in previous.items():
-            signal.signal(sig, prev)
-
-
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
 
@@ -398,7 +286,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     token = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
     timings: dict[str, float] = {}
     int8: Int8Model | None = None
-    with _interrupt_flag(), _run_context(config) as (spark, opts), _job_failures(out):
+    with interrupt_flag(), _run_context(config) as (spark, opts), job_failures(out):
         rundir = RunDir(out, opts)
         if "embed" in stages:
             # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
@@ -440,7 +328,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 counts = embed_stage(config, model, spark, rundir, token, timings, listing)
             else:
                 counts = dict(previous.get("counts") or {})
-                counts["embedding_ids_digest"] = _ids_digest(rundir.read_index("embeddings", ["id"]).column("id"))
+                counts["embedding_ids_digest"] = ids_digest(rundir.read_index("embeddings", ["id"]).column("id"))
                 if "accounted" not in counts:
                     raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
             held.check()

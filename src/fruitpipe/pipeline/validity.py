@@ -1,14 +1,19 @@
-"""Which committed rows still describe the input: a row is kept while its file is listed with the same size and
-modification time; retryable rejects are retried; rows of deleted or changed files and duplicate rows are dropped."""
+"""Committed rows against the listing: which rows still describe the input (a row is kept while its file is listed
+with the same size and modification time; retryable rejects are retried; rows of deleted or changed files and
+duplicate rows are dropped), and the accounting that decides whether _SUCCESS may be written."""
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from fruitpipe.output import RunDir
 from fruitpipe.pipeline.listing import Listing
 
 #: Rejects retried on every run whatever their file's stats: a permission fixed does not change the mtime.
@@ -82,3 +87,35 @@ def invalid_rows(emb: pa.Table, rej: pa.Table, listing: Listing, settings: dict[
 
 def _picked(table: pa.Table, drop: np.ndarray) -> pa.Table:
     return table.filter(pa.array(drop, type=pa.bool_())).select(["_file", "_row"])
+
+
+def accounting(rundir: RunDir, listing: Listing) -> dict[str, Any]:
+    """Counts from the committed rows alone: every listed input in exactly one of embeddings or rejects."""
+    final_emb = rundir.read_index("embeddings", ["uri", "id"])
+    final_rej = rundir.read_index("rejects", ["uri", "reason"])
+    listed = pa.concat_arrays([listing.manifest.column("uri").combine_chunks(),
+                               listing.rejected.column("uri").combine_chunks()])
+    emb_uris, rej_uris = final_emb.column("uri"), final_rej.column("uri")
+    emb_listed = int(pc.sum(pc.is_in(emb_uris, listed)).as_py() or 0)
+    rej_listed = int(pc.sum(pc.is_in(rej_uris, listed)).as_py() or 0)
+    all_uris = pa.concat_arrays([emb_uris.combine_chunks(), rej_uris.combine_chunks()])
+    distinct = len(pc.unique(all_uris))
+    ids = final_emb.column("id")
+    reasons = Counter(final_rej.column("reason").to_pylist())
+    return {
+        "listed": listing.count,
+        "ignored_outside_class_folders": len(listing.ignored),
+        "ignored": listing.skipped_by_reason(),
+        "embedded": emb_listed,
+        "rejected": rej_listed,
+        "accounted": emb_listed + rej_listed == listing.count == distinct == len(all_uris)
+        and len(pc.unique(ids)) == len(ids),
+        "not_listed_anymore": len(all_uris) - emb_listed - rej_listed,
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "embedding_ids_digest": ids_digest(ids),
+    }
+
+
+def ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
+    """sha256 of the sorted embedding ids: what a PCA was fitted on."""
+    return hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()
