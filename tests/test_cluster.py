@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -20,12 +20,6 @@ import fruitpipe
 from conftest import copy_classes, sample_classes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spark_class() -> str:
     import pyspark
 
@@ -37,8 +31,6 @@ class Cluster:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
-        self.url = f"spark://127.0.0.1:{self.port}"
         # The executors' Python workers load tests/gate: while root/gate exists, each waits after 8 images.
         self.gate = root / "gate"
         self.env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
@@ -46,9 +38,14 @@ class Cluster:
                     "PYTHONPATH": str(Path(__file__).parent / "gate"), "FRUITPIPE_TEST_GATE": str(self.gate),
                     "FRUITPIPE_TEST_GATE_AFTER": "8"}
         self.procs: list[subprocess.Popen] = []
+        # Port 0: the master binds a free port itself and logs its URL, which is read back (no pick-then-bind race).
         self.master = self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                             "--port", str(self.port), "--webui-port", "0"])
+                                             "--port", "0", "--webui-port", "0"])
         self._wait_log("master", "I have been elected leader")
+        found = re.search(r"Starting Spark master at (spark://127\.0\.0\.1:\d+)",
+                          (root / "master.log").read_text(errors="replace"))
+        assert found, (root / "master.log").read_text()[-2000:]
+        self.url = found.group(1)
         self.workers = [self._start(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.url,
                                                    "--cores", "1", "--memory", "2g", "--host", "127.0.0.1",
                                                    "--webui-port", "0"]) for i in range(2)]

@@ -112,12 +112,12 @@ def test_corrupt_download_never_enters_cache(http_dir, no_local_models: Path, mo
 
 
 def test_server_down_gives_clear_error(no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+    with socket.socket() as s:  # a port held by this test and never listened on: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", f"http://127.0.0.1:{port}/")
-    with pytest.raises(ModelError, match="FRUITPIPE_MODELS"):
-        resolve_model(get_spec("mobilenet_v2"))
+        monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", f"http://127.0.0.1:{port}/")
+        with pytest.raises(ModelError, match="FRUITPIPE_MODELS"):
+            resolve_model(get_spec("mobilenet_v2"))
     assert not any(p.is_file() for p in no_local_models.rglob("*"))
 
 

@@ -68,10 +68,10 @@ def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> 
     from fruitpipe.pipeline.run import run as run_stages
     from fruitpipe.storage import StorageOptions
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server picks its port
     server.start()
+    _, port = server.get_host_and_port()
+    endpoint = f"http://127.0.0.1:{port}"
     data = copy_classes(tmp_path / "in", sample_classes(2), splits=("Test",))
     upload_folder(data, endpoint, "outage", "fruits")
     config = fruitpipe.Config(input="s3://outage/fruits", output=str(tmp_path / "out"), k=3, quiet=True,
@@ -93,14 +93,6 @@ def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> 
     assert result.counts["embedded"] == 40 and result.counts["accounted"]
     uris = pq.read_table(tmp_path / "out" / "embeddings").column("uri").to_pylist()
     assert len(uris) == len(set(uris)) == 40
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_object_deleted_after_listing_is_rejected_unreadable(spark, s3_endpoint: str, tmp_path: Path) -> None:
