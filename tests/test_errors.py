@@ -130,6 +130,9 @@ def test_corrupt_files_in_the_output(spark, small: Path, tmp_path: Path, victim:
         return
     line = _one_line(proc, "corrupt" if victim != "embeddings" else "unreadable or corrupt")
     assert target.name in line
+    if victim == "_fruitpipe.json":  # the fix the line names works: --overwrite starts the output afresh
+        again = _cli("run", str(small), str(out), "--k", "2", "--quiet", "--overwrite")
+        assert again.returncode == 0 and json.loads((out / "run.json").read_text())["counts"]["accounted"], again.stderr
 
 
 # -- 13: Spark settings and interruptions --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,9 @@ class RunDir:
         self.uri = storage.normalize(uri)
         self.opts = opts
         self._record: dict[str, Any] | None = None
+        #: Called before every write of the commit record (the lease's check): a run that lost its lease stops
+        #: before it could publish anything over the run that took over.
+        self.guard: Callable[[], None] | None = None
 
     def join(self, *parts: str) -> str:
         """A URI inside the output."""
@@ -75,6 +79,15 @@ class RunDir:
         """The fingerprint of the configuration that owns this output, or None if it is not a fruitpipe output."""
         uri = self.join(MARKER)
         return _read_json(uri, self.opts, "the output's marker") if storage.exists(uri, self.opts) else None
+
+    def marker_for_claim(self, overwrite: bool) -> dict[str, Any] | None:
+        """The marker, where a corrupt one still proves the folder is fruitpipe's: --overwrite may replace it."""
+        try:
+            return self.read_marker()
+        except OutputError:
+            if not overwrite:
+                raise
+            return {"corrupt_marker": True}
 
     def check_separate_from(self, input_uri: str) -> None:
         """Refuse an OUTPUT equal to, inside, or holding INPUT: --overwrite would delete photos, and an output
@@ -88,7 +101,7 @@ class RunDir:
     def claim(self, fingerprint: dict[str, Any], overwrite: bool, defaults: dict[str, Any]) -> None:
         """Make the output ours: refuse one made with another configuration (unless overwrite) and any folder with
         files that fruitpipe did not write; --overwrite deletes only fruitpipe's own entries."""
-        previous = self.read_marker()
+        previous = self.marker_for_claim(overwrite)
         if previous is not None:
             if previous != fingerprint:
                 if not overwrite:
@@ -135,6 +148,8 @@ class RunDir:
         return self._record
 
     def _write_record(self, rec: dict[str, Any], token: str) -> None:
+        if self.guard is not None:
+            self.guard()
         rec = {**rec, "version": int(rec.get("version", 0)) + 1, "token": token,
                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         storage.write_bytes(self.join(RECORD), json.dumps(rec, indent=1).encode(), self.opts)

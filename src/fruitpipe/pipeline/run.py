@@ -313,6 +313,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             model = ResolvedModel(get_spec(fingerprint["model"]), "", fingerprint["model_sha256"], "output")
             config = config.replace(input=fingerprint["input"], model=fingerprint["model"])
         with lease.hold(out, token, opts) as held:
+            rundir.guard = held.check  # every commit-record write first checks the lease is still ours
             if "embed" in stages:
                 rundir.claim(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
                 if int8 is not None:
@@ -372,7 +373,7 @@ def _precheck_claim(rundir: RunDir, fingerprint: dict[str, Any], overwrite: bool
     if rundir.has_foreign_files():
         raise OutputError(f"output {rundir.uri} exists and is not a fruitpipe output: choose an empty or new OUTPUT;"
                           " --overwrite never deletes files fruitpipe did not write")
-    previous = rundir.read_marker()
+    previous = rundir.marker_for_claim(overwrite)
     if previous is not None and previous != fingerprint and not overwrite:
         rundir.claim(fingerprint, overwrite, _FINGERPRINT_DEFAULTS)  # raises, with the differences
 
