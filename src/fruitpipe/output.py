@@ -179,12 +179,11 @@ class RunDir:
         pieces = []
         for uri in self.files(dataset):
             try:
-                t = storage.read_parquet(uri, self.opts)
+                t = storage.read_parquet_columns(uri, self.opts, columns)
             except (OSError, pa.ArrowInvalid) as exc:
                 raise OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from "
                                   f"{self.join(RECORD)}, or re-run with --overwrite") from None
-            t = conform(t.select([c for c in t.column_names if c in columns]), pa.schema(
-                [schema.field(c) for c in columns]))
+            t = conform(t, pa.schema([schema.field(c) for c in columns]))
             name = uri.rsplit("/", 1)[1]
             t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))
             pieces.append(t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))

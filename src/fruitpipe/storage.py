@@ -292,6 +292,16 @@ def read_parquet(uri: str, opts: StorageOptions, columns: list[str] | None = Non
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def read_parquet_columns(uri: str, opts: StorageOptions, columns: list[str]) -> pa.Table:
+    """The given columns of one Parquet file, those it lacks left out (older files); only their column chunks are
+    read, never e.g. the features of an embeddings file."""
+    fs, path = resolve(uri, opts)
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read(columns=present)
+
+
 def parquet_files(uri: str, opts: StorageOptions) -> list[str]:
     """Committed part files of a dataset directory, sorted (temporary siblings are skipped)."""
     return sorted(u for u, _ in list_files(uri, opts) if u.endswith(".parquet"))
