@@ -13,6 +13,7 @@ import pytest
 import fruitpipe
 from conftest import SAMPLE, copy_classes, sample_classes
 from fruitpipe.errors import ModelError, OutputError
+from fruitpipe.models import quantize
 from fruitpipe.models.quantize import calibration_uris
 
 
@@ -49,7 +50,8 @@ def test_int8_run_is_close_to_fp32_and_reuses_its_model(spark, tmp_path: Path) -
     meta = json.loads((tmp_path / "int8" / "model" / "int8.json").read_text())
     # 36 Training images: 7 (a fifth) held back to check the model against float32, 29 to calibrate on
     assert stored.is_file() and meta["calibration_images"] == 29 and len(meta["check_uris"]) == 7
-    assert meta["agreement"]["mean_cosine"] >= 0.93 and meta["agreement"]["min_cosine"] >= 0.80
+    assert meta["agreement"]["mean_cosine"] >= quantize.MIN_MEAN_COSINE
+    assert meta["agreement"]["min_cosine"] >= quantize.MIN_MIN_COSINE
     assert meta["cpu"]["machine"] and "vnni" in meta["cpu"] and meta["scheme"] in ("u8s8", "s8s8", "u8u8")
     assert report["model"]["int8"]["agreement"] == meta["agreement"] and report["model"]["int8"]["cpu"] == meta["cpu"]
     import hashlib
@@ -74,7 +76,7 @@ def test_int8_run_is_close_to_fp32_and_reuses_its_model(spark, tmp_path: Path) -
     assert again.report["model"]["sha256"] == report["model"]["sha256"]
     kept = json.loads((tmp_path / "int8" / "model" / "int8.json").read_text())
     assert {k: v for k, v in kept.items() if k != "last_check"} == meta  # checked again on this CPU, not remade
-    assert kept["last_check"]["mean_cosine"] >= 0.93 and again.report["model"]["int8"]["this_run"] == kept["last_check"]
+    assert kept["last_check"]["mean_cosine"] >= quantize.MIN_MEAN_COSINE and again.report["model"]["int8"]["this_run"] == kept["last_check"]
 
     with pytest.raises(OutputError, match="precision"):  # float and int8 features never mix in one output
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(tmp_path / "int8"), k=3, quiet=True))

@@ -35,8 +35,9 @@ CHECK_IMAGES = 32
 MIN_CALIBRATION_IMAGES = 16
 #: The agreement an int8 model must reach on the held-back photos, as cosine similarity of its features to the
 #: float32 features: on an AVX-512 VNNI CPU U8S8 gave mean 0.958 / min 0.910 on the sample; on an AVX2-only AMD
-#: EPYC the same model gave 0.80 / 0.60 (u8s8 saturation), which this refuses.
-MIN_MEAN_COSINE = 0.93
+#: EPYC the same model gave 0.80 / 0.60 (u8s8 saturation), which this refuses. U8U8 (the non-saturating fallback)
+#: gave 0.943 on 132 Test photos and 0.941 on the 7 held back by tests/test_int8.py: the bar leaves it room.
+MIN_MEAN_COSINE = 0.92
 MIN_MIN_COSINE = 0.80
 _BATCH = 16
 
