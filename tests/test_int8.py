@@ -86,3 +86,22 @@ def test_int8_needs_enough_images_to_calibrate(spark, tmp_path: Path) -> None:
     data = copy_classes(tmp_path / "in", sample_classes(1), splits=("Training",), per_split=5)
     with pytest.raises(ModelError, match="at least 16"):
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(tmp_path / "out"), quiet=True, precision="int8"))
+
+
+def test_without_vnni_the_non_saturating_scheme_is_chosen_and_nothing_is_written(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """The branch an AVX2-only CPU takes, run on whatever CPU CI has: U8U8 (exact integer products on every x86 CPU,
+    so its agreement does not depend on the machine) is tried first and passes the check."""
+    from fruitpipe.models import get_spec, resolve_model
+    from fruitpipe.pipeline.listing import list_images
+    from fruitpipe.storage import StorageOptions
+
+    monkeypatch.setattr(quantize, "cpu_features",
+                        lambda: {"machine": "x86_64", "int8_flags": ["avx2"], "vnni": False})
+    data = copy_classes(tmp_path / "in", sample_classes(3), splits=("Training",), per_split=12)
+    manifest = list_images(str(data), StorageOptions()).manifest
+    int8 = quantize.prepare_int8_model(resolve_model(get_spec("mobilenet_v2")), manifest, str(tmp_path / "out"),
+                                       StorageOptions(), 10**8)
+    assert int8.meta["scheme"] == "u8u8" and list(int8.meta["schemes_tried"]) == ["u8u8"]
+    assert quantize.passes(int8.meta["agreement"]) and int8.meta["cpu"]["vnni"] is False
+    assert int8.new_bytes and not (tmp_path / "out").exists()  # stored only once the run has claimed OUTPUT
