@@ -337,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "embedded": counts.get("embedded"),
         "rejected": counts.get("rejected"),
         "embedded_this_run": counts.get("embedded_this_run"),
+        "dropped_before_embedding": counts.get("dropped_before_embedding"),
+        "ignored": counts.get("ignored"),
+        "accounted": counts.get("accounted"),
         "pca": result.report.get("pca"),
         "timings_s": result.report.get("timings_s"),
     }
