@@ -64,6 +64,8 @@ def test_output_never_overlaps_input_and_overwrite_spares_foreign_files(spark, t
     for out in (data, data / "out", data / "Training"):  # same, inside, and a class-holding sub-folder
         _one_line(_cli("run", str(data), str(out), "--overwrite", "--quiet"), "INPUT", "outside")
     _one_line(_cli("run", str(data / "Training"), str(data), "--overwrite", "--quiet"), "a parent of")
+    os.symlink(data, tmp_path / "in-link")  # the same folder under another name
+    _one_line(_cli("run", str(data), str(tmp_path / "in-link" / "out"), "--quiet"), "INPUT", "outside")
     assert sorted(p for p in data.rglob("*") if p.is_file()) == photos  # nothing deleted, nothing written
 
     foreign = tmp_path / "thesis"

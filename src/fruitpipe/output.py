@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -93,9 +94,12 @@ class RunDir:
         """Refuse an OUTPUT equal to, inside, or holding INPUT: --overwrite would delete photos, and an output
         inside its input would be listed as input."""
         inp = storage.normalize(input_uri)
-        if _inside(self.uri, inp) or _inside(inp, self.uri):
-            where = "the same as" if self.uri == inp else "inside" if _inside(self.uri, inp) else "a parent of"
-            raise OutputError(f"OUTPUT {self.uri} is {where} INPUT {inp}: choose an OUTPUT outside the input "
+        out = self.uri
+        if not storage.is_s3(inp) and not storage.is_s3(out):  # the same folders reached through links count too
+            inp, out = os.path.realpath(inp), os.path.realpath(out)
+        if _inside(out, inp) or _inside(inp, out):
+            where = "the same as" if out == inp else "inside" if _inside(out, inp) else "a parent of"
+            raise OutputError(f"OUTPUT {self.uri} is {where} INPUT {input_uri}: choose an OUTPUT outside the input "
                               "folder (and not containing it)")
 
     def claim(self, fingerprint: dict[str, Any], overwrite: bool, defaults: dict[str, Any]) -> None:
