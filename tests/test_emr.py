@@ -179,6 +179,46 @@ def test_setup_creates_roles_key_and_hardened_buckets(aws, capsys) -> None:
     s3.delete_bucket_policy(Bucket="fruits-out")
 
 
+def test_setup_never_weakens_existing_bucket_settings_and_says_what_it_changed(aws, capsys) -> None:
+    s3 = _client("s3", aws["endpoint"])
+    s3.create_bucket(Bucket="fruits-kms", CreateBucketConfiguration={"LocationConstraint": REGION})
+    kms_rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": "alias/mine"},
+                "BucketKeyEnabled": True}
+    s3.put_bucket_encryption(Bucket="fruits-kms", ServerSideEncryptionConfiguration={"Rules": [kms_rule]})
+    s3.put_public_access_block(Bucket="fruits-kms", PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": False, "RestrictPublicBuckets": True})
+    args = ["emr", "setup", INPUT, "s3://fruits-kms/runs/1", "--artifacts", "s3://fruits-kms/artifacts",
+            "--logs", "s3://fruits-kms/logs", "-q"]
+    assert main(args) == 0
+    done = json.loads(capsys.readouterr().out)
+    rule = s3.get_bucket_encryption(Bucket="fruits-kms")["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"  # SSE-KMS kept, not downgraded
+    block = s3.get_public_access_block(Bucket="fruits-kms")["PublicAccessBlockConfiguration"]
+    assert all(block.values())  # the one flag that was off is turned on; none is turned off
+    changes = " | ".join(done["buckets_changed"])
+    assert "public access block turned on (BlockPublicPolicy)" in changes and "encryption" not in changes
+    kms = _client("kms", aws["endpoint"])
+    assert kms.get_key_rotation_status(KeyId=done["kms_key"])["KeyRotationEnabled"] is True
+    s3.delete_bucket_policy(Bucket="fruits-kms")  # moto applies the TLS-only Deny unconditionally (see above)
+    service = json.dumps(_client("iam", aws["endpoint"]).get_role_policy(
+        RoleName="fruitpipe-emr-service", PolicyName="fruitpipe")["PolicyDocument"])
+    assert '"kms:GrantIsForAWSResource": "true"' in service
+
+
+def test_buckets_outside_the_chosen_region_are_refused(aws, capsys) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws["endpoint"], region_name="us-east-1")
+    s3.create_bucket(Bucket="fruits-us")  # us-east-1: no location constraint
+    argv = ["emr", "up", INPUT, "s3://fruits-us/runs/1", "--artifacts", "s3://fruits-out/fruitpipe-artifacts"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3://fruits-us is in us-east-1, not in eu-west-3" in err[0] and "GDPR" in err[0]
+    assert main(["emr", "setup", INPUT, OUTPUT, "--logs", "s3://fruits-us/logs", "-q"]) == 2
+    assert "the logs bucket s3://fruits-us is in us-east-1" in capsys.readouterr().err
+    # --allow-non-eu accepts it (the refusal then comes from the next check: no artifacts uploaded there)
+    assert main([*argv, "--artifacts", "s3://fruits-us/artifacts", "--allow-non-eu"]) == 2
+    assert "run `fruitpipe emr upload` first" in capsys.readouterr().err
+
+
 def test_up_refuses_without_artifacts(aws, capsys) -> None:
     assert main(["emr", "up", INPUT, "s3://fruits-out/other", "--artifacts", "s3://fruits-out/empty-prefix"]) == 2
     assert "run `fruitpipe emr upload` first" in capsys.readouterr().err

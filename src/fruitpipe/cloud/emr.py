@@ -392,20 +392,37 @@ class Emr:
         return self._session.client(name)
 
     # -- S3 -----------------------------------------------------------------------------------------------
-    def ensure_bucket(self, bucket: str) -> None:
-        """Create `bucket` in the region if needed, then block public access, encrypt by default, deny non-TLS."""
+    def ensure_bucket(self, bucket: str) -> list[str]:
+        """Create `bucket` in the region if needed, then make sure public access is blocked, objects are encrypted
+        by default and non-TLS requests are denied, never weakening what the bucket already has: an SSE-KMS
+        default stays, public-access flags already on stay on. Returns what was changed, in words."""
         from botocore.exceptions import ClientError
 
+        changed: list[str] = []
         try:
             self.s3.head_bucket(Bucket=bucket)
         except ClientError:
             log.info("creating bucket s3://%s in %s", bucket, self.region)
             self.s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
-        self.s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
-            "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-            "RestrictPublicBuckets": True})
-        self.s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
-            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}]})
+            changed.append(f"s3://{bucket}: created in {self.region}")
+        try:
+            block = self.s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+        except ClientError:
+            block = {}
+        flags = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")
+        off = [f for f in flags if not block.get(f)]
+        if off:  # only ever turned on, never off
+            self.s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={f: True for f in flags})
+            changed.append(f"s3://{bucket}: public access block turned on ({', '.join(off)})")
+        try:
+            rules = self.s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+        except ClientError:
+            rules = []
+        algorithms = {r.get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm") for r in rules}
+        if not algorithms & {"AES256", "aws:kms", "aws:kms:dsse"}:  # an existing default (SSE-KMS above all) stays
+            self.s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [
+                {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}]})
+            changed.append(f"s3://{bucket}: default encryption SSE-S3 (AES256) set")
         deny_http = {"Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
                      "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
                      "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
@@ -416,6 +433,45 @@ class Emr:
         if not any(s.get("Sid") == deny_http["Sid"] for s in policy["Statement"]):
             policy["Statement"].append(deny_http)  # merged: the bucket's other statements are kept
             self.s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+            changed.append(f"s3://{bucket}: bucket policy statement DenyInsecureTransport added")
+        return changed
+
+    def bucket_region(self, bucket: str) -> str:
+        """The region a bucket lives in (GetBucketLocation; us-east-1 answers with no constraint)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            location = self.s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise EmrError(f"cannot read the region of bucket s3://{bucket} ({code}): check the bucket name and that "
+                           "these credentials may call s3:GetBucketLocation on it") from None
+        return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
+
+    def check_data_regions(self, settings: EmrSettings, buckets_may_be_missing: bool = False) -> dict[str, str]:
+        """GDPR: the buckets of INPUT, OUTPUT, artifacts and logs must be in the chosen region (not only the
+        cluster), unless --allow-non-eu. Returns {bucket: region}. With `buckets_may_be_missing` (setup, which
+        creates them in the region), missing buckets other than the input's are skipped."""
+        from botocore.exceptions import ClientError
+
+        found: dict[str, str] = {}
+        roles = {"input": settings.input, "output": settings.output, "artifacts": settings.artifacts_uri,
+                 "logs": settings.logs_uri}
+        for role, uri in roles.items():
+            bucket = split_s3(uri, role)[0]
+            if bucket in found:
+                continue
+            if buckets_may_be_missing and role != "input":
+                try:
+                    self.s3.head_bucket(Bucket=bucket)
+                except ClientError:
+                    continue
+            found[bucket] = region = self.bucket_region(bucket)
+            if region != settings.region and not settings.allow_non_eu:
+                raise EmrError(f"the {role} bucket s3://{bucket} is in {region}, not in {settings.region}: the data "
+                               f"must stay where the cluster runs (GDPR); use a bucket in {settings.region}, or pass "
+                               "--allow-non-eu to accept it")
+        return found
 
     def _exists(self, uri: str) -> bool:
         from botocore.exceptions import ClientError
@@ -450,6 +506,7 @@ class Emr:
         from botocore.exceptions import ClientError
 
         settings.validate()
+        self.check_data_regions(settings, buckets_may_be_missing=True)
         account = self.client("sts").get_caller_identity()["Account"]
         kms = self.client("kms")
         try:
@@ -458,6 +515,8 @@ class Emr:
             key_arn = kms.create_key(Description="fruitpipe EMR: EBS and local disk encryption",
                                      Tags=[{"TagKey": "project", "TagValue": "fruitpipe"}])["KeyMetadata"]["Arn"]
             kms.create_alias(AliasName=KMS_ALIAS, TargetKeyId=key_arn)
+        if not kms.get_key_rotation_status(KeyId=key_arn).get("KeyRotationEnabled"):
+            kms.enable_key_rotation(KeyId=key_arn)  # yearly rotation of the disk key
         wanted = security_configuration(key_arn)
         try:
             have = json.loads(self.emr.describe_security_configuration(
@@ -491,10 +550,13 @@ class Emr:
         if not any(r["RoleName"] == settings.instance_role for r in profile["Roles"]):
             iam.add_role_to_instance_profile(InstanceProfileName=settings.instance_role,
                                              RoleName=settings.instance_role)
-        for uri in (settings.artifacts_uri, settings.logs_uri):
-            self.ensure_bucket(split_s3(uri, "URI")[0])
+        changed: list[str] = []
+        for bucket in dict.fromkeys(split_s3(uri, "URI")[0] for uri in (settings.artifacts_uri, settings.logs_uri)):
+            changed += self.ensure_bucket(bucket)
+        self.check_data_regions(settings)
         return {"account": account, "kms_key": key_arn, "service_role": settings.service_role,
-                "instance_profile": settings.instance_role, "security_configuration": SECURITY_CONFIGURATION}
+                "instance_profile": settings.instance_role, "security_configuration": SECURITY_CONFIGURATION,
+                "buckets_changed": changed or ["nothing: every bucket setting was already as strong or stronger"]}
 
     def upload(self, settings: EmrSettings, wheel: str | None = None) -> dict[str, str]:
         """Put the wheel, requirements, bootstrap script and model in S3; the model only if not there yet."""
@@ -532,6 +594,7 @@ class Emr:
     def up(self, settings: EmrSettings) -> dict[str, str]:
         """Start the cluster with its step; refuses if the artifacts are missing."""
         settings.validate()
+        self.check_data_regions(settings)  # before any billed resource starts
         uris = artifact_uris(settings)
         missing = [k for k in ("wheel", "requirements", "bootstrap", "model") if not self._exists(uris[k])]
         if missing:
