@@ -347,6 +347,35 @@ def test_emr_run_reports_a_failed_step(aws, capsys) -> None:
     assert code == 2 and "did not complete" in err and "fruitpipe emr logs j-" in err and err.count("\n") == 1
 
 
+def test_a_failed_bootstrap_is_explained(aws, capsys) -> None:
+    """EMR ends a cluster whose bootstrap action failed in TERMINATED_WITH_ERRORS with a reason; the user sees it
+    (moto runs in this process, so the test sets that state on its cluster, as EMR would)."""
+    from moto.emr.models import emr_backends
+
+    why = "On the master instance (i-0abc), bootstrap action 1 returned a non-zero return code"
+
+    def fail_the_bootstrap() -> None:
+        for _ in range(300):
+            clusters = [c for account in list(emr_backends.values()) for backend in list(account.values())
+                        for c in list(backend.clusters.values())
+                        if c.name == "fruitpipe-bootstrap-test" and c.state != "TERMINATED"]
+            if clusters:
+                clusters[0].state = "TERMINATED_WITH_ERRORS"
+                clusters[0].last_state_change_reason = why
+                return
+            time.sleep(0.05)  # polling for the cluster to exist, not a timed fault
+
+    thread = threading.Thread(target=fail_the_bootstrap)
+    thread.start()
+    code = main(["emr", "run", INPUT, "s3://fruits-out/runs/bootstrap", "--name", "fruitpipe-bootstrap-test",
+                 "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "60"])
+    thread.join()
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "cluster TERMINATED_WITH_ERRORS: " + why in last and "fruitpipe emr logs j-" in last
+    assert "cluster TERMINATED_WITH_ERRORS, step" in err and why in err  # the progress line says it too
+
+
 def test_pipeline_runs_with_only_the_instance_role_policy(aws, tmp_path: Path) -> None:
     """The shipped EC2 policy is enough for a whole run, and no more: moto enforces IAM for this test, the
     pipeline runs (a fresh `fruitpipe run` process) with a user holding only that policy plus a Deny on one

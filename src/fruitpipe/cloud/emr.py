@@ -617,7 +617,8 @@ class Emr:
         steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
         return {
             "cluster_id": cluster_id, "name": c.get("Name"), "state": c["Status"]["State"],
-            "reason": c["Status"].get("StateChangeReason", {}).get("Message", ""),
+            "reason": c["Status"].get("StateChangeReason", {}).get("Message") or "",
+            "reason_code": c["Status"].get("StateChangeReason", {}).get("Code") or "",
             "log_uri": c.get("LogUri", ""), "normalized_instance_hours": c.get("NormalizedInstanceHours", 0),
             "steps": [{"id": s["Id"], "name": s["Name"], "state": s["Status"]["State"],
                        "reason": s["Status"].get("FailureDetails", {}).get("Reason", "")} for s in steps],
@@ -656,6 +657,8 @@ class Emr:
             st = self.status(cluster_id)
             step = st["steps"][-1] if st["steps"] else {"state": "NONE"}
             now = f"cluster {st['state']}, step {step['state']}"
+            if st["state"] in _CLUSTER_DONE and (st["reason_code"] or st["reason"]):
+                now += f" ({' '.join(x for x in (st['reason_code'], st['reason']) if x)})"  # why it ended
             if now != last and report is not None:
                 elapsed = time.monotonic() - start
                 report(f"[{int(elapsed // 60):3d}m{int(elapsed % 60):02d}s] {now}")
@@ -686,8 +689,11 @@ class Emr:
         run_json = self.read(f"{out}/run.json")
         step = st["steps"][-1] if st["steps"] else {"state": "NONE", "reason": ""}
         if not success or run_json is None or step["state"] in {"FAILED", "CANCELLED", "INTERRUPTED"}:
-            raise EmrError(f"the run did not complete (step {step['state']} {step.get('reason', '')}".rstrip()
-                           + f", _SUCCESS {'present' if success else 'missing'}): read "
+            cluster_why = " ".join(x for x in (st.get("reason_code", ""), st.get("reason", "")) if x)
+            raise EmrError(f"the run did not complete (cluster {st['state']}"
+                           + (f": {cluster_why}" if cluster_why else "")
+                           + f"; step {step['state']} {step.get('reason', '')}".rstrip()
+                           + f"; _SUCCESS {'present' if success else 'missing'}): read "
                            f"`fruitpipe emr logs {cluster_id}`; re-running resumes where it stopped")
         report_json = json.loads(run_json)
         return {"cluster_id": cluster_id, "step_state": step["state"], "run": report_json}
