@@ -1,0 +1,130 @@
+"""EMR settings: one validated dataclass, the names fruitpipe gives its AWS resources, and the one error type."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fruitpipe.errors import FruitpipeError
+
+log = logging.getLogger(__name__)
+
+#: Newest EMR release in the EMR release guide when this was written: Spark 3.5.6, Python 3.11 on the nodes.
+DEFAULT_RELEASE = "emr-7.13.0"
+DEFAULT_REGION = "eu-west-3"
+#: Where the bootstrap action installs fruitpipe on every node, and the .py file spark-submit runs.
+VENV_PYTHON = "/opt/fruitpipe/venv/bin/python"
+SUBMIT_SCRIPT = "/opt/fruitpipe/submit.py"
+SECURITY_CONFIGURATION = "fruitpipe-at-rest"
+KMS_ALIAS = "alias/fruitpipe-emr"
+#: AWS's managed EMR service policy (v2): it only acts on resources tagged with this tag.
+EMR_MANAGED_POLICY = "arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"
+EMR_MANAGED_TAG = "for-use-with-amazon-emr-managed-policies"
+
+#: On-demand Linux prices in eu-west-3 (USD per hour per node; gp3 per GB-month; S3 GET per 1,000 requests), from
+#: the AWS EC2, EMR, EBS and S3 public price pages as of PRICES_DATE. This machine is offline: they were not
+#: fetched live; pass --node-price to use a current or negotiated figure.
+PRICES_DATE = "2026-11-25"
+NODE_PRICES_EU_WEST_3 = {  # instance type: (EC2 on-demand, EMR fee)
+    "m5.xlarge": (0.224, 0.048),
+    "m5.2xlarge": (0.448, 0.096),
+    "m5.4xlarge": (0.896, 0.192),
+    "c5.xlarge": (0.202, 0.043),
+    "c5.2xlarge": (0.404, 0.085),
+}
+VCPUS = {"m5.xlarge": 4, "m5.2xlarge": 8, "m5.4xlarge": 16, "c5.xlarge": 4, "c5.2xlarge": 8}
+GP3_GB_MONTH = 0.0928
+S3_GET_PER_1000 = 0.00042
+#: Measured end to end (list + embed + PCA + write) on 105,600 images, 2 vCPUs: 185.3 img/s, i.e. 92.6 per vCPU
+#: (docs/performance.md). EMR's vCPUs are not these: treat the estimate as +-30 % until measured there.
+MEASURED_IMG_PER_VCPU_S = 92.6
+#: Cluster start (EC2 provisioning + EMR set-up + this bootstrap's pip install), and JVM start + PCA: assumptions
+#: from EMR's usual 7-10 min start, stated in the plan so nobody mistakes them for measurements.
+FIXED_MINUTES = {"provisioning_and_bootstrap": 10.0, "spark_start_and_pca": 2.0}
+
+
+
+class EmrError(FruitpipeError):
+    """An EMR request that could not be planned or carried out; the message says what to do."""
+
+
+def split_s3(uri: str, what: str) -> tuple[str, str]:
+    """('bucket', 'key/prefix') of an s3:// URI, or an EmrError naming the flag."""
+    m = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", uri.rstrip("/"))
+    if not m:
+        raise EmrError(f"{what} {uri!r} must be an s3://bucket/prefix URI: EMR reads and writes S3")
+    return m.group(1), (m.group(2) or "").strip("/")
+
+
+@dataclass(frozen=True)
+class EmrSettings:
+    """One EMR run: where data and artifacts live, the cluster shape, and the `fruitpipe run` arguments."""
+
+    input: str
+    output: str
+    region: str = DEFAULT_REGION
+    allow_non_eu: bool = False
+    #: s3:// prefix for the wheel, bootstrap script and model (default: s3://<output bucket>/fruitpipe-artifacts).
+    artifacts: str | None = None
+    #: s3:// prefix for EMR's logs (default: s3://<output bucket>/fruitpipe-logs).
+    logs: str | None = None
+    release_label: str = DEFAULT_RELEASE
+    master_type: str = "m5.xlarge"
+    core_type: str = "m5.xlarge"
+    core_nodes: int = 2
+    ebs_gb: int = 64
+    name: str = "fruitpipe"
+    service_role: str = "fruitpipe-emr-service"
+    instance_role: str = "fruitpipe-emr-ec2"
+    subnet_id: str | None = None
+    model: str = "mobilenet_v2"
+    model_path: str | None = None
+    #: Extra `fruitpipe run` flags for the step (e.g. ["--k", "50"]).
+    run_args: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+    #: For the cost estimate only.
+    images: int = 138_704
+    img_per_vcpu_s: float = MEASURED_IMG_PER_VCPU_S
+    node_price: float | None = None
+
+    def validate(self) -> EmrSettings:
+        """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
+        if not self.region.startswith("eu-") and not self.allow_non_eu:
+            raise EmrError(f"--region {self.region} is outside the EU: the data must stay in the EU (GDPR); "
+                           "use eu-west-3, or pass --allow-non-eu if this data may leave it")
+        split_s3(self.input, "INPUT")
+        split_s3(self.output, "OUTPUT")
+        split_s3(self.artifacts_uri, "--artifacts")
+        split_s3(self.logs_uri, "--logs")
+        if self.core_nodes < 1:
+            raise EmrError(f"--core-nodes {self.core_nodes} must be at least 1")
+        if self.ebs_gb < 16:
+            raise EmrError(f"--ebs-gb {self.ebs_gb} is below 16 GB: EMR nodes need room for Spark's local disk")
+        if not re.fullmatch(r"emr-\d+\.\d+\.\d+", self.release_label):
+            raise EmrError(f"--release-label {self.release_label!r} must look like {DEFAULT_RELEASE}")
+        if int(self.release_label.split("-")[1].split(".")[0]) < 7:
+            raise EmrError(f"--release-label {self.release_label} predates EMR 7, which first offers Python 3.11")
+        if self.node_price is None:
+            for kind in (self.master_type, self.core_type):
+                if kind not in NODE_PRICES_EU_WEST_3:
+                    raise EmrError(f"no price known for {kind}: pass --node-price USD_PER_HOUR "
+                                   f"(known: {', '.join(NODE_PRICES_EU_WEST_3)})")
+        if self.core_type not in VCPUS:
+            raise EmrError(f"vCPU count of {self.core_type} unknown: use one of {', '.join(VCPUS)}")
+        if self.images < 1 or self.img_per_vcpu_s <= 0:
+            raise EmrError("--images and --img-per-vcpu-s must be positive (they only feed the cost estimate)")
+        return self
+
+    @property
+    def artifacts_uri(self) -> str:
+        """s3:// prefix of the artifacts."""
+        return (self.artifacts or f"s3://{split_s3(self.output, 'OUTPUT')[0]}/fruitpipe-artifacts").rstrip("/")
+
+    @property
+    def logs_uri(self) -> str:
+        """s3:// prefix of EMR's logs."""
+        return (self.logs or f"s3://{split_s3(self.output, 'OUTPUT')[0]}/fruitpipe-logs").rstrip("/")
+
+
