@@ -376,6 +376,31 @@ def test_a_failed_bootstrap_is_explained(aws, capsys) -> None:
     assert "cluster TERMINATED_WITH_ERRORS, step" in err and why in err  # the progress line says it too
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_emr_run_terminates_its_cluster_on_a_signal(aws, sig: str) -> None:
+    """A session closed (SIGHUP), a scheduler's kill (SIGTERM) or Ctrl-C while `emr run` waits: the cluster it
+    started is terminated, and the command exits 130 with one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    name = f"fruitpipe-signal-{sig.lower()}"
+    proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "emr", "run", INPUT, f"s3://fruits-out/runs/{name}",
+                             "--name", name, "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "120", "-q"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    api = _client("emr", aws["endpoint"])
+    deadline = time.monotonic() + 120
+    while not [c for c in api.list_clusters()["Clusters"] if c["Name"] == name]:  # observable: it was started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)  # polling for the event, not a timed fault
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    cluster = [c for c in api.list_clusters()["Clusters"] if c["Name"] == name][0]
+    assert cluster["Status"]["State"] in ("TERMINATING", "TERMINATED"), cluster["Status"]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("fruitpipe emr: interrupted"), err
+
+
 def test_pipeline_runs_with_only_the_instance_role_policy(aws, tmp_path: Path) -> None:
     """The shipped EC2 policy is enough for a whole run, and no more: moto enforces IAM for this test, the
     pipeline runs (a fresh `fruitpipe run` process) with a user holding only that policy plus a Deny on one

@@ -293,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"fruitpipe emr: error: {exc}\n")
             return 2
         except KeyboardInterrupt:  # Emr.run terminates the cluster it started before this point
-            sys.stderr.write("fruitpipe emr: interrupted\n")
+            started = " (any cluster this command had started was terminated)" if args.emr_command == "run" else ""
+            sys.stderr.write(f"fruitpipe emr: interrupted{started}\n")
             return 130
         except Exception as exc:  # botocore: no credentials, access denied, throttling...
             if type(exc).__module__.startswith("botocore"):

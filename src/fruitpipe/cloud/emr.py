@@ -3,14 +3,17 @@ request, the plan and the settings live in plan.py, artifacts.py and settings.py
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import re
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,26 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 
 _STEP_DONE = {"COMPLETED", "CANCELLED", "FAILED", "INTERRUPTED"}
 _CLUSTER_DONE = {"TERMINATED", "TERMINATED_WITH_ERRORS"}
@@ -156,8 +179,9 @@ class Emr(AccountSetup):
         return uris
 
     # -- cluster lifecycle ---------------------------------------------------------------------------------
-    def up(self, settings: EmrSettings) -> dict[str, str]:
-        """Start the cluster with its step; refuses if the artifacts are missing."""
+    def up(self, settings: EmrSettings, started: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Start the cluster with its step; refuses if the artifacts are missing. `started(cluster_id)` is called
+        as soon as EMR has accepted the request, so a caller can terminate the cluster whatever happens next."""
         settings.validate()
         self.check_data_regions(settings)  # before any billed resource starts
         uris = artifact_uris(settings)
@@ -166,6 +190,8 @@ class Emr(AccountSetup):
             raise EmrError(f"missing in S3: {', '.join(uris[k] for k in missing)}; run `fruitpipe emr upload` first")
         request = job_flow_request(settings)
         cluster_id = self.emr.run_job_flow(**request)["JobFlowId"]
+        if started is not None:
+            started(cluster_id)
         steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
         log.info("cluster %s starting in %s", cluster_id, self.region)
         return {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}
@@ -214,7 +240,7 @@ class Emr(AccountSetup):
         return self.status(cluster_id)["state"]
 
     def wait(self, cluster_id: str, timeout_s: float, poll_s: float = 30.0,
-             report: Callable[[str], None] | None = None) -> dict[str, Any]:
+             report: Callable[[str], None] | None = None, terminate_on_timeout: bool = False) -> dict[str, Any]:
         """Poll until the step ends or the cluster terminates; reports each state change with elapsed time."""
         start = time.monotonic()
         last = ""
@@ -231,6 +257,10 @@ class Emr(AccountSetup):
             if step["state"] in _STEP_DONE or st["state"] in _CLUSTER_DONE:
                 return st
             if time.monotonic() - start > timeout_s:
+                if terminate_on_timeout:
+                    self.down(cluster_id)
+                    raise EmrError(f"cluster {cluster_id} still {now} after {timeout_s:.0f} s: it was terminated; "
+                                   "raise --timeout and run again (committed work is kept)")
                 raise EmrError(f"cluster {cluster_id} still {now} after {timeout_s:.0f} s; it keeps running: "
                                f"watch it with `fruitpipe emr status {cluster_id}`, stop it with "
                                f"`fruitpipe emr down {cluster_id}`")
@@ -240,13 +270,17 @@ class Emr(AccountSetup):
             report: Callable[[str], None] | None = None) -> dict[str, Any]:
         """upload + up + wait + fetch run.json + down; the cluster is terminated whatever happens."""
         self.upload(settings, wheel)
-        started = self.up(settings)
-        cluster_id = started["cluster_id"]
-        try:
-            st = self.wait(cluster_id, timeout_s, poll_s, report)
-        except BaseException:
-            self.down(cluster_id)
-            raise
+        ids: list[str] = []
+        with _signals_interrupt():  # SIGTERM and SIGHUP too, so a killed session never leaves a cluster billing
+            try:
+                self.up(settings, started=ids.append)
+                st = self.wait(ids[0], timeout_s, poll_s, report, terminate_on_timeout=True)
+            except BaseException:
+                for cluster_id in ids:  # started, even if the interruption came before up() returned
+                    log.warning("terminating cluster %s", cluster_id)
+                    self.down(cluster_id)
+                raise
+        cluster_id = ids[0]
         if st["state"] not in _CLUSTER_DONE:
             self.down(cluster_id)
         out = settings.output.rstrip("/")
