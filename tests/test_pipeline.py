@@ -223,6 +223,7 @@ def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
     assert first["dropped_before_embedding"] == {"deleted": 1} and first["not_listed_anymore"] == 0
     assert first["embedded_this_run"] == 0 and first["accounted"] and first["listed"] == e2e["listing"].count - 1
     before = _parquet_digest(out)
+    record = (out / "_commit.json").read_bytes()
     result = run_stages(e2e["config"], listing=listing)
     counts = result.counts
     assert counts["dropped_before_embedding"] == {}
@@ -232,6 +233,7 @@ def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
     assert result.report["pca"]["skipped"] is True
     assert result.report["timings_s"]["spark_start"] == 0  # nothing to do: Spark not even started
     assert _parquet_digest(out) == before
+    assert (out / "_commit.json").read_bytes() == record  # nothing committed, so no new record version
     assert (out / "_SUCCESS").exists()
 
 

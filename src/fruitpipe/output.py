@@ -242,7 +242,7 @@ class RunDir:
                 storage.move(src, self.join(name, dest), self.opts)
                 added[name].append(dest)
         n = sum(len(v) for v in added.values())
-        if n or settings:
+        if n or {**self.settings(), **(settings or {})} != self.settings():  # a no-op run leaves the record as is
             datasets = {name: rec["datasets"].get(name, []) + added.get(name, []) for name in DATASETS}
             changed = bool(added["embeddings"])
             self._write_record({**rec, "datasets": datasets, "reduce": None if changed else rec.get("reduce"),
