@@ -76,13 +76,11 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
                 img = Image.open(io.BytesIO(data))
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
-                    EOFError) as exc:
-                if isinstance(exc, UnidentifiedImageError):
-                    raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
-                raise
-            except UnidentifiedImageError:
+            except UnidentifiedImageError:  # before OSError, of which it is a subclass
                 raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
+                    EOFError):
+                raise  # classified below: too_large, truncated or corrupt
             except Exception as exc:  # any plug-in's failure to parse a header (DDS: NotImplementedError, ...)
                 raise Rejected("not_an_image", f"{type(exc).__name__}: {exc}"[:300]) from None
             width, height = img.size
