@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fruitpipe import storage
 from fruitpipe.errors import OutputError
@@ -102,29 +101,35 @@ class RunDir:
             raise OutputError(f"OUTPUT {self.uri} is {where} INPUT {input_uri}: choose an OUTPUT outside the input "
                               "folder (and not containing it)")
 
-    def claim(self, fingerprint: dict[str, Any], overwrite: bool, defaults: dict[str, Any]) -> None:
-        """Make the output ours: refuse one made with another configuration (unless overwrite) and any folder with
-        files that fruitpipe did not write; --overwrite deletes only fruitpipe's own entries."""
+    def check_claimable(self, fingerprint: dict[str, Any], overwrite: bool,
+                        defaults: dict[str, Any]) -> dict[str, Any] | None:
+        """Refuse a folder with files fruitpipe did not write, and an output made with another configuration
+        (unless overwrite); returns the current marker. Read-only: run before the lease, and again by claim()."""
         previous = self.marker_for_claim(overwrite)
-        if previous is not None:
-            if previous != fingerprint:
-                if not overwrite:
-                    diff = ", ".join(
-                        f"{k} was {previous.get(k, defaults.get(k))!r} (now {fingerprint.get(k, defaults.get(k))!r})"
-                        for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k))
-                    raise OutputError(f"output {self.uri} belongs to another configuration ({diff}): choose a new "
-                                      "OUTPUT or pass --overwrite")
-                log.warning("--overwrite: deleting what fruitpipe wrote in %s (made with another configuration)",
-                            self.uri)
-                self.delete_own_entries()
-        elif self.has_foreign_files():
+        if previous is None and self.has_foreign_files():
             raise OutputError(f"output {self.uri} exists and is not a fruitpipe output (no {MARKER}): choose an "
                               "empty or new OUTPUT; --overwrite never deletes files fruitpipe did not write")
+        if previous is not None and previous != fingerprint and not overwrite:
+            diff = ", ".join(
+                f"{k} was {previous.get(k, defaults.get(k))!r} (now {fingerprint.get(k, defaults.get(k))!r})"
+                for k in sorted(set(previous) | set(fingerprint)) if previous.get(k) != fingerprint.get(k))
+            raise OutputError(f"output {self.uri} belongs to another configuration ({diff}): choose a new OUTPUT "
+                              "or pass --overwrite")
+        return previous
+
+    def claim(self, fingerprint: dict[str, Any], overwrite: bool, defaults: dict[str, Any]) -> None:
+        """Make the output ours (check_claimable, under the lease); --overwrite deletes only fruitpipe's own
+        entries."""
+        previous = self.check_claimable(fingerprint, overwrite, defaults)
+        if previous is not None and previous != fingerprint:
+            log.warning("--overwrite: deleting what fruitpipe wrote in %s (made with another configuration)",
+                        self.uri)
+            self.delete_own_entries()
         storage.write_bytes(self.join(MARKER), json.dumps(fingerprint, indent=2).encode(), self.opts)
 
     def has_foreign_files(self) -> bool:
         """Whether the folder holds files and is not a fruitpipe output (no marker): never to be written over."""
-        if not storage.exists(self.uri, self.opts) or storage.exists(self.join(MARKER), self.opts):
+        if storage.exists(self.join(MARKER), self.opts):
             return False
         return any(not u.endswith("/" + LEASE_ENTRY) for u, _ in storage.list_files(self.uri, self.opts))
 
@@ -146,7 +151,8 @@ class RunDir:
                     raise OutputError(f"{uri} is corrupt (no datasets): re-run with --overwrite")
             else:
                 rec = {"format": 1, "version": 0, "reduce": None, "settings": {},
-                       "datasets": {name: [u.rsplit("/", 1)[1] for u in self._listed_parquet(name)]
+                       "datasets": {name: [u.rsplit("/", 1)[1] for u in storage.parquet_files(self.join(name),
+                                                                                                self.opts)]
                                     for name in DATASETS}}
             self._record = rec
         return self._record
@@ -162,10 +168,6 @@ class RunDir:
     def files(self, dataset: str) -> list[str]:
         """The committed part files of a dataset (URIs)."""
         return [self.join(dataset, name) for name in self.record()["datasets"].get(dataset, [])]
-
-    def _listed_parquet(self, dataset: str) -> list[str]:
-        uri = self.join(dataset)
-        return storage.parquet_files(uri, self.opts) if storage.exists(uri, self.opts) else []
 
     def reduce_entry(self) -> dict[str, Any] | None:
         """The committed PCA (fingerprint, files of pca/ and reduced/), or None when there is none."""
@@ -235,9 +237,8 @@ class RunDir:
         added: dict[str, list[str]] = {}
         for name in DATASETS:
             src_dir = storage.join(staging, name)
-            files = storage.parquet_files(src_dir, self.opts) if storage.exists(src_dir, self.opts) else []
             added[name] = []
-            for src in files:
+            for src in storage.parquet_files(src_dir, self.opts):  # [] when nothing was staged
                 dest = f"{token}-{src.rsplit('/', 1)[1]}"
                 storage.move(src, self.join(name, dest), self.opts)
                 added[name].append(dest)
@@ -356,22 +357,3 @@ class RunDir:
         uri = self.join(RUN_JSON)
         fix = "re-run `fruitpipe embed INPUT OUTPUT` (nothing is re-embedded) to write it again"
         return _read_json(uri, self.opts, "the last run's report", fix) if storage.exists(uri, self.opts) else {}
-
-
-def duplicate_rows(index: pa.Table) -> pa.Table:
-    """Rows of an index (uri, _file, _row, ...) whose uri occurred earlier in it: every uri kept once."""
-    if index.num_rows == 0:
-        return index
-    uris = index.column("uri").to_pylist()
-    seen: set[str] = set()
-    mask = np.zeros(len(uris), dtype=bool)
-    for i, u in enumerate(uris):
-        if u in seen:
-            mask[i] = True
-        seen.add(u)
-    return index.filter(pa.array(mask))
-
-
-def count_in(column: pa.ChunkedArray | pa.Array, values: pa.Array) -> int:
-    """How many entries of `column` are in `values`."""
-    return int(pc.sum(pc.is_in(column, values)).as_py() or 0)

@@ -75,9 +75,7 @@ def split_training(manifest: pa.Table, n_cal: int = CALIBRATION_IMAGES,
                    n_check: int = CHECK_IMAGES) -> tuple[list[str], list[str]]:
     """(calibration uris, held-back check uris): disjoint, evenly spaced over the sorted Training uris (all splits
     when there is none); small inputs hold back a fifth for the check."""
-    training = manifest.filter(pc.equal(manifest.column("split"), "Training"))
-    rows = training if training.num_rows else manifest
-    uris = sorted(rows.column("uri").to_pylist())
+    uris = _training_uris(manifest)
     n_check = min(n_check, len(uris) // 5)
     check = _evenly(uris, n_check)
     chosen = set(check)
@@ -86,9 +84,14 @@ def split_training(manifest: pa.Table, n_cal: int = CALIBRATION_IMAGES,
 
 def calibration_uris(manifest: pa.Table, n: int = CALIBRATION_IMAGES) -> list[str]:
     """Up to n uris of the Training split (all splits if there is none), evenly spaced in uri order."""
+    return _evenly(_training_uris(manifest), n)
+
+
+def _training_uris(manifest: pa.Table) -> list[str]:
+    """The sorted uris of the Training split, or of every row when the input has no split folders."""
     training = manifest.filter(pc.equal(manifest.column("split"), "Training"))
     rows = training if training.num_rows else manifest
-    return _evenly(sorted(rows.column("uri").to_pylist()), n)
+    return sorted(rows.column("uri").to_pylist())
 
 
 def _evenly(uris: list[str], n: int) -> list[str]:

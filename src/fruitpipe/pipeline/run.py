@@ -297,7 +297,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             model = resolve_model(get_spec(config.model), config.model_path, opts)
             check_model(model)
             fingerprint = _fingerprint(config, model)
-            _precheck_claim(rundir, fingerprint, config.overwrite)
+            # Refused before the lease is taken, so a refused command writes nothing there; claimed under it below.
+            rundir.check_claimable(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
             if listing is None:
                 t0 = time.perf_counter()
                 listing = list_images(config.input, opts, config.list_threads)
@@ -365,17 +366,6 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                            f"the accounting failed: {counts.get('listed')} listed, {counts.get('embedded')} "
                            f"embedded + {counts.get('rejected')} rejected")
     return RunResult(output=out, report=report)
-
-
-def _precheck_claim(rundir: RunDir, fingerprint: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a foreign folder, or an output of another configuration without --overwrite, before the lease is
-    taken (so a refused command writes nothing there); the claim itself is repeated under the lease."""
-    if rundir.has_foreign_files():
-        raise OutputError(f"output {rundir.uri} exists and is not a fruitpipe output: choose an empty or new OUTPUT;"
-                          " --overwrite never deletes files fruitpipe did not write")
-    previous = rundir.marker_for_claim(overwrite)
-    if previous is not None and previous != fingerprint and not overwrite:
-        rundir.claim(fingerprint, overwrite, _FINGERPRINT_DEFAULTS)  # raises, with the differences
 
 
 def read_marker(out: str, opts: StorageOptions) -> dict[str, Any]:
