@@ -154,6 +154,8 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
                    help=f"throughput per vCPU for the estimate (default {MEASURED_IMG_PER_VCPU_S}, measured)")
     p.add_argument("--node-price", type=_positive_float, metavar="USD_PER_HOUR",
                    help="price per node-hour (EC2 + EMR) instead of the stated eu-west-3 list prices")
+    p.add_argument("--step-timeout", type=_positive_float, metavar="MINUTES",
+                   help="kill the step (and so the cluster) after this long (default: 3x the estimate, >= 30)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -184,8 +186,9 @@ def _add_emr(sub: Any) -> None:
         if name in ("upload", "run"):
             p.add_argument("--wheel", metavar="FILE", help="use this wheel instead of building one")
         if name == "run":
-            p.add_argument("--timeout", type=_positive_float, default=6 * 3600.0,
-                           help="seconds to wait for the step (default 21600)")
+            p.add_argument("--timeout", type=_positive_float,
+                           help="seconds to wait before terminating the cluster (default: provisioning + the step "
+                                "timeout + 15 minutes)")
             p.add_argument("--poll", type=_positive_float, default=30.0, help="seconds between polls (default 30)")
     for name, help_text in (("status", "cluster and step states"), ("logs", "the step's logs from S3"),
                             ("down", "terminate the cluster")):
@@ -206,7 +209,7 @@ def _emr_settings(args: argparse.Namespace) -> Any:
         core_type=args.core_type, core_nodes=args.core_nodes, ebs_gb=args.ebs_gb, name=args.name,
         service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
         model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
-        img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price,
+        img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price, step_timeout_min=args.step_timeout,
     )  # validated by each emr command it is handed to
 
 
@@ -217,10 +220,10 @@ def _emr_main(args: argparse.Namespace) -> int:
         sys.stdout.write((obj if isinstance(obj, str) else json.dumps(obj, indent=2)) + "\n")
 
     cmd = args.emr_command
-    if cmd == "plan":
-        show(emr_mod.plan(_emr_settings(args)))
-        return 0
     aws = emr_mod.Emr(args.region)
+    if cmd == "plan":
+        show(emr_mod.plan(_emr_settings(args), aws if aws.has_credentials() else None))
+        return 0
     if cmd == "status":
         show(aws.status(args.cluster_id))
     elif cmd == "logs":
@@ -241,7 +244,8 @@ def _emr_main(args: argparse.Namespace) -> int:
                 sys.stderr.write(line + "\n")
 
             report = None if args.quiet else to_stderr
-            result = aws.run(settings, args.timeout, args.poll, args.wheel, report)
+            timeout = args.timeout or emr_mod.run_timeout_s(settings.validate())
+            result = aws.run(settings, timeout, args.poll, args.wheel, report)
             run = result["run"]
             show({"cluster_id": result["cluster_id"], "step": result["step_state"], "output": settings.output,
                   "counts": run.get("counts"), "timings_s": run.get("timings_s")})

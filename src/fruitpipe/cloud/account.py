@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from fruitpipe.cloud.plan import policy_values, render_policy, security_configuration
+from fruitpipe.cloud.preflight import Preflight
 from fruitpipe.cloud.settings import (
     EMR_MANAGED_POLICY,
     KMS_ALIAS,
@@ -20,16 +21,11 @@ from fruitpipe.cloud.settings import (
 log = logging.getLogger(__name__)
 
 
-class AccountSetup:
+class AccountSetup(Preflight):
     """The setup half of the EMR client: needs `region`, `s3`, `emr` and `client(name)` from its subclass."""
 
-    region: str
     s3: Any
     emr: Any
-
-    def client(self, name: str) -> Any:
-        """A boto3 client of the session (iam, sts, kms); provided by the subclass."""
-        raise NotImplementedError
 
     def ensure_bucket(self, bucket: str) -> list[str]:
         """Create `bucket` in the region if needed, then make sure public access is blocked, objects are encrypted
@@ -161,10 +157,10 @@ class AccountSetup:
         if not any(r["RoleName"] == settings.instance_role for r in profile["Roles"]):
             iam.add_role_to_instance_profile(InstanceProfileName=settings.instance_role,
                                              RoleName=settings.instance_role)
-        changed: list[str] = []
+        changed: list[str] = self.tag_network(self.network(settings))
         for bucket in dict.fromkeys(split_s3(uri, "URI")[0] for uri in (settings.artifacts_uri, settings.logs_uri)):
             changed += self.ensure_bucket(bucket)
         self.check_data_regions(settings)
         return {"account": account, "kms_key": key_arn, "service_role": settings.service_role,
                 "instance_profile": settings.instance_role, "security_configuration": SECURITY_CONFIGURATION,
-                "buckets_changed": changed or ["nothing: every bucket setting was already as strong or stronger"]}
+                "changed": changed or ["nothing: the network and every bucket setting were already as needed"]}

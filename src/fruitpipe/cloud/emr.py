@@ -26,7 +26,9 @@ from fruitpipe.cloud.plan import (
     plan,
     policy_values,
     render_policy,
+    run_timeout_s,
     step_args,
+    step_timeout_minutes,
 )
 from fruitpipe.cloud.settings import (
     DEFAULT_REGION,
@@ -67,9 +69,11 @@ __all__ = [
     "plan",
     "policy_values",
     "render_policy",
+    "run_timeout_s",
     "runtime_requirements",
     "split_s3",
     "step_args",
+    "step_timeout_minutes",
     "wheel_name",
 ]
 
@@ -114,8 +118,12 @@ class Emr(AccountSetup):
         self.s3 = self._session.client("s3")
 
     def client(self, name: str) -> Any:
-        """Another boto3 client of the same session (iam, sts, kms)."""
+        """Another boto3 client of the same session (iam, sts, kms, ec2, service-quotas)."""
         return self._session.client(name)
+
+    def has_credentials(self) -> bool:
+        """True when the standard chain finds credentials (so read-only checks can run in `emr plan`)."""
+        return self._session.get_credentials() is not None
 
     # -- S3 -----------------------------------------------------------------------------------------------
     def _exists(self, uri: str) -> bool:
@@ -188,7 +196,13 @@ class Emr(AccountSetup):
         missing = [k for k in ("wheel", "requirements", "bootstrap", "model") if not self._exists(uris[k])]
         if missing:
             raise EmrError(f"missing in S3: {', '.join(uris[k] for k in missing)}; run `fruitpipe emr upload` first")
-        request = job_flow_request(settings)
+        net = self.check_network(settings)  # the managed policy refuses an untagged network only at launch
+        quota = self.quota(settings)
+        if quota.get("checked") and not quota["ok"]:
+            log.warning("vCPU quota: %s", quota["advice"])
+        elif not quota.get("checked"):
+            log.warning("vCPU quota not checked: %s", quota["why"])
+        request = job_flow_request(settings, net.subnet_id)
         cluster_id = self.emr.run_job_flow(**request)["JobFlowId"]
         if started is not None:
             started(cluster_id)

@@ -1,37 +1,80 @@
-"""`emr plan`: the run_job_flow request, the security configuration, the IAM policies and the cost estimate (no
-AWS call)."""
+"""`emr plan`: the run_job_flow request, executor sizing, the step timeout, the security configuration, the IAM
+policies and the cost estimate; the network and quota checks are read-only and only run with credentials."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import string
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fruitpipe.cloud.artifacts import _version, artifact_uris, wheel_name
 from fruitpipe.cloud.settings import (
     EMR_MANAGED_TAG,
     FIXED_MINUTES,
     GP3_GB_MONTH,
+    IMAGES_PER_FOLDER,
+    INSTANCE_TYPES,
     KMS_ALIAS,
+    MEASURED_IMG_PER_VCPU_S,
     NODE_PRICES_EU_WEST_3,
     PRICES_DATE,
     S3_GET_PER_1000,
+    S3_PUT_LIST_PER_1000,
     SECURITY_CONFIGURATION,
     SUBMIT_SCRIPT,
-    VCPUS,
+    THROUGHPUT_BASIS,
     VENV_PYTHON,
     EmrError,
     EmrSettings,
     split_s3,
 )
 
+if TYPE_CHECKING:
+    from fruitpipe.cloud.preflight import Preflight
+
 log = logging.getLogger(__name__)
 
+#: Memory of one Python worker outside the JVM: the interpreter, one ONNX Runtime session (MobileNetV2 fp32:
+#: ~0.3 GB resident) and a decoded batch. Spark counts it in spark.executor.memoryOverhead, which YARN enforces.
+PYTHON_WORKER_MB = 512
+#: Spark's own minimum overhead (JVM internals, Netty buffers).
+JVM_OVERHEAD_MB = 384
+#: The YARN scheduler's allocation unit on EMR (yarn.scheduler.minimum-allocation-mb): containers round up to it.
+YARN_ALLOCATION_MB = 32
+#: The derived step timeout: this many times the estimated step time (the estimate is +-30 % and unmeasured on
+#: EMR's vCPUs), and never under STEP_TIMEOUT_FLOOR_MIN.
+STEP_TIMEOUT_FACTOR = 3.0
+STEP_TIMEOUT_FLOOR_MIN = 30.0
+#: Images per Spark partition (`fruitpipe run`'s default --partition-size), and what one partition writes.
+PARTITION_IMAGES = 512
+PUTS_PER_PART = 1
+#: PUTs of the small files of an output (markers, lease renewals, commit records, PCA files, run.json, _SUCCESS),
+#: and driver reads of records and footers: counted on the loopback S3 (see s3_requests).
+FIXED_PUTS = 60
+FIXED_DRIVER_READS = 60
+
+def step_timeout_minutes(settings: EmrSettings) -> int:
+    """How long the step may run before `timeout` kills it (and ActionOnFailure the cluster): --step-timeout, else
+    STEP_TIMEOUT_FACTOR x the estimated step time (JVM start, embedding, PCA), at least STEP_TIMEOUT_FLOOR_MIN."""
+    if settings.step_timeout_min is not None:
+        return math.ceil(settings.step_timeout_min)
+    step_min = _work_minutes(settings) + FIXED_MINUTES["spark_start_and_pca"]
+    return math.ceil(max(STEP_TIMEOUT_FLOOR_MIN, STEP_TIMEOUT_FACTOR * step_min))
+
+
+def run_timeout_s(settings: EmrSettings) -> float:
+    """`emr run`'s default wait before it terminates the cluster: provisioning, the step timeout, 15 minutes."""
+    return 60.0 * (FIXED_MINUTES["provisioning_and_bootstrap"] + step_timeout_minutes(settings) + 15)
+
+
 def step_args(settings: EmrSettings) -> list[str]:
-    """The step's command line: spark-submit in client mode on YARN, running `fruitpipe run` S3 to S3."""
+    """The step's command line: spark-submit in client mode on YARN, running `fruitpipe run` S3 to S3, under
+    coreutils `timeout` so that a hung step ends (TERM, then KILL two minutes later) and takes the cluster with it."""
     return [
+        "timeout", "--signal=TERM", "--kill-after=120", f"{step_timeout_minutes(settings)}m",
         "spark-submit", "--master", "yarn", "--deploy-mode", "client",
         "--conf", f"spark.pyspark.python={VENV_PYTHON}",
         "--conf", f"spark.pyspark.driver.python={VENV_PYTHON}",
@@ -41,14 +84,29 @@ def step_args(settings: EmrSettings) -> list[str]:
     ]
 
 
+def executor_conf(instance_type: str) -> dict[str, str]:
+    """One executor per core node, sized so that YARN can grant it: all vCPUs as cores (one Python worker and one
+    ONNX session each), memoryOverhead for those workers, and the JVM heap from what is left of the node's YARN
+    memory. EMR's own spark-defaults (extraJavaOptions included) are kept: only these keys are set."""
+    kind = INSTANCE_TYPES[instance_type]
+    overhead = JVM_OVERHEAD_MB + kind.vcpus * PYTHON_WORKER_MB
+    heap = (kind.yarn_mb - overhead) // YARN_ALLOCATION_MB * YARN_ALLOCATION_MB
+    if heap < 1024:
+        raise EmrError(f"{instance_type} gives YARN {kind.yarn_mb} MB: too little for {kind.vcpus} Python workers "
+                       "and a 1 GB executor heap; use a larger type")
+    return {"spark.executor.cores": str(kind.vcpus), "spark.executor.memory": f"{heap}m",
+            "spark.executor.memoryOverhead": f"{overhead}m"}
+
+
 def _tags(settings: EmrSettings) -> list[dict[str, str]]:
     tags = {"project": "fruitpipe", "fruitpipe-version": _version(), "data-classification": "no-personal-data",
             EMR_MANAGED_TAG: "true", **settings.tags}
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
-def job_flow_request(settings: EmrSettings) -> dict[str, Any]:
-    """The exact keyword arguments of emr.run_job_flow for this run."""
+def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dict[str, Any]:
+    """The exact keyword arguments of emr.run_job_flow for this run; `subnet_id` is the one the network check
+    found (--subnet-id, or the default VPC's), so that EMR launches where the tags were checked."""
     uris = artifact_uris(settings)
     ebs = {"EbsBlockDeviceConfigs": [{"VolumeSpecification": {"VolumeType": "gp3", "SizeInGB": settings.ebs_gb},
                                       "VolumesPerInstance": 1}], "EbsOptimized": True}
@@ -63,8 +121,8 @@ def job_flow_request(settings: EmrSettings) -> dict[str, Any]:
         "KeepJobFlowAliveWhenNoSteps": False,
         "TerminationProtected": False,
     }
-    if settings.subnet_id:
-        instances["Ec2SubnetId"] = settings.subnet_id
+    if subnet_id or settings.subnet_id:
+        instances["Ec2SubnetId"] = subnet_id or settings.subnet_id
     return {
         "Name": settings.name,
         "ReleaseLabel": settings.release_label,
@@ -84,9 +142,7 @@ def job_flow_request(settings: EmrSettings) -> dict[str, Any]:
             {"Classification": "spark-defaults", "Properties": {
                 "spark.pyspark.python": VENV_PYTHON,
                 "spark.pyspark.driver.python": VENV_PYTHON,
-                # 4 Python workers per m5.xlarge executor hold an ONNX session each (~0.3 GB): room outside
-                # the JVM heap, or YARN kills the container.
-                "spark.executor.memoryOverhead": "2g",
+                **executor_conf(settings.core_type),
                 "spark.python.worker.reuse": "true",
             }},
             {"Classification": "spark-env", "Configurations": [{"Classification": "export", "Properties": {
@@ -117,12 +173,34 @@ def security_configuration(kms_key_arn: str) -> dict[str, Any]:
     }}
 
 
+def _work_minutes(settings: EmrSettings) -> float:
+    vcpus = settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
+    return settings.images / (vcpus * settings.img_per_vcpu_s) / 60
+
+
+def s3_requests(settings: EmrSettings) -> dict[str, int]:
+    """The S3 requests of one run, by kind, from what the code sends (counted on a loopback S3 in
+    tests/test_emr.py::test_s3_requests_of_a_run_match_the_plan): one GET per image and no HEAD
+    (storage.read_object); LIST pages: the root and split levels, then each class folder (1,000 keys a page);
+    PUT/POST: the Parquet parts of embeddings, rejects and reduced (one per partition of images each) and the
+    output's small files; driver-side GETs/HEADs of those files (footers, records) are few and counted as fixed."""
+    folders = max(1, round(settings.images / IMAGES_PER_FOLDER))
+    parts = math.ceil(settings.images / PARTITION_IMAGES)
+    return {
+        "get_images": settings.images,
+        "head_images": 0,
+        "list_pages": 3 + folders + math.ceil(settings.images / 1000),
+        "put": 3 * parts * PUTS_PER_PART + FIXED_PUTS,
+        "get_head_driver": 2 * parts + FIXED_DRIVER_READS,
+    }
+
+
 def estimate(settings: EmrSettings) -> dict[str, Any]:
-    """Time and cost of the run from the measured per-vCPU throughput and the stated prices."""
+    """Time and cost of the run from the measured per-vCPU throughput, the stated prices and the S3 requests."""
     nodes = 1 + settings.core_nodes
-    vcpus = settings.core_nodes * VCPUS[settings.core_type]
+    vcpus = settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
     img_s = vcpus * settings.img_per_vcpu_s
-    work_min = settings.images / img_s / 60
+    work_min = _work_minutes(settings)
     minutes = work_min + sum(FIXED_MINUTES.values())
     if settings.node_price is not None:
         master_h = core_h = settings.node_price
@@ -132,7 +210,9 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
     hours = minutes / 60
     compute = hours * (master_h + settings.core_nodes * core_h)
     ebs = nodes * settings.ebs_gb * GP3_GB_MONTH * hours / 730
-    gets = settings.images / 1000 * S3_GET_PER_1000
+    requests = s3_requests(settings)
+    s3_usd = ((requests["get_images"] + requests["head_images"] + requests["get_head_driver"]) / 1000
+              * S3_GET_PER_1000 + (requests["list_pages"] + requests["put"]) / 1000 * S3_PUT_LIST_PER_1000)
     return {
         "images": settings.images,
         "core_vcpus": vcpus,
@@ -141,16 +221,18 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
         "work_minutes": round(work_min, 1),
         "fixed_minutes": FIXED_MINUTES,
         "total_minutes": round(minutes, 1),
-        "usd": {"nodes": round(compute, 3), "ebs": round(ebs, 4), "s3_get": round(gets, 4),
-                "total": round(compute + ebs + gets, 2)},
+        "step_timeout_minutes": step_timeout_minutes(settings),
+        "s3_requests": requests,
+        "usd": {"nodes": round(compute, 3), "ebs": round(ebs, 4), "s3_requests": round(s3_usd, 4),
+                "total": round(compute + ebs + s3_usd, 2)},
         "prices": {"region": "eu-west-3", "stated_on": PRICES_DATE,
                    "node_usd_per_hour": {"master": round(master_h, 4), "core": round(core_h, 4)},
                    "source": "--node-price" if settings.node_price is not None else
                    "AWS public on-demand price pages (EC2 + EMR fee), written down offline, not fetched live: "
                    "check them before quoting",
-                   "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_usd_per_1000": S3_GET_PER_1000},
-        "basis": "measured end-to-end throughput on a 2-vCPU VM (docs/performance.md); +-30 % until measured "
-                 "on EMR",
+                   "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_usd_per_1000": S3_GET_PER_1000,
+                   "s3_put_list_usd_per_1000": S3_PUT_LIST_PER_1000},
+        "basis": THROUGHPUT_BASIS if settings.img_per_vcpu_s == MEASURED_IMG_PER_VCPU_S else "--img-per-vcpu-s",
     }
 
 
@@ -179,17 +261,31 @@ def policy_values(settings: EmrSettings, account_id: str, kms_key_arn: str) -> d
             "kms_key_arn": kms_key_arn}
 
 
-def plan(settings: EmrSettings) -> dict[str, Any]:
-    """Everything `emr up` would send, and what it costs; no AWS call."""
+def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, Any]:
+    """Everything `emr up` would send, and what it costs. With `checks` (AWS credentials present), also the network
+    it will use (and its tags) and the vCPU quota, both read-only; without, says they were not checked."""
     settings.validate()
     policy_values(settings, "ACCOUNT_ID", "KMS_KEY_ARN")  # the prefixes must be grantable
+    subnet = None
+    if checks is None:
+        why = "no AWS credentials found: `emr setup` and `emr up` check it"
+        network: dict[str, Any] = {"checked": False, "why": why,
+                                   "subnet_id": settings.subnet_id or "a default subnet of the default VPC"}
+        quota: dict[str, Any] = {"checked": False, "why": why}
+    else:
+        net = checks.network(settings)
+        subnet = net.subnet_id
+        network = {"checked": True, **net.describe()}
+        if net.untagged:
+            network["advice"] = "`fruitpipe emr setup` tags them (up refuses an untagged network)"
+        quota = checks.quota(settings)
     return {
         "region": settings.region,
-        "run_job_flow": job_flow_request(settings),
+        "network": network,
+        "quota": quota,
+        "run_job_flow": job_flow_request(settings, subnet),
         "artifacts": artifact_uris(settings),
         "setup": {"service_role": settings.service_role, "instance_profile": settings.instance_role,
                   "kms_alias": KMS_ALIAS, "security_configuration": SECURITY_CONFIGURATION},
         "estimate": estimate(settings),
     }
-
-

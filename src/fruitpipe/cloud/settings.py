@@ -33,13 +33,47 @@ NODE_PRICES_EU_WEST_3 = {  # instance type: (EC2 on-demand, EMR fee)
     "m5.4xlarge": (0.896, 0.192),
     "c5.xlarge": (0.202, 0.043),
     "c5.2xlarge": (0.404, 0.085),
+    "c5.4xlarge": (0.808, 0.170),  # twice c5.2xlarge: prices are linear in size within a family
 }
-VCPUS = {"m5.xlarge": 4, "m5.2xlarge": 8, "m5.4xlarge": 16, "c5.xlarge": 4, "c5.2xlarge": 8}
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """What sizing needs of one EC2 type: vCPUs, and the memory EMR gives YARN on it."""
+
+    vcpus: int
+    #: yarn.nodemanager.resource.memory-mb that EMR sets for this type (EMR Release Guide, "Task configuration":
+    #: https://docs.aws.amazon.com/emr/latest/ReleaseGuide/emr-hadoop-task-config.html). An executor bigger than
+    #: this is never granted: YARN waits for it forever.
+    yarn_mb: int
+
+
+INSTANCE_TYPES = {
+    "m5.xlarge": InstanceType(4, 12288),
+    "m5.2xlarge": InstanceType(8, 24576),
+    "m5.4xlarge": InstanceType(16, 57344),
+    "c5.xlarge": InstanceType(4, 6144),
+    "c5.2xlarge": InstanceType(8, 12288),
+    "c5.4xlarge": InstanceType(16, 24576),
+    "r5.xlarge": InstanceType(4, 24576),
+    "r5.2xlarge": InstanceType(8, 57344),
+}
+VCPUS = {name: t.vcpus for name, t in INSTANCE_TYPES.items()}
+#: The EC2 quota that on-demand m5/c5/r5 nodes count against: "Running On-Demand Standard (A, C, D, H, I, M, R, T,
+#: Z) instances", in vCPUs (Service Quotas code).
+VCPU_QUOTA = ("ec2", "L-1216C47A")
 GP3_GB_MONTH = 0.0928
+#: S3 Standard request prices in eu-west-3 (USD per 1,000): GET/HEAD, and PUT/COPY/POST/LIST.
 S3_GET_PER_1000 = 0.00042
+S3_PUT_LIST_PER_1000 = 0.0053
 #: Measured end to end (list + embed + PCA + write) on 105,600 images, 2 vCPUs: 185.3 img/s, i.e. 92.6 per vCPU
 #: (docs/performance.md). EMR's vCPUs are not these: treat the estimate as +-30 % until measured there.
 MEASURED_IMG_PER_VCPU_S = 92.6
+#: Where MEASURED_IMG_PER_VCPU_S comes from, as the plan states it.
+THROUGHPUT_BASIS = ("end-to-end throughput measured on a 2-vCPU VM reading from a loopback S3 server "
+                    "(docs/performance.md, docs/emr.md); +-30 % until measured on EMR")
+#: Images per class folder, to count LIST pages: Fruits-360 has 138,704 photos in 412 folders (206 classes x 2).
+IMAGES_PER_FOLDER = 337
 #: Cluster start (EC2 provisioning + EMR set-up + this bootstrap's pip install), and JVM start + PCA: assumptions
 #: from EMR's usual 7-10 min start, stated in the plan so nobody mistakes them for measurements.
 FIXED_MINUTES = {"provisioning_and_bootstrap": 10.0, "spark_start_and_pca": 2.0}
@@ -88,6 +122,8 @@ class EmrSettings:
     images: int = 138_704
     img_per_vcpu_s: float = MEASURED_IMG_PER_VCPU_S
     node_price: float | None = None
+    #: Minutes after which the step is killed (and the cluster with it); None: derived from the estimate.
+    step_timeout_min: float | None = None
 
     def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
@@ -111,8 +147,12 @@ class EmrSettings:
                 if kind not in NODE_PRICES_EU_WEST_3:
                     raise EmrError(f"no price known for {kind}: pass --node-price USD_PER_HOUR "
                                    f"(known: {', '.join(NODE_PRICES_EU_WEST_3)})")
-        if self.core_type not in VCPUS:
-            raise EmrError(f"vCPU count of {self.core_type} unknown: use one of {', '.join(VCPUS)}")
+        for flag, kind in (("--master-type", self.master_type), ("--core-type", self.core_type)):
+            if kind not in INSTANCE_TYPES:
+                raise EmrError(f"{flag} {kind}: its vCPUs and YARN memory are not known to fruitpipe, so executors "
+                               f"cannot be sized for it; use one of {', '.join(INSTANCE_TYPES)}")
+        if self.step_timeout_min is not None and self.step_timeout_min <= 0:
+            raise EmrError(f"--step-timeout {self.step_timeout_min} must be a positive number of minutes")
         if self.images < 1 or self.img_per_vcpu_s <= 0:
             raise EmrError("--images and --img-per-vcpu-s must be positive (they only feed the cost estimate)")
         return self

@@ -49,12 +49,12 @@ def read_input(uri: str, opts: StorageOptions) -> bytes:
     so an outage never turns good images into rejects.
     """
     try:
-        return storage.read_bytes(uri, opts)
+        return storage.read_object(uri, opts)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
-        # A local read error belongs to that file; on S3 only a refusal is the object's fault.
-        if not storage.is_s3(uri) or "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):
+        # A local read error belongs to that file; on S3 only a refusal or absence (above) is the object's fault.
+        if not storage.is_s3(uri):
             raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
         raise
 

@@ -1,0 +1,143 @@
+"""Checks before a launch that moto cannot enforce: the network EMR's managed policy accepts, and the vCPU quota."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fruitpipe.cloud.settings import EMR_MANAGED_TAG, INSTANCE_TYPES, VCPU_QUOTA, EmrError, EmrSettings
+
+log = logging.getLogger(__name__)
+
+#: The security groups EMR creates and manages in a VPC (the third only for private subnets). Made before the VPC
+#: was tagged, they lack the tag, and AmazonEMRServicePolicy_v2 then refuses to launch into them.
+EMR_MANAGED_GROUPS = ("ElasticMapReduce-master", "ElasticMapReduce-slave", "ElasticMapReduce-ServiceAccess")
+
+
+@dataclass
+class Network:
+    """Where the nodes go: the subnet, its VPC, EMR's security groups there, and which of them lack the tag."""
+
+    subnet_id: str
+    vpc_id: str
+    default_vpc: bool
+    security_groups: list[str] = field(default_factory=list)
+    untagged: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """The plan's view of it."""
+        return {"subnet_id": self.subnet_id, "vpc_id": self.vpc_id,
+                "chosen": "the default VPC's subnet" if self.default_vpc else "--subnet-id",
+                "emr_security_groups": self.security_groups, "tag": f"{EMR_MANAGED_TAG}=true",
+                "untagged": self.untagged}
+
+
+def _tagged(resource: dict[str, Any]) -> bool:
+    return any(t.get("Key") == EMR_MANAGED_TAG and t.get("Value") == "true" for t in resource.get("Tags", []))
+
+
+class Preflight:
+    """The network and quota half of the EMR client: needs `region` and `client(name)` from its subclass."""
+
+    region: str
+
+    def client(self, name: str) -> Any:
+        """A boto3 client of the session (ec2, service-quotas); provided by the subclass."""
+        raise NotImplementedError
+
+    def network(self, settings: EmrSettings) -> Network:
+        """The subnet the cluster will use (--subnet-id, else a default subnet of the default VPC), and which of the
+        subnet, its VPC and EMR's security groups lack the tag AmazonEMRServicePolicy_v2 requires."""
+        from botocore.exceptions import ClientError
+
+        ec2 = self.client("ec2")
+        if settings.subnet_id:
+            try:
+                subnet = ec2.describe_subnets(SubnetIds=[settings.subnet_id])["Subnets"][0]
+            except (ClientError, IndexError):
+                raise EmrError(f"--subnet-id {settings.subnet_id} does not exist in {self.region}: pass a subnet "
+                               "of this region (aws ec2 describe-subnets)") from None
+            vpc = ec2.describe_vpcs(VpcIds=[subnet["VpcId"]])["Vpcs"][0]
+            default = bool(vpc.get("IsDefault"))
+        else:
+            vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+            if not vpcs:
+                raise EmrError(f"the account has no default VPC in {self.region} and no --subnet-id was given: pass "
+                               "--subnet-id of a subnet (with an S3 gateway endpoint or NAT), or create the default "
+                               "VPC with `aws ec2 create-default-vpc`")
+            vpc, default = vpcs[0], True
+            subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]},
+                                                    {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+            if not subnets:
+                raise EmrError(f"the default VPC {vpc['VpcId']} has no default subnet: pass --subnet-id")
+            # The roomiest subnet, ties broken by zone name so that plan and up agree.
+            subnet = sorted(subnets, key=lambda s: (-s.get("AvailableIpAddressCount", 0),
+                                                    s.get("AvailabilityZone", "")))[0]
+        groups = ec2.describe_security_groups(Filters=[
+            {"Name": "vpc-id", "Values": [vpc["VpcId"]]},
+            {"Name": "group-name", "Values": list(EMR_MANAGED_GROUPS)}])["SecurityGroups"]
+        untagged = [r[key] for r, key in ((subnet, "SubnetId"), (vpc, "VpcId")) if not _tagged(r)]
+        untagged += [g["GroupId"] for g in groups if not _tagged(g)]
+        return Network(subnet["SubnetId"], vpc["VpcId"], default, sorted(g["GroupId"] for g in groups), untagged)
+
+    def tag_network(self, net: Network) -> list[str]:
+        """Tag what lacks the tag; returns what was changed, in words (setup's report)."""
+        if not net.untagged:
+            return []
+        self.client("ec2").create_tags(Resources=net.untagged, Tags=[{"Key": EMR_MANAGED_TAG, "Value": "true"}])
+        return [f"{rid}: tagged {EMR_MANAGED_TAG}=true (required by AmazonEMRServicePolicy_v2)"
+                for rid in net.untagged]
+
+    def check_network(self, settings: EmrSettings) -> Network:
+        """Refuse, before anything is billed, a network the managed policy would refuse at launch."""
+        net = self.network(settings)
+        if net.untagged:
+            raise EmrError(f"{', '.join(net.untagged)} lack the tag {EMR_MANAGED_TAG}=true, without which "
+                           "AmazonEMRServicePolicy_v2 refuses to launch the cluster (it would end "
+                           "TERMINATED_WITH_ERRORS): run `fruitpipe emr setup` with the same flags (it tags them), or "
+                           f"`aws ec2 create-tags --resources {' '.join(net.untagged)} "
+                           f"--tags Key={EMR_MANAGED_TAG},Value=true`")
+        return net
+
+    def quota(self, settings: EmrSettings) -> dict[str, Any]:
+        """The on-demand standard-instance vCPU quota against what this cluster needs plus what already runs.
+        Never raises: a quota that cannot be read is reported as not checked, with the reason."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        need = INSTANCE_TYPES[settings.master_type].vcpus + settings.core_nodes * INSTANCE_TYPES[
+            settings.core_type].vcpus
+        out: dict[str, Any] = {"quota_code": VCPU_QUOTA[1], "needed_vcpus": need}
+        sq = self.client("service-quotas")
+        try:
+            try:
+                value = sq.get_service_quota(ServiceCode=VCPU_QUOTA[0], QuotaCode=VCPU_QUOTA[1])["Quota"]["Value"]
+            except sq.exceptions.NoSuchResourceException:  # never raised for this account: the default applies
+                value = sq.get_aws_default_service_quota(ServiceCode=VCPU_QUOTA[0],
+                                                         QuotaCode=VCPU_QUOTA[1])["Quota"]["Value"]
+            running = self._running_standard_vcpus()
+        except (ClientError, BotoCoreError) as exc:
+            out.update(checked=False, why=f"could not read the quota: {exc}")
+            return out
+        out.update(checked=True, quota_vcpus=int(value), running_vcpus=running,
+                   ok=running + need <= value)
+        if not out["ok"]:
+            out["advice"] = (f"{need} vCPUs needed, {running} already running, quota {int(value)}: the cluster "
+                             "would wait in STARTING and then fail; ask for more in Service Quotas "
+                             f"(code {VCPU_QUOTA[1]}) or use fewer or smaller nodes")
+        return out
+
+    def _running_standard_vcpus(self) -> int:
+        """vCPUs of the pending and running on-demand instances (spot counts against another quota)."""
+        total = 0
+        pages = self.client("ec2").get_paginator("describe_instances").paginate(
+            Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for inst in reservation["Instances"]:
+                    if inst.get("InstanceLifecycle") == "spot":
+                        continue
+                    cpu = inst.get("CpuOptions") or {}
+                    known = INSTANCE_TYPES.get(inst.get("InstanceType", ""))
+                    total += (cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)) or (known.vcpus if known else 0)
+        return total
