@@ -185,18 +185,23 @@ def _add_emr(sub: Any) -> None:
         _add_emr_cluster(p)
         if name in ("upload", "run"):
             p.add_argument("--wheel", metavar="FILE", help="use this wheel instead of building one")
+            p.add_argument("--wheelhouse-from", metavar="DIR",
+                           help="take the nodes' wheels from this folder only (default: pip's index, as configured)")
         if name == "run":
             p.add_argument("--timeout", type=_positive_float,
                            help="seconds to wait before terminating the cluster (default: provisioning + the step "
                                 "timeout + 15 minutes)")
             p.add_argument("--poll", type=_positive_float, default=30.0, help="seconds between polls (default 30)")
-    for name, help_text in (("status", "cluster and step states"), ("logs", "the step's logs from S3"),
+    for name, help_text in (("status", "cluster and step states, and why they ended"),
+                            ("logs", "bootstrap, step and executor logs from S3"),
                             ("down", "terminate the cluster")):
         p = emr.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                            epilog=EMR_EPILOG)
         _add_emr_cluster_id(p)
         if name == "logs":
             p.add_argument("--step", metavar="STEP_ID", help="step id (default: the cluster's last step)")
+            p.add_argument("--tail", type=_whole_number, default=200,
+                           help="last lines of each log (default 200; 0: whole logs)")
 
 
 def _emr_settings(args: argparse.Namespace) -> Any:
@@ -227,7 +232,7 @@ def _emr_main(args: argparse.Namespace) -> int:
     if cmd == "status":
         show(aws.status(args.cluster_id))
     elif cmd == "logs":
-        for name, text in aws.logs(args.cluster_id, args.step).items():
+        for name, text in aws.logs(args.cluster_id, args.step, args.tail).items():
             sys.stdout.write(f"==> {name} <==\n{text}\n")
     elif cmd == "down":
         show({"cluster_id": args.cluster_id, "state": aws.down(args.cluster_id)})
@@ -236,7 +241,7 @@ def _emr_main(args: argparse.Namespace) -> int:
         if cmd == "setup":
             show(aws.setup(settings))
         elif cmd == "upload":
-            show(aws.upload(settings, args.wheel))
+            show(aws.upload(settings, args.wheel, args.wheelhouse_from))
         elif cmd == "up":
             show(aws.up(settings))
         else:
@@ -245,7 +250,7 @@ def _emr_main(args: argparse.Namespace) -> int:
 
             report = None if args.quiet else to_stderr
             timeout = args.timeout or emr_mod.run_timeout_s(settings.validate())
-            result = aws.run(settings, timeout, args.poll, args.wheel, report)
+            result = aws.run(settings, timeout, args.poll, args.wheel, report, args.wheelhouse_from)
             run = result["run"]
             show({"cluster_id": result["cluster_id"], "step": result["step_state"], "output": settings.output,
                   "counts": run.get("counts"), "timings_s": run.get("timings_s")})

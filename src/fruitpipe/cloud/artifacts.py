@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
 import importlib.metadata
+import io
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,33 +42,104 @@ def model_file(settings: EmrSettings) -> tuple[str, str]:
     return spec.filename, spec.sha256
 
 
+def node_requirements(settings: EmrSettings) -> list[str]:
+    """The requirements the nodes install for this run (its extras included)."""
+    return runtime_requirements(node_extras(settings.run_args))
+
+
 def artifact_uris(settings: EmrSettings) -> dict[str, str]:
-    """Where each artifact lives in S3; code under the version, the model under its sha256 (uploaded once)."""
+    """Where each artifact lives in S3: code under the version, the wheelhouse under the hash of its requirements
+    and the model under its sha256 (each uploaded once)."""
     base = settings.artifacts_uri
     filename, sha = model_file(settings)
     code = f"{base}/{_version()}"
+    reqs = hashlib.sha256("\n".join(node_requirements(settings)).encode()).hexdigest()[:16]
     return {
         "prefix": code,
         "wheel": f"{code}/{wheel_name()}",
-        "requirements": f"{code}/requirements.txt",
         "bootstrap": f"{code}/bootstrap.sh",
+        "wheelhouse": f"{base}/wheelhouse/py{NODE_PYTHON}-{reqs}",
+        "requirements": f"{base}/wheelhouse/py{NODE_PYTHON}-{reqs}/requirements.txt",
         "model": f"{base}/models/{sha[:16]}/{filename}",
     }
 
 
+#: The nodes' Python and platform: EMR 7 runs Amazon Linux 2023 (glibc 2.34) on x86_64 for the m5/c5/r5 types
+#: fruitpipe sizes, and the bootstrap installs python3.11 from its repository.
+NODE_PYTHON = "3.11"
+NODE_PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(34, 16, -1)) + (
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
+#: PEP 508 marker values of the nodes, so that requirements are chosen for them, not for the uploader's machine.
+NODE_MARKERS = {"python_version": NODE_PYTHON, "python_full_version": f"{NODE_PYTHON}.0", "os_name": "posix",
+                "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+                "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
+def run_options(run_args: tuple[str, ...]) -> argparse.Namespace:
+    """The step's `fruitpipe run` flags as `run` itself parses them (abbreviations and --flag=value included);
+    a flag `run` would refuse is refused here, before anything is uploaded or billed."""
+    from fruitpipe.cli import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(["run", "s3://input/x", "s3://output/x", *run_args])
+    except SystemExit:
+        why = (err.getvalue().strip().splitlines() or ["not accepted"])[-1].replace("fruitpipe run: error: ", "")
+        raise EmrError(f"--run-arg {' '.join(run_args)}: `fruitpipe run` would refuse it: {why}") from None
+
+
+def node_extras(run_args: tuple[str, ...]) -> tuple[str, ...]:
+    """The extras the step needs: int8 (onnx, for the quantizer) when the run asks for int8 in any spelling, or
+    when it reads a --config file, which may."""
+    opts = run_options(run_args)
+    return ("int8",) if opts.precision == "int8" or opts.config else ()
+
+
 def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
-    """fruitpipe's runtime dependencies (and those of `extras`) pinned to the versions installed here (the ones
-    tested), without pyspark: the nodes use EMR's own Spark."""
+    """fruitpipe's runtime dependencies (and those of `extras`) for the nodes' Python, whatever Python runs this:
+    markers are evaluated for the nodes; each is pinned to the version installed here (the one tested) when there
+    is one, else kept with its own range. pyspark is left out: the nodes use EMR's own Spark."""
+    from packaging.requirements import Requirement
+
     reqs = []
-    for req in importlib.metadata.requires("fruitpipe") or []:
-        extra = re.search(r"""extra == ['"]([^'"]+)['"]""", req)
-        if extra and extra.group(1) not in extras:
+    for text in importlib.metadata.requires("fruitpipe") or []:
+        req = Requirement(text)
+        if req.name.lower() == "pyspark":
             continue
-        name = re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0]
-        if name.lower() == "pyspark":
+        if req.marker is not None and not any(req.marker.evaluate({**NODE_MARKERS, "extra": extra})
+                                              for extra in ("", *extras)):
             continue
-        reqs.append(f"{name}=={importlib.metadata.version(name)}")
-    return sorted(reqs)
+        try:
+            reqs.append(f"{req.name}=={importlib.metadata.version(req.name)}")
+        except importlib.metadata.PackageNotFoundError:  # not for this machine (a marker), but for the nodes
+            reqs.append(f"{req.name}{req.specifier}")
+    return sorted(set(reqs))
+
+
+def build_wheelhouse(requirements: list[str], dest: Path, find_links: str | None = None) -> list[Path]:
+    """Download every wheel the nodes need (requirements and their dependencies) for the nodes' Python and
+    platform, binary wheels only, so that the bootstrap installs with --no-index and the nodes need no internet.
+    The index is pip's own setting (PIP_INDEX_URL, pip.conf); `find_links` resolves from a local folder instead."""
+    dest.mkdir(parents=True, exist_ok=True)
+    req_file = dest.parent / "requirements.txt"
+    req_file.write_text("\n".join(requirements) + "\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+           "--python-version", NODE_PYTHON, "--implementation", "cp", "--abi", f"cp{NODE_PYTHON.replace('.', '')}",
+           *(arg for platform in NODE_PLATFORMS for arg in ("--platform", platform)),
+           "-r", str(req_file), "-d", str(dest)]
+    if find_links:
+        cmd += ["--no-index", "--find-links", find_links]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
+        raise EmrError(f"no wheels for the nodes (Python {NODE_PYTHON}, manylinux x86_64): "
+                       f"{lines[-1] if lines else 'pip download failed'}; pin a version that has them, or point "
+                       "--wheelhouse-from at a folder of such wheels")
+    wheels = sorted(dest.glob("*.whl"))
+    log.info("wheelhouse: %d wheels, %.1f MB, for Python %s on manylinux x86_64", len(wheels),
+             sum(w.stat().st_size for w in wheels) / 1e6, NODE_PYTHON)
+    return wheels
 
 
 def build_wheel(dest: Path) -> Path:

@@ -1,25 +1,31 @@
 #!/bin/bash
 # EMR bootstrap action (runs on every node, as hadoop, before Spark starts): installs fruitpipe into
-# /opt/fruitpipe/venv with Python 3.11, which EMR 7.x ships beside its default 3.9.
-#   $1  s3:// prefix of the artifacts written by `fruitpipe emr upload`
+# /opt/fruitpipe/venv with Python 3.11, from S3 only: the nodes need no internet (a private subnet with an S3
+# gateway endpoint is enough).
+#   $1  s3:// prefix of the code written by `fruitpipe emr upload`
 #   $2  the wheel's file name under that prefix
-# The node's Spark (EMR's own build) is used: pyspark is not installed from PyPI, requirements.txt pins the
-# other dependencies to the versions fruitpipe was tested with.
+#   $3  s3:// prefix of the wheelhouse: every dependency as a manylinux wheel for Python 3.11, and requirements.txt
+# The node's Spark (EMR's own build) is used: pyspark is not installed, requirements.txt pins the other
+# dependencies to the versions fruitpipe was tested with.
 set -euo pipefail
-ARTIFACTS="${1:?usage: bootstrap.sh s3://bucket/prefix WHEEL}"
-WHEEL="${2:?usage: bootstrap.sh s3://bucket/prefix WHEEL}"
+USAGE="usage: bootstrap.sh s3://code-prefix WHEEL s3://wheelhouse-prefix"
+ARTIFACTS="${1:?$USAGE}"
+WHEEL="${2:?$USAGE}"
+WHEELHOUSE="${3:?$USAGE}"
 VENV=/opt/fruitpipe/venv
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-sudo dnf install -y -q python3.11 python3.11-pip
+# Amazon Linux 2023's package repositories are served from S3 in the region, reachable through the gateway endpoint.
+sudo dnf install -y -q python3.11
 sudo mkdir -p /opt/fruitpipe
 sudo python3.11 -m venv "$VENV"
-aws s3 cp --only-show-errors "$ARTIFACTS/requirements.txt" "$WORK/requirements.txt"
+aws s3 cp --only-show-errors --recursive "$WHEELHOUSE/" "$WORK/wheelhouse/"
 aws s3 cp --only-show-errors "$ARTIFACTS/$WHEEL" "$WORK/$WHEEL"
-sudo "$VENV/bin/pip" install --quiet --no-cache-dir --upgrade pip
-sudo "$VENV/bin/pip" install --quiet --no-cache-dir -r "$WORK/requirements.txt"
-sudo "$VENV/bin/pip" install --quiet --no-cache-dir --no-deps "$WORK/$WHEEL"
+# --no-index: nothing comes from PyPI; a wheel missing from the wheelhouse fails here, in seconds, with its name.
+sudo "$VENV/bin/pip" install --quiet --no-cache-dir --no-index --find-links "$WORK/wheelhouse" \
+  -r "$WORK/wheelhouse/requirements.txt"
+sudo "$VENV/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "$WORK/$WHEEL"
 # spark-submit needs a .py file: the step runs this one with the venv's Python.
 sudo tee /opt/fruitpipe/submit.py > /dev/null <<'PY'
 """spark-submit entry point on EMR: the `fruitpipe` command line, inside the session spark-submit made."""

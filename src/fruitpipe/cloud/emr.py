@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from fruitpipe.cloud.account import AccountSetup
-from fruitpipe.cloud.artifacts import _version, artifact_uris, build_wheel, runtime_requirements, wheel_name
+from fruitpipe.cloud.artifacts import (
+    _version,
+    artifact_uris,
+    build_wheel,
+    build_wheelhouse,
+    node_requirements,
+    runtime_requirements,
+    wheel_name,
+)
 from fruitpipe.cloud.plan import (
     estimate,
     job_flow_request,
@@ -99,6 +107,31 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _iso(when: Any) -> str:
+    """A timeline datetime as ISO 8601 in UTC (JSON-printable), or ''."""
+    import datetime as dt
+
+    return when.astimezone(dt.UTC).isoformat() if isinstance(when, dt.datetime) else ""
+
+
+def _when_logs_come(st: dict[str, Any]) -> str:
+    """When EMR will have pushed this cluster's logs, from its state and timeline."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    by = (now + dt.timedelta(minutes=5)).strftime("%H:%M UTC")
+    if st["state"] not in _CLUSTER_DONE:
+        return (f"the cluster is {st['state']}; EMR copies node, bootstrap and step logs to S3 every 5 minutes once "
+                f"the nodes are up: try again after {by}")
+    ended = dt.datetime.fromisoformat(st["ended_at"]) if st.get("ended_at") else None
+    if ended is not None and now - ended < dt.timedelta(minutes=10):
+        return (f"the cluster ended at {ended.strftime('%H:%M UTC')}; EMR pushes the last logs as the nodes shut "
+                f"down: try again after {by}")
+    return ("the cluster ended over 10 minutes ago and pushed none: its nodes may have failed before logging "
+            "started (the cluster's reason in `fruitpipe emr status` says why), or the instance role cannot write "
+            "to the log prefix (s3:PutObject)")
+
+
 _STEP_DONE = {"COMPLETED", "CANCELLED", "FAILED", "INTERRUPTED"}
 _CLUSTER_DONE = {"TERMINATED", "TERMINATED_WITH_ERRORS"}
 
@@ -141,6 +174,11 @@ class Emr(AccountSetup):
         self.s3.put_object(Bucket=bucket, Key=key, Body=body, ServerSideEncryption="AES256")
         log.info("uploaded %s (%d bytes)", uri, len(body))
 
+    def _put_file(self, uri: str, path: Path) -> None:
+        bucket, key = split_s3(uri, "URI")
+        self.s3.upload_file(str(path), bucket, key, ExtraArgs={"ServerSideEncryption": "AES256"})  # multipart
+        log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
+
     def read(self, uri: str) -> bytes | None:
         """An object's bytes, or None if it does not exist."""
         from botocore.exceptions import ClientError
@@ -154,8 +192,10 @@ class Emr(AccountSetup):
             raise
 
     # -- setup and upload ----------------------------------------------------------------------------------
-    def upload(self, settings: EmrSettings, wheel: str | None = None) -> dict[str, str]:
-        """Put the wheel, requirements, bootstrap script and model in S3; the model only if not there yet."""
+    def upload(self, settings: EmrSettings, wheel: str | None = None,
+               wheelhouse_from: str | None = None) -> dict[str, str]:
+        """Put the wheel, the bootstrap script, the nodes' wheelhouse and the model in S3; the wheelhouse and the
+        model only if not there yet (they are keyed by content)."""
         from botocore.exceptions import ClientError
 
         from fruitpipe.models import get_spec, resolve_model
@@ -173,9 +213,15 @@ class Emr(AccountSetup):
             if path.name != wheel_name():
                 raise EmrError(f"--wheel {path} is not {wheel_name()}: build this version's wheel")
             self._put(uris["wheel"], path.read_bytes())
-        extras = ("int8",) if "int8" in settings.run_args else ()  # --run-arg=--precision --run-arg=int8
-        self._put(uris["requirements"], ("\n".join(runtime_requirements(extras)) + "\n").encode())
         self._put(uris["bootstrap"], resources.files("fruitpipe.cloud").joinpath("bootstrap.sh").read_bytes())
+        if self._exists(uris["requirements"]):  # written last: present means complete
+            log.info("wheelhouse already in S3: %s", uris["wheelhouse"])
+        else:
+            requirements = node_requirements(settings)
+            with tempfile.TemporaryDirectory() as tmp:
+                for whl in build_wheelhouse(requirements, Path(tmp) / "wheelhouse", wheelhouse_from):
+                    self._put_file(f"{uris['wheelhouse']}/{whl.name}", whl)
+            self._put(uris["requirements"], ("\n".join(requirements) + "\n").encode())
         if self._exists(uris["model"]):
             log.info("model already in S3: %s", uris["model"])
         else:
@@ -193,7 +239,7 @@ class Emr(AccountSetup):
         settings.validate()
         self.check_data_regions(settings)  # before any billed resource starts
         uris = artifact_uris(settings)
-        missing = [k for k in ("wheel", "requirements", "bootstrap", "model") if not self._exists(uris[k])]
+        missing = [k for k in ("wheel", "bootstrap", "requirements", "model") if not self._exists(uris[k])]
         if missing:
             raise EmrError(f"missing in S3: {', '.join(uris[k] for k in missing)}; run `fruitpipe emr upload` first")
         net = self.check_network(settings)  # the managed policy refuses an untagged network only at launch
@@ -224,28 +270,44 @@ class Emr(AccountSetup):
             "cluster_id": cluster_id, "name": c.get("Name"), "state": c["Status"]["State"],
             "reason": c["Status"].get("StateChangeReason", {}).get("Message") or "",
             "reason_code": c["Status"].get("StateChangeReason", {}).get("Code") or "",
-            "log_uri": c.get("LogUri", ""), "normalized_instance_hours": c.get("NormalizedInstanceHours", 0),
+            "log_uri": c.get("LogUri", ""), "ended_at": _iso(c["Status"].get("Timeline", {}).get("EndDateTime")),
+            "normalized_instance_hours": c.get("NormalizedInstanceHours", 0),
             "steps": [{"id": s["Id"], "name": s["Name"], "state": s["Status"]["State"],
                        "reason": s["Status"].get("FailureDetails", {}).get("Reason", "")} for s in steps],
         }
 
-    def logs(self, cluster_id: str, step_id: str | None = None) -> dict[str, str]:
-        """The step's stderr/stdout/controller logs, as EMR pushed them to the log URI (every ~5 minutes)."""
+    def logs(self, cluster_id: str, step_id: str | None = None, tail: int = 200) -> dict[str, str]:
+        """What EMR pushed to the log URI for this cluster: bootstrap-action logs of every node, the step's
+        controller/stderr/stdout, and the stderr of each YARN container (executor tracebacks), as
+        {path under the cluster's folder: text}, each cut to its last `tail` lines (0: whole). When there is
+        nothing yet, the error says when EMR will push them (every 5 minutes, and once more at termination)."""
         st = self.status(cluster_id)
         if not st["log_uri"]:
             raise EmrError(f"cluster {cluster_id} has no log URI: it was not started by fruitpipe")
         step_id = step_id or (st["steps"][-1]["id"] if st["steps"] else None)
-        if step_id is None:
-            raise EmrError(f"cluster {cluster_id} has no step")
         base = re.sub(r"^s3n://", "s3://", st["log_uri"]).rstrip("/")
+        bucket, prefix = split_s3(f"{base}/{cluster_id}", "--logs")
+        wanted = [re.compile(r"node/[^/]+/bootstrap-actions/\d+/(stderr|stdout|controller)\.gz"),
+                  re.compile(rf"steps/{re.escape(step_id or '-')}/(controller|stderr|stdout)\.gz"),
+                  re.compile(r"containers/[^/]+/[^/]+/stderr\.gz")]
+        keys: list[tuple[int, str]] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) + 1:]
+                rank = next((i for i, pattern in enumerate(wanted) if pattern.fullmatch(rel)), None)
+                if rank is not None:
+                    keys.append((rank, rel))
         found: dict[str, str] = {}
-        for name in ("controller", "stderr", "stdout"):
-            data = self.read(f"{base}/{cluster_id}/steps/{step_id}/{name}.gz")
-            if data is not None:
-                found[name] = gzip.decompress(data).decode("utf-8", "replace")
+        for _, rel in sorted(keys):
+            data = self.read(f"s3://{bucket}/{prefix}/{rel}")
+            if data is None:
+                continue
+            lines = gzip.decompress(data).decode("utf-8", "replace").splitlines()
+            cut = lines[-tail:] if tail and len(lines) > tail else lines
+            head = [f"[... {len(lines) - len(cut)} earlier lines; --tail 0 shows all]"] if len(cut) < len(lines) else []
+            found[rel.removesuffix(".gz")] = "\n".join(head + cut)
         if not found:
-            raise EmrError(f"no logs yet under {base}/{cluster_id}/steps/{step_id}/ (EMR pushes them every "
-                           "~5 minutes): try again later")
+            raise EmrError(f"no logs yet under {base}/{cluster_id}/: {_when_logs_come(st)}")
         return found
 
     def down(self, cluster_id: str) -> str:
@@ -281,9 +343,9 @@ class Emr(AccountSetup):
             time.sleep(poll_s)
 
     def run(self, settings: EmrSettings, timeout_s: float, poll_s: float = 30.0, wheel: str | None = None,
-            report: Callable[[str], None] | None = None) -> dict[str, Any]:
+            report: Callable[[str], None] | None = None, wheelhouse_from: str | None = None) -> dict[str, Any]:
         """upload + up + wait + fetch run.json + down; the cluster is terminated whatever happens."""
-        self.upload(settings, wheel)
+        self.upload(settings, wheel, wheelhouse_from)
         ids: list[str] = []
         with _signals_interrupt():  # SIGTERM and SIGHUP too, so a killed session never leaves a cluster billing
             try:

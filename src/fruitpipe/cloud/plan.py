@@ -131,7 +131,8 @@ def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dic
         "Instances": instances,
         "BootstrapActions": [{
             "Name": "install fruitpipe",
-            "ScriptBootstrapAction": {"Path": uris["bootstrap"], "Args": [uris["prefix"], wheel_name()]},
+            "ScriptBootstrapAction": {"Path": uris["bootstrap"],
+                                      "Args": [uris["prefix"], wheel_name(), uris["wheelhouse"]]},
         }],
         "Steps": [{
             "Name": "fruitpipe run",
