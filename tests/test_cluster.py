@@ -154,3 +154,32 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster: Cluster, cluster_in
     _assert_same_outputs(out, reference)
     print(f"worker killed {killed_at - started:.1f} s into the run; run finished {finished - killed_at:.1f} s later "
           f"(total {finished - started:.1f} s)")
+
+
+def test_spark_submit_defaults_are_appended_to_not_replaced(tmp_path: Path) -> None:
+    """Under spark-submit (EMR's steps), spark-defaults.conf already carries extraJavaOptions (EMR's OutOfMemory
+    and GC flags): fruitpipe's session keeps them and appends its own, then the user's --spark-conf."""
+    script = tmp_path / "show_conf.py"
+    script.write_text(
+        "import json\n"
+        "from fruitpipe.spark import spark_session\n"
+        "with spark_session('local[1]', 'conf-test', conf={'spark.executor.extraJavaOptions': '-Duser.flag=3'})"
+        " as s:\n"
+        "    c = s.sparkContext.getConf()\n"
+        "    print('CONF=' + json.dumps({k: c.get(k) for k in ('spark.driver.extraJavaOptions',"
+        " 'spark.executor.extraJavaOptions')}))\n")
+    defaults = tmp_path / "spark-defaults.conf"
+    defaults.write_text("spark.driver.extraJavaOptions -Dfrom.cluster=1 -XX:+UseG1GC\n"
+                        "spark.executor.extraJavaOptions -Dfrom.cluster=2 -XX:OnOutOfMemoryError='kill -9 %p'\n")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]",
+                           "--properties-file", str(defaults), str(script)],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    conf = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("CONF="))[5:])
+    driver, executor = conf["spark.driver.extraJavaOptions"], conf["spark.executor.extraJavaOptions"]
+    # Spark puts its own module flags first; then the cluster's, ours, and the user's, in that order.
+    assert "-Dfrom.cluster=1 -XX:+UseG1GC -Dlog4j2.configurationFile=" in driver
+    assert "-Dfrom.cluster=2 -XX:OnOutOfMemoryError='kill -9 %p' -Dlog4j2.configurationFile=" in executor
+    assert executor.endswith(" -Duser.flag=3")

@@ -173,9 +173,11 @@ def _add_emr(sub: Any) -> None:
     emr = p_emr.add_subparsers(dest="emr_command", metavar="EMR_COMMAND", parser_class=_Parser)
     emr.required = True
     specs = (
-        ("plan", "print the cluster request and its estimated cost; calls no AWS API"),
-        ("setup", "once per account and prefixes: KMS key, security configuration, least-privilege roles"),
-        ("upload", "build the wheel; upload wheel, requirements, bootstrap script and model to S3"),
+        ("plan", "print the cluster request, its cost with S3 requests, and (with credentials, read-only) the "
+                 "network and vCPU quota checks"),
+        ("setup", "once per account and prefixes: KMS key, security configuration, least-privilege roles, "
+                  "network tags, hardened buckets"),
+        ("upload", "build the wheel and the nodes' wheelhouse; upload them, the bootstrap script and the model"),
         ("up", "start the cluster with its `fruitpipe run` step; prints the cluster id"),
         ("run", "upload + up + wait (progress shown) + fetch run.json + down"),
     )

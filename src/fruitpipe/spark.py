@@ -25,6 +25,18 @@ def _log4j_config() -> str:
     return str(resources.files("fruitpipe").joinpath("log4j2.properties"))
 
 
+def _inherited_conf(key: str) -> str:
+    """The value spark-submit already gives `key` (from spark-defaults.conf: on EMR, extraJavaOptions with its
+    OutOfMemory and GC flags), so that fruitpipe appends to it instead of replacing it; '' outside spark-submit,
+    where the JVM has not started yet and nothing was inherited."""
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return ""
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM; starts nothing
+    return SparkConf().get(key, "") or ""
+
+
 @contextlib.contextmanager
 def spark_session(
     master: str = "local[*]",
@@ -48,21 +60,23 @@ def spark_session(
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    java_opts = f"-Dlog4j2.configurationFile=file:{_log4j_config()}"
+    ours = f"-Dlog4j2.configurationFile=file:{_log4j_config()}"
+    java_opts = {key: f"{_inherited_conf(key)} {ours}".strip()
+                 for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")}
     builder = (
         SparkSession.builder.master(master)
         .appName(app_name)
         .config("spark.task.cpus", str(task_cpus))
         .config("spark.python.worker.reuse", "true")  # one Python worker (and one ONNX session) per slot
         .config("spark.ui.showConsoleProgress", "false")  # our own bar on the driver instead
-        .config("spark.driver.extraJavaOptions", java_opts)
-        .config("spark.executor.extraJavaOptions", java_opts)
+        .config("spark.driver.extraJavaOptions", java_opts["spark.driver.extraJavaOptions"])
+        .config("spark.executor.extraJavaOptions", java_opts["spark.executor.extraJavaOptions"])
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.shuffle.partitions", "8")
     )
     for key, value in (conf or {}).items():
-        if key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
-            value = f"{java_opts} {value}"  # keep our log4j settings beside the user's options
+        if key in java_opts:
+            value = f"{java_opts[key]} {value}"  # the cluster's and our options stay, the user's come last
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

@@ -274,11 +274,19 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
                                    "subnet_id": settings.subnet_id or "a default subnet of the default VPC"}
         quota: dict[str, Any] = {"checked": False, "why": why}
     else:
-        net = checks.network(settings)
-        subnet = net.subnet_id
-        network = {"checked": True, **net.describe()}
-        if net.untagged:
-            network["advice"] = "`fruitpipe emr setup` tags them (up refuses an untagged network)"
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            net = checks.network(settings)
+        except EmrError as exc:  # no default VPC, unknown subnet: `up` would refuse with this
+            network = {"checked": True, "problem": str(exc)}
+        except (ClientError, BotoCoreError) as exc:
+            network = {"checked": False, "why": f"could not read the network: {exc}"}
+        else:
+            subnet = net.subnet_id
+            network = {"checked": True, **net.describe()}
+            if net.untagged:
+                network["advice"] = "`fruitpipe emr setup` tags them (up refuses an untagged network)"
         quota = checks.quota(settings)
     return {
         "region": settings.region,
