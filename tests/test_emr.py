@@ -247,7 +247,19 @@ def aws(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
     data = copy_classes(tmp_path_factory.mktemp("emr-in"), sample_classes(2), per_split=5)
     upload_folder(data, s3_endpoint, "fruits-in", "fruits360")
     wheel = emr.build_wheel(tmp_path_factory.mktemp("wheel"))
-    yield {"endpoint": s3_endpoint, "wheel": str(wheel)}
+    # The nodes' wheelhouse comes from pip's configured index; here that is a local folder of stand-in wheels of
+    # every pinned requirement (PIP_NO_INDEX / PIP_FIND_LINKS are pip's own settings), so no test needs PyPI.
+    index = tmp_path_factory.mktemp("index")
+    for req in runtime_requirements(("int8",)):
+        name, _, version = req.partition("==")
+        _fake_wheel(index, name, version)
+    mp.setenv("PIP_NO_INDEX", "1")
+    mp.setenv("PIP_FIND_LINKS", str(index))
+    # An account prepared as docs/emr.md says: the default VPC's network tagged for the managed policy (the
+    # network tests below use their own VPC, untagged, to see setup tag it and up refuse it).
+    aws = emr.Emr(REGION)
+    aws.tag_network(aws.network(_settings()))
+    yield {"endpoint": s3_endpoint, "wheel": str(wheel), "index": str(index)}
     mp.undo()
 
 
@@ -340,15 +352,26 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     keys = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="fruits-out",
                                                             Prefix="fruitpipe-artifacts/")["Contents"]}
     version = emr._version()
-    assert set(keys) == {f"fruitpipe-artifacts/{version}/{emr.wheel_name()}",
-                         f"fruitpipe-artifacts/{version}/requirements.txt", f"fruitpipe-artifacts/{version}/bootstrap.sh",
+    wheelhouse = uris["wheelhouse"].removeprefix("s3://fruits-out/")
+    reqs = s3.get_object(Bucket="fruits-out", Key=f"{wheelhouse}/requirements.txt")["Body"].read().decode()
+    wheels = {f"{wheelhouse}/{line.replace('==', '-')}-py3-none-any.whl" for line in reqs.split()}
+    assert set(keys) == {f"fruitpipe-artifacts/{version}/{emr.wheel_name()}", f"{wheelhouse}/requirements.txt",
+                         f"fruitpipe-artifacts/{version}/bootstrap.sh", *wheels,
                          "fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"}
     assert keys["fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"] == Path(
         __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
-    reqs = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/requirements.txt")["Body"].read()
-    assert b"onnxruntime==" in reqs and b"pyspark" not in reqs  # the nodes use EMR's own Spark
+    assert "onnxruntime==" in reqs and "pyspark" not in reqs  # the nodes use EMR's own Spark
+    assert "onnx==" not in reqs  # fp32 run: no quantizer
     head = s3.head_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")
     assert head["ServerSideEncryption"] == "AES256"
+    script = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")["Body"].read()
+    installs = [ln for ln in script.decode().splitlines() if '/bin/pip" install' in ln]
+    assert len(installs) == 2 and all("--no-index" in ln for ln in installs)  # nothing from PyPI
+    # An int8 run needs onnx on the nodes: its own wheelhouse (keyed by its requirements) carries it.
+    assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "--run-arg=--precision=int8", "-q"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert int8["wheelhouse"] != uris["wheelhouse"]
+    assert "onnx==" in emr.Emr(REGION).read(int8["requirements"]).decode()
 
     assert main(["emr", "up", INPUT, OUTPUT]) == 0
     started = json.loads(capsys.readouterr().out)
@@ -363,7 +386,8 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     groups = {g["InstanceGroupType"]: g for g in api.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
     assert groups["MASTER"]["InstanceType"] == "m5.xlarge" and groups["CORE"]["RequestedInstanceCount"] == 2
     actions = api.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
-    assert actions[0]["ScriptPath"] == uris["bootstrap"] and actions[0]["Args"] == [uris["prefix"], emr.wheel_name()]
+    assert actions[0]["ScriptPath"] == uris["bootstrap"]
+    assert actions[0]["Args"] == [uris["prefix"], emr.wheel_name(), uris["wheelhouse"]]
     step = api.list_steps(ClusterId=cluster_id)["Steps"][0]
     assert step["Id"] == started["step_id"] and step["Config"]["Args"] == emr.step_args(_settings())
 
@@ -372,17 +396,123 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert status["state"] in ("STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING")
     assert status["steps"][0]["id"] == started["step_id"]
 
-    assert main(["emr", "logs", cluster_id]) == 2  # nothing pushed yet: one line that says to wait
-    assert "try again later" in capsys.readouterr().err
-    log_key = f"fruitpipe-logs/{cluster_id}/steps/{started['step_id']}/stderr.gz"
-    s3.put_object(Bucket="fruits-out", Key=log_key, Body=gzip.compress(b"INFO fruitpipe: embed 20 images\n"))
+    assert main(["emr", "logs", cluster_id]) == 2  # nothing pushed yet: one line that says when it will be
+    err = capsys.readouterr().err
+    assert "EMR copies node, bootstrap and step logs to S3 every 5 minutes" in err and "try again after" in err
+    assert err.count("\n") == 1
+    base = f"fruitpipe-logs/{cluster_id}"
+    pushed = {f"{base}/steps/{started['step_id']}/stderr.gz": b"INFO fruitpipe: embed 20 images\n",
+              f"{base}/node/i-0abc/bootstrap-actions/1/stderr.gz": b"ERROR: No matching distribution for numpy\n",
+              f"{base}/containers/application_1_0001/container_1_0001_01_000002/stderr.gz":
+                  b"".join(b"line %d\n" % i for i in range(300)),
+              f"{base}/node/i-0abc/daemons/instance-state/state.log.gz": b"not a log users need\n"}
+    for key, body in pushed.items():
+        s3.put_object(Bucket="fruits-out", Key=key, Body=gzip.compress(body))
     assert main(["emr", "logs", cluster_id]) == 0
-    assert "==> stderr <==\nINFO fruitpipe: embed 20 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "==> node/i-0abc/bootstrap-actions/1/stderr <==\nERROR: No matching distribution for numpy" in out
+    assert f"==> steps/{started['step_id']}/stderr <==\nINFO fruitpipe: embed 20 images" in out
+    assert out.index("bootstrap-actions") < out.index("steps/") < out.index("containers/")  # bootstrap first
+    assert "[... 100 earlier lines; --tail 0 shows all]\nline 100\n" in out and "state.log" not in out
+    assert main(["emr", "logs", cluster_id, "--tail", "0"]) == 0
+    assert "line 0\n" in capsys.readouterr().out
 
     assert main(["emr", "down", cluster_id]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "TERMINATED"
     assert main(["emr", "status", "j-NOSUCHCLUSTER"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_network_is_tagged_by_setup_and_an_untagged_one_refused_by_up(aws, capsys) -> None:
+    """AmazonEMRServicePolicy_v2 launches only into a subnet, VPC and EMR security groups tagged
+    for-use-with-amazon-emr-managed-policies=true (moto does not enforce it, so fruitpipe checks): plan shows the
+    network and what lacks the tag, up refuses before anything is billed, setup tags them, up then launches there."""
+    assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0  # the account's buckets and roles (default network)
+    capsys.readouterr()
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    ec2 = _client("ec2", aws["endpoint"])
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="ElasticMapReduce-master", Description="EMR master", VpcId=vpc)
+    flags = ["--subnet-id", subnet, "--name", "fruitpipe-network-test"]
+    assert main(["emr", "plan", INPUT, OUTPUT, *flags]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["network"]["checked"] is True and plan["network"]["vpc_id"] == vpc
+    assert plan["network"]["untagged"] == [subnet, vpc, group["GroupId"]] and "emr setup" in plan["network"]["advice"]
+    assert plan["run_job_flow"]["Instances"]["Ec2SubnetId"] == subnet
+    api = _client("emr", aws["endpoint"])
+    before = len(api.list_clusters()["Clusters"])
+    assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "-q"]) == 0
+    capsys.readouterr()
+    assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{subnet}, {vpc}, {group['GroupId']} lack the tag" in err
+    assert "run `fruitpipe emr setup`" in err and len(api.list_clusters()["Clusters"]) == before  # nothing started
+    assert main(["emr", "setup", INPUT, OUTPUT, *flags, "-q"]) == 0
+    changed = json.loads(capsys.readouterr().out)["changed"]
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")
+    assert [c.split(":")[0] for c in changed[:3]] == [subnet, vpc, group["GroupId"]]
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [subnet, vpc, group["GroupId"]]}])["Tags"]
+    assert {(t["ResourceId"], t["Key"], t["Value"]) for t in tags} == {
+        (r, emr.EMR_MANAGED_TAG, "true") for r in (subnet, vpc, group["GroupId"])}
+    assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 0
+    cluster_id = json.loads(capsys.readouterr().out)["cluster_id"]
+    attrs = api.describe_cluster(ClusterId=cluster_id)["Cluster"]["Ec2InstanceAttributes"]
+    assert attrs["Ec2SubnetId"] == subnet
+    api.terminate_job_flows(JobFlowIds=[cluster_id])
+
+
+def test_default_vpc_is_found_and_its_absence_explained(aws) -> None:
+    """Without --subnet-id the default VPC's default subnet is used; an account without a default VPC gets one
+    line saying to pass --subnet-id or create the default VPC."""
+    net = emr.Emr(REGION).network(_settings())
+    ec2 = _client("ec2", aws["endpoint"])
+    default_vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    assert net.default_vpc and net.vpc_id == default_vpc and net.untagged == []  # the fixture's setup tagged it
+    region = "eu-north-1"
+    north = boto3.client("ec2", endpoint_url=aws["endpoint"], region_name=region)
+    vpc_id = north.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    for sub in north.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["Subnets"]:
+        north.delete_subnet(SubnetId=sub["SubnetId"])
+    for igw in north.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id", "Values": [vpc_id]}])[
+            "InternetGateways"]:
+        north.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc_id)
+    north.delete_vpc(VpcId=vpc_id)
+    with pytest.raises(emr.EmrError, match="no default VPC in eu-north-1 .* --subnet-id .* create-default-vpc"):
+        emr.Emr(region).network(_settings(region=region))
+
+
+def test_plan_checks_the_vcpu_quota(aws, monkeypatch, capsys) -> None:
+    """The on-demand standard vCPU quota (Service Quotas L-1216C47A) against the cluster plus what already runs;
+    moto has no EC2 quotas, so the test gives its in-process backend one, as AWS would answer."""
+    from moto.servicequotas.models import ServiceQuotasBackend
+
+    assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # moto knows no EC2 quota: reported, not fatal
+    quota = json.loads(capsys.readouterr().out)["quota"]
+    assert quota["checked"] is False and "could not read the quota" in quota["why"]
+
+    real = ServiceQuotasBackend.get_service_quota
+
+    def ec2_quota(self, service_code: str, quota_code: str) -> dict:
+        if (service_code, quota_code) == ("ec2", "L-1216C47A"):
+            return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": "Running On-Demand Standard "
+                    "(A, C, D, H, I, M, R, T, Z) instances", "Value": 16.0, "Unit": "None"}
+        return real(self, service_code, quota_code)
+
+    monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", ec2_quota)
+    ec2 = _client("ec2", aws["endpoint"])
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    running = ec2.run_instances(ImageId=image, InstanceType="m5.xlarge", MinCount=1, MaxCount=1)
+    try:
+        assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # 4 + 2 x 4 vCPUs, 4 running: 16 fits
+        quota = json.loads(capsys.readouterr().out)["quota"]
+        assert quota == {"quota_code": "L-1216C47A", "needed_vcpus": 12, "checked": True, "quota_vcpus": 16,
+                         "running_vcpus": 4, "ok": True}
+        assert main(["emr", "plan", INPUT, OUTPUT, "--core-nodes", "3"]) == 0
+        quota = json.loads(capsys.readouterr().out)["quota"]
+        assert quota["ok"] is False and "16 vCPUs needed, 4 already running, quota 16" in quota["advice"]
+    finally:
+        ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in running["Instances"]])
 
 
 def _play_the_cluster(endpoint: str, errors: list[BaseException]) -> None:
