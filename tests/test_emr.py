@@ -515,6 +515,105 @@ def test_plan_checks_the_vcpu_quota(aws, monkeypatch, capsys) -> None:
         ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in running["Instances"]])
 
 
+class _CountingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that records every request (method, path, query): what
+    a run really sends to S3, request by request."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import urllib.parse
+
+        self.requests: list[tuple[str, str, str]] = []
+        target = urllib.parse.urlsplit(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            break
+                        data += chunk
+                    return data
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                body = self._body()
+                parts = urllib.parse.urlsplit(self.path)
+                proxy.requests.append((self.command, urllib.parse.unquote(parts.path), parts.query))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",
+                                                                                        "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                self.send_response(resp.status)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(payload))
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", length or "0")  # a HEAD's is the object's size
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("partition_size", [512, 5])
+def test_s3_requests_of_a_run_match_the_plan(aws, spark, tmp_path: Path, partition_size: int) -> None:
+    """Every request a run sends to S3, counted at a proxy: each image is read with exactly one GET and no HEAD;
+    the LIST pages, PUTs and driver reads stay within what `emr plan` prices (estimate.s3_requests)."""
+    import re
+
+    s3 = _client("s3", aws["endpoint"])
+    if "fruits-out" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket="fruits-out", CreateBucketConfiguration={"LocationConstraint": REGION})
+    proxy = _CountingProxy(aws["endpoint"])
+    try:
+        assert main(["run", INPUT, f"s3://fruits-out/runs/requests-{partition_size}", "--k", "3", "--master",
+                     "local[2]", "--s3-endpoint", proxy.url, "--partition-size", str(partition_size), "--quiet"]) == 0
+    finally:
+        proxy.close()
+    reqs = proxy.requests
+    images = [(m, p) for m, p, _ in reqs if p.startswith("/fruits-in/fruits360/") and p.endswith(".jpg")]
+    by_image: dict[str, list[str]] = {}
+    for method, path in images:
+        by_image.setdefault(path, []).append(method)
+    assert len(by_image) == 20 and all(methods == ["GET"] for methods in by_image.values()), by_image
+    lists = [r for r in reqs if r[0] == "GET" and ("list-type=2" in r[2] or re.search(r"(^|&)prefix=", r[2]))]
+    puts = [r for r in reqs if r[0] in ("PUT", "POST")]
+    driver_reads = [r for r in reqs if r[0] in ("GET", "HEAD") and r not in lists
+                    and not (r[1].startswith("/fruits-in/fruits360/") and r[1].endswith(".jpg"))]
+    plan = s3_requests(_settings(images=20, run_args=("--partition-size", str(partition_size))), slots=2)
+    print(f"S3 requests for 20 images: {len(images)} image GETs, {len(lists)} LIST, {len(puts)} PUT/POST, "
+          f"{len(driver_reads)} other GET/HEAD; plan: {plan}")
+    assert plan["get_images"] == len(images) and plan["head_images"] == 0
+    # The plan prices what the run sends: never less, and not padded (its lease renewals assume a 2-minute step,
+    # this run takes seconds).
+    assert plan["list_pages"] - 4 <= len(lists) <= plan["list_pages"], lists
+    assert plan["put"] - 8 <= len(puts) <= plan["put"], puts
+    assert plan["get_head_driver"] - 8 <= len(driver_reads) <= plan["get_head_driver"], driver_reads
+
+
 def _play_the_cluster(endpoint: str, errors: list[BaseException]) -> None:
     """What EMR would do here: wait for the cluster, run its step's `fruitpipe run` arguments (in this process,
     on the tests' Spark session instead of YARN), then auto-terminate."""

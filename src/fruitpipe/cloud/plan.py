@@ -10,12 +10,11 @@ import string
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from fruitpipe.cloud.artifacts import _version, artifact_uris, wheel_name
+from fruitpipe.cloud.artifacts import _version, artifact_uris, run_options, wheel_name
 from fruitpipe.cloud.settings import (
     EMR_MANAGED_TAG,
     FIXED_MINUTES,
     GP3_GB_MONTH,
-    IMAGES_PER_FOLDER,
     INSTANCE_TYPES,
     KMS_ALIAS,
     MEASURED_IMG_PER_VCPU_S,
@@ -48,13 +47,18 @@ YARN_ALLOCATION_MB = 32
 #: EMR's vCPUs), and never under STEP_TIMEOUT_FLOOR_MIN.
 STEP_TIMEOUT_FACTOR = 3.0
 STEP_TIMEOUT_FLOOR_MIN = 30.0
-#: Images per Spark partition (`fruitpipe run`'s default --partition-size), and what one partition writes.
-PARTITION_IMAGES = 512
-PUTS_PER_PART = 1
-#: PUTs of the small files of an output (markers, lease renewals, commit records, PCA files, run.json, _SUCCESS),
-#: and driver reads of records and footers: counted on the loopback S3 (see s3_requests).
-FIXED_PUTS = 60
-FIXED_DRIVER_READS = 60
+#: `fruitpipe run`'s default --partition-size (images per Spark partition).
+DEFAULT_PARTITION_IMAGES = 512
+#: Requests counted at a proxy on a 20-image run with 2 and with 4 partitions (see s3_requests): each partition
+#: costs 10 PUT/POST (staging writes of its embeddings and reduced parts, their copies into place) and 10 driver
+#: GET/HEAD; the rest is fixed.
+PUTS_PER_PART = 10
+READS_PER_PART = 10
+FIXED_PUTS = 45
+FIXED_DRIVER_READS = 29
+#: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish) and the
+#: input's existence probes.
+FIXED_LISTS = 34
 
 def step_timeout_minutes(settings: EmrSettings) -> int:
     """How long the step may run before `timeout` kills it (and ActionOnFailure the cluster): --step-timeout, else
@@ -179,20 +183,25 @@ def _work_minutes(settings: EmrSettings) -> float:
     return settings.images / (vcpus * settings.img_per_vcpu_s) / 60
 
 
-def s3_requests(settings: EmrSettings) -> dict[str, int]:
-    """The S3 requests of one run, by kind, from what the code sends (counted on a loopback S3 in
-    tests/test_emr.py::test_s3_requests_of_a_run_match_the_plan): one GET per image and no HEAD
-    (storage.read_object); LIST pages: the root and split levels, then each class folder (1,000 keys a page);
-    PUT/POST: the Parquet parts of embeddings, rejects and reduced (one per partition of images each) and the
-    output's small files; driver-side GETs/HEADs of those files (footers, records) are few and counted as fixed."""
-    folders = max(1, round(settings.images / IMAGES_PER_FOLDER))
-    parts = math.ceil(settings.images / PARTITION_IMAGES)
+def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, int]:
+    """The S3 requests of one run, by kind, as counted request by request at a proxy in front of a loopback S3
+    (tests/test_emr.py::test_s3_requests_of_a_run_match_the_plan). One GET per image and no HEAD
+    (storage.read_object). LIST pages: a fixed set (the output's folders, the input's probes) and one per 1,000
+    input keys (the input is listed in one flat pass; --list-threads adds a page per folder). PUT/POST and
+    driver-side GET/HEAD: a fixed part (markers, records, PCA files, run.json), a part per Spark partition
+    (pyarrow writes each file as a 3-request multipart upload and publishes by copy; the driver re-reads each
+    embeddings part), and the lease's renewal every 30 s."""
+    opts = run_options(settings.run_args)
+    partition = opts.partition_size or DEFAULT_PARTITION_IMAGES
+    slots = slots or settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
+    parts = math.ceil(math.ceil(settings.images / partition) / slots) * slots  # as pipeline/embed.py splits
+    renewals = math.ceil(2 * (_work_minutes(settings) + FIXED_MINUTES["spark_start_and_pca"]))
     return {
         "get_images": settings.images,
         "head_images": 0,
-        "list_pages": 3 + folders + math.ceil(settings.images / 1000),
-        "put": 3 * parts * PUTS_PER_PART + FIXED_PUTS,
-        "get_head_driver": 2 * parts + FIXED_DRIVER_READS,
+        "list_pages": FIXED_LISTS + math.ceil(settings.images / 1000),
+        "put": PUTS_PER_PART * parts + FIXED_PUTS + renewals,
+        "get_head_driver": READS_PER_PART * parts + FIXED_DRIVER_READS + renewals,
     }
 
 

@@ -72,8 +72,6 @@ MEASURED_IMG_PER_VCPU_S = 92.6
 #: Where MEASURED_IMG_PER_VCPU_S comes from, as the plan states it.
 THROUGHPUT_BASIS = ("end-to-end throughput measured on a 2-vCPU VM reading from a loopback S3 server "
                     "(docs/performance.md, docs/emr.md); +-30 % until measured on EMR")
-#: Images per class folder, to count LIST pages: Fruits-360 has 138,704 photos in 412 folders (206 classes x 2).
-IMAGES_PER_FOLDER = 337
 #: Cluster start (EC2 provisioning + EMR set-up + this bootstrap's pip install), and JVM start + PCA: assumptions
 #: from EMR's usual 7-10 min start, stated in the plan so nobody mistakes them for measurements.
 FIXED_MINUTES = {"provisioning_and_bootstrap": 10.0, "spark_start_and_pca": 2.0}
