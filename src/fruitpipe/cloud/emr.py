@@ -242,13 +242,20 @@ class Emr(AccountSetup):
         missing = [k for k in ("wheel", "bootstrap", "requirements", "model") if not self._exists(uris[k])]
         if missing:
             raise EmrError(f"missing in S3: {', '.join(uris[k] for k in missing)}; run `fruitpipe emr upload` first")
-        net = self.check_network(settings)  # the managed policy refuses an untagged network only at launch
+        from botocore.exceptions import ClientError
+
+        try:
+            subnet: str | None = self.check_network(settings).subnet_id  # refused by the policy only at launch
+        except ClientError as exc:  # e.g. no ec2:Describe* for this identity: EMR still decides
+            subnet = None
+            log.warning("network not checked (%s): if the launch fails, check the subnet's and VPC's tag %s=true",
+                        exc.response.get("Error", {}).get("Code", exc), EMR_MANAGED_TAG)
         quota = self.quota(settings)
         if quota.get("checked") and not quota["ok"]:
             log.warning("vCPU quota: %s", quota["advice"])
         elif not quota.get("checked"):
             log.warning("vCPU quota not checked: %s", quota["why"])
-        request = job_flow_request(settings, net.subnet_id)
+        request = job_flow_request(settings, subnet)
         cluster_id = self.emr.run_job_flow(**request)["JobFlowId"]
         if started is not None:
             started(cluster_id)

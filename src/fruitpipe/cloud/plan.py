@@ -240,7 +240,7 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
                    "source": "--node-price" if settings.node_price is not None else
                    "AWS public on-demand price pages (EC2 + EMR fee), written down offline, not fetched live: "
                    "check them before quoting",
-                   "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_usd_per_1000": S3_GET_PER_1000,
+                   "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_head_usd_per_1000": S3_GET_PER_1000,
                    "s3_put_list_usd_per_1000": S3_PUT_LIST_PER_1000},
         "basis": THROUGHPUT_BASIS if settings.img_per_vcpu_s == MEASURED_IMG_PER_VCPU_S else "--img-per-vcpu-s",
     }
