@@ -290,7 +290,7 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
         except EmrError as exc:  # no default VPC, unknown subnet: `up` would refuse with this
             network = {"checked": True, "problem": str(exc)}
         except (ClientError, BotoCoreError) as exc:
-            network = {"checked": False, "why": f"could not read the network: {exc}"}
+            network = {"checked": False, "why": f"could not read the network: {str(exc).splitlines()[0][:200]}"}
         else:
             subnet = net.subnet_id
             network = {"checked": True, **net.describe()}

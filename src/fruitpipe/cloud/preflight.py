@@ -71,9 +71,8 @@ class Preflight:
                                                     {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
             if not subnets:
                 raise EmrError(f"the default VPC {vpc['VpcId']} has no default subnet: pass --subnet-id")
-            # The roomiest subnet, ties broken by zone name so that plan and up agree.
-            subnet = sorted(subnets, key=lambda s: (-s.get("AvailableIpAddressCount", 0),
-                                                    s.get("AvailabilityZone", "")))[0]
+            # Stable, so that plan, setup and up agree: one already tagged if any, else the first zone's.
+            subnet = sorted(subnets, key=lambda s: (not _tagged(s), s.get("AvailabilityZone", "")))[0]
         groups = ec2.describe_security_groups(Filters=[
             {"Name": "vpc-id", "Values": [vpc["VpcId"]]},
             {"Name": "group-name", "Values": list(EMR_MANAGED_GROUPS)}])["SecurityGroups"]
@@ -116,8 +115,8 @@ class Preflight:
                 value = sq.get_aws_default_service_quota(ServiceCode=VCPU_QUOTA[0],
                                                          QuotaCode=VCPU_QUOTA[1])["Quota"]["Value"]
             running = self._running_standard_vcpus()
-        except (ClientError, BotoCoreError) as exc:
-            out.update(checked=False, why=f"could not read the quota: {exc}")
+        except (ClientError, BotoCoreError) as exc:  # no servicequotas:GetServiceQuota, or no such API here
+            out.update(checked=False, why=f"could not read the quota: {str(exc).splitlines()[0][:200]}")
             return out
         out.update(checked=True, quota_vcpus=int(value), running_vcpus=running,
                    ok=running + need <= value)
