@@ -1,0 +1,5 @@
+"""Which fruit is this: a classifier trained on a run's embeddings, evaluated, and exported as one ONNX file."""
+
+from fruitpipe.classify.train import TrainSettings, train
+
+__all__ = ["TrainSettings", "train"]

@@ -1,0 +1,110 @@
+"""One ONNX file that answers "which fruit is this?": the backbone, the PCA projection when the classifier reads
+reduced vectors, and the classifier's layers, ending in class probabilities; and its reader."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Output tensor of the exported graph: (N, classes) probabilities.
+PROBABILITIES = "probabilities"
+
+
+@dataclass(frozen=True)
+class Head:
+    """What follows the backbone: an optional projection (dim x k, no centring, as Spark's PCAModel), then dense
+    layers (weight in x out, bias), sigmoid between them, softmax at the end."""
+
+    projection: np.ndarray | None
+    layers: list[tuple[np.ndarray, np.ndarray]]
+
+
+def logistic_head(coefficients: np.ndarray, intercepts: np.ndarray, projection: np.ndarray | None) -> Head:
+    """Spark's multinomial LogisticRegressionModel: coefficientMatrix (classes x d) and interceptVector."""
+    return Head(projection, [(np.asarray(coefficients, np.float64).T, np.asarray(intercepts, np.float64))])
+
+
+def mlp_head(layer_sizes: list[int], weights: np.ndarray, projection: np.ndarray | None) -> Head:
+    """Spark's MultilayerPerceptronClassificationModel: its flat weight vector holds, per layer, an out x in
+    matrix in column-major order (Breeze) followed by the out biases."""
+    layers, offset = [], 0
+    for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:]):
+        w = np.asarray(weights[offset:offset + n_in * n_out], np.float64).reshape(n_in, n_out)
+        offset += n_in * n_out
+        layers.append((w, np.asarray(weights[offset:offset + n_out], np.float64)))
+        offset += n_out
+    if offset != len(weights):
+        raise ValueError(f"{len(weights)} MLP weights do not match the layers {layer_sizes}")
+    return Head(projection, layers)
+
+
+def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str, Any]) -> bytes:
+    """The backbone graph with the head appended: same input (224x224 RGB NHWC, pixel/127.5-1), output
+    `probabilities`; `metadata` (classes, embedding model sha256, ...) goes into the file's metadata_props."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_model_from_string(backbone)
+    graph = model.graph
+    x = feature_output
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    if head.projection is not None:
+        nodes.append(helper.make_node("MatMul", [x, const("fp_pca_components", head.projection)], ["fp_reduced"]))
+        x = "fp_reduced"
+    for i, (w, b) in enumerate(head.layers):
+        nodes.append(helper.make_node("MatMul", [x, const(f"fp_w{i}", w)], [f"fp_mm{i}"]))
+        nodes.append(helper.make_node("Add", [f"fp_mm{i}", const(f"fp_b{i}", b)], [f"fp_z{i}"]))
+        x = f"fp_z{i}"
+        if i < len(head.layers) - 1:
+            nodes.append(helper.make_node("Sigmoid", [x], [f"fp_a{i}"]))
+            x = f"fp_a{i}"
+    nodes.append(helper.make_node("Softmax", [x], [PROBABILITIES], axis=1))
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    n_classes = head.layers[-1][1].shape[0]
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(PROBABILITIES, onnx.TensorProto.FLOAT, [None, n_classes]))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class FruitClassifier:
+    """The exported file at run time (onnxruntime only: no Spark, no Java): image bytes -> top-k classes, through
+    the batch pipeline's own decode and preprocessing (fruitpipe.images)."""
+
+    def __init__(self, onnx_bytes: bytes, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.classes: list[str] = json.loads(meta["classes"])
+        self.metadata = meta
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_size = int(self.session.get_inputs()[0].shape[1] or 224)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) for a preprocessed (N, size, size, 3) float32 batch."""
+        return self.session.run([PROBABILITIES], {self.input_name: batch})[0]
+
+    def top(self, image: bytes, k: int = 5, max_pixels: int = 64_000_000) -> list[tuple[str, float]]:
+        """The k most probable classes of one image; an image that cannot be used raises images.Rejected."""
+        from fruitpipe import images
+
+        p = self.probabilities(images.model_input(image, self.input_size, max_pixels)[None])[0]
+        best = np.argsort(-p)[:k]
+        return [(self.classes[i], float(p[i])) for i in best]

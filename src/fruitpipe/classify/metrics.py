@@ -1,0 +1,84 @@
+"""Classification metrics from predicted probabilities (top-k, macro-F1, per class) and the confusion plot."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def top_k(proba: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the k most probable."""
+    if len(y) == 0:
+        return float("nan")
+    k = min(k, proba.shape[1])
+    best = np.argpartition(-proba, k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(best == y[:, None], axis=1)))
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """n x n counts: rows the true class, columns the predicted one."""
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (y, pred), 1)
+    return m
+
+
+def report(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """top-1, top-5, macro-F1 and per-class precision/recall/F1/support (classes with no test row are left out of
+    the macro average and say so)."""
+    pred = np.argmax(proba, axis=1)
+    m = confusion(y, pred, len(classes))
+    tp = np.diag(m).astype(np.float64)
+    support = m.sum(axis=1)
+    predicted = m.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    present = support > 0
+    return {
+        "top1": round(top_k(proba, y, 1), 5),
+        "top5": round(top_k(proba, y, 5), 5),
+        "macro_f1": round(float(f1[present].mean()), 5) if present.any() else float("nan"),
+        "classes_without_test_rows": [c for c, p in zip(classes, present) if not p],
+        "per_class": {c: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
+                          "f1": round(float(f1[i]), 4), "support": int(support[i])}
+                      for i, c in enumerate(classes)},
+    }
+
+
+def confusion_png(y: np.ndarray, pred: np.ndarray, classes: list[str], title: str) -> bytes:
+    """The confusion matrix as a PNG, readable with 200+ classes: classes sorted by name, colour on a log scale,
+    and only the off-diagonal cells (the mistakes) labelled with their counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    order = np.argsort(np.asarray(classes, dtype=object))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    m = confusion(rank[y], rank[pred], len(classes))
+    names = [classes[i] for i in order]
+    n = len(classes)
+    side = min(40.0, max(6.0, 0.16 * n))
+    font = max(2.5, min(9.0, 500.0 / max(n, 1)))
+    fig, ax = plt.subplots(figsize=(side, side), dpi=150)
+    shown = np.where(m > 0, m, np.nan)
+    ax.imshow(shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(1, int(m.max()))), interpolation="nearest")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i, j in zip(*np.nonzero(m)):
+        if i != j:
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="red", fontsize=font * 1.2,
+                    fontweight="bold")
+    ax.set_title(f"{title}: {int(np.trace(m))} of {int(m.sum())} right, {int(m.sum() - np.trace(m))} mistakes "
+                 "(labelled in red)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

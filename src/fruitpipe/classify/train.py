@@ -1,0 +1,216 @@
+"""`fruitpipe train OUT`: fit on Training, evaluate on Test, write OUT/classifier/ (metrics, confusion plot,
+predictions, the Spark model and the one ONNX file photo -> probabilities)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fruitpipe import lease, storage
+from fruitpipe.classify import export as export_mod
+from fruitpipe.classify import fit, metrics
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.output import SUCCESS, RunDir
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_DIR = "classifier"
+ONNX_NAME = "fruit_classifier.onnx"
+#: Test photos run through the exported file at the end of training, to prove it answers as Spark does.
+EXPORT_CHECK_IMAGES = 64
+
+
+class TrainError(FruitpipeError):
+    """Training cannot start or finish; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One `fruitpipe train`: which OUTPUT, which features and classifier, how it is validated, where Spark runs."""
+
+    output: str
+    features: str = "embeddings"
+    classifier: str = "logreg"
+    folds: int = 3
+    seed: int = 7
+    #: Share of Training held out (stratified) as the test set when OUTPUT has no Test split.
+    holdout: float = 0.2
+    compare_pca: bool = True
+    model_path: str | None = None
+    master: str = "local[*]"
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    spark_conf: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> TrainSettings:
+        """One-line errors naming the flag to change."""
+        if self.features not in ("embeddings", "reduced"):
+            raise TrainError(f"--features {self.features!r} must be embeddings or reduced")
+        if self.classifier not in ("logreg", "mlp"):
+            raise TrainError(f"--classifier {self.classifier!r} must be logreg or mlp")
+        if self.folds < 2:
+            raise TrainError(f"--folds {self.folds} must be at least 2")
+        if not 0 < self.holdout < 1:
+            raise TrainError(f"--holdout {self.holdout} must be between 0 and 1 (e.g. 0.2)")
+        return self
+
+
+def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, str]:
+    """The embedding model the run used (its bytes, its output name), checked by sha256 against run.json."""
+    from fruitpipe.models import get_spec, resolve_model
+
+    spec = get_spec(report["model"]["name"])
+    model = resolve_model(spec, model_path, opts)
+    if model.sha256 != report["model"]["sha256"]:
+        raise TrainError(f"the embeddings were made with a model of sha256 {report['model']['sha256'][:16]}..., "
+                         f"not {model.sha256[:16]}... ({model.path}): pass --model-path to the run's model file")
+    return model.read_bytes(), spec.output_name
+
+
+def _test_frame(spark: Any, data: Any, classes: list[str], holdout: float, seed: int) -> tuple[Any, Any, str]:
+    """(train, test, how the test set was made): the Test split of known classes, else a stratified, seeded
+    hold-out of Training."""
+    train = data.filter("split = 'Training'")
+    test = data.filter("split = 'Test' AND y >= 0")
+    if test.limit(1).count():
+        return train, test, "the Test split"
+    kept = train.stat.sampleBy("label", {c: 1.0 - holdout for c in classes}, seed)
+    held = train.join(kept.select("uri"), "uri", "left_anti")
+    return kept, held, f"no Test split: a stratified hold-out of {holdout:.0%} of Training (seed {seed})"
+
+
+def _write(rundir: RunDir, name: str, data: bytes) -> str:
+    uri = rundir.join(CLASSIFIER_DIR, name)
+    storage.write_bytes(uri, data, rundir.opts)
+    return uri
+
+
+def _save_spark_model(model: Any, rundir: RunDir) -> None:
+    """The fitted Spark ML model under classifier/spark_model/, readable by its class's load(): saved to a local
+    folder by Spark, then copied file by file through pyarrow.fs, so s3:// needs no Hadoop S3 connector."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.write().overwrite().save(str(Path(tmp) / "m"))
+        for f in sorted((Path(tmp) / "m").rglob("*")):
+            if f.is_file() and not f.name.endswith(".crc"):
+                _write(rundir, f"spark_model/{f.relative_to(Path(tmp) / 'm').as_posix()}", f.read_bytes())
+
+
+def train(settings: TrainSettings) -> dict[str, Any]:
+    """Fit, evaluate, export; returns metrics.json's content."""
+    from fruitpipe.pipeline.reduce import embeddings_df, load_components
+    from fruitpipe.spark import spark_session
+
+    settings.validate()
+    opts = settings.storage
+    rundir = RunDir(settings.output, opts)
+    if not storage.exists(rundir.join(SUCCESS), opts):
+        raise TrainError(f"{settings.output} has no {SUCCESS}: run `fruitpipe run INPUT {settings.output}` to the "
+                         "end first (train reads a complete output only)")
+    report = rundir.previous_report()
+    files = rundir.files("embeddings")
+    components = None
+    if settings.features == "reduced":
+        if rundir.reduce_entry() is None:
+            raise TrainError(f"{settings.output} has no PCA: run `fruitpipe reduce {settings.output}` first")
+        components = load_components(rundir.join("pca"), opts)
+    backbone, feature_output = _backbone(report, settings.model_path, opts)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    token = f"train-{uuid.uuid4().hex[:8]}"
+    with lease.hold(settings.output, token, opts), \
+            spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf) as spark:
+        emb = embeddings_df(spark, files, opts)
+        classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
+        if len(classes) < 2:
+            raise TrainError(f"{settings.output} has {len(classes)} class in Training: a classifier needs two or more")
+        data_emb = fit.labelled(emb, classes).persist()
+        train_emb, test_emb, test_source = _test_frame(spark, data_emb, classes, settings.holdout, settings.seed)
+        if components is not None:
+            data = fit.labelled(fit.projected(emb, components), classes).persist()
+            train, test, _ = _test_frame(spark, data, classes, settings.holdout, settings.seed)
+            train = train.join(train_emb.select("uri"), "uri", "left_semi")  # the same rows as the embeddings'
+            test = test.join(test_emb.select("uri"), "uri", "left_semi")
+        else:
+            train, test = train_emb, test_emb
+        train, test = train.persist(), test.persist()
+        n_train, n_test = train.count(), test.count()
+        unseen = data_emb.filter("split = 'Test' AND y < 0").count()
+        dim = int(components.shape[1]) if components is not None else len(train.first()["features"])
+        timings["prepare"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), settings.folds, settings.seed)
+        timings["cross_validate"] = time.perf_counter() - t1
+        uris, y, proba = fit.predict(model, test)
+        result = metrics.report(proba, y, classes)
+        table = []
+        if settings.compare_pca:
+            t2 = time.perf_counter()
+            full = result["top1"] if components is None else None
+            emb_dim = len(train_emb.first()["features"])
+            table = fit.pca_table(settings.classifier, cv["chosen"], train_emb, test_emb, emb_dim, len(classes),
+                                  settings.seed, full)
+            timings["pca_table"] = time.perf_counter() - t2
+        if settings.classifier == "logreg":
+            head = export_mod.logistic_head(model.coefficientMatrix.toArray(), model.interceptVector.toArray(),
+                                            components)
+        else:
+            head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
+        _save_spark_model(model, rundir)
+    onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],
+                 "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
+                 "classifier": settings.classifier, "input": "uint8 RGB photo -> 224x224, pixel/127.5-1, NHWC float32"}
+    onnx_bytes = export_mod.export(backbone, feature_output, head, onnx_meta)
+    agreement = _check_export(onnx_bytes, uris, proba, opts, report["model"].get("input_size", 224))
+    pred = np.argmax(proba, axis=1)
+    out = {
+        **result,
+        "test_source": test_source, "n_train": int(n_train), "n_test": int(n_test),
+        "test_rows_of_unseen_classes": int(unseen), "n_classes": len(classes), "classes": classes,
+        "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
+                     "seed": settings.seed, "feature_dim": dim},
+        "cross_validation": cv, "pca_table": table,
+        "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},
+        "onnx": {"file": ONNX_NAME, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes),
+                 "agreement_with_spark": agreement},
+        "timings_s": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t0}.items()},
+    }
+    _write(rundir, ONNX_NAME, onnx_bytes)
+    _write(rundir, "confusion.png", metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
+                                                           f"{settings.features}, {test_source}"))
+    table_out = pa.table({"uri": uris, "label": [classes[i] for i in y], "predicted": [classes[i] for i in pred],
+                          "probability": proba[np.arange(len(pred)), pred].astype(np.float32)})
+    buf = io.BytesIO()
+    pq.write_table(table_out, buf)
+    _write(rundir, "test_predictions.parquet", buf.getvalue())
+    _write(rundir, "metrics.json", (json.dumps(out, indent=1) + "\n").encode())
+    return out
+
+
+def _check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions,
+                  size: int) -> dict[str, Any]:
+    """Run the exported file on up to EXPORT_CHECK_IMAGES test photos: its top-1 must be Spark's on each."""
+    from fruitpipe import images
+
+    clf = export_mod.FruitClassifier(onnx_bytes)
+    idx: np.ndarray = np.linspace(0, max(len(uris) - 1, 0), num=min(EXPORT_CHECK_IMAGES, len(uris)), dtype=int)
+    batch = np.stack([images.model_input(storage.read_object(uris[i], opts), size, 64_000_000) for i in idx]) \
+        if len(idx) else np.zeros((0, size, size, 3), np.float32)
+    got = clf.probabilities(batch) if len(idx) else np.zeros((0, proba.shape[1]))
+    same = int(np.sum(np.argmax(got, axis=1) == np.argmax(proba[idx], axis=1))) if len(idx) else 0
+    worst = float(np.max(np.abs(got - proba[idx]))) if len(idx) else 0.0
+    if same != len(idx):
+        raise TrainError(f"the exported {ONNX_NAME} disagrees with Spark on {len(idx) - same} of {len(idx)} test "
+                         "photos: not written (a bug; please report it)")
+    return {"images": len(idx), "same_top1": same, "max_abs_probability_diff": round(worst, 6)}
