@@ -1,0 +1,116 @@
+"""`fruitpipe train`: fitted on Training, evaluated on Test, exported as one ONNX file that answers as Spark does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import fruitpipe
+from conftest import copy_classes, sample_classes
+from fruitpipe import images
+from fruitpipe.classify.export import FruitClassifier
+from fruitpipe.cli import main
+
+CLASSES = sample_classes(5)
+
+
+def _run(root: Path, splits: tuple[str, ...] = ("Training", "Test")) -> Path:
+    data = copy_classes(root / "in", CLASSES, splits=splits)
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(root / "out"), k=8, quiet=True))
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """5 real classes of the sample (300 Training, 100 Test photos), run, then trained with the defaults."""
+    out = _run(tmp_path_factory.mktemp("classify"))
+    assert main(["train", str(out), "--master", "local[2]", "-q"]) == 0
+    return {"out": out, "metrics": json.loads((out / "classifier" / "metrics.json").read_text())}
+
+
+def _test_photos(out: Path) -> list[str]:
+    return sorted(str(p) for p in (out.parent / "in" / "Test").rglob("*.jpg"))
+
+
+def test_train_writes_metrics_chosen_on_training_only(trained) -> None:
+    m = trained["metrics"]
+    assert m["n_train"] == 300 and m["n_test"] == 100 and m["test_source"] == "the Test split"
+    assert m["classes"] == sorted(CLASSES) and m["top1"] >= 0.95 and m["top5"] == 1.0 and m["macro_f1"] >= 0.95
+    assert set(m["per_class"]) == set(CLASSES) and all(c["support"] == 20 for c in m["per_class"].values())
+    cv = m["cross_validation"]
+    assert cv["param"] == "regParam" and set(cv["tried"]) == {"0.0001", "0.001", "0.01"}
+    assert cv["tried"][str(cv["chosen"])] == max(cv["tried"].values())
+    assert [r["features"] for r in m["pca_table"]] == ["embeddings", "PCA-20", "PCA-50", "PCA variance 0.95"]
+    assert m["pca_table"][0]["top1"] == m["top1"] and 0 < m["pca_table"][3]["k"] <= 1280
+    report = json.loads((trained["out"] / "run.json").read_text())
+    assert m["embedding_model"]["sha256"] == report["model"]["sha256"]
+    assert (trained["out"] / "classifier" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_onnx_file_answers_as_spark_on_every_test_photo(trained) -> None:
+    """One file, photo -> probabilities, no Spark: its top-1 is Spark's on each of the 100 Test photos, through
+    the batch pipeline's own decode and preprocessing."""
+    out = trained["out"]
+    clf = FruitClassifier((out / "classifier" / "fruit_classifier.onnx").read_bytes())
+    assert clf.classes == sorted(CLASSES)
+    assert clf.metadata["embedding_model_sha256"] == trained["metrics"]["embedding_model"]["sha256"]
+    spark_pred = {r["uri"]: r["predicted"]
+                  for r in pq.read_table(out / "classifier" / "test_predictions.parquet").to_pylist()}
+    photos = _test_photos(out)
+    assert set(spark_pred) == set(photos)
+    batch = np.stack([images.model_input(Path(p).read_bytes(), 224, 64_000_000) for p in photos])
+    onnx_pred = [clf.classes[i] for i in np.argmax(clf.probabilities(batch), axis=1)]
+    assert onnx_pred == [spark_pred[p] for p in photos]
+    first = photos[0]
+    top = clf.top(Path(first).read_bytes())
+    assert len(top) == 5 and top[0][0] == spark_pred[first] and abs(sum(p for _, p in top) - 1) < 1e-4
+
+
+def test_the_spark_model_is_readable_by_spark_ml(trained, spark) -> None:
+    from pyspark.ml.classification import LogisticRegressionModel
+
+    model = LogisticRegressionModel.load(str(trained["out"] / "classifier" / "spark_model"))
+    assert model.numClasses == 5 and model.numFeatures == 1280
+
+
+def test_reduced_features_and_mlp_export_too(trained, tmp_path: Path) -> None:
+    """The PCA-reduced vectors as features and the perceptron as classifier: the exported file (backbone, PCA
+    projection, two dense layers) still answers as Spark does on every Test photo."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"], out)
+    (out / "classifier").rename(out / "classifier-logreg")
+    assert main(["train", str(out), "--features", "reduced", "--classifier", "mlp", "--folds", "2",
+                 "--no-pca-table", "--master", "local[2]", "-q"]) == 0
+    m = json.loads((out / "classifier" / "metrics.json").read_text())
+    assert m["settings"]["features"] == "reduced" and m["settings"]["feature_dim"] == 8 and m["pca_table"] == []
+    assert m["cross_validation"]["param"] == "layers" and m["top1"] >= 0.8
+    clf = FruitClassifier((out / "classifier" / "fruit_classifier.onnx").read_bytes())
+    spark_pred = {r["uri"]: r["predicted"]
+                  for r in pq.read_table(out / "classifier" / "test_predictions.parquet").to_pylist()}
+    photos = sorted(spark_pred)
+    batch = np.stack([images.model_input(Path(p).read_bytes(), 224, 64_000_000) for p in photos])
+    assert [clf.classes[i] for i in np.argmax(clf.probabilities(batch), axis=1)] == [spark_pred[p] for p in photos]
+
+
+def test_without_a_test_split_a_stratified_holdout_is_used_and_said(spark, tmp_path: Path) -> None:
+    out = _run(tmp_path, splits=("Training",))
+    assert main(["train", str(out), "--folds", "2", "--no-pca-table", "--master", "local[2]", "-q"]) == 0
+    m = json.loads((out / "classifier" / "metrics.json").read_text())
+    assert m["test_source"].startswith("no Test split: a stratified hold-out of 20% of Training (seed 7)")
+    assert m["n_train"] + m["n_test"] == 300 and 30 <= m["n_test"] <= 90
+    assert all(c["support"] > 0 for c in m["per_class"].values())  # every class is in the hold-out
+
+
+def test_train_refuses_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["train", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no _SUCCESS" in err and "fruitpipe run" in err
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--classifier", "svm"])
+    assert "invalid choice: 'svm'" in capsys.readouterr().err
