@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reduce(p_reduce)
     _add_common(p_reduce)
     _add_train(sub)
+    _add_serve(sub)
     sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
     _add_emr(sub)
     return parser
@@ -137,14 +138,51 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
 
 
-def _train_main(args: argparse.Namespace) -> int:
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="answer 'which fruit is this?' over HTTP with OUTPUT's trained classifier",
+                       epilog=EPILOG, description="Serve OUTPUT/classifier/fruit_classifier.onnx: POST /predict "
+                       "(multipart field 'image') -> top-5, GET /health, GET /metrics (Prometheus).")
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)")
+    p.add_argument("--port", type=_whole_number, default=8000, help="port (default 8000)")
+    p.add_argument("--max-bytes", type=_whole_number, default=15 * 1024 * 1024,
+                   help="largest upload in bytes (default 15728640); larger ones get 413")
+    p.add_argument("--max-pixels", type=_whole_number, default=64_000_000,
+                   help="largest decoded image (default 64000000; decompression-bomb guard)")
+    p.add_argument("--threads", type=_whole_number, default=0, help="onnxruntime threads (default: its own)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings only (no access log)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _storage_options(args: argparse.Namespace) -> Any:
     import os
 
-    from fruitpipe.classify import TrainSettings, train
     from fruitpipe.storage import StorageOptions
 
-    opts = StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+    return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
                           args.region or os.environ.get("AWS_REGION") or "eu-west-3")
+
+
+def _serve_main(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from fruitpipe.serve import ServeSettings, create_app
+    except ImportError:
+        raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
+    app = create_app(ServeSettings(output=args.output, storage=_storage_options(args), max_bytes=args.max_bytes,
+                                   max_pixels=args.max_pixels, threads=args.threads))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                access_log=not args.quiet)
+    return 0
+
+
+def _train_main(args: argparse.Namespace) -> int:
+    from fruitpipe.classify import TrainSettings, train
+
+    opts = _storage_options(args)
     settings = TrainSettings(
         output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
@@ -368,16 +406,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stderr.write(f"fruitpipe emr: AWS error: {exc}\n")
                 return 2
             raise
-    if args.command == "train":
+    if args.command in ("train", "serve"):
         _setup_logging(bool(args.quiet), args.verbose)
         try:
-            return _train_main(args)
+            return _train_main(args) if args.command == "train" else _serve_main(args)
         except FruitpipeError as exc:
             log.debug("the cause, in full:", exc_info=exc)
-            sys.stderr.write(f"fruitpipe train: error: {exc}\n")
+            sys.stderr.write(f"fruitpipe {args.command}: error: {exc}\n")
             return 2
         except KeyboardInterrupt:
-            sys.stderr.write("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier train\n")
+            if args.command == "train":
+                sys.stderr.write("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier "
+                                 "train\n")
             return 130
     if args.command == "models":
         from fruitpipe.models import REGISTRY

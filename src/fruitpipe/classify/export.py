@@ -44,8 +44,13 @@ def mlp_head(layer_sizes: list[int], weights: np.ndarray, projection: np.ndarray
 def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str, Any]) -> bytes:
     """The backbone graph with the head appended: same input (224x224 RGB NHWC, pixel/127.5-1), output
     `probabilities`; `metadata` (classes, embedding model sha256, ...) goes into the file's metadata_props."""
-    import onnx
-    from onnx import helper, numpy_helper
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError:
+        from fruitpipe.errors import FruitpipeError
+
+        raise FruitpipeError("exporting the classifier needs onnx: pip install 'fruitpipe[train]'") from None
 
     model = onnx.load_model_from_string(backbone)
     graph = model.graph

@@ -1,0 +1,130 @@
+"""The FastAPI app: one POST /predict through the batch pipeline's own decode and preprocessing and the one ONNX
+file `fruitpipe train` wrote; photos stay in memory and are never logged; bad input is a 4xx with the same reason
+names as `rejects`, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
+
+from fruitpipe import images, storage
+from fruitpipe.classify.export import FruitClassifier
+from fruitpipe.classify.fruits import describe
+from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+#: HTTP status per reject reason: not an image -> 415; an image that cannot be used -> 422.
+STATUS_BY_REASON = {"not_an_image": 415, "empty": 422, "too_large": 422, "truncated": 422, "corrupt": 422}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Where the classifier comes from and what an upload may be."""
+
+    output: str
+    storage: StorageOptions = StorageOptions()
+    #: Largest accepted upload, bytes (a phone photo is 2-6 MB).
+    max_bytes: int = 15 * 1024 * 1024
+    #: Largest decoded image, pixels (decompression-bomb guard, as --max-pixels in the batch pipeline).
+    max_pixels: int = 64_000_000
+    #: onnxruntime threads per request (0: onnxruntime's default).
+    threads: int = 0
+
+
+def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
+    """The exported classifier of OUTPUT (local or s3://) and its sha256."""
+    uri = storage.join(settings.output, CLASSIFIER_DIR, ONNX_NAME)
+    try:
+        data = storage.read_bytes(uri, settings.storage)
+    except FileNotFoundError:
+        raise FruitpipeError(f"{uri} does not exist: run `fruitpipe train {settings.output}` first") from None
+    return FruitClassifier(data, settings.threads), hashlib.sha256(data).hexdigest()
+
+
+def create_app(settings: ServeSettings) -> Any:
+    """The ASGI app, with its own Prometheus registry (several apps in one process stay apart)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.formparsers import MultiPartParser
+
+    # Uploads stay in memory up to the size limit: Starlette would spool larger parts to a temporary file.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_bytes + 1)
+    classifier, sha = load_classifier(settings)
+    registry = CollectorRegistry()
+    requests = Counter("fruitpipe_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("fruitpipe_http_request_duration_seconds", "Time to answer, by endpoint", ["endpoint"],
+                        registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    rejects = Counter("fruitpipe_rejects", "Uploads refused, by reason (rejects/ names)", ["reason"],
+                      registry=registry)
+    predictions = Counter("fruitpipe_predictions", "Top-1 answers by class", ["label"], registry=registry)
+    import fruitpipe
+
+    app = FastAPI(title="fruitpipe", description="Which fruit is this? Photo in, top-5 classes out.",
+                  version=fruitpipe.__version__)
+
+    def refuse(status: int, reason: str, detail: str) -> Any:
+        rejects.labels(reason).inc()
+        return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in ("/predict", "/health", "/metrics") else "other"
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "classes": len(classifier.classes), "model_sha256": sha}
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Any:
+        t0 = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_bytes + 64 * 1024:
+            return refuse(413, "too_big", f"upload of {int(length)} bytes; the limit is {settings.max_bytes}")
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=settings.max_bytes)
+        except Exception as exc:  # malformed multipart, a part over the limit
+            status = 413 if "maximum" in str(exc).lower() or "size" in str(exc).lower() else 400
+            return refuse(status, "too_big" if status == 413 else "bad_request", str(exc)[:200])
+        upload = form.get("image") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            return refuse(400, "bad_request", "send the photo as multipart/form-data in a field named 'image'")
+        data = await upload.read(settings.max_bytes + 1)
+        await form.close()
+        if len(data) > settings.max_bytes:
+            return refuse(413, "too_big", f"the photo is over {settings.max_bytes} bytes")
+        try:
+            batch = images.model_input(data, classifier.input_size, settings.max_pixels)[None]
+        except images.Rejected as rj:
+            return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
+        from starlette.concurrency import run_in_threadpool
+
+        p = (await run_in_threadpool(classifier.probabilities, batch))[0]
+        best = p.argsort()[::-1][:5]
+        top = [{"label": classifier.classes[i], "name": describe(classifier.classes[i])["name"],
+                "probability": round(float(p[i]), 6)} for i in best]
+        predictions.labels(top[0]["label"]).inc()
+        return {"top5": top, "fruit": describe(top[0]["label"]), "model_sha256": sha,
+                "embedding_model_sha256": classifier.metadata.get("embedding_model_sha256"),
+                "server_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    app.state.classifier = classifier
+    return app
