@@ -86,3 +86,22 @@ def upload_folder(folder: Path, endpoint: str, bucket: str, prefix: str) -> int:
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
             n += 1
     return n
+
+
+TRAINED_CLASSES = sample_classes(5)
+
+
+@pytest.fixture(scope="session")
+def trained(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """5 real classes of the sample (300 Training, 100 Test photos), run, then `fruitpipe train` with defaults."""
+    import json
+
+    import fruitpipe
+    from fruitpipe.cli import main
+
+    root = tmp_path_factory.mktemp("classify")
+    data = copy_classes(root / "in", TRAINED_CLASSES)
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(root / "out"), k=8, quiet=True))
+    out = root / "out"
+    assert main(["train", str(out), "--master", "local[2]", "-q"]) == 0
+    return {"out": out, "metrics": json.loads((out / "classifier" / "metrics.json").read_text())}

@@ -10,26 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 
 import fruitpipe
-from conftest import copy_classes, sample_classes
+from conftest import TRAINED_CLASSES, copy_classes
 from fruitpipe import images
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.cli import main
 
-CLASSES = sample_classes(5)
+CLASSES = TRAINED_CLASSES
 
 
 def _run(root: Path, splits: tuple[str, ...] = ("Training", "Test")) -> Path:
     data = copy_classes(root / "in", CLASSES, splits=splits)
     fruitpipe.run(fruitpipe.Config(input=str(data), output=str(root / "out"), k=8, quiet=True))
     return root / "out"
-
-
-@pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """5 real classes of the sample (300 Training, 100 Test photos), run, then trained with the defaults."""
-    out = _run(tmp_path_factory.mktemp("classify"))
-    assert main(["train", str(out), "--master", "local[2]", "-q"]) == 0
-    return {"out": out, "metrics": json.loads((out / "classifier" / "metrics.json").read_text())}
 
 
 def _test_photos(out: Path) -> list[str]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's DEBUG logging prints every EXIF tag it parses, GPS position included: users' locations must never reach
+# a log, whatever level an application sets (--verbose included), so its loggers stop at INFO here.
+logging.getLogger("PIL").setLevel(max(logging.getLogger("PIL").level, logging.INFO))
 
 #: Reasons recorded in rejects/; the detail column says more.
 REASONS = {
