@@ -29,6 +29,13 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas'; then
   apt_install libopenblas0-pthread
 fi
 
+if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
+  # The page's browser test drives a real headless Chromium through Playwright; Debian's package, so nothing is
+  # downloaded at test time (Playwright's own browser download is not used).
+  echo "setup: installing Chromium for the browser tests (chromium)"
+  apt_install chromium
+fi
+
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "setup: Python 3.11+ is required, $("$python" --version) found; set PYTHON=python3.11" >&2; exit 1; }

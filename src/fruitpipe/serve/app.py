@@ -8,6 +8,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
@@ -80,10 +81,19 @@ def create_app(settings: ServeSettings) -> Any:
     async def count(request: Request, call_next: Any) -> Any:
         t0 = time.perf_counter()
         response = await call_next(request)
-        endpoint = request.url.path if request.url.path in ("/predict", "/health", "/metrics") else "other"
+        endpoint = request.url.path if request.url.path in ("/", "/predict", "/health", "/metrics") else "other"
         requests.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
+
+    page = resources.files("fruitpipe.serve").joinpath("static", "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Any:
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+                                 "X-Content-Type-Options": "nosniff"})
 
     @app.get("/health")
     def health() -> dict[str, Any]:
