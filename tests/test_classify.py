@@ -106,3 +106,28 @@ def test_train_refuses_in_one_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path), "--classifier", "svm"])
     assert "invalid choice: 'svm'" in capsys.readouterr().err
+
+
+def test_every_class_of_the_current_release_has_its_information() -> None:
+    """The 160 folders of Fruits-360's current release: each gets a name and, except the one whose fruit is not
+    known for sure, its species, family and a sentence; a class of another release falls back to its folder."""
+    from conftest import SHARED
+    from fruitpipe.classify.fruits import describe
+
+    labels = [ln.strip() for ln in (SHARED / "data" / "fruits360-classes.txt").read_text().splitlines() if ln.strip()]
+    assert len(labels) == 160
+    unknown = [label for label in labels if describe(label)["scientific_name"] is None]
+    assert unknown == ["Nut Forest 1"]
+    for label in labels:
+        info = describe(label)
+        assert info["name"] and info["label"] == label
+        if label not in unknown:
+            assert info["family"].endswith("aceae") and info["about"].endswith("."), info
+    assert describe("Apple Braeburn 1") | {} == {
+        "label": "Apple Braeburn 1", "name": "Apple – Braeburn", "variety": "Braeburn",
+        "scientific_name": "Malus domestica", "family": "Rosaceae", "about": describe("Apple 6")["about"],
+        "source": "fruitpipe's species table"}
+    assert describe("Potato Sweet 1")["scientific_name"] == "Ipomoea batatas"  # longest species name wins
+    assert describe("Blackberrie not rippen 1")["name"] == "Blackberry – not ripe"
+    assert describe("Durian 1") == {"label": "Durian 1", "name": "Durian", "variety": None, "scientific_name": None,
+                                    "family": None, "about": None, "source": "derived from the folder name"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fruitpipe.classify.fruits import display_name
+from fruitpipe.classify.fruits import describe
 from fruitpipe.serve import ServeSettings, create_app
 from test_serve import _Server
 
@@ -58,7 +58,9 @@ def test_the_page_identifies_a_real_test_photo_and_explains_a_bad_file(browser, 
     picker.set_input_files(str(photo))
     page.get_by_role("button", name="Identify").click()
     page.locator("#answer").wait_for(state="visible")
-    assert page.locator("#name").inner_text() == display_name(row["label"])
+    fruit = describe(row["label"])
+    assert page.locator("#name").inner_text() == fruit["name"]
+    assert fruit["scientific_name"] in page.locator("#about").inner_text()
     bars = page.get_by_role("progressbar")
     assert bars.count() == 5 and float(bars.first.get_attribute("aria-valuenow")) > 50
     assert page.locator("#preview").is_visible()
