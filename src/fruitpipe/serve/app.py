@@ -55,6 +55,7 @@ def create_app(settings: ServeSettings) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.concurrency import run_in_threadpool
     from starlette.formparsers import MultiPartParser
 
     # Uploads stay in memory up to the size limit: Starlette would spool larger parts to a temporary file.
@@ -121,13 +122,13 @@ def create_app(settings: ServeSettings) -> Any:
         await form.close()
         if len(data) > settings.max_bytes:
             return refuse(413, "too_big", f"the photo is over {settings.max_bytes} bytes")
+        def infer() -> Any:  # decode and inference off the event loop, in one hop to the thread pool
+            return classifier.probabilities(images.model_input(data, classifier.input_size, settings.max_pixels)[None])
+
         try:
-            batch = images.model_input(data, classifier.input_size, settings.max_pixels)[None]
+            p = (await run_in_threadpool(infer))[0]
         except images.Rejected as rj:
             return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
-        from starlette.concurrency import run_in_threadpool
-
-        p = (await run_in_threadpool(classifier.probabilities, batch))[0]
         best = p.argsort()[::-1][:5]
         top = [{"label": classifier.classes[i], "name": describe(classifier.classes[i])["name"],
                 "probability": round(float(p[i]), 6)} for i in best]
