@@ -77,3 +77,26 @@ def test_the_page_identifies_a_real_test_photo_and_explains_a_bad_file(browser, 
     assert page.locator("#answer").is_hidden()
     page.screenshot(path=str(ARTIFACTS / f"page-{device}-rejected.png"), full_page=True)
     context.close()
+
+
+def test_the_run_report_is_one_self_contained_file_with_every_section(browser, trained) -> None:
+    """OUT/report.html, written by `run` and refreshed by `train`: opened from disk with every request recorded,
+    it needs nothing but itself (images are data: URIs), and each section is there with its figures."""
+    report = trained["out"] / "report.html"
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda req: requested.append(req.url))
+    page.goto(report.as_uri())
+    assert [u for u in requested if not u.startswith(("data:", "file:"))] == []
+    for section in ("counts", "timings", "pca", "scatter", "classifier"):
+        assert page.locator(f"section#{section} h2").is_visible(), section
+    for alt in ("scree curve", "first two principal components by class", "confusion matrix"):
+        img = page.locator(f"img[alt^='{alt}']")
+        assert img.count() == 1 and page.evaluate("(i) => i.naturalWidth", img.element_handle()) > 100, alt
+    counts = page.locator("section#counts").inner_text()
+    assert "listed\t400" in counts and "embedded\t400" in counts
+    assert f"{trained['metrics']['top1']:.2%}" in page.locator("section#classifier").inner_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    context.close()

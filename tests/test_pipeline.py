@@ -84,8 +84,12 @@ def _table(path: Path):
 def test_output_layout_and_schemas(e2e) -> None:
     out: Path = e2e["out"]
     for name in ("run.json", "_SUCCESS", "embeddings", "rejects", "reduced", "pca/explained_variance.json",
-                 "pca/scree.png", "pca/components.npy"):
+                 "pca/scree.png", "pca/components.npy", "report.html"):
         assert (out / name).exists(), name
+    report = (out / "report.html").read_text()
+    for reason in e2e["result"].counts["rejects_by_reason"]:  # each reason, with an example uri
+        assert f"<td>{reason}</td>" in report
+    assert "Example rejects" in report and "http://" not in report and "https://" not in report
     assert not (out / "_staging").exists()
     emb = _table(out / "embeddings")
     assert emb.schema.names == ["id", "uri", "label", "split", "features", "size", "mtime_ns"]

@@ -36,7 +36,10 @@ RUN_JSON = "run.json"
 DATASETS = {"embeddings": EMBEDDINGS_SCHEMA, "rejects": REJECTS_SCHEMA}
 REDUCE_DIRS = ("pca", "reduced")
 #: Everything fruitpipe writes in an output: --overwrite deletes these names and nothing else.
-OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS)
+#: Written beside the datasets: the classifier (`fruitpipe train`) and the run's visual report.
+CLASSIFIER = "classifier"
+REPORT = "report.html"
+OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS, CLASSIFIER, REPORT)
 #: The writer's lease (fruitpipe.lease): never deleted by --overwrite, which runs under it.
 LEASE_ENTRY = "_lease.json"
 

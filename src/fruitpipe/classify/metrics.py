@@ -75,8 +75,8 @@ def confusion_png(y: np.ndarray, pred: np.ndarray, classes: list[str], title: st
         if i != j:
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="red", fontsize=font * 1.2,
                     fontweight="bold")
-    ax.set_title(f"{title}: {int(np.trace(m))} of {int(m.sum())} right, {int(m.sum() - np.trace(m))} mistakes "
-                 "(labelled in red)", fontsize=10)
+    ax.set_title(f"{title}\n{int(np.trace(m))} of {int(m.sum())} right, {int(m.sum() - np.trace(m))} mistakes "
+                 "(labelled in red)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -22,12 +22,12 @@ from fruitpipe import lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.output import SUCCESS, RunDir
+from fruitpipe.output import CLASSIFIER, SUCCESS, RunDir
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_DIR = "classifier"
+CLASSIFIER_DIR = CLASSIFIER
 ONNX_NAME = "fruit_classifier.onnx"
 #: Test photos run through the exported file at the end of training, to prove it answers as Spark does.
 EXPORT_CHECK_IMAGES = 64
@@ -195,6 +195,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     pq.write_table(table_out, buf)
     _write(rundir, "test_predictions.parquet", buf.getvalue())
     _write(rundir, "metrics.json", (json.dumps(out, indent=1) + "\n").encode())
+    from fruitpipe.report import write_report
+
+    write_report(rundir)  # refreshed with the classifier's section
     return out
 
 

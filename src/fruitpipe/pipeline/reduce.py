@@ -194,27 +194,29 @@ def variance_report(fit: PcaFit, k: int, variance: float | None) -> dict[str, ob
     }
 
 
-def scree_png(fit: PcaFit, k: int, show: int = 100) -> bytes:
+def scree_png(explained: np.ndarray, n_samples: int, k: int, show: int = 100) -> bytes:
     """Scree plot: per-component share (bars) and cumulative share (line), the chosen k marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = min(show, len(fit.explained))
+    explained = np.asarray(explained, dtype=np.float64)
+    cumulative = np.cumsum(explained)
+    m = min(show, len(explained))
     xs = np.arange(1, m + 1)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.bar(xs, fit.explained[:m] * 100, color="#4c72b0", label="per component")
+    ax.bar(xs, explained[:m] * 100, color="#4c72b0", label="per component")
     ax.set_xlabel("principal component")
     ax.set_ylabel("explained variance (%)")
     ax2 = ax.twinx()
-    ax2.plot(xs, fit.cumulative[:m] * 100, color="#dd8452", label="cumulative")
+    ax2.plot(xs, cumulative[:m] * 100, color="#dd8452", label="cumulative")
     ax2.set_ylabel("cumulative (%)")
     ax2.set_ylim(0, 100)
     ax2.axvline(k, color="gray", linestyle="--")
-    ax2.annotate(f"k={k}: {fit.cumulative[k - 1] * 100:.1f} %", (k, fit.cumulative[k - 1] * 100),
+    ax2.annotate(f"k={k}: {cumulative[k - 1] * 100:.1f} %", (k, cumulative[k - 1] * 100),
                  textcoords="offset points", xytext=(6, -14))
-    ax.set_title(f"PCA explained variance ({fit.n_samples} embeddings, first {m} of {len(fit.explained)} components)")
+    ax.set_title(f"PCA explained variance ({n_samples} embeddings, first {m} of {len(explained)} components)")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -236,7 +238,7 @@ def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | Non
     report["fingerprint"] = fingerprint
     storage.write_bytes(storage.join(pca_uri, "explained_variance.json"),
                         json.dumps(report, indent=2).encode(), opts)
-    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit, k), opts)
+    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit.explained, fit.n_samples, k), opts)
     storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(fit.components[:, :k]), opts)
     return report
 

@@ -29,6 +29,7 @@ from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.failures import interrupt_flag, job_failures, watch_interrupts
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
 from fruitpipe.pipeline.validity import accounting, ids_digest, invalid_rows
+from fruitpipe.report import write_report
 from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, spark_session
 from fruitpipe.storage import StorageOptions
@@ -365,6 +366,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             rundir.publish(report, bool(counts.get("accounted")),
                            f"the accounting failed: {counts.get('listed')} listed, {counts.get('embedded')} "
                            f"embedded + {counts.get('rejected')} rejected")
+            write_report(rundir)
     return RunResult(output=out, report=report)
 
 

@@ -1,0 +1,175 @@
+"""OUT/report.html: counts and rejects, stage timings, the scree curve, a 2-D PCA scatter by class and, when a
+classifier exists, its metrics and confusion matrix; one file, images inlined as data: URIs, no script, no network."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from fruitpipe import storage
+from fruitpipe.output import CLASSIFIER, REPORT, RunDir
+
+log = logging.getLogger(__name__)
+
+#: The scatter shows the most frequent classes only (a readable legend) and at most this many points per class.
+SCATTER_CLASSES = 12
+SCATTER_POINTS_PER_CLASS = 200
+#: Example rejects shown per reason.
+REJECT_EXAMPLES = 3
+
+_STYLE = """body{font:15px/1.45 system-ui,sans-serif;color:#1b1b1b;max-width:60rem;margin:0 auto;padding:1rem}
+h1{color:#0b5d1e}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;
+text-align:left}th{background:#f1f1f1}img{max-width:100%;height:auto}code{font-size:.9em}section{margin:1.5rem 0}"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    out = "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+    for row in rows:
+        out += "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
+    return out + "</table>"
+
+
+def _png(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _json(rundir: RunDir, *parts: str) -> dict[str, Any] | None:
+    uri = rundir.join(*parts)
+    if not storage.exists(uri, rundir.opts):
+        return None
+    return json.loads(storage.read_bytes(uri, rundir.opts))
+
+
+def _scatter_png(rundir: RunDir) -> bytes | None:
+    """The first two PCA components of the reduced vectors, coloured by class (the most frequent classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow as pa
+
+    files = [f for f in (rundir.reduce_entry() or {}).get("reduced", []) if f.endswith(".parquet")]
+    uris = [rundir.join("reduced", f) for f in files]  # the committed files only
+    if not uris:
+        return None
+    table = pa.concat_tables([storage.read_parquet(u, rundir.opts, columns=["label", "pca"]) for u in uris])
+    if table.num_rows == 0:
+        return None
+    labels = np.asarray(table.column("label").to_pylist(), dtype=object)
+    vectors = table.column("pca").combine_chunks()
+    dim = len(vectors[0].as_py())
+    if dim < 2:
+        return None
+    xy = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:, :2]
+    names, counts = np.unique(labels, return_counts=True)
+    shown = [names[i] for i in np.argsort(-counts, kind="stable")[:SCATTER_CLASSES]]
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
+    for name in sorted(shown):
+        idx = np.nonzero(labels == name)[0]
+        idx = rng.choice(idx, size=min(len(idx), SCATTER_POINTS_PER_CLASS), replace=False)
+        ax.scatter(xy[idx, 0], xy[idx, 1], s=8, alpha=0.7, label=str(name))
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"first two principal components, {len(shown)} of {len(names)} classes")
+    ax.legend(fontsize=7, markerscale=2, loc="best")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_report(rundir: RunDir) -> bytes:
+    """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
+    from fruitpipe.pipeline.reduce import scree_png
+
+    run = _json(rundir, "run.json") or {}
+    counts = run.get("counts", {})
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fruitpipe report: "
+             f"{_e(rundir.uri)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>fruitpipe report</h1><p><code>{_e(rundir.uri)}</code>, run {_e(run.get('run_id', '?'))} started "
+             f"{_e(run.get('started_at', '?'))}; model {_e(run.get('model', {}).get('name', '?'))} "
+             f"(sha256 {_e(str(run.get('model', {}).get('sha256', '?'))[:16])}...), fruitpipe "
+             f"{_e(run.get('fruitpipe_version', '?'))}</p>"]
+    rows = [[k, counts.get(k)] for k in ("listed", "embedded", "rejected", "accounted", "embedded_this_run",
+                                         "skipped_already_done", "not_listed_anymore") if k in counts]
+    rows += [[f"ignored: {k}", v] for k, v in (counts.get("ignored") or {}).items()]
+    parts.append("<section id='counts'><h2>Counts</h2>" + _table(rows, ["what", "images"]))
+    by_reason = counts.get("rejects_by_reason") or {}
+    if by_reason:
+        rejects = rundir.read_index("rejects", ["uri", "reason", "detail"]).to_pylist()
+        examples = []
+        for reason in sorted(by_reason):
+            examples += [[reason, r["uri"], (r["detail"] or "")[:160]] for r in rejects
+                         if r["reason"] == reason][:REJECT_EXAMPLES]
+        parts.append(_table([[k, v] for k, v in sorted(by_reason.items())], ["reject reason", "images"]))
+        parts.append("<h3>Example rejects</h3>" + _table(examples, ["reason", "uri", "detail"]))
+    else:
+        parts.append("<p>No rejects.</p>")
+    parts.append("</section>")
+    timings = run.get("timings_s") or {}
+    parts.append("<section id='timings'><h2>Stage timings</h2>" + _table([[k, v] for k, v in timings.items()],
+                                                                           ["stage", "seconds"]))
+    throughput = run.get("throughput_img_s")
+    if isinstance(throughput, dict) and throughput:
+        parts.append("<p>Throughput: " + ", ".join(f"{_e(k)} {_e(v)} images/s" for k, v in throughput.items())
+                     + ".</p>")
+    parts.append("</section>")
+    ev = _json(rundir, "pca", "explained_variance.json")
+    parts.append("<section id='pca'><h2>PCA: explained variance</h2>")
+    if ev:
+        k = int(ev["k"])
+        parts.append(f"<p>k = {k} ({_e(ev['selected_by'])}), {float(ev['explained_at_k']):.1%} of the variance, "
+                     f"{ev['n_samples']} embeddings.</p>")
+        parts.append(_png(scree_png(np.asarray(ev["per_component"]), int(ev["n_samples"]), k),
+                          f"scree curve, k = {k} marked"))
+    else:
+        parts.append("<p>No PCA in this output.</p>")
+    parts.append("</section><section id='scatter'><h2>PCA scatter by class</h2>")
+    scatter = _scatter_png(rundir) if ev else None
+    parts.append(_png(scatter, "first two principal components by class") if scatter else
+                 "<p>No reduced vectors to plot.</p>")
+    parts.append("</section>")
+    metrics = _json(rundir, CLASSIFIER, "metrics.json")
+    if metrics:
+        parts.append("<section id='classifier'><h2>Classifier</h2>")
+        parts.append(_table([[metrics["settings"]["classifier"], metrics["settings"]["features"],
+                              f"{metrics['top1']:.2%}", f"{metrics['top5']:.2%}", f"{metrics['macro_f1']:.4f}",
+                              metrics["n_train"], metrics["n_test"], metrics["test_source"]]],
+                            ["classifier", "features", "top-1", "top-5", "macro-F1", "train", "test", "test set"]))
+        if metrics.get("pca_table"):
+            parts.append(_table([[r["features"], r["k"], r.get("explained_variance", 1.0), f"{r['top1']:.2%}"]
+                                 for r in metrics["pca_table"]], ["features", "k", "explained variance", "top-1"]))
+        worst = sorted(metrics["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0]))[:10]
+        parts.append("<h3>Lowest recall</h3>" + _table(
+            [[c, v["recall"], v["precision"], v["support"]] for c, v in worst],
+            ["class", "recall", "precision", "support"]))
+        confusion = rundir.join(CLASSIFIER, "confusion.png")
+        if storage.exists(confusion, rundir.opts):
+            parts.append(_png(storage.read_bytes(confusion, rundir.opts), "confusion matrix"))
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "".join(parts).encode()
+
+
+def write_report(rundir: RunDir) -> str | None:
+    """Write OUT/report.html; a report that cannot be made is a warning, never a failed run."""
+    try:
+        data = build_report(rundir)
+    except Exception as exc:  # a plot or a missing file must not fail the run that already published
+        log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
+        return None
+    uri = rundir.join(REPORT)
+    storage.write_bytes(uri, data, rundir.opts)
+    return uri
