@@ -141,3 +141,25 @@ def test_serve_refuses_an_output_without_classifier(tmp_path: Path, capsys) -> N
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run `fruitpipe train" in err
+
+
+def test_serve_reads_its_classifier_from_s3(trained, s3_endpoint: str) -> None:
+    """OUTPUT on s3://: the app loads the same file from the loopback S3 server and answers with it."""
+    import boto3
+
+    from conftest import REGION
+    from fruitpipe.storage import StorageOptions
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    s3.create_bucket(Bucket="fruits-serve", CreateBucketConfiguration={"LocationConstraint": REGION})
+    onnx_file = trained["out"] / "classifier" / "fruit_classifier.onnx"
+    s3.put_object(Bucket="fruits-serve", Key="runs/1/classifier/fruit_classifier.onnx", Body=onnx_file.read_bytes())
+    srv = _Server(create_app(ServeSettings(output="s3://fruits-serve/runs/1",
+                                           storage=StorageOptions(s3_endpoint, REGION))))
+    try:
+        photo = sorted(_spark_predictions(trained["out"]))[0]
+        status, body = srv.predict(Path(photo).read_bytes())
+        assert status == 200 and body["top5"][0]["label"] == _spark_predictions(trained["out"])[photo]["predicted"]
+        assert body["model_sha256"] == trained["metrics"]["onnx"]["sha256"]
+    finally:
+        srv.stop()
