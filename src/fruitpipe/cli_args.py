@@ -1,0 +1,64 @@
+"""Shared by the command-line modules: argument types, the one-line-error parser, KEY=VALUE flags, S3 options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from fruitpipe.errors import FruitpipeError
+
+EPILOG = (
+    "Paths are local folders or s3://bucket/prefix URIs. Settings merge as --config TOML < FRUITPIPE_* "
+    "environment variables < flags. Model files: --model-path FILE, or FRUITPIPE_MODELS=DIR, or a verified "
+    "download into FRUITPIPE_CACHE (default ~/.cache/fruitpipe/models)."
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (with the fix) and exit code 2, never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return value
+
+
+def share(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 0.95") from None
+
+
+def positive_float(text: str) -> float:
+    value = share(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def key_values(items: Sequence[str], flag: str, example: str) -> dict[str, str]:
+    """{KEY: VALUE} from repeated KEY=VALUE flags; a malformed one is a one-line error naming `flag`."""
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FruitpipeError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} {example}")
+        found[key] = value
+    return found
+
+
+def storage_options(args: argparse.Namespace) -> Any:
+    """StorageOptions from --s3-endpoint / --region, else AWS_ENDPOINT_URL / AWS_REGION, else AWS in eu-west-3."""
+    from fruitpipe.storage import StorageOptions
+
+    return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+                          args.region or os.environ.get("AWS_REGION") or "eu-west-3")
