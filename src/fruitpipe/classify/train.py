@@ -136,15 +136,18 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         if len(classes) < 2:
             raise TrainError(f"{settings.output} has {len(classes)} class in Training: a classifier needs two or more")
         data_emb = fit.labelled(emb, classes).persist()
+        cached = [data_emb]
         train_emb, test_emb, test_source = _test_frame(spark, data_emb, classes, settings.holdout, settings.seed)
         if components is not None:
             data = fit.labelled(fit.projected(emb, components), classes).persist()
+            cached.append(data)
             train, test, _ = _test_frame(spark, data, classes, settings.holdout, settings.seed)
             train = train.join(train_emb.select("uri"), "uri", "left_semi")  # the same rows as the embeddings'
             test = test.join(test_emb.select("uri"), "uri", "left_semi")
         else:
             train, test = train_emb, test_emb
         train, test = train.persist(), test.persist()
+        cached += [train, test]
         n_train, n_test = train.count(), test.count()
         unseen = data_emb.filter("split = 'Test' AND y < 0").count()
         dim = int(components.shape[1]) if components is not None else len(train.first()["features"])
@@ -168,6 +171,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         else:
             head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
         _save_spark_model(model, rundir)
+        for frame in cached:
+            frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
     onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],
                  "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
                  "classifier": settings.classifier, "input": "uint8 RGB photo -> 224x224, pixel/127.5-1, NHWC float32"}
