@@ -354,10 +354,15 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     version = emr._version()
     wheelhouse = uris["wheelhouse"].removeprefix("s3://fruits-out/")
     reqs = s3.get_object(Bucket="fruits-out", Key=f"{wheelhouse}/requirements.txt")["Body"].read().decode()
-    wheels = {f"{wheelhouse}/{line.replace('==', '-')}-py3-none-any.whl" for line in reqs.split()}
     assert set(keys) == {f"fruitpipe-artifacts/{version}/{emr.wheel_name()}", f"{wheelhouse}/requirements.txt",
-                         f"fruitpipe-artifacts/{version}/bootstrap.sh", *wheels,
+                         f"fruitpipe-artifacts/{version}/bootstrap.sh", f"{wheelhouse}/wheelhouse.tar",
                          "fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"}
+    import io
+    import tarfile
+
+    tar = tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket="fruits-out", Key=f"{wheelhouse}/wheelhouse.tar")[
+        "Body"].read()))
+    assert sorted(tar.getnames()) == sorted(f"{line.replace('==', '-')}-py3-none-any.whl" for line in reqs.split())
     assert keys["fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"] == Path(
         __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
     assert "onnxruntime==" in reqs and "pyspark" not in reqs  # the nodes use EMR's own Spark
@@ -367,6 +372,8 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     script = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")["Body"].read()
     installs = [ln for ln in script.decode().splitlines() if '/bin/pip" install' in ln]
     assert len(installs) == 2 and all("--no-index" in ln for ln in installs)  # nothing from PyPI
+    # The instance role may GET under the artifacts prefix but not LIST it: the bootstrap reads named objects only.
+    assert b"--recursive" not in script and b"aws s3 ls" not in script and b"aws s3 sync" not in script
     # An int8 run needs onnx on the nodes: its own wheelhouse (keyed by its requirements) carries it.
     assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "--run-arg=--precision=int8", "-q"]) == 0
     int8 = json.loads(capsys.readouterr().out)

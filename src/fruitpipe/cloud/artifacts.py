@@ -64,6 +64,8 @@ def artifact_uris(settings: EmrSettings) -> dict[str, str]:
     }
 
 
+#: The wheelhouse as one object under its prefix (the nodes read it with one GET; they may not list the prefix).
+WHEELHOUSE_TAR = "wheelhouse.tar"
 #: The nodes' Python and platform: EMR 7 runs Amazon Linux 2023 (glibc 2.34) on x86_64 for the m5/c5/r5 types
 #: fruitpipe sizes, and the bootstrap installs python3.11 from its repository.
 NODE_PYTHON = "3.11"

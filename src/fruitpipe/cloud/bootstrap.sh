@@ -4,7 +4,8 @@
 # gateway endpoint is enough).
 #   $1  s3:// prefix of the code written by `fruitpipe emr upload`
 #   $2  the wheel's file name under that prefix
-#   $3  s3:// prefix of the wheelhouse: every dependency as a manylinux wheel for Python 3.11, and requirements.txt
+#   $3  s3:// prefix of the wheelhouse: wheelhouse.tar (every dependency as a manylinux wheel for Python 3.11) and
+#       requirements.txt
 # The node's Spark (EMR's own build) is used: pyspark is not installed, requirements.txt pins the other
 # dependencies to the versions fruitpipe was tested with.
 set -euo pipefail
@@ -20,7 +21,10 @@ trap 'rm -rf "$WORK"' EXIT
 sudo dnf install -y -q python3.11
 sudo mkdir -p /opt/fruitpipe
 sudo python3.11 -m venv "$VENV"
-aws s3 cp --only-show-errors --recursive "$WHEELHOUSE/" "$WORK/wheelhouse/"
+# One object each, no listing: the instance role may read the artifacts prefix, not list it.
+mkdir -p "$WORK/wheelhouse"
+aws s3 cp --only-show-errors "$WHEELHOUSE/wheelhouse.tar" - | tar -x -C "$WORK/wheelhouse"
+aws s3 cp --only-show-errors "$WHEELHOUSE/requirements.txt" "$WORK/wheelhouse/requirements.txt"
 aws s3 cp --only-show-errors "$ARTIFACTS/$WHEEL" "$WORK/$WHEEL"
 # --no-index: nothing comes from PyPI; a wheel missing from the wheelhouse fails here, in seconds, with its name.
 sudo "$VENV/bin/pip" install --quiet --no-cache-dir --no-index --find-links "$WORK/wheelhouse" \

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import signal
+import tarfile
 import tempfile
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from fruitpipe.cloud.account import AccountSetup
 from fruitpipe.cloud.artifacts import (
+    WHEELHOUSE_TAR,
     _version,
     artifact_uris,
     build_wheel,
@@ -219,8 +221,13 @@ class Emr(AccountSetup):
         else:
             requirements = node_requirements(settings)
             with tempfile.TemporaryDirectory() as tmp:
-                for whl in build_wheelhouse(requirements, Path(tmp) / "wheelhouse", wheelhouse_from):
-                    self._put_file(f"{uris['wheelhouse']}/{whl.name}", whl)
+                wheels = build_wheelhouse(requirements, Path(tmp) / "wheelhouse", wheelhouse_from)
+                # One tar, read with one GET: the instance role may read the artifacts prefix, not list it.
+                archive = Path(tmp) / WHEELHOUSE_TAR
+                with tarfile.open(archive, "w") as tar:
+                    for whl in wheels:
+                        tar.add(whl, arcname=whl.name)
+                self._put_file(f"{uris['wheelhouse']}/{WHEELHOUSE_TAR}", archive)
             self._put(uris["requirements"], ("\n".join(requirements) + "\n").encode())
         if self._exists(uris["model"]):
             log.info("model already in S3: %s", uris["model"])
