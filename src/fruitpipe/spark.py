@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,8 +82,27 @@ def spark_session(
     spark.sparkContext.setLogLevel("WARN")
     try:
         yield spark
+    except BaseException:
+        _drain(spark)
+        raise
     finally:
         spark.stop()
+
+
+def _drain(spark: Any, timeout_s: float = 30.0) -> None:
+    """Before stopping a context that an error or Ctrl-C left with running jobs: cancel them and wait until they
+    have ended, so that stop() does not shut Spark's thread pools under callbacks still on their way (the JVM then
+    printed a RejectedExecutionException trace after the CLI's one-line message)."""
+    import time
+
+    try:
+        sc = spark.sparkContext
+        sc.cancelAllJobs()
+        deadline = time.monotonic() + timeout_s
+        while sc.statusTracker().getActiveJobsIds() and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling Spark's own job state, not a timed fault
+    except Exception as exc:  # the JVM may already be going away; stop() follows regardless
+        log.debug("could not drain the Spark jobs before stopping: %s", exc)
 
 
 def default_parallelism(spark: pyspark.sql.SparkSession) -> int:  # type: ignore[name-defined]  # noqa: F821
