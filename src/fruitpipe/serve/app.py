@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
 
-from fruitpipe import images, storage
+from fruitpipe import __version__, images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe
 from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
@@ -69,10 +69,8 @@ def create_app(settings: ServeSettings) -> Any:
     rejects = Counter("fruitpipe_rejects", "Uploads refused, by reason (rejects/ names)", ["reason"],
                       registry=registry)
     predictions = Counter("fruitpipe_predictions", "Top-1 answers by class", ["label"], registry=registry)
-    import fruitpipe
-
     app = FastAPI(title="fruitpipe", description="Which fruit is this? Photo in, top-5 classes out.",
-                  version=fruitpipe.__version__)
+                  version=__version__)
 
     def refuse(status: int, reason: str, detail: str) -> Any:
         rejects.labels(reason).inc()
@@ -122,6 +120,7 @@ def create_app(settings: ServeSettings) -> Any:
         await form.close()
         if len(data) > settings.max_bytes:
             return refuse(413, "too_big", f"the photo is over {settings.max_bytes} bytes")
+
         def infer() -> Any:  # decode and inference off the event loop, in one hop to the thread pool
             return classifier.probabilities(images.model_input(data, classifier.input_size, settings.max_pixels)[None])
 
