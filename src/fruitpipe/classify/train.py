@@ -150,7 +150,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         cached += [train, test]
         n_train, n_test = train.count(), test.count()
         unseen = data_emb.filter("split = 'Test' AND y < 0").count()
-        dim = int(components.shape[1]) if components is not None else len(train.first()["features"])
+        emb_dim = len(train_emb.first()["features"])
+        dim = int(components.shape[1]) if components is not None else emb_dim
         timings["prepare"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), settings.folds, settings.seed)
@@ -161,7 +162,6 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         if settings.compare_pca:
             t2 = time.perf_counter()
             full = result["top1"] if components is None else None
-            emb_dim = len(train_emb.first()["features"])
             table = fit.pca_table(settings.classifier, cv["chosen"], train_emb, test_emb, emb_dim, len(classes),
                                   settings.seed, full)
             timings["pca_table"] = time.perf_counter() - t2

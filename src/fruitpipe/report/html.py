@@ -94,7 +94,7 @@ def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
     from fruitpipe.pipeline.reduce import scree_png
 
-    run = _json(rundir, "run.json") or {}
+    run = rundir.previous_report()
     counts = run.get("counts", {})
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fruitpipe report: "
              f"{_e(rundir.uri)}</title><style>{_STYLE}</style></head><body>",
