@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fruitpipe import cli_apps, cli_emr
-from fruitpipe.cli_args import EPILOG, Parser, key_values, share, whole_number
+from fruitpipe import cli_apps, cli_args, cli_emr
+from fruitpipe.cli_args import EPILOG, Parser, add_log_format, add_metrics, key_values, share, whole_number
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.monitor.logs import error_line, setup_logging
 
 log = logging.getLogger("fruitpipe")
 
@@ -25,6 +26,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="extra Spark setting, repeatable (e.g. spark.executor.memory=4g)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    add_metrics(p)
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
@@ -82,17 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_apps.add_train(sub)
     cli_apps.add_serve(sub)
     sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
+    cli_apps.add_drift(sub)
     cli_emr.add_emr(sub)
+    add_log_format(parser)
     return parser
-
-
-def _setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    for noisy in ("py4j", "matplotlib"):
-        # py4j logs the Java side of an interrupted or failed call as ERROR tracebacks; the CLI's one line says it.
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,11 +107,10 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fruitpipe` command."""
     args = build_parser().parse_args(argv)
+    setup_logging(bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False)), args.log_format)
     if args.command == "emr":
-        _setup_logging(args.quiet, args.verbose)
         return cli_emr.main(args)
-    if args.command in ("train", "serve"):
-        _setup_logging(bool(args.quiet), args.verbose)
+    if args.command in ("train", "serve", "drift"):
         return cli_apps.main(args)
     if args.command == "models":
         from fruitpipe.models import REGISTRY
@@ -124,11 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in REGISTRY.values():
             sys.stdout.write(f"{spec.name}\t{spec.dim}-d\t{spec.input_size}x{spec.input_size}\t{spec.filename}\t{spec.sha256}\n")
         return 0
-    _setup_logging(bool(args.quiet), args.verbose)
+    import time
+
     import fruitpipe
     from fruitpipe.config import load_config
     from fruitpipe.storage import StorageOptions
 
+    started = time.time()
     try:
         flags = _flags(args)
         if args.command == "reduce":
@@ -142,12 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"run": fruitpipe.run, "embed": fruitpipe.embed, "reduce": fruitpipe.reduce}[args.command](config)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)  # --verbose
-        sys.stderr.write(f"fruitpipe: error: {exc}\n")
+        error_line(f"fruitpipe: error: {exc}")
+        cli_args.export_metrics(args, args.command, started, None, args.output)
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("fruitpipe: interrupted; nothing was published as complete (no _SUCCESS); committed work is "
-                         "kept, re-run the same command to finish\n")
+        error_line("fruitpipe: interrupted; nothing was published as complete (no _SUCCESS); committed work is "
+                   "kept, re-run the same command to finish")
+        cli_args.export_metrics(args, args.command, started, None, args.output)
         return 130
+    cli_args.export_metrics(args, args.command, started, result.report, result.output)
     counts = result.counts
     summary = {
         "output": result.output,

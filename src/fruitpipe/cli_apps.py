@@ -7,8 +7,9 @@ import logging
 import sys
 from typing import Any
 
-from fruitpipe.cli_args import EPILOG, key_values, share, storage_options, whole_number
+from fruitpipe.cli_args import EPILOG, add_metrics, export_metrics, key_values, share, storage_options, whole_number
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.monitor.logs import error_line, json_mode
 
 log = logging.getLogger("fruitpipe")
 
@@ -37,6 +38,7 @@ def add_train(sub: Any) -> None:
                    help="extra Spark setting, repeatable")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    add_metrics(p)
 
 
 def add_serve(sub: Any) -> None:
@@ -57,6 +59,64 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def add_drift(sub: Any) -> None:
+    from fruitpipe.monitor.drift import DRIFT_EXIT_CODE
+    from fruitpipe.monitor.drift_stats import DriftSettings
+
+    d = DriftSettings()
+    p = sub.add_parser("drift", help="compare two outputs: has the incoming data (or the model's answers) drifted?",
+                       epilog=EPILOG, description="Compare CURRENT_OUT with REFERENCE_OUT in the reference's PCA "
+                       "basis (KS per component, MMD, reject rates, and the reference classifier's predictions and "
+                       "confidence); write drift.json and drift.html; exit 0 without drift, "
+                       f"{DRIFT_EXIT_CODE} with drift, 2 on an error.")
+    p.add_argument("reference", metavar="REFERENCE_OUT", help="the output the model was built on (with its PCA)")
+    p.add_argument("current", metavar="CURRENT_OUT", help="the output of the new photos (same embedding model)")
+    p.add_argument("--alpha", type=share, default=d.alpha,
+                   help=f"false-alarm budget of the whole check, split over its tests (default {d.alpha})")
+    p.add_argument("--ks-min", type=share, default=d.ks_min,
+                   help=f"KS statistic a component needs to count as drifted (default {d.ks_min})")
+    p.add_argument("--mmd-min", type=share, default=d.mmd_min, help=f"MMD^2 floor (default {d.mmd_min})")
+    p.add_argument("--reject-rate-min", type=share, default=d.reject_rate_min,
+                   help=f"reject-rate change floor (default {d.reject_rate_min})")
+    p.add_argument("--class-shift-min", type=share, default=d.class_shift_min,
+                   help=f"total-variation floor of predicted class frequencies (default {d.class_shift_min})")
+    p.add_argument("--confidence-min", type=share, default=d.confidence_min,
+                   help=f"change of mean top-1 probability floor (default {d.confidence_min})")
+    p.add_argument("--sample", type=whole_number, default=d.sample,
+                   help=f"rows read per output (default {d.sample})")
+    p.add_argument("--mmd-sample", type=whole_number, default=d.mmd_sample,
+                   help=f"rows per side in the MMD (default {d.mmd_sample})")
+    p.add_argument("--permutations", type=whole_number, default=d.permutations,
+                   help=f"permutations of the MMD p-value (default {d.permutations})")
+    p.add_argument("--seed", type=whole_number, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="where to write drift.json and drift.html (default CURRENT_OUT/drift/)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary, warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_metrics(p)
+
+
+def _drift_main(args: argparse.Namespace, started: float) -> int:
+    from fruitpipe.monitor.drift import DRIFT_EXIT_CODE, run_drift, summary
+    from fruitpipe.monitor.drift_stats import DriftSettings
+
+    settings = DriftSettings(alpha=args.alpha, ks_min=args.ks_min, mmd_min=args.mmd_min,
+                             reject_rate_min=args.reject_rate_min, class_shift_min=args.class_shift_min,
+                             confidence_min=args.confidence_min, sample=args.sample, mmd_sample=args.mmd_sample,
+                             permutations=args.permutations, seed=args.seed)
+    result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)
+    export_metrics(args, "drift", started, result, args.current)
+    if not args.quiet:
+        text = summary(result) + "\nwritten: " + ", ".join(result["written"])
+        if json_mode():
+            log.info(text)
+        else:
+            sys.stdout.write(text + "\n")
+    return DRIFT_EXIT_CODE if result["drift"] else 0
+
+
 def _serve_main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -66,12 +126,14 @@ def _serve_main(args: argparse.Namespace) -> int:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
                                    max_pixels=args.max_pixels, threads=args.threads))
+    # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
+    extra: dict[str, Any] = {"log_config": None} if json_mode() else {}
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                access_log=not args.quiet)
+                access_log=not args.quiet, **extra)
     return 0
 
 
-def _train_main(args: argparse.Namespace) -> int:
+def _train_main(args: argparse.Namespace, started: float) -> int:
     from fruitpipe.classify import TrainSettings, train
 
     opts = storage_options(args)
@@ -80,6 +142,7 @@ def _train_main(args: argparse.Namespace) -> int:
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)
+    export_metrics(args, "train", started, result, args.output)
     if not args.quiet:
         lines = [f"{args.classifier} on {args.features}: top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}, "
                  f"macro-F1 {result['macro_f1']:.4f} on {result['n_test']} photos ({result['test_source']}); "
@@ -92,20 +155,30 @@ def _train_main(args: argparse.Namespace) -> int:
                 lines.append(f"{row['features']:<28} {row['k']:>5} {var:>9} {row['top1']:>8.2%}")
         lines.append(f"written: {args.output.rstrip('/')}/classifier/ (fruit_classifier.onnx, metrics.json, "
                      "confusion.png)")
-        sys.stdout.write("\n".join(lines) + "\n")
+        if json_mode():
+            log.info("\n".join(lines))
+        else:
+            sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `train` or `serve`; errors are one line."""
+    """Run `train`, `serve` or `drift`; errors are one line (and a failed run in the metrics)."""
+    import time
+
+    started = time.time()
     try:
-        return _train_main(args) if args.command == "train" else _serve_main(args)
+        if args.command == "train":
+            return _train_main(args, started)
+        if args.command == "drift":
+            return _drift_main(args, started)
+        return _serve_main(args)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)
-        sys.stderr.write(f"fruitpipe {args.command}: error: {exc}\n")
+        error_line(f"fruitpipe {args.command}: error: {exc}")
+        export_metrics(args, args.command, started, None, getattr(args, "current", None) or args.output)
         return 2
     except KeyboardInterrupt:
         if args.command == "train":
-            sys.stderr.write("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier "
-                             "train\n")
+            error_line("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier train")
         return 130

@@ -62,3 +62,35 @@ def storage_options(args: argparse.Namespace) -> Any:
 
     return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
                           args.region or os.environ.get("AWS_REGION") or "eu-west-3")
+
+
+def add_metrics(p: argparse.ArgumentParser) -> None:
+    """--metrics-file and --pushgateway: the command's Prometheus metrics (monitor/metrics.py)."""
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="write the command's metrics in Prometheus text format (node-exporter textfile collector)")
+    p.add_argument("--pushgateway", metavar="URL",
+                   help="push the command's metrics to a Prometheus Pushgateway (job fruitpipe), e.g. "
+                        "http://pushgateway:9091")
+
+
+def add_log_format(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """--log-format on every command and sub-command of `parser` (one place, so none is forgotten)."""
+    from fruitpipe.monitor.logs import FORMATS
+
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    # Before or after the command: the top level holds the default, a command's flag only overrides it.
+    parser.add_argument("--log-format", choices=FORMATS, default="text" if top else argparse.SUPPRESS,
+                        help="text (default, for people) or json (one object per line with the run id)")
+    for action in subparsers:
+        for sub in set(action.choices.values()):
+            add_log_format(sub, top=False)
+
+
+def export_metrics(args: argparse.Namespace, command: str, started: float, report: Any, output: str) -> None:
+    """Export the command's metrics where --metrics-file / --pushgateway ask; a report of None = it failed."""
+    if not (getattr(args, "metrics_file", None) or getattr(args, "pushgateway", None)):
+        return
+    from fruitpipe.monitor.metrics import command_metrics, export
+
+    registry = command_metrics(command, report is not None, started, report)
+    export(registry, args.metrics_file, args.pushgateway, command, output)

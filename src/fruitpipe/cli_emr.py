@@ -9,6 +9,7 @@ from typing import Any
 
 from fruitpipe.cli_args import Parser, key_values, positive_float, whole_number
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.monitor.logs import error_line
 
 EMR_EPILOG = (
     "Credentials come from the standard AWS chain (environment, profile, instance role); AWS_ENDPOINT_URL points "
@@ -157,14 +158,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _emr_main(args)
     except FruitpipeError as exc:
-        sys.stderr.write(f"fruitpipe emr: error: {exc}\n")
+        error_line(f"fruitpipe emr: error: {exc}")
         return 2
     except KeyboardInterrupt:  # Emr.run terminates the cluster it started before this point
         started = " (any cluster this command had started was terminated)" if args.emr_command == "run" else ""
-        sys.stderr.write(f"fruitpipe emr: interrupted{started}\n")
+        error_line(f"fruitpipe emr: interrupted{started}")
         return 130
     except Exception as exc:  # botocore: no credentials, access denied, throttling...
         if type(exc).__module__.startswith("botocore"):
-            sys.stderr.write(f"fruitpipe emr: AWS error: {exc}\n")
+            error_line(f"fruitpipe emr: AWS error: {exc}")
             return 2
         raise

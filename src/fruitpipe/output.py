@@ -39,7 +39,10 @@ REDUCE_DIRS = ("pca", "reduced")
 #: Written beside the datasets: the classifier (`fruitpipe train`) and the run's visual report.
 CLASSIFIER = "classifier"
 REPORT = "report.html"
-OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS, CLASSIFIER, REPORT)
+#: `fruitpipe drift`'s drift.json and drift.html, by default in the current output.
+DRIFT = "drift"
+OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS, CLASSIFIER, REPORT,
+               DRIFT)
 #: The writer's lease (fruitpipe.lease): never deleted by --overwrite, which runs under it.
 LEASE_ENTRY = "_lease.json"
 

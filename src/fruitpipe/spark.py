@@ -74,7 +74,9 @@ def spark_session(
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.shuffle.partitions", "8")
     )
-    for key, value in (conf or {}).items():
+    from fruitpipe.monitor.resources import SPARK_CONF
+
+    for key, value in {**SPARK_CONF, **(conf or {})}.items():  # executor peak memory in run.json
         if key in java_opts:
             value = f"{java_opts[key]} {value}"  # the cluster's and our options stay, the user's come last
         builder = builder.config(key, value)

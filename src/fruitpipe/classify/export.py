@@ -22,6 +22,43 @@ class Head:
     layers: list[tuple[np.ndarray, np.ndarray]]
 
 
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """(N, classes) from (N, dim) embeddings, in numpy: the same arithmetic as the exported graph's head."""
+        x = np.asarray(features, np.float64)
+        if self.projection is not None:
+            x = x @ self.projection
+        for i, (w, b) in enumerate(self.layers):
+            x = x @ w + b
+            if i < len(self.layers) - 1:
+                x = 1.0 / (1.0 + np.exp(-x))
+        x = np.exp(x - x.max(axis=1, keepdims=True))
+        return x / x.sum(axis=1, keepdims=True)
+
+
+def read_head(onnx_bytes: bytes) -> tuple[Head, list[str]]:
+    """The head and class names of an exported classifier, read back from its initializers and metadata (needs
+    the onnx package): lets the embeddings of an output be classified without decoding a photo again."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        from fruitpipe.errors import FruitpipeError
+
+        raise FruitpipeError("reading the classifier's head needs onnx: pip install 'fruitpipe[monitor]'") from None
+    model = onnx.load_model_from_string(onnx_bytes)
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+               if t.name.startswith("fp_")}
+    layers: list[tuple[np.ndarray, np.ndarray]] = []
+    while f"fp_w{len(layers)}" in weights:
+        layers.append((weights[f"fp_w{len(layers)}"], weights[f"fp_b{len(layers)}"]))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if not layers or "classes" not in meta:
+        from fruitpipe.errors import FruitpipeError
+
+        raise FruitpipeError("this ONNX file is not a classifier written by `fruitpipe train`")
+    return Head(weights.get("fp_pca_components"), layers), json.loads(meta["classes"])
+
+
 def logistic_head(coefficients: np.ndarray, intercepts: np.ndarray, projection: np.ndarray | None) -> Head:
     """Spark's multinomial LogisticRegressionModel: coefficientMatrix (classes x d) and interceptVector."""
     return Head(projection, [(np.asarray(coefficients, np.float64).T, np.asarray(intercepts, np.float64))])

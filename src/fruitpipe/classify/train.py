@@ -3,6 +3,7 @@ predictions, the Spark model and the one ONNX file photo -> probabilities)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -107,8 +108,9 @@ def _save_spark_model(model: Any, rundir: RunDir) -> None:
                 _write(rundir, f"spark_model/{f.relative_to(Path(tmp) / 'm').as_posix()}", f.read_bytes())
 
 
-def train(settings: TrainSettings) -> dict[str, Any]:
-    """Fit, evaluate, export; returns metrics.json's content."""
+def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
+    """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
+    stopped by train), else the active one, else one started for the call."""
     from fruitpipe.pipeline.reduce import embeddings_df, load_components
     from fruitpipe.spark import spark_session
 
@@ -130,7 +132,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
     with lease.hold(settings.output, token, opts), \
-            spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf) as spark:
+            (contextlib.nullcontext(spark) if spark is not None
+             else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark:
         emb = embeddings_df(spark, files, opts)
         classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
         if len(classes) < 2:

@@ -24,6 +24,9 @@ from fruitpipe.vectors import to_list_array
 
 log = logging.getLogger(__name__)
 
+#: Spark job group of the embed job (progress bar, run.json's peak memory of the stage).
+JOB_GROUP = "fruitpipe-embed"
+
 
 @dataclass(frozen=True)
 class EmbedSettings:
@@ -244,7 +247,7 @@ def run_embed_job(
         # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
         df = from_arrow(spark, todo.select(TASK_INPUT_COLUMNS)).repartition(parts)
         out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
-        with JobProgress(spark, "fruitpipe-embed", total=n, desc="embed", quiet=quiet, tasks=parts):
+        with JobProgress(spark, JOB_GROUP, total=n, desc="embed", quiet=quiet, tasks=parts):
             index = to_arrow(out)
     finally:
         model_bc.destroy()

@@ -21,6 +21,9 @@ from fruitpipe.vectors import to_list_array, to_matrix
 
 log = logging.getLogger(__name__)
 
+#: Spark job group of every job of the reduce stage (fit, check, projection).
+JOB_GROUP = "fruitpipe-reduce"
+
 @dataclass(frozen=True)
 class PcaFit:
     """A fitted PCA: all components (dim x m, columns by decreasing variance) and their variance shares."""

@@ -7,7 +7,6 @@ import json
 import logging
 import platform
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,8 @@ from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.quantize import Int8Model, prepare_int8_model
 from fruitpipe.models.runner import check_model
+from fruitpipe.monitor.logs import new_run_id, run_scope
+from fruitpipe.monitor.resources import driver_peak_rss, stage_peaks
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
@@ -54,10 +55,10 @@ class RunResult:
 class _LazySpark:
     """Starts Spark on first use only, so a run with nothing to do never pays the JVM start."""
 
-    def __init__(self, config: Config, stack: contextlib.ExitStack) -> None:
+    def __init__(self, config: Config, stack: contextlib.ExitStack, session: Any = None) -> None:
         self._config = config
         self._stack = stack
-        self.session: Any = None
+        self.session: Any = session  # the caller's (a notebook's): used as is, never stopped
         self.start_seconds = 0.0
 
     def get(self) -> Any:
@@ -128,9 +129,9 @@ def _inference_stats(index: pa.Table) -> dict[str, int]:
 
 
 def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir: RunDir, token: str,
-                timings: dict[str, float], listing: Listing) -> dict[str, Any]:
+                timings: dict[str, float], listing: Listing, resources: dict[str, Any]) -> dict[str, Any]:
     """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
-    returns the counts of run.json."""
+    returns the counts of run.json and adds bytes read and the stage's peak memory to `resources`."""
     opts = rundir.opts
     emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
     rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
@@ -165,6 +166,8 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir:
         index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
                                         config.quiet)
         timings["embed_job"] = time.perf_counter() - t0
+        resources["bytes_read"] = _bytes_read(todo, index)
+        resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP)
         inference = _inference_stats(index)
         embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
         rejected_now += index.num_rows - embedded_now
@@ -203,8 +206,15 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir:
             "dropped_before_embedding": invalid.by_reason, "inference": inference}
 
 
+def _bytes_read(todo: pa.Table, index: pa.Table) -> int:
+    """Bytes of the inputs the embed job read: their listed sizes, less the inputs that could not be read."""
+    unread = index.filter(pc.equal(index.column("reason"), "unreadable")).column("uri")
+    read = todo.filter(pc.invert(pc.is_in(todo.column("uri"), unread.combine_chunks())))
+    return int(pc.sum(read.column("size")).as_py() or 0)
+
+
 def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir: RunDir, token: str,
-                 timings: dict[str, float], digest: str) -> dict[str, Any]:
+                 timings: dict[str, float], digest: str, resources: dict[str, Any]) -> dict[str, Any]:
     """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
     committed PCA was fitted on exactly these embeddings with these settings."""
     t0 = time.perf_counter()
@@ -230,6 +240,8 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
     t0 = time.perf_counter()
     from pyspark.storagelevel import StorageLevel
 
+    session.sparkContext.setJobGroup(reduce_mod.JOB_GROUP, "reduce")  # the fit's jobs too (JobProgress clears it)
+
     # Read once, kept on local disk for the three passes (PCA fit, its check, the projection). Disk, not memory:
     # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
     df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
@@ -243,11 +255,12 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
         timings["reduce_artifacts"] = time.perf_counter() - t1
         project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
-        with JobProgress(session, "fruitpipe-reduce", total=fit.n_samples, desc="reduce", quiet=config.quiet):
+        with JobProgress(session, reduce_mod.JOB_GROUP, total=fit.n_samples, desc="reduce", quiet=config.quiet):
             rows = int(sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect()))
         timings["reduce_project"] = time.perf_counter() - t1
     finally:
         df.unpersist()
+        resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
     if rows != fit.n_samples:
         raise OutputError(f"the projection wrote {rows} reduced rows for {fit.n_samples} embeddings; nothing was "
                           "published: re-run the same command")
@@ -270,24 +283,28 @@ def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _run_context(config: Config) -> Iterator[tuple[_LazySpark, StorageOptions]]:
+def _run_context(config: Config, session: Any = None) -> Iterator[tuple[_LazySpark, StorageOptions]]:
     with contextlib.ExitStack() as stack:
-        yield _LazySpark(config, stack), StorageOptions(config.s3_endpoint, config.region)
+        yield _LazySpark(config, stack, session), StorageOptions(config.s3_endpoint, config.region)
 
 
-def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None) -> RunResult:
+def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None,
+        session: Any = None) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
 
     `listing` replaces the listing of config.input (a manifest made elsewhere, e.g. from a catalogue).
+    `session` is an existing SparkSession to use (a notebook's); the run never stops it.
     """
     config.validate()
     started = time.time()
     t_total = time.perf_counter()
     out = storage.normalize(config.output)
-    token = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
+    token = new_run_id(started)
     timings: dict[str, float] = {}
+    resources: dict[str, Any] = {"bytes_read": 0, "peak_memory_bytes": {}}
     int8: Int8Model | None = None
-    with interrupt_flag(), _run_context(config) as (spark, opts), job_failures(out):
+    with run_scope(token), interrupt_flag(), _run_context(config, session) as (spark, opts), \
+            job_failures(out):
         rundir = RunDir(out, opts)
         if "embed" in stages:
             # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
@@ -328,14 +345,15 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                             out, config.master)
             if "embed" in stages:
                 assert listing is not None
-                counts = embed_stage(config, model, spark, rundir, token, timings, listing)
+                counts = embed_stage(config, model, spark, rundir, token, timings, listing, resources)
             else:
                 counts = dict(previous.get("counts") or {})
                 counts["embedding_ids_digest"] = ids_digest(rundir.read_index("embeddings", ["id"]).column("id"))
                 if "accounted" not in counts:
                     raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
             held.check()
-            pca = reduce_stage(config, model, spark, rundir, token, timings, counts["embedding_ids_digest"]) \
+            pca = reduce_stage(config, model, spark, rundir, token, timings, counts["embedding_ids_digest"],
+                               resources) \
                 if "reduce" in stages else (previous.get("pca") if rundir.reduce_entry() else None)
             timings["spark_start"] = spark.start_seconds
             timings["total"] = time.perf_counter() - t_total
@@ -353,6 +371,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 "counts": counts,
                 "pca": pca,
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                "resources": {**resources, "peak_memory_bytes": {**resources["peak_memory_bytes"],
+                                                                 "driver": driver_peak_rss()}},
             }
             if int8 is not None:
                 report["model"]["int8"] = {k: int8.meta[k] for k in ("scheme", "agreement", "cpu") if k in int8.meta}

@@ -3,8 +3,6 @@ classifier exists, its metrics and confusion matrix; one file, images inlined as
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
@@ -14,6 +12,10 @@ import numpy as np
 
 from fruitpipe import storage
 from fruitpipe.output import CLASSIFIER, REPORT, RunDir
+from fruitpipe.report.parts import STYLE as _STYLE
+from fruitpipe.report.parts import escape as _e
+from fruitpipe.report.parts import png_img as _png
+from fruitpipe.report.parts import table as _table
 
 log = logging.getLogger(__name__)
 
@@ -22,26 +24,6 @@ SCATTER_CLASSES = 12
 SCATTER_POINTS_PER_CLASS = 200
 #: Example rejects shown per reason.
 REJECT_EXAMPLES = 3
-
-_STYLE = """body{font:15px/1.45 system-ui,sans-serif;color:#1b1b1b;max-width:60rem;margin:0 auto;padding:1rem}
-h1{color:#0b5d1e}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;
-text-align:left}th{background:#f1f1f1}img{max-width:100%;height:auto}code{font-size:.9em}section{margin:1.5rem 0}"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _table(rows: list[list[Any]], head: list[str]) -> str:
-    out = "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
-    for row in rows:
-        out += "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
-    return out + "</table>"
-
-
-def _png(data: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
 
 def _json(rundir: RunDir, *parts: str) -> dict[str, Any] | None:
     uri = rundir.join(*parts)

@@ -1,0 +1,186 @@
+"""`fruitpipe drift REFERENCE_OUT CURRENT_OUT`: compare two outputs in the reference's PCA basis, write
+drift.json and drift.html, and say whether drift passed the thresholds (a distinct exit code for schedulers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from fruitpipe import lease, storage
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.monitor.drift_stats import DriftSettings, detect
+from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir
+from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_matrix
+
+log = logging.getLogger(__name__)
+
+#: Exit code of `fruitpipe drift` when drift passed the thresholds (0: none; 2: an error; 130: interrupted).
+DRIFT_EXIT_CODE = 3
+
+
+class DriftError(FruitpipeError):
+    """The two outputs cannot be compared (incomplete, different model, no PCA)."""
+
+
+@dataclass
+class Side:
+    """One output's sample: rows in the reference basis, labels, classifier probabilities, run.json counts."""
+
+    uri: str
+    projected: np.ndarray
+    labels: list[str]
+    n_rows: int
+    counts: dict[str, Any]
+    report: dict[str, Any]
+    probabilities: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _complete(uri: str, opts: StorageOptions, what: str) -> RunDir:
+    rundir = RunDir(storage.normalize(uri), opts)
+    if not storage.exists(rundir.join(SUCCESS), opts):
+        raise DriftError(f"{what} {uri} has no {SUCCESS}: run `fruitpipe run INPUT {uri}` to the end first")
+    return rundir
+
+
+def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, list[str], int]:
+    """(features, labels, rows in the output) of at most `n` embeddings, chosen by the smallest content ids: ids
+    are sha256 of the bytes, so this is a uniform sample that is the same on every call, and only the chosen rows'
+    features are kept (read one part file at a time)."""
+    index = rundir.read_index("embeddings", ["id"])
+    total = index.num_rows
+    if total > n:
+        index = index.take(pc.sort_indices(index.column("id"))[:n])
+    feats: list[np.ndarray] = []
+    labels: list[str] = []
+    for name in sorted(set(index.column("_file").to_pylist())):
+        rows = index.filter(pc.equal(index.column("_file"), name)).column("_row")
+        table = storage.read_parquet_columns(rundir.join("embeddings", name), rundir.opts, ["label", "features"])
+        picked = table.take(rows.combine_chunks())
+        feats.append(to_matrix(picked.column("features")).astype(np.float64))
+        labels += [str(v) for v in picked.column("label").to_pylist()]
+    x = np.vstack(feats) if feats else np.zeros((0, 0))
+    return x, labels, total
+
+
+def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
+    uri = rundir.join(CLASSIFIER, "fruit_classifier.onnx")
+    if not storage.exists(uri, rundir.opts):
+        return None
+    from fruitpipe.classify.export import read_head
+
+    return read_head(storage.read_bytes(uri, rundir.opts))
+
+
+def compare(reference: str, current: str, settings: DriftSettings, opts: StorageOptions) -> dict[str, Any]:
+    """Every drift test between two complete outputs made with the same embedding model; returns drift.json."""
+    settings.validate()
+    ref_dir = _complete(reference, opts, "REFERENCE_OUT")
+    cur_dir = _complete(current, opts, "CURRENT_OUT")
+    ref_report, cur_report = ref_dir.previous_report(), cur_dir.previous_report()
+    ref_sha = (ref_report.get("model") or {}).get("sha256")
+    cur_sha = (cur_report.get("model") or {}).get("sha256")
+    if ref_sha != cur_sha:
+        raise DriftError(f"the outputs were embedded with different models ({str(ref_sha)[:12]}... and "
+                         f"{str(cur_sha)[:12]}...): drift is measured between outputs of the same model")
+    if ref_dir.reduce_entry() is None:
+        raise DriftError(f"REFERENCE_OUT {reference} has no PCA: run `fruitpipe reduce {reference}` first")
+    from fruitpipe.pipeline.reduce import load_components
+
+    components = load_components(ref_dir.join("pca"), opts)
+    sides = []
+    for rundir, report in ((ref_dir, ref_report), (cur_dir, cur_report)):
+        x, labels, total = sample_rows(rundir, settings.sample)
+        if len(x) < 10:
+            raise DriftError(f"{rundir.uri} has {len(x)} embeddings: drift needs at least 10 on each side")
+        sides.append(Side(rundir.uri, x @ components, labels, total, dict(report.get("counts") or {}), report,
+                          extra={"features": x}))
+    ref, cur = sides
+    head = _classifier(ref_dir)
+    classes: list[str] | None = None
+    if head is not None:
+        model, classes = head
+        for side in sides:
+            side.probabilities = model.probabilities(side.extra["features"])
+    result = detect(ref.projected, cur.projected, settings, ref.counts, cur.counts, ref.probabilities,
+                    cur.probabilities, classes)
+    return {
+        "drift": result["drift"],
+        "reference": {"output": ref.uri, "rows": ref.n_rows, "sampled": len(ref.projected),
+                      "run_id": ref_report.get("run_id")},
+        "current": {"output": cur.uri, "rows": cur.n_rows, "sampled": len(cur.projected),
+                    "run_id": cur_report.get("run_id")},
+        "basis": {"k": int(components.shape[1]), "components_sha256": _sha(components)},
+        "classifier": None if classes is None else {"classes": len(classes)},
+        "settings": asdict(settings),
+        "alpha_per_test": result["alpha_per_test"],
+        "tests": result["tests"],
+        "drifted_tests": [name for name, t in result["tests"].items() if t["drift"]],
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "_plot": {"reference": ref.projected[:, :2], "current": cur.projected[:, :2],
+                  "ref_confidence": None if ref.probabilities is None else ref.probabilities.max(axis=1),
+                  "cur_confidence": None if cur.probabilities is None else cur.probabilities.max(axis=1)},
+    }
+
+
+def _sha(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64).tobytes()).hexdigest()
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The one-screen summary printed by the command."""
+    lines = [f"drift: {'YES' if result['drift'] else 'no'}  (reference {result['reference']['output']}, "
+             f"{result['reference']['sampled']} of {result['reference']['rows']} rows; current "
+             f"{result['current']['output']}, {result['current']['sampled']} of {result['current']['rows']} rows; "
+             f"PCA k={result['basis']['k']}; each test at alpha {result['alpha_per_test']:.4g})"]
+    for name, test in result["tests"].items():
+        extra = ""
+        if name == "components":
+            extra = f", drifted components: {test['drifted_components'][:10] or 'none'}"
+        elif name == "rejects":
+            extra = f", reject rate {test['rate_reference']:.2%} -> {test['rate_current']:.2%}"
+        elif name == "confidence":
+            extra = f", mean top-1 {test['mean_reference']:.3f} -> {test['mean_current']:.3f}"
+        elif name == "predictions":
+            extra = f", total variation {test['total_variation']:.3f}"
+        lines.append(f"  {name:<13} {'DRIFT' if test['drift'] else 'ok':<6} p={test['p_value']:.3g} "
+                     f"statistic={test['statistic']:.4g}{extra}")
+    return "\n".join(lines)
+
+
+def run_drift(reference: str, current: str, settings: DriftSettings, opts: StorageOptions,
+              report_dir: str | None = None) -> dict[str, Any]:
+    """compare(), then drift.json and drift.html under `report_dir` (default CURRENT_OUT/drift/, written under
+    CURRENT_OUT's lease); returns drift.json's content plus the URIs written."""
+    from fruitpipe.monitor.drift_html import drift_html
+
+    result = compare(reference, current, settings, opts)
+    plot = result.pop("_plot")
+    target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
+    body = json.dumps(result, indent=2).encode()
+    page = drift_html(result, plot).encode()
+
+    def write() -> None:
+        storage.write_bytes(storage.join(target, "drift.json"), body, opts)
+        storage.write_bytes(storage.join(target, "drift.html"), page, opts)
+
+    if report_dir:
+        write()
+    else:
+        with lease.hold(storage.normalize(current), f"drift-{uuid.uuid4().hex[:8]}", opts):
+            write()
+    result["written"] = [storage.join(target, "drift.json"), storage.join(target, "drift.html")]
+    return result
+
+
+__all__ = ["DRIFT_EXIT_CODE", "DriftError", "DriftSettings", "compare", "run_drift", "sample_rows", "summary"]

@@ -1,0 +1,52 @@
+"""What a run consumed: peak memory per stage from Spark's executor metrics, the driver's own peak, bytes read."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Spark executor metrics kept in run.json (bytes): the JVM heap, the executor JVM's resident set and its Python
+#: workers' (process-tree metrics, Linux /proc; spark_session turns them on).
+EXECUTOR_METRICS = {"jvm_heap": "JVMHeapMemory", "jvm_rss": "ProcessTreeJVMRSSMemory",
+                    "python_rss": "ProcessTreePythonRSSMemory"}
+#: Settings that make Spark record those peaks: the process tree is read every second, and per stage.
+SPARK_CONF = {"spark.executor.processTreeMetrics.enabled": "true", "spark.executor.metrics.pollingInterval": "1s"}
+
+
+def driver_peak_rss() -> int:
+    """This process's peak resident set in bytes (ru_maxrss: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def stage_peaks(spark: Any, group: str) -> dict[str, int]:
+    """The highest value of each EXECUTOR_METRICS over every executor and every stage of the jobs of job group
+    `group`, in bytes; metrics Spark did not record (another OS, polling off) are left out. {} when Spark's status
+    store cannot be read (it is a JVM internal: a Spark without it is logged, never fatal)."""
+    peaks: dict[str, int] = {}
+    try:
+        sc = spark.sparkContext
+        store = sc._jsc.sc().statusStore()
+        tracker = sc.statusTracker()
+        for job_id in tracker.getJobIdsForGroup(group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in (job.stageIds if job is not None else []):
+                try:
+                    found = store.lastStageAttempt(stage_id).peakExecutorMetrics()
+                except Exception:  # a stage skipped (its shuffle output reused) has no attempt
+                    continue
+                if not found.isDefined():
+                    continue
+                metrics = found.get()
+                for key, name in EXECUTOR_METRICS.items():
+                    value = int(metrics.getMetricValue(name))
+                    if value > 0:
+                        peaks[key] = max(peaks.get(key, 0), value)
+    except Exception as exc:
+        log.debug("Spark's executor metrics could not be read: %s", exc)
+        return {}
+    return peaks
