@@ -56,6 +56,9 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
     group.add_argument("--k", type=whole_number, help="number of PCA components (default 20)")
     group.add_argument("--variance", type=share,
                        help="keep the fewest components reaching this explained-variance share, e.g. 0.95")
+    p.add_argument("--pca-from", metavar="OTHER_OUTPUT",
+                   help="project with the PCA already fitted in OTHER_OUTPUT (same model) instead of refitting: "
+                        "a stable basis across runs; k is that basis's")
 
 
 def build_parser() -> argparse.ArgumentParser:

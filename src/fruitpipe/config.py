@@ -30,6 +30,9 @@ class Config:
     k: int = 20
     #: Keep the fewest components whose cumulative explained variance reaches this share (0 < v <= 1).
     variance: float | None = None
+    #: Project with the PCA of this other OUTPUT (same model) instead of fitting one: a stable reduced space across
+    #: runs, so a classifier trained on last month's vectors reads this month's; k comes from that basis.
+    pca_from: str | None = None
     master: str = "local[*]"
     #: onnxruntime threads per task = spark.task.cpus; one task per core with 1 thread each measured 162 img/s
     #: against 145 for one task with 2 threads (decoding then runs on one core only; docs/performance.md).

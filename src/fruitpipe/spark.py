@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 ArrowFn = Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]
 
 
-def _log4j_config() -> str:
-    """Path of the packaged log4j2 config that keeps Spark's own logs at WARN from the first line."""
-    return str(resources.files("fruitpipe").joinpath("log4j2.properties"))
+def _log4j_options() -> str:
+    """JVM options for the packaged log4j2 config that keeps Spark's own logs at WARN from the first line; with
+    --log-format json, merged with the one whose lines are JSON objects carrying this run's id."""
+    from fruitpipe.monitor.logs import current_run_id, json_mode
+
+    files = ["log4j2.properties", "log4j2-json.properties"] if json_mode() else ["log4j2.properties"]
+    paths = ",".join(f"file:{resources.files('fruitpipe').joinpath(f)}" for f in files)
+    run_id = f" -Dfruitpipe.run_id={current_run_id()}" if json_mode() else ""
+    return f"-Dlog4j2.configurationFile={paths}{run_id}"
 
 
 def _inherited_conf(key: str) -> str:
@@ -60,7 +66,7 @@ def spark_session(
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    ours = f"-Dlog4j2.configurationFile=file:{_log4j_config()}"
+    ours = _log4j_options()
     java_opts = {key: f"{_inherited_conf(key)} {ours}".strip()
                  for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")}
     builder = (
@@ -176,7 +182,10 @@ class JobProgress:
     def _loop(self) -> None:
         from tqdm import tqdm
 
-        with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet,
+        from fruitpipe.monitor.logs import json_mode
+
+        # No bar in json mode: a log collector reads stderr line by line, and a bar is not a JSON line.
+        with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet or json_mode(),
                   file=sys.stderr, dynamic_ncols=True) as bar:
             while not self._stop.wait(self._interval):
                 bar.update(max(0, int(self._fraction() * self._total) - bar.n))

@@ -64,17 +64,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever sys.stderr is when a record is emitted (it may be replaced after setup)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False, fmt: str = "text") -> None:
-    """Configure the root logger on stderr: `fmt` text (default) or json; quiet = warnings only, verbose = debug."""
+    """Configure the root logger on stderr: `fmt` text (default) or json; quiet = warnings only, verbose = debug.
+
+    In text mode, logging that the host application already configured (handlers on the root logger: a notebook,
+    a test runner) is left as it is, as logging.basicConfig would; json mode always installs its formatter."""
     global _json_mode
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
     _json_mode = fmt == "json"
+    if _json_mode or not root.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(JsonFormatter() if _json_mode else
+                             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for noisy in ("py4j", "matplotlib"):
         # py4j logs the Java side of an interrupted or failed call as ERROR tracebacks; the CLI's one line says it.
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.CRITICAL)

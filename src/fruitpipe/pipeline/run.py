@@ -219,7 +219,12 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
     committed PCA was fitted on exactly these embeddings with these settings."""
     t0 = time.perf_counter()
     opts = rundir.opts
-    fingerprint = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
+    fingerprint: dict[str, Any] = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
+    basis = None
+    if config.pca_from:
+        basis = reduce_mod.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
+        # The basis decides k; a refit is never needed while these embeddings and that basis stay the same.
+        fingerprint = {"embedding_ids_digest": digest, "pca_from": basis.fingerprint}
     entry = rundir.reduce_entry()
     if entry is not None and entry.get("fingerprint") == fingerprint:
         try:
@@ -247,22 +252,34 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
     df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
     staging = rundir.staging(token)
     try:
-        fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
-        k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
-        t1 = time.perf_counter()
-        report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance, fingerprint,
-                                                opts)
+        if basis is None:
+            fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
+            n_samples = fit.n_samples
+            k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
+            kept = fit.components[:, :k]
+            t1 = time.perf_counter()
+            report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance,
+                                                    fingerprint, opts)
+        else:
+            t1 = time.perf_counter()
+            kept, k = basis.components, int(basis.components.shape[1])
+            n_samples, measured = reduce_mod.projected_variance_shares(df, kept)
+            timings["reduce_measure"] = time.perf_counter() - t1
+            log.info("projecting with the PCA of %s (k=%d, basis %s...): no refit", basis.source, k,
+                     basis.fingerprint[:12])
+            report = reduce_mod.write_basis_artifacts(storage.join(staging, "pca"), basis, n_samples, measured,
+                                                      fingerprint, opts)
         timings["reduce_artifacts"] = time.perf_counter() - t1
-        project = reduce_mod.make_project_fn(fit.components[:, :k], storage.join(staging, "reduced"), opts)
+        project = reduce_mod.make_project_fn(kept, storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
-        with JobProgress(session, reduce_mod.JOB_GROUP, total=fit.n_samples, desc="reduce", quiet=config.quiet):
+        with JobProgress(session, reduce_mod.JOB_GROUP, total=n_samples, desc="reduce", quiet=config.quiet):
             rows = int(sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect()))
         timings["reduce_project"] = time.perf_counter() - t1
     finally:
         df.unpersist()
         resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
-    if rows != fit.n_samples:
-        raise OutputError(f"the projection wrote {rows} reduced rows for {fit.n_samples} embeddings; nothing was "
+    if rows != n_samples:
+        raise OutputError(f"the projection wrote {rows} reduced rows for {n_samples} embeddings; nothing was "
                           "published: re-run the same command")
     rundir.commit_reduce(staging, fingerprint, token)
     storage.delete(staging, opts)
@@ -273,13 +290,18 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir
 
 def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:
     cumulative = report["cumulative"]
-    return {
+    summary = {
         "k": report["k"],
         "selected_by": report["selected_by"],
         "explained_at_k": report["explained_at_k"],
         "cumulative_at": {str(n): cumulative[n - 1] for n in (6, 20, 50, 100) if n <= len(cumulative)},
         "n_samples": report["n_samples"],
+        # Which basis the reduced vectors are in: fitted here, or another output's (--pca-from), by fingerprint.
+        "basis": report.get("basis"),
     }
+    if "measured_on_this_output" in report:
+        summary["explained_at_k_on_this_output"] = report["measured_on_this_output"]["explained_at_k"]
+    return summary
 
 
 @contextlib.contextmanager
