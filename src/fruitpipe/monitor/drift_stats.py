@@ -30,7 +30,7 @@ class DriftSettings:
     sample: int = 2000
     #: Rows per side of the MMD's kernel matrix, and its permutations.
     mmd_sample: int = 500
-    permutations: int = 500
+    permutations: int = 1000
     seed: int = 7
 
     def validate(self) -> DriftSettings:
