@@ -36,6 +36,15 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
     p.add_argument("--model-path", metavar="FILE",
                    help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
+    p.add_argument("--input-size", type=whole_number, metavar="N",
+                   help="with --model-path: the model's square input size (default: the file's, else 224)")
+    p.add_argument("--preprocess", choices=["tf", "torch", "raw"],
+                   help="with --model-path: pixel scaling, tf = pixel/127.5-1 (default), torch = ImageNet mean/std, "
+                        "raw = 0..255")
+    p.add_argument("--layout", choices=["nhwc", "nchw"],
+                   help="with --model-path: input layout (default: from the file's input shape, else nhwc)")
+    p.add_argument("--output", dest="output_name", metavar="NAME",
+                   help="with --model-path: the output tensor holding the embedding (default: the only output)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
     p.add_argument("--precision", choices=["fp32", "int8"],

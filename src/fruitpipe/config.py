@@ -26,6 +26,12 @@ class Config:
     #: An ONNX file (local, or s3:// read once by the driver) used instead of the registry's download; its
     #: sha256 is recorded and compared with the registry's (a mismatch is logged: custom weights).
     model_path: str | None = None
+    #: Any ONNX image model (--model-path with these): its input size, pixel scaling (tf, torch, raw), layout (nhwc,
+    #: nchw) and embedding output; unset ones are read from the file where it says them (models/custom.py).
+    input_size: int | None = None
+    preprocess: str | None = None
+    layout: str | None = None
+    output_name: str | None = None
     #: Number of PCA components; ignored when `variance` is set.
     k: int = 20
     #: Keep the fewest components whose cumulative explained variance reaches this share (0 < v <= 1).
@@ -75,7 +81,17 @@ class Config:
             raise ConfigError("INPUT is empty: pass a folder or an s3://bucket/prefix holding Class/ folders")
         if not self.output:
             raise ConfigError("OUTPUT is empty: pass a folder or an s3://bucket/prefix for the results")
-        get_spec(self.model)
+        if self.is_custom:
+            from fruitpipe.images import LAYOUTS, PREPROCESS
+
+            if self.preprocess is not None and self.preprocess not in PREPROCESS:
+                raise ConfigError(f"--preprocess {self.preprocess!r} is not one of {', '.join(PREPROCESS)}")
+            if self.layout is not None and self.layout not in LAYOUTS:
+                raise ConfigError(f"--layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            if self.input_size is not None and not 8 <= self.input_size <= 4096:
+                raise ConfigError(f"--input-size {self.input_size} must be between 8 and 4096 pixels, e.g. 224")
+        else:
+            get_spec(self.model)
         if self.variance is not None:
             if not 0.0 < self.variance <= 1.0:
                 raise ConfigError(
@@ -83,7 +99,7 @@ class Config:
                 )
         elif self.k < 1:
             raise ConfigError(f"--k {self.k} must be at least 1: use e.g. --k 20, or --variance 0.95")
-        elif self.k > get_spec(self.model).dim:
+        elif not self.is_custom and self.k > get_spec(self.model).dim:  # a custom model's size is known on load
             raise ConfigError(
                 f"--k {self.k} exceeds the embedding size {get_spec(self.model).dim} of {self.model}: use a smaller --k"
             )
@@ -104,6 +120,14 @@ class Config:
                 and not os.path.isfile(self.model_path):
             raise ConfigError(f"--model-path {self.model_path} is not a file: point it at a .onnx file or s3:// URI")
         return self
+
+    @property
+    def is_custom(self) -> bool:
+        """True for a model given by file and flags rather than by a registered name."""
+        from fruitpipe.models.registry import CUSTOM
+
+        return self.model == CUSTOM or any(v is not None for v in (self.input_size, self.preprocess, self.layout,
+                                                                    self.output_name))
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed."""

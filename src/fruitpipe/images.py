@@ -120,11 +120,29 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def preprocess(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [-1, 1] (pixel / 127.5 - 1, Keras MobileNetV2 convention)."""
-    return rgb.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+#: Pixel scalings a model may expect (--preprocess): tf = pixel / 127.5 - 1 (Keras MobileNetV2, every registered
+#: model), torch = (pixel / 255 - ImageNet mean) / std (torchvision), raw = 0..255 as float32.
+PREPROCESS = ("tf", "torch", "raw")
+LAYOUTS = ("nhwc", "nchw")
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * np.float32(255.0)
+_STD = np.array([0.229, 0.224, 0.225], np.float32) * np.float32(255.0)
 
 
-def model_input(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """Image bytes -> float32 size x size x 3 model input; raises Rejected. Used in batch and serving alike."""
-    return preprocess(resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size))
+def preprocess(rgb: np.ndarray, mode: str = "tf") -> np.ndarray:
+    """uint8 RGB (..., 3) -> float32 model input: `mode` tf (pixel / 127.5 - 1, the default), torch (ImageNet
+    mean and standard deviation) or raw (0..255)."""
+    x = rgb.astype(np.float32)
+    if mode == "tf":
+        return x / np.float32(127.5) - np.float32(1.0)
+    if mode == "torch":
+        return (x - _MEAN) / _STD
+    if mode == "raw":
+        return x
+    raise ValueError(f"unknown preprocessing {mode!r}: one of {', '.join(PREPROCESS)}")
+
+
+def model_input(data: bytes, size: int, max_pixels: int, mode: str = "tf", layout: str = "nhwc") -> np.ndarray:
+    """Image bytes -> float32 model input of one image (size x size x 3, or 3 x size x size for nchw); raises
+    Rejected. Used in batch and serving alike."""
+    x = preprocess(resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size), mode)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)) if layout == "nchw" else x

@@ -122,6 +122,13 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
     return model.SerializeToString()
 
 
+def input_metadata(spec: Any) -> dict[str, Any]:
+    """How the exported file's input is fed (the backbone's): size, pixel scaling, layout; in its metadata."""
+    return {"input": f"uint8 RGB photo -> {spec.input_size}x{spec.input_size}, preprocess {spec.preprocess}, "
+                     f"{spec.layout.upper()} float32",
+            "input_size": str(spec.input_size), "preprocess": spec.preprocess, "layout": spec.layout}
+
+
 class FruitClassifier:
     """The exported file at run time (onnxruntime only: no Spark, no Java): image bytes -> top-k classes, through
     the batch pipeline's own decode and preprocessing (fruitpipe.images)."""
@@ -137,16 +144,24 @@ class FruitClassifier:
         self.classes: list[str] = json.loads(meta["classes"])
         self.metadata = meta
         self.input_name = self.session.get_inputs()[0].name
-        self.input_size = int(self.session.get_inputs()[0].shape[1] or 224)
+        # Files written before these keys existed are the registered backbones: 224, tf, NHWC.
+        self.input_size = int(meta.get("input_size") or self.session.get_inputs()[0].shape[1] or 224)
+        self.preprocess = meta.get("preprocess", "tf")
+        self.layout = meta.get("layout", "nhwc")
+
+    def model_input(self, image: bytes, max_pixels: int = 64_000_000) -> np.ndarray:
+        """One photo's input for this file, through the batch pipeline's decode and preprocessing; raises
+        images.Rejected for a photo that cannot be used."""
+        from fruitpipe import images
+
+        return images.model_input(image, self.input_size, max_pixels, self.preprocess, self.layout)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, classes) for a preprocessed (N, size, size, 3) float32 batch."""
+        """(N, classes) for a batch of model_input() arrays."""
         return self.session.run([PROBABILITIES], {self.input_name: batch})[0]
 
     def top(self, image: bytes, k: int = 5, max_pixels: int = 64_000_000) -> list[tuple[str, float]]:
         """The k most probable classes of one image; an image that cannot be used raises images.Rejected."""
-        from fruitpipe import images
-
-        p = self.probabilities(images.model_input(image, self.input_size, max_pixels)[None])[0]
+        p = self.probabilities(self.model_input(image, max_pixels)[None])[0]
         best = np.argsort(-p)[:k]
         return [(self.classes[i], float(p[i])) for i in best]

@@ -23,6 +23,7 @@ from fruitpipe import lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.models.registry import ModelSpec
 from fruitpipe.output import CLASSIFIER, SUCCESS, RunDir
 from fruitpipe.storage import StorageOptions
 
@@ -68,16 +69,21 @@ class TrainSettings:
         return self
 
 
-def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, str]:
-    """The embedding model the run used (its bytes, its output name), checked by sha256 against run.json."""
-    from fruitpipe.models import get_spec, resolve_model
+def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, ModelSpec]:
+    """The embedding model the run used (its bytes, its spec), checked by sha256 against run.json."""
+    from fruitpipe.models import resolve_model
+    from fruitpipe.models.custom import spec_of
+    from fruitpipe.models.registry import CUSTOM
 
-    spec = get_spec(report["model"]["name"])
+    spec = spec_of(report["model"])
+    if spec.name == CUSTOM and not model_path:
+        raise TrainError(f"the embeddings were made with a model given by file ({spec.filename}): pass the same "
+                         "file with --model-path")
     model = resolve_model(spec, model_path, opts)
     if model.sha256 != report["model"]["sha256"]:
         raise TrainError(f"the embeddings were made with a model of sha256 {report['model']['sha256'][:16]}..., "
                          f"not {model.sha256[:16]}... ({model.path}): pass --model-path to the run's model file")
-    return model.read_bytes(), spec.output_name
+    return model.read_bytes(), spec
 
 
 def _test_frame(spark: Any, data: Any, classes: list[str], holdout: float, seed: int) -> tuple[Any, Any, str]:
@@ -127,7 +133,7 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
         if rundir.reduce_entry() is None:
             raise TrainError(f"{settings.output} has no PCA: run `fruitpipe reduce {settings.output}` first")
         components = load_components(rundir.join("pca"), opts)
-    backbone, feature_output = _backbone(report, settings.model_path, opts)
+    backbone, spec = _backbone(report, settings.model_path, opts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
@@ -178,9 +184,9 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
             frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
     onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],
                  "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
-                 "classifier": settings.classifier, "input": "uint8 RGB photo -> 224x224, pixel/127.5-1, NHWC float32"}
-    onnx_bytes = export_mod.export(backbone, feature_output, head, onnx_meta)
-    agreement = _check_export(onnx_bytes, uris, proba, opts, report["model"].get("input_size", 224))
+                 "classifier": settings.classifier, **export_mod.input_metadata(spec)}
+    onnx_bytes = export_mod.export(backbone, spec.output_name, head, onnx_meta)
+    agreement = _check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
     out = {
         **result,
@@ -209,16 +215,12 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     return out
 
 
-def _check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions,
-                  size: int) -> dict[str, Any]:
+def _check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions) -> dict[str, Any]:
     """Run the exported file on up to EXPORT_CHECK_IMAGES test photos: its top-1 must be Spark's on each."""
-    from fruitpipe import images
-
     clf = export_mod.FruitClassifier(onnx_bytes)
     idx: np.ndarray = np.linspace(0, max(len(uris) - 1, 0), num=min(EXPORT_CHECK_IMAGES, len(uris)), dtype=int)
-    batch = np.stack([images.model_input(storage.read_object(uris[i], opts), size, 64_000_000) for i in idx]) \
-        if len(idx) else np.zeros((0, size, size, 3), np.float32)
-    got = clf.probabilities(batch) if len(idx) else np.zeros((0, proba.shape[1]))
+    got = clf.probabilities(np.stack([clf.model_input(storage.read_object(uris[i], opts)) for i in idx])) \
+        if len(idx) else np.zeros((0, proba.shape[1]))
     same = int(np.sum(np.argmax(got, axis=1) == np.argmax(proba[idx], axis=1))) if len(idx) else 0
     worst = float(np.max(np.abs(got - proba[idx]))) if len(idx) else 0.0
     if same != len(idx):

@@ -117,7 +117,7 @@ def resolve_model(spec: ModelSpec, model_path: str | None = None,
         if not os.path.isfile(model_path):
             raise ModelError(f"--model-path {model_path} is not a file: point it at a local .onnx file")
         digest = sha256_file(model_path)
-        if digest != spec.sha256:
+        if spec.sha256 and digest != spec.sha256:
             log.info("model file %s has sha256 %s, not the registry's %s for %s (custom weights; run.json records it)",
                         model_path, digest, spec.sha256, spec.name)
         return ResolvedModel(spec, os.path.abspath(model_path), digest, "model_path")

@@ -23,6 +23,7 @@ from fruitpipe.errors import ModelError
 from fruitpipe.models.fetch import ResolvedModel, cache_bytes
 
 if TYPE_CHECKING:
+    from fruitpipe.models.registry import ModelSpec
     from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,12 @@ def passes(agree: dict[str, float]) -> bool:
     return agree["mean_cosine"] >= MIN_MEAN_COSINE and agree["min_cosine"] >= MIN_MIN_COSINE
 
 
-def _load(uris: list[str], opts: StorageOptions, size: int, max_pixels: int) -> list[np.ndarray]:
+def _load(uris: list[str], opts: StorageOptions, spec: ModelSpec, max_pixels: int) -> list[np.ndarray]:
     arrays = []
     for u in uris:
         try:
-            arrays.append(images.model_input(storage.read_bytes(u, opts), size, max_pixels))
+            arrays.append(images.model_input(storage.read_bytes(u, opts), spec.input_size, max_pixels,
+                                             spec.preprocess, spec.layout))
         except (images.Rejected, OSError) as exc:
             log.debug("int8 calibration skips %s: %s", u, exc)
     return arrays
@@ -213,7 +215,7 @@ def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts:
         if meta.get("fp32_sha256") != model.sha256:
             raise ModelError(f"{uri} was quantized from another float model ({str(meta.get('fp32_sha256'))[:12]}): "
                              "use a new OUTPUT")
-        check = _load(meta.get("check_uris") or check_uris, opts, spec.input_size, max_pixels)
+        check = _load(meta.get("check_uris") or check_uris, opts, spec, max_pixels)
         if check:  # the kept model is checked again on the CPU of this run
             agree = agreement(model.path, data, np.stack(check), spec.input_name, spec.output_name)
             if not passes(agree):
@@ -222,8 +224,8 @@ def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts:
         log.info("int8 model of this output reused: %s", uri)
         new = None
     else:
-        calibration = _load(cal_uris, opts, spec.input_size, max_pixels)
-        check = _load(check_uris, opts, spec.input_size, max_pixels)
+        calibration = _load(cal_uris, opts, spec, max_pixels)
+        check = _load(check_uris, opts, spec, max_pixels)
         if len(calibration) < MIN_CALIBRATION_IMAGES or not check:
             raise ModelError(f"--precision int8 needs at least {MIN_CALIBRATION_IMAGES} readable Training images to "
                              f"calibrate on and a few more to check with, found {len(calibration) + len(check)}: "

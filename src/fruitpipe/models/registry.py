@@ -23,8 +23,11 @@ class ModelSpec:
     input_size: int = 224
     input_name: str = "input"
     output_name: str = "features"
-    #: Preprocessing: RGB NHWC, pixel / 127.5 - 1 (MODELS.md); the same for every registered model.
-    preprocessing: str = "rgb_nhwc_pixel/127.5-1"
+    #: Pixel scaling (images.PREPROCESS): "tf" = pixel / 127.5 - 1 (MODELS.md; every registered model), "torch" =
+    #: ImageNet mean/std, "raw" = 0..255.
+    preprocess: str = "tf"
+    #: Tensor layout of the input: "nhwc" (every registered model) or "nchw" (torchvision exports).
+    layout: str = "nhwc"
 
     def url(self, base_url: str = DEFAULT_BASE_URL) -> str:
         """The pinned download URL of this model's file."""
@@ -50,6 +53,10 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
     )
 }
+
+
+#: Name of a model given by file and flags (--model-path with --input-size/--preprocess/--layout/--output).
+CUSTOM = "custom"
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -43,6 +43,8 @@ class EmbedSettings:
     storage: StorageOptions
     device: str = "cpu"
     read_ahead: int = 8
+    preprocess: str = "tf"
+    layout: str = "nhwc"
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -95,7 +97,8 @@ def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared
         return None, data
     cid = images.content_id(data)
     try:
-        return cid, images.model_input(data, settings.input_size, settings.max_pixels)
+        return cid, images.model_input(data, settings.input_size, settings.max_pixels, settings.preprocess,
+                                       settings.layout)
     except images.Rejected as rj:
         return cid, rj
     except Exception as exc:  # never let one hostile file fail the task (and every retry of it)

@@ -17,10 +17,12 @@ import pyarrow.compute as pc
 import fruitpipe
 from fruitpipe import lease, storage
 from fruitpipe.config import Config
-from fruitpipe.errors import OutputError
+from fruitpipe.errors import ConfigError, OutputError
 from fruitpipe.models import get_spec, resolve_model
+from fruitpipe.models.custom import resolve_custom, spec_of, spec_record
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.quantize import Int8Model, prepare_int8_model
+from fruitpipe.models.registry import CUSTOM
 from fruitpipe.models.runner import check_model
 from fruitpipe.monitor.logs import new_run_id, run_scope
 from fruitpipe.monitor.resources import driver_peak_rss, stage_peaks
@@ -86,6 +88,8 @@ def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
     }
     if config.precision != _FINGERPRINT_DEFAULTS["precision"]:
         fingerprint["precision"] = config.precision
+    if model.spec.name == CUSTOM:  # how to feed it and read it, for every later command on this output
+        fingerprint["model_spec"] = spec_record(model.spec)
     return fingerprint
 
 
@@ -159,6 +163,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: _LazySpark, rundir:
         settings = embed_mod.EmbedSettings(
             model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
+            preprocess=model.spec.preprocess, layout=model.spec.layout,
             max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
             read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
@@ -334,8 +339,16 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             rundir.check_separate_from(config.input)
             if listing is None:
                 check_input(config.input, opts)
-            model = resolve_model(get_spec(config.model), config.model_path, opts)
-            check_model(model)
+            if config.is_custom:  # any ONNX image model: its spec from the file and the flags, checked on load
+                model = resolve_custom(config.model_path, config.input_size, config.preprocess, config.layout,
+                                       config.output_name, opts)
+                if config.variance is None and config.k > model.spec.dim:
+                    raise ConfigError(f"--k {config.k} exceeds the embedding size {model.spec.dim} of "
+                                      f"{config.model_path}: use a smaller --k")
+                config = config.replace(model=CUSTOM)
+            else:
+                model = resolve_model(get_spec(config.model), config.model_path, opts)
+                check_model(model)
             fingerprint = _fingerprint(config, model)
             # Refused before the lease is taken, so a refused command writes nothing there; claimed under it below.
             rundir.check_claimable(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
@@ -351,7 +364,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
         else:
             fingerprint = read_marker(out, opts)
             # Reducing needs only the embedding size: the model file itself is not fetched.
-            model = ResolvedModel(get_spec(fingerprint["model"]), "", fingerprint["model_sha256"], "output")
+            model = ResolvedModel(spec_of(fingerprint), "", fingerprint["model_sha256"], "output")
             config = config.replace(input=fingerprint["input"], model=fingerprint["model"])
         with lease.hold(out, token, opts) as held:
             rundir.guard = held.check  # every commit-record write first checks the lease is still ours
@@ -387,7 +400,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 "config": {**config.to_dict(), "input": fingerprint["input"], "output": out},
                 "model": {"name": model.spec.name, "sha256": model.sha256, "source": model.source,
                           "precision": fingerprint.get("precision", _FINGERPRINT_DEFAULTS["precision"]),
-                          "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size},
+                          "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size,
+                          "preprocess": model.spec.preprocess, "layout": model.spec.layout,
+                          **({"spec": spec_record(model.spec)} if model.spec.name == CUSTOM else {})},
                 "versions": _versions(spark.session),
                 "commit": {"version": rundir.record()["version"]},
                 "counts": counts,

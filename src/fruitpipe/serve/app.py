@@ -122,7 +122,7 @@ def create_app(settings: ServeSettings) -> Any:
             return refuse(413, "too_big", f"the photo is over {settings.max_bytes} bytes")
 
         def infer() -> Any:  # decode and inference off the event loop, in one hop to the thread pool
-            return classifier.probabilities(images.model_input(data, classifier.input_size, settings.max_pixels)[None])
+            return classifier.probabilities(classifier.model_input(data, settings.max_pixels)[None])
 
         try:
             p = (await run_in_threadpool(infer))[0]
