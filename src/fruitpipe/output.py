@@ -204,6 +204,15 @@ class RunDir:
             return empty.empty_table()
         return pa.concat_tables(pieces)
 
+    def read_reduced(self, columns: list[str]) -> pa.Table | None:
+        """The given columns of the committed reduced vectors (the files the record names), or None when the
+        output has no PCA."""
+        files = [f for f in (self.reduce_entry() or {}).get("reduced", []) if f.endswith(".parquet")]
+        if not files:
+            return None
+        return pa.concat_tables([storage.read_parquet(self.join("reduced", f), self.opts, columns=columns)
+                                 for f in files])
+
     # -- changes (the caller holds the lease) ---------------------------------------------------------------------
 
     def begin(self, token: str) -> None:

@@ -38,14 +38,8 @@ def _scatter_png(rundir: RunDir) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow as pa
-
-    files = [f for f in (rundir.reduce_entry() or {}).get("reduced", []) if f.endswith(".parquet")]
-    uris = [rundir.join("reduced", f) for f in files]  # the committed files only
-    if not uris:
-        return None
-    table = pa.concat_tables([storage.read_parquet(u, rundir.opts, columns=["label", "pca"]) for u in uris])
-    if table.num_rows == 0:
+    table = rundir.read_reduced(["label", "pca"])  # the committed files only
+    if table is None or table.num_rows == 0:
         return None
     labels = np.asarray(table.column("label").to_pylist(), dtype=object)
     vectors = table.column("pca").combine_chunks()
