@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import copy_classes, sample_classes
 from fruitpipe import images
+from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.cli import main
 
 SIZE = 32
@@ -82,6 +83,12 @@ def test_a_torch_style_nchw_model_runs_the_whole_pipeline(tmp_path: Path, spark)
     # later commands read the spec from the output: a refit with another k needs no model flags
     assert main(["reduce", str(out), "--k", "3", "-q"]) == 0
     assert json.loads((out / "run.json").read_text())["pca"]["k"] == 3
+    # a classifier on top takes photos the same way (torch scaling, channels first), read from its own metadata
+    assert main(["train", str(out), "--model-path", str(model), "-q", "--folds", "2", "--no-pca-table"]) == 0
+    clf = FruitClassifier((out / "classifier" / "fruit_classifier.onnx").read_bytes())
+    assert (clf.input_size, clf.preprocess, clf.layout) == (SIZE, "torch", "nchw")
+    assert clf.top(Path(uris[0]).read_bytes(), k=1)[0][0] in sample_classes(2)
+    assert main(["train", str(out), "-q", "--folds", "2", "--no-pca-table"]) == 2  # the file is needed
     # the same command again embeds nothing
     assert main(["run", str(data), str(out), "--model-path", str(model), "--input-size", str(SIZE),
                  "--preprocess", "torch", "--layout", "nchw", "--output", "embedding", "--k", "3", "-q"]) == 0

@@ -136,6 +136,23 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
     assert est["usd"]["nodes"] == pytest.approx(expected_usd, abs=1e-3)
 
 
+def test_a_notebook_cluster_has_livy_and_the_gateway_no_step_and_an_idle_timeout(no_credentials, capsys) -> None:
+    """`--notebook-idle`: what EMR Studio attaches to (Livy, Jupyter Enterprise Gateway), with fruitpipe's venv as
+    Spark's Python on every node, and EMR's own auto-termination instead of a step that ends the cluster."""
+    assert main(["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "45"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    req = plan["run_job_flow"]
+    assert req["Applications"] == [{"Name": "Spark"}, {"Name": "Livy"}, {"Name": "JupyterEnterpriseGateway"}]
+    assert "Steps" not in req and req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is True
+    assert req["AutoTerminationPolicy"] == {"IdleTimeout": 2700}
+    assert req["Configurations"][0]["Properties"]["spark.pyspark.python"] == "/opt/fruitpipe/venv/bin/python"
+    assert plan["estimate"]["notebook_cluster"]["usd_per_hour"] > 0
+    assert main(["emr", "run", INPUT, OUTPUT, "--notebook-idle", "45"]) == 2
+    assert "use `fruitpipe emr up` for it" in capsys.readouterr().err
+    assert main(["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "20000"]) == 2
+    assert "between 1 and 10080 minutes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--region", "us-east-1"], "outside the EU"),
     (["--core-nodes", "0"], "at least 1"),

@@ -48,6 +48,9 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
                    help=f"throughput per vCPU for the estimate (default {MEASURED_IMG_PER_VCPU_S}, measured)")
     p.add_argument("--node-price", type=positive_float, metavar="USD_PER_HOUR",
                    help="price per node-hour (EC2 + EMR) instead of the stated eu-west-3 list prices")
+    p.add_argument("--notebook-idle", type=positive_float, metavar="MINUTES",
+                   help="a cluster for notebooks (EMR Studio): Livy and Jupyter Enterprise Gateway, no step, "
+                        "terminated by EMR after MINUTES idle (up, plan)")
     p.add_argument("--step-timeout", type=positive_float, metavar="MINUTES",
                    help="kill the step (and so the cluster) after this long (default: 3x the estimate, >= 30)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
@@ -111,6 +114,7 @@ def _emr_settings(args: argparse.Namespace) -> Any:
         service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
         model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
         img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price, step_timeout_min=args.step_timeout,
+        notebook_idle_min=args.notebook_idle,
     )  # validated by each emr command it is handed to
 
 
@@ -141,6 +145,10 @@ def _emr_main(args: argparse.Namespace) -> int:
         elif cmd == "up":
             show(aws.up(settings))
         else:
+            if settings.notebook_idle_min is not None:
+                raise FruitpipeError("--notebook-idle starts a cluster without a step: use `fruitpipe emr up` for "
+                                     "it (`emr run` runs one step and waits for it)")
+
             def to_stderr(line: str) -> None:
                 sys.stderr.write(line + "\n")
 

@@ -24,12 +24,12 @@ if _GATE:
         finally:
             os.close(fd)
 
-    def _gated(data, size, max_pixels):
+    def _gated(data, *args, **kwargs):
         if os.path.exists(_GATE) and _count() > _after:
             open(f"{_GATE}.held-{os.getpid()}", "w").close()
             while os.path.exists(_GATE):
                 time.sleep(0.05)
-        return _original(data, size, max_pixels)
+        return _original(data, *args, **kwargs)
 
     _images.model_input = _gated
 

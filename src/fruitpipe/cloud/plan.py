@@ -108,6 +108,16 @@ def _tags(settings: EmrSettings) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
+def _notebook(settings: EmrSettings, instances: dict[str, Any]) -> dict[str, Any]:
+    """For `--notebook-idle`: the applications EMR Studio attaches to (Livy, Jupyter Enterprise Gateway), a cluster
+    that stays up without steps, and EMR's idle auto-termination, so a forgotten notebook cluster stops billing."""
+    if settings.notebook_idle_min is None:
+        return {"Applications": [{"Name": "Spark"}]}
+    instances["KeepJobFlowAliveWhenNoSteps"] = True
+    return {"Applications": [{"Name": "Spark"}, {"Name": "Livy"}, {"Name": "JupyterEnterpriseGateway"}],
+            "AutoTerminationPolicy": {"IdleTimeout": int(settings.notebook_idle_min * 60)}}
+
+
 def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dict[str, Any]:
     """The exact keyword arguments of emr.run_job_flow for this run; `subnet_id` is the one the network check
     found (--subnet-id, or the default VPC's), so that EMR launches where the tags were checked."""
@@ -127,11 +137,10 @@ def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dic
     }
     if subnet_id or settings.subnet_id:
         instances["Ec2SubnetId"] = subnet_id or settings.subnet_id
-    return {
+    request: dict[str, Any] = {
         "Name": settings.name,
         "ReleaseLabel": settings.release_label,
         "LogUri": settings.logs_uri + "/",
-        "Applications": [{"Name": "Spark"}],
         "Instances": instances,
         "BootstrapActions": [{
             "Name": "install fruitpipe",
@@ -158,11 +167,15 @@ def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dic
         ],
         "SecurityConfiguration": SECURITY_CONFIGURATION,
         "ServiceRole": settings.service_role,
+        **_notebook(settings, instances),
         "JobFlowRole": settings.instance_role,
         "VisibleToAllUsers": True,
         "EbsRootVolumeSize": 32,
         "Tags": _tags(settings),
     }
+    if settings.notebook_idle_min is not None:
+        request.pop("Steps")
+    return request
 
 
 def security_configuration(kms_key_arn: str) -> dict[str, Any]:
@@ -243,6 +256,11 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
                    "gp3_usd_per_gb_month": GP3_GB_MONTH, "s3_get_head_usd_per_1000": S3_GET_PER_1000,
                    "s3_put_list_usd_per_1000": S3_PUT_LIST_PER_1000},
         "basis": THROUGHPUT_BASIS if settings.img_per_vcpu_s == MEASURED_IMG_PER_VCPU_S else "--img-per-vcpu-s",
+        **({"notebook_cluster": {
+            "usd_per_hour": round(master_h + settings.core_nodes * core_h, 3),
+            "note": f"no step: the cluster bills until it has been idle for {settings.notebook_idle_min:g} min "
+                    "(EMR auto-termination); the figures above are for one `fruitpipe run` of --images on it"}}
+           if settings.notebook_idle_min is not None else {}),
     }
 
 

@@ -124,6 +124,9 @@ class EmrSettings:
     node_price: float | None = None
     #: Minutes after which the step is killed (and the cluster with it); None: derived from the estimate.
     step_timeout_min: float | None = None
+    #: A cluster for notebooks (EMR Studio) instead of a step: Livy and Jupyter Enterprise Gateway, no step, and
+    #: terminated by EMR once idle for this many minutes.
+    notebook_idle_min: float | None = None
 
     def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
@@ -134,6 +137,9 @@ class EmrSettings:
         split_s3(self.output, "OUTPUT")
         split_s3(self.artifacts_uri, "--artifacts")
         split_s3(self.logs_uri, "--logs")
+        if self.notebook_idle_min is not None and not 1 <= self.notebook_idle_min <= 7 * 24 * 60:
+            raise EmrError(f"--notebook-idle {self.notebook_idle_min:g} must be between 1 and 10080 minutes (EMR's "
+                           "idle timeout: 60 s to 7 days)")
         if self.core_nodes < 1:
             raise EmrError(f"--core-nodes {self.core_nodes} must be at least 1")
         if self.ebs_gb < 16:
