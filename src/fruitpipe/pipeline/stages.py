@@ -1,0 +1,246 @@
+"""The two stages of a run: embed what is new (and commit it), reduce (fit or reuse a PCA, project, commit)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fruitpipe import storage
+from fruitpipe.config import Config
+from fruitpipe.errors import OutputError
+from fruitpipe.models.fetch import ResolvedModel
+from fruitpipe.monitor.resources import stage_peaks
+from fruitpipe.output import RunDir
+from fruitpipe.pipeline import embed as embed_mod
+from fruitpipe.pipeline import reduce as reduce_mod
+from fruitpipe.pipeline.failures import watch_interrupts
+from fruitpipe.pipeline.listing import Listing
+from fruitpipe.pipeline.validity import accounting, invalid_rows
+from fruitpipe.schemas import REJECTS_SCHEMA
+from fruitpipe.spark import JobProgress, spark_session
+
+log = logging.getLogger(__name__)
+
+
+class LazySpark:
+    """Starts Spark on first use only, so a run with nothing to do never pays the JVM start."""
+
+    def __init__(self, config: Config, stack: contextlib.ExitStack, session: Any = None) -> None:
+        self._config = config
+        self._stack = stack
+        self.session: Any = session  # the caller's (a notebook's): used as is, never stopped
+        self.start_seconds = 0.0
+
+    def get(self) -> Any:
+        if self.session is None:
+            t0 = time.perf_counter()
+            self.session = self._stack.enter_context(
+                spark_session(self._config.master, "fruitpipe", self._config.task_cpus, self._config.spark_conf)
+            )
+            self.start_seconds = time.perf_counter() - t0
+            watch_interrupts()  # SparkContext replaced the handler: watch again, chaining to its own
+        return self.session
+
+
+_NO_INFERENCE = {"tasks": 0, "workers": 0, "sessions_built": 0, "max_sessions_per_worker": 0,
+                 "threads_per_task": 0}
+
+
+def _inference_stats(index: pa.Table) -> dict[str, int]:
+    if index.num_rows == 0:
+        return dict(_NO_INFERENCE)
+    per_pid: dict[int, int] = {}
+    for pid, built in zip(index.column("pid").to_pylist(), index.column("sessions_built").to_pylist()):
+        per_pid[pid] = max(per_pid.get(pid, 0), built)
+    return {
+        "tasks": len(set(index.column("part").to_pylist())),
+        "workers": len(per_pid),
+        "sessions_built": sum(per_pid.values()),
+        "max_sessions_per_worker": max(per_pid.values()),
+        "threads_per_task": max(index.column("threads").to_pylist()),
+    }
+
+
+def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
+                timings: dict[str, float], listing: Listing, resources: dict[str, Any]) -> dict[str, Any]:
+    """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
+    returns the counts of run.json and adds bytes read and the stage's peak memory to `resources`."""
+    opts = rundir.opts
+    emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
+    rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
+    invalid = invalid_rows(emb_idx, rej_idx, listing, rundir.settings(), config.max_pixels)
+    dropped = rundir.drop_rows({"embeddings": invalid.embeddings, "rejects": invalid.rejects}, token)
+    if dropped:
+        log.info("dropped %d row(s) no longer valid: %s", dropped, invalid.by_reason)
+        emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
+        rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
+    done_uris = pa.concat_arrays([emb_idx.column("uri").combine_chunks(), rej_idx.column("uri").combine_chunks()])
+    todo = listing.manifest.filter(pc.invert(pc.is_in(listing.manifest.column("uri"), done_uris)))
+    name_rejects = listing.rejected.filter(pc.invert(pc.is_in(listing.rejected.column("uri"), done_uris)))
+    log.info("%d listed, %d already done, %d to embed", listing.count,
+             listing.count - todo.num_rows - name_rejects.num_rows, todo.num_rows)
+
+    inference = dict(_NO_INFERENCE)
+    embedded_now = rejected_now = 0
+    session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
+    t0 = time.perf_counter()
+    staging = rundir.staging(token)
+    if name_rejects.num_rows:
+        storage.write_parquet(name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
+        rejected_now += name_rejects.num_rows
+    if todo.num_rows:
+        settings = embed_mod.EmbedSettings(
+            model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
+            output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
+            preprocess=model.spec.preprocess, layout=model.spec.layout,
+            max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
+            # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
+            read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
+        )
+        index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
+                                        config.quiet)
+        timings["embed_job"] = time.perf_counter() - t0
+        resources["bytes_read"] = _bytes_read(todo, index)
+        resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP)
+        inference = _inference_stats(index)
+        embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
+        rejected_now += index.num_rows - embedded_now
+        dups = embed_mod.find_duplicates(index, emb_idx.select(["id", "uri"]))
+        if dups:
+            embedded_now -= len(dups)
+            rejected_now += len(dups)
+            log.info("%d duplicate input(s) (same bytes as another): recorded in rejects", len(dups))
+            by_part: dict[str, list[str]] = {}
+            rows = index.filter(pc.is_in(index.column("uri"), pa.array(list(dups))))
+            for uri, part in zip(rows.column("uri").to_pylist(), rows.column("part").to_pylist()):
+                by_part.setdefault(storage.join(staging, "embeddings", part), []).append(uri)
+            embed_mod.drop_rows_from_parts(session, by_part, opts)
+            stats = todo.filter(pc.is_in(todo.column("uri"), rows.column("uri")))
+            size_of = dict(zip(stats.column("uri").to_pylist(), stats.column("size").to_pylist()))
+            mtime_of = dict(zip(stats.column("uri").to_pylist(), stats.column("mtime_ns").to_pylist()))
+            uris = rows.column("uri").to_pylist()
+            dup_rejects = pa.table(
+                {
+                    "id": rows.column("id"), "uri": rows.column("uri"), "label": rows.column("label"),
+                    "split": rows.column("split"), "reason": pa.array(["duplicate"] * rows.num_rows),
+                    "detail": pa.array([f"same bytes as {dups[u]}" for u in uris]),
+                    "size": pa.array([size_of.get(u) for u in uris], pa.int64()),
+                    "mtime_ns": pa.array([mtime_of.get(u) for u in uris], pa.int64()),
+                },
+                schema=REJECTS_SCHEMA,
+            )
+            storage.write_parquet(dup_rejects, storage.join(staging, "rejects", "part-duplicates.parquet"), opts)
+    # Publish: the staged parts are moved in, then named in the commit record in one write.
+    rundir.commit_parts(staging, token, settings={"max_pixels": config.max_pixels})
+    storage.delete(staging, opts)
+    rundir.ensure_datasets(token)  # readers always find both datasets with their schema
+    timings["embed"] = time.perf_counter() - t0
+    return {**accounting(rundir, listing), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
+            "skipped_already_done": listing.count - todo.num_rows - name_rejects.num_rows,
+            "dropped_before_embedding": invalid.by_reason, "inference": inference}
+
+
+def _bytes_read(todo: pa.Table, index: pa.Table) -> int:
+    """Bytes of the inputs the embed job read: their listed sizes, less the inputs that could not be read."""
+    unread = index.filter(pc.equal(index.column("reason"), "unreadable")).column("uri")
+    read = todo.filter(pc.invert(pc.is_in(todo.column("uri"), unread.combine_chunks())))
+    return int(pc.sum(read.column("size")).as_py() or 0)
+
+
+def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
+                 timings: dict[str, float], digest: str, resources: dict[str, Any]) -> dict[str, Any]:
+    """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
+    committed PCA was fitted on exactly these embeddings with these settings."""
+    t0 = time.perf_counter()
+    opts = rundir.opts
+    fingerprint: dict[str, Any] = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
+    basis = None
+    if config.pca_from:
+        basis = reduce_mod.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
+        # The basis decides k; a refit is never needed while these embeddings and that basis stay the same.
+        fingerprint = {"embedding_ids_digest": digest, "pca_from": basis.fingerprint}
+    entry = rundir.reduce_entry()
+    if entry is not None and entry.get("fingerprint") == fingerprint:
+        try:
+            report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
+            summary = _pca_summary(report)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("pca/explained_variance.json is unreadable (%s): fitting the PCA again", exc)
+        else:
+            log.info("PCA and reduced vectors are up to date; nothing to reduce")
+            timings["reduce"] = time.perf_counter() - t0
+            return {**summary, "skipped": True}
+    files = rundir.files("embeddings")
+    n_rows = reduce_mod.count_rows(files, opts)
+    if n_rows < 2:
+        raise OutputError(f"PCA needs at least 2 embedded images and {rundir.uri} has {n_rows}: add images to the "
+                          "input, or use `fruitpipe embed` alone")
+    session = spark.get()
+    t0 = time.perf_counter()
+    from pyspark.storagelevel import StorageLevel
+
+    session.sparkContext.setJobGroup(reduce_mod.JOB_GROUP, "reduce")  # the fit's jobs too (JobProgress clears it)
+
+    # Read once, kept on local disk for the three passes (PCA fit, its check, the projection). Disk, not memory:
+    # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
+    df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
+    staging = rundir.staging(token)
+    try:
+        if basis is None:
+            fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
+            n_samples = fit.n_samples
+            k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
+            kept = fit.components[:, :k]
+            t1 = time.perf_counter()
+            report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance,
+                                                    fingerprint, opts)
+        else:
+            t1 = time.perf_counter()
+            kept, k = basis.components, int(basis.components.shape[1])
+            n_samples, measured = reduce_mod.projected_variance_shares(df, kept)
+            timings["reduce_measure"] = time.perf_counter() - t1
+            log.info("projecting with the PCA of %s (k=%d, basis %s...): no refit", basis.source, k,
+                     basis.fingerprint[:12])
+            report = reduce_mod.write_basis_artifacts(storage.join(staging, "pca"), basis, n_samples, measured,
+                                                      fingerprint, opts)
+        timings["reduce_artifacts"] = time.perf_counter() - t1
+        project = reduce_mod.make_project_fn(kept, storage.join(staging, "reduced"), opts)
+        t1 = time.perf_counter()
+        with JobProgress(session, reduce_mod.JOB_GROUP, total=n_samples, desc="reduce", quiet=config.quiet):
+            rows = int(sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect()))
+        timings["reduce_project"] = time.perf_counter() - t1
+    finally:
+        df.unpersist()
+        resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
+    if rows != n_samples:
+        raise OutputError(f"the projection wrote {rows} reduced rows for {n_samples} embeddings; nothing was "
+                          "published: re-run the same command")
+    rundir.commit_reduce(staging, fingerprint, token)
+    storage.delete(staging, opts)
+    timings["reduce"] = time.perf_counter() - t0
+    log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))  # type: ignore[arg-type]
+    return {**_pca_summary(report), "skipped": False}
+
+
+def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:
+    cumulative = report["cumulative"]
+    summary = {
+        "k": report["k"],
+        "selected_by": report["selected_by"],
+        "explained_at_k": report["explained_at_k"],
+        "cumulative_at": {str(n): cumulative[n - 1] for n in (6, 20, 50, 100) if n <= len(cumulative)},
+        "n_samples": report["n_samples"],
+        # Which basis the reduced vectors are in: fitted here, or another output's (--pca-from), by fingerprint.
+        "basis": report.get("basis"),
+    }
+    if "measured_on_this_output" in report:
+        summary["explained_at_k_on_this_output"] = report["measured_on_this_output"]["explained_at_k"]
+    return summary
+
+
