@@ -59,6 +59,21 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+#: `fruitpipe drift`'s flags: one per DriftSettings field, with its type and meaning.
+_DRIFT_FLAGS = (
+    ("alpha", share, "false-alarm budget of the whole check, split over its tests"),
+    ("ks_min", share, "KS statistic a component needs to count as drifted"),
+    ("mmd_min", share, "MMD^2 floor"),
+    ("reject_rate_min", share, "reject-rate change floor"),
+    ("class_shift_min", share, "total-variation floor of predicted class frequencies"),
+    ("confidence_min", share, "change of mean top-1 probability floor"),
+    ("sample", whole_number, "rows read per output"),
+    ("mmd_sample", whole_number, "rows per side in the MMD"),
+    ("permutations", whole_number, "permutations of the MMD p-value"),
+    ("seed", whole_number, "seed of the permutations"),
+)
+
+
 def add_drift(sub: Any) -> None:
     from fruitpipe.monitor.drift import DRIFT_EXIT_CODE
     from fruitpipe.monitor.drift_stats import DriftSettings
@@ -71,24 +86,9 @@ def add_drift(sub: Any) -> None:
                        f"{DRIFT_EXIT_CODE} with drift, 2 on an error.")
     p.add_argument("reference", metavar="REFERENCE_OUT", help="the output the model was built on (with its PCA)")
     p.add_argument("current", metavar="CURRENT_OUT", help="the output of the new photos (same embedding model)")
-    p.add_argument("--alpha", type=share, default=d.alpha,
-                   help=f"false-alarm budget of the whole check, split over its tests (default {d.alpha})")
-    p.add_argument("--ks-min", type=share, default=d.ks_min,
-                   help=f"KS statistic a component needs to count as drifted (default {d.ks_min})")
-    p.add_argument("--mmd-min", type=share, default=d.mmd_min, help=f"MMD^2 floor (default {d.mmd_min})")
-    p.add_argument("--reject-rate-min", type=share, default=d.reject_rate_min,
-                   help=f"reject-rate change floor (default {d.reject_rate_min})")
-    p.add_argument("--class-shift-min", type=share, default=d.class_shift_min,
-                   help=f"total-variation floor of predicted class frequencies (default {d.class_shift_min})")
-    p.add_argument("--confidence-min", type=share, default=d.confidence_min,
-                   help=f"change of mean top-1 probability floor (default {d.confidence_min})")
-    p.add_argument("--sample", type=whole_number, default=d.sample,
-                   help=f"rows read per output (default {d.sample})")
-    p.add_argument("--mmd-sample", type=whole_number, default=d.mmd_sample,
-                   help=f"rows per side in the MMD (default {d.mmd_sample})")
-    p.add_argument("--permutations", type=whole_number, default=d.permutations,
-                   help=f"permutations of the MMD p-value (default {d.permutations})")
-    p.add_argument("--seed", type=whole_number, default=d.seed, help=f"seed (default {d.seed})")
+    for name, kind, text in _DRIFT_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
     p.add_argument("--report-dir", metavar="DIR",
                    help="where to write drift.json and drift.html (default CURRENT_OUT/drift/)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
@@ -102,10 +102,7 @@ def _drift_main(args: argparse.Namespace, started: float) -> int:
     from fruitpipe.monitor.drift import DRIFT_EXIT_CODE, run_drift, summary
     from fruitpipe.monitor.drift_stats import DriftSettings
 
-    settings = DriftSettings(alpha=args.alpha, ks_min=args.ks_min, mmd_min=args.mmd_min,
-                             reject_rate_min=args.reject_rate_min, class_shift_min=args.class_shift_min,
-                             confidence_min=args.confidence_min, sample=args.sample, mmd_sample=args.mmd_sample,
-                             permutations=args.permutations, seed=args.seed)
+    settings = DriftSettings(**{name: getattr(args, name) for name, _, _ in _DRIFT_FLAGS})
     result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)
     export_metrics(args, "drift", started, result, args.current)
     if not args.quiet:
