@@ -121,20 +121,15 @@ def test_output_from_another_config_is_refused(spark, tmp_path: Path, capsys: py
     assert len(err) == 1 and "at least 2 embedded images" in err[0]
 
 
-def test_java_lapack_fallback_never_publishes_a_wrong_pca(tmp_path: Path) -> None:
-    """Spark's pure-Java BLAS/LAPACK fallback got PCA wrong on 1280-d embeddings (whether it does depends on the
-    summation order of the covariance). Whatever it returns, a run either publishes a PCA equal to numpy's or
-    refuses, with the fix."""
+def test_the_pca_does_not_depend_on_sparks_blas(tmp_path: Path) -> None:
+    """Spark's pure-Java BLAS/LAPACK fallback got Spark ML's PCA wrong on 1280-d embeddings of these 240 photos; the
+    covariance is now summed by the executors and decomposed by numpy, so forcing that fallback changes nothing:
+    the published curve is numpy's."""
     data = copy_classes(tmp_path / "in", ["Apple 10", "Banana 1", "Lemon 1"])  # 240 photos
     out = tmp_path / "out"
     proc = _cli("run", str(data), str(out), "--quiet", "--spark-conf",
                 "spark.driver.extraJavaOptions=-Ddev.ludovic.netlib.lapack.allowNative=false "
                 "-Ddev.ludovic.netlib.blas.allowNative=false")  # as on a machine with no native BLAS/LAPACK
-    assert "Traceback" not in proc.stderr
-    if proc.returncode == 2:
-        assert "libopenblas0-pthread" in proc.stderr and "Spark PCA is inconsistent" in proc.stderr
-        assert not (out / "_SUCCESS").exists() and not (out / "reduced").exists()
-        return
     assert proc.returncode == 0, proc.stderr
     x = np.array(pq.read_table(out / "embeddings").column("features").to_pylist(), dtype=np.float64)
     eig = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]

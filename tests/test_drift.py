@@ -131,6 +131,9 @@ def test_pca_from_projects_with_the_reference_basis(outputs, spark) -> None:
     assert report["pca"]["basis"]["fingerprint"] == ref_pca["basis"]["fingerprint"]
     assert report["pca"]["basis"]["from"] == str(ref) and report["pca"]["selected_by"] == "pca_from"
     assert 0 < report["pca"]["explained_at_k_on_this_output"] <= 1 and report["pca"]["k"] == 8
+    from pyspark.ml.feature import PCAModel  # the Spark ML copy holds the same basis
+
+    np.testing.assert_array_equal(PCAModel.load(str(cur / "pca" / "spark_model")).pc.toArray(), components)
     again = fruitpipe.reduce(fruitpipe.Config(input="(from the output)", output=str(cur), pca_from=str(ref), quiet=True),
                              spark=spark)
     assert again.report["pca"]["skipped"] is True

@@ -113,6 +113,27 @@ def _drain(spark: Any, timeout_s: float = 30.0) -> None:
         log.debug("could not drain the Spark jobs before stopping: %s", exc)
 
 
+def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
+    """Save a Spark ML model (readable by its class's load()) under `dest`. Spark's ML writer runs on the executors:
+    in local mode it writes a temporary folder on this machine, whose files are then copied through pyarrow.fs (so
+    s3:// needs no Hadoop S3 connector); on a cluster Spark writes `dest` itself, through the cluster's filesystem
+    (EMRFS for s3:// on EMR, HDFS)."""
+    import tempfile
+    from pathlib import Path
+
+    from fruitpipe import storage
+
+    if not spark.sparkContext.master.startswith("local"):
+        model.write().overwrite().save(dest)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model.write().overwrite().save(str(Path(tmp) / "m"))
+        for f in sorted((Path(tmp) / "m").rglob("*")):
+            if f.is_file() and not f.name.endswith(".crc"):
+                storage.write_bytes(storage.join(dest, f.relative_to(Path(tmp) / "m").as_posix()), f.read_bytes(),
+                                    opts)
+
+
 def default_parallelism(spark: pyspark.sql.SparkSession) -> int:  # type: ignore[name-defined]  # noqa: F821
     """Task slots of the cluster: cores / spark.task.cpus (at least 1)."""
     sc = spark.sparkContext

@@ -8,11 +8,9 @@ import hashlib
 import io
 import json
 import logging
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,21 +102,11 @@ def _write(rundir: RunDir, name: str, data: bytes) -> str:
     return uri
 
 
-def _save_spark_model(model: Any, rundir: RunDir) -> None:
-    """The fitted Spark ML model under classifier/spark_model/, readable by its class's load(): saved to a local
-    folder by Spark, then copied file by file through pyarrow.fs, so s3:// needs no Hadoop S3 connector."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.write().overwrite().save(str(Path(tmp) / "m"))
-        for f in sorted((Path(tmp) / "m").rglob("*")):
-            if f.is_file() and not f.name.endswith(".crc"):
-                _write(rundir, f"spark_model/{f.relative_to(Path(tmp) / 'm').as_posix()}", f.read_bytes())
-
-
 def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
     from fruitpipe.pipeline.reduce import embeddings_df, load_components
-    from fruitpipe.spark import spark_session
+    from fruitpipe.spark import save_ml_model, spark_session
 
     settings.validate()
     opts = settings.storage
@@ -179,7 +167,7 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
                                             components)
         else:
             head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
-        _save_spark_model(model, rundir)
+        save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"), opts)
         for frame in cached:
             frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
     onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,7 +24,7 @@ from fruitpipe.pipeline.failures import watch_interrupts
 from fruitpipe.pipeline.listing import Listing
 from fruitpipe.pipeline.validity import accounting, invalid_rows
 from fruitpipe.schemas import REJECTS_SCHEMA
-from fruitpipe.spark import JobProgress, spark_session
+from fruitpipe.spark import JobProgress, save_ml_model, spark_session
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,10 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
                      basis.fingerprint[:12])
             report = reduce_mod.write_basis_artifacts(storage.join(staging, "pca"), basis, n_samples, measured,
                                                       fingerprint, opts)
+        shares = fit.explained if basis is None else np.asarray(basis.report.get("per_component") or measured)
+        # Spark users lose nothing: the same basis as a PCAModel that PCAModel.load reads back.
+        save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
+                      storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
         timings["reduce_artifacts"] = time.perf_counter() - t1
         project = reduce_mod.make_project_fn(kept, storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
