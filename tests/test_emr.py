@@ -241,7 +241,8 @@ def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_o
                                                       'pywin32>=300; sys_platform == "win32"'])
     plain = runtime_requirements()
     assert any(r.startswith("tomli") for r in plain)  # needed on 3.11 nodes even when this Python is newer
-    assert not any(r.startswith(("pywin32", "pyspark", "onnx==")) for r in plain)
+    assert not any(r.startswith(("pywin32", "pyspark")) for r in plain)
+    assert any(r.startswith("onnx==") for r in plain)  # every node wraps its model for uint8 input
     assert any(r.startswith("onnx==") for r in runtime_requirements(("int8",)))
     for spelling in (["--precision", "int8"], ["--precision=int8"], ["--prec", "int8"], ["--k", "5", "--precision",
                                                                                           "int8"]):
@@ -383,7 +384,7 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert keys["fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"] == Path(
         __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
     assert "onnxruntime==" in reqs and "pyspark" not in reqs  # the nodes use EMR's own Spark
-    assert "onnx==" not in reqs  # fp32 run: no quantizer
+    assert "onnx==" in reqs  # every run wraps its model for uint8 input (models/wrap.py)
     head = s3.head_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")
     assert head["ServerSideEncryption"] == "AES256"
     script = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")["Body"].read()
@@ -391,11 +392,11 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert len(installs) == 2 and all("--no-index" in ln for ln in installs)  # nothing from PyPI
     # The instance role may GET under the artifacts prefix but not LIST it: the bootstrap reads named objects only.
     assert b"--recursive" not in script and b"aws s3 ls" not in script and b"aws s3 sync" not in script
-    # An int8 run needs onnx on the nodes: its own wheelhouse (keyed by its requirements) carries it.
+    # onnx (the quantizer's, and the uint8 wrapper's on every node) is a core dependency: an int8 run's
+    # requirements are the plain ones, so it shares their wheelhouse (keyed by the requirements).
     assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "--run-arg=--precision=int8", "-q"]) == 0
     int8 = json.loads(capsys.readouterr().out)
-    assert int8["wheelhouse"] != uris["wheelhouse"]
-    assert "onnx==" in emr.Emr(REGION).read(int8["requirements"]).decode()
+    assert int8["wheelhouse"] == uris["wheelhouse"]
 
     assert main(["emr", "up", INPUT, OUTPUT]) == 0
     started = json.loads(capsys.readouterr().out)

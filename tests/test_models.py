@@ -160,3 +160,27 @@ def test_task_gpu_is_the_address_spark_assigned() -> None:
     assert task_gpu({"gpu": ResourceInformation("gpu", ["3"])}) == 3
     assert task_gpu({"gpu": ResourceInformation("gpu", [])}) is None
     assert task_gpu({"fpga": ResourceInformation("fpga", ["0"])}) is None
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_the_uint8_wrapped_model_gives_todays_features(name: str) -> None:
+    """The scaling moved into the graph: fed the decoded uint8 pixels, the wrapped model returns the float model's
+    features on real photos of the sample (the same float32 operations, so within float rounding)."""
+    import onnxruntime as ort
+
+    from conftest import SAMPLE
+    from fruitpipe import images
+    from fruitpipe.models.wrap import UINT8_INPUT, wrap_uint8
+
+    spec = get_spec(name)
+    raw = (MODELS / spec.filename).read_bytes()
+    wrapped = wrap_uint8(raw, spec)
+    photos = [p.read_bytes() for p in sorted(SAMPLE.glob("Test/*/*.jpg"))[::40]]
+    pixels = np.stack([images.model_pixels(p, spec.input_size, 10**8) for p in photos])
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(photos), spec.input_size, spec.input_size, 3)
+    floats = np.stack([images.model_input(p, spec.input_size, 10**8) for p in photos])
+    cpu = ["CPUExecutionProvider"]
+    expected = ort.InferenceSession(raw, providers=cpu).run([spec.output_name], {spec.input_name: floats})[0]
+    got = ort.InferenceSession(wrapped.data, providers=cpu).run([spec.output_name], {UINT8_INPUT: pixels})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert wrapped.sha256 != get_spec(name).sha256  # sessions are cached by the wrapped file's own sha256

@@ -48,7 +48,7 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
     p.add_argument("--precision", choices=["fp32", "int8"],
-                   help="fp32 (default) or int8: embedding 1.7x faster, slightly less accurate (needs fruitpipe[int8])")
+                   help="fp32 (default) or int8: embedding 1.7x faster, slightly less accurate")
     p.add_argument("--task-cpus", type=whole_number, help="onnxruntime threads per Spark task (default 1)")
     p.add_argument("--batch-size", type=whole_number, help="images per onnxruntime call (default 32)")
     p.add_argument("--partition-size", type=whole_number, help="images per Spark task (default 512)")

@@ -124,8 +124,9 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 #: model), torch = (pixel / 255 - ImageNet mean) / std (torchvision), raw = 0..255 as float32.
 PREPROCESS = ("tf", "torch", "raw")
 LAYOUTS = ("nhwc", "nchw")
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * np.float32(255.0)
-_STD = np.array([0.229, 0.224, 0.225], np.float32) * np.float32(255.0)
+#: ImageNet mean and standard deviation on the 0..255 scale (torch scaling), shared with the uint8 model wrapper.
+MEAN_255 = np.array([0.485, 0.456, 0.406], np.float32) * np.float32(255.0)
+STD_255 = np.array([0.229, 0.224, 0.225], np.float32) * np.float32(255.0)
 
 
 def preprocess(rgb: np.ndarray, mode: str = "tf") -> np.ndarray:
@@ -135,14 +136,20 @@ def preprocess(rgb: np.ndarray, mode: str = "tf") -> np.ndarray:
     if mode == "tf":
         return x / np.float32(127.5) - np.float32(1.0)
     if mode == "torch":
-        return (x - _MEAN) / _STD
+        return (x - MEAN_255) / STD_255
     if mode == "raw":
         return x
     raise ValueError(f"unknown preprocessing {mode!r}: one of {', '.join(PREPROCESS)}")
 
 
+def model_pixels(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Image bytes -> uint8 size x size x 3 RGB, what a uint8-wrapped model takes (models/wrap.py); raises Rejected.
+    The batch pipeline's path: the scaling runs inside the model's graph."""
+    return resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size)
+
+
 def model_input(data: bytes, size: int, max_pixels: int, mode: str = "tf", layout: str = "nhwc") -> np.ndarray:
     """Image bytes -> float32 model input of one image (size x size x 3, or 3 x size x size for nchw); raises
-    Rejected. Used in batch and serving alike."""
-    x = preprocess(resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size), mode)
+    Rejected. For float-input graphs: serving's exported classifier, int8 calibration."""
+    x = preprocess(model_pixels(data, size, max_pixels), mode)
     return np.ascontiguousarray(x.transpose(2, 0, 1)) if layout == "nchw" else x

@@ -129,7 +129,7 @@ def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.write().overwrite().save(str(Path(tmp) / "m"))
         for f in sorted((Path(tmp) / "m").rglob("*")):
-            if f.is_file() and not f.name.endswith(".crc"):
+            if f.is_file() and not f.name.endswith(".crc") and f.name != "_SUCCESS":  # load() needs neither
                 storage.write_bytes(storage.join(dest, f.relative_to(Path(tmp) / "m").as_posix()), f.read_bytes(),
                                     opts)
 

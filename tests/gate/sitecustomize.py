@@ -13,7 +13,7 @@ if _GATE:
     import fruitpipe.images as _images
 
     _after = int(os.environ.get("FRUITPIPE_TEST_GATE_AFTER", "0"))
-    _original = _images.model_input
+    _original = _images.model_pixels  # what each embedded image goes through
 
     def _count() -> int:
         """One byte appended per image (O_APPEND writes are atomic): the file size counts every process's images."""
@@ -31,7 +31,7 @@ if _GATE:
                 time.sleep(0.05)
         return _original(data, *args, **kwargs)
 
-    _images.model_input = _gated
+    _images.model_pixels = _gated
 
 # FRUITPIPE_TEST_FAIL_WRITES=1: every Parquet write of a task fails as on a full disk (ENOSPC).
 if os.environ.get("FRUITPIPE_TEST_FAIL_WRITES"):

@@ -44,7 +44,7 @@ def read_head(onnx_bytes: bytes) -> tuple[Head, list[str]]:
     except ImportError:
         from fruitpipe.errors import FruitpipeError
 
-        raise FruitpipeError("reading the classifier's head needs onnx: pip install 'fruitpipe[monitor]'") from None
+        raise FruitpipeError("reading the classifier's head needs onnx: pip install onnx") from None
     model = onnx.load_model_from_string(onnx_bytes)
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
                if t.name.startswith("fp_")}
@@ -87,7 +87,7 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
     except ImportError:
         from fruitpipe.errors import FruitpipeError
 
-        raise FruitpipeError("exporting the classifier needs onnx: pip install 'fruitpipe[train]'") from None
+        raise FruitpipeError("exporting the classifier needs onnx: pip install onnx") from None
 
     model = onnx.load_model_from_string(backbone)
     graph = model.graph

@@ -119,7 +119,7 @@ def quantize_int8(fp32_path: str, calibration: np.ndarray, input_name: str, dest
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
-        raise ModelError("--precision int8 needs the onnx package: pip install 'fruitpipe[int8]'") from None
+        raise ModelError("--precision int8 needs the onnx package: pip install onnx") from None
     activation, weight = (getattr(QuantType, name) for name in SCHEMES[scheme])
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")

@@ -79,11 +79,12 @@ def make_predict_fn(
     device: str = "cpu",
     gpu_id: int | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """predict(batch NHWC float32) -> float32 [batch, dim]; the session is built lazily, once per process."""
+    """predict(batch) -> float32 [batch, dim], the batch in the dtype the model takes (uint8 for a wrapped model,
+    float32 otherwise); the session is built lazily, once per process."""
 
     def predict(batch: np.ndarray) -> np.ndarray:
         session = get_session(sha256, threads, load_bytes, device, gpu_id)
-        (out,) = session.run([output_name], {input_name: np.ascontiguousarray(batch, dtype=np.float32)})  # type: ignore[attr-defined]
+        (out,) = session.run([output_name], {input_name: np.ascontiguousarray(batch)})  # type: ignore[attr-defined]
         return np.asarray(out, dtype=np.float32)
 
     return predict

@@ -45,6 +45,8 @@ class EmbedSettings:
     read_ahead: int = 8
     preprocess: str = "tf"
     layout: str = "nhwc"
+    #: The broadcast model takes uint8 NHWC pixels (models/wrap.py): tasks hand it the decoded bytes as they are.
+    uint8_input: bool = False
 
 
 def read_input(uri: str, opts: StorageOptions) -> bytes:
@@ -97,6 +99,8 @@ def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared
         return None, data
     cid = images.content_id(data)
     try:
+        if settings.uint8_input:
+            return cid, images.model_pixels(data, settings.input_size, settings.max_pixels)
         return cid, images.model_input(data, settings.input_size, settings.max_pixels, settings.preprocess,
                                        settings.layout)
     except images.Rejected as rj:

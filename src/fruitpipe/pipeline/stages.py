@@ -16,6 +16,7 @@ from fruitpipe import storage
 from fruitpipe.config import Config
 from fruitpipe.errors import OutputError
 from fruitpipe.models.fetch import ResolvedModel
+from fruitpipe.models.wrap import wrap_uint8
 from fruitpipe.monitor.resources import stage_peaks
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline import embed as embed_mod
@@ -96,16 +97,17 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
         storage.write_parquet(name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
         rejected_now += name_rejects.num_rows
     if todo.num_rows:
+        # Pixel scaling inside the graph: tasks feed the decoded uint8 pixels, no float32 copy (models/wrap.py).
+        wrapped = wrap_uint8(model.read_bytes(), model.spec)
         settings = embed_mod.EmbedSettings(
-            model_sha256=model.sha256, input_size=model.spec.input_size, input_name=model.spec.input_name,
+            model_sha256=wrapped.sha256, input_size=model.spec.input_size, input_name=wrapped.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
-            preprocess=model.spec.preprocess, layout=model.spec.layout,
+            preprocess=model.spec.preprocess, layout=model.spec.layout, uint8_input=True,
             max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
             read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
         )
-        index = embed_mod.run_embed_job(session, todo, settings, model.read_bytes(), config.partition_size,
-                                        config.quiet)
+        index = embed_mod.run_embed_job(session, todo, settings, wrapped.data, config.partition_size, config.quiet)
         timings["embed_job"] = time.perf_counter() - t0
         resources["bytes_read"] = _bytes_read(todo, index)
         resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP)
