@@ -134,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import fruitpipe
     from fruitpipe.config import load_config
-    from fruitpipe.storage import StorageOptions
 
     started = time.time()
     try:
@@ -142,8 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "reduce":
             from fruitpipe.pipeline.run import read_marker
 
-            opts = StorageOptions(flags.get("s3_endpoint"), flags.get("region", "eu-west-3"))
-            marker = read_marker(args.output, opts)
+            marker = read_marker(args.output, cli_args.storage_options(args))
             flags.setdefault("input", marker["input"])
             flags["model"] = marker["model"]
         config = load_config(flags, toml_path=args.config)

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -27,21 +27,20 @@ DRIFT_EXIT_CODE = 3
 
 
 class DriftError(FruitpipeError):
-    """The two outputs cannot be compared (incomplete, different model, no PCA)."""
+    """The current output cannot be compared (incomplete, too few embeddings)."""
 
 
 @dataclass
 class Side:
-    """One output's sample: rows in the reference basis, labels, classifier probabilities, run.json counts."""
+    """One output's sample: its embeddings, the same rows in the reference basis, classifier probabilities, and
+    run.json's counts."""
 
     uri: str
+    features: np.ndarray
     projected: np.ndarray
-    labels: list[str]
     n_rows: int
     counts: dict[str, Any]
-    report: dict[str, Any]
     probabilities: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _complete(uri: str, opts: StorageOptions, what: str) -> RunDir:
@@ -51,8 +50,8 @@ def _complete(uri: str, opts: StorageOptions, what: str) -> RunDir:
     return rundir
 
 
-def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, list[str], int]:
-    """(features, labels, rows in the output) of at most `n` embeddings, chosen by the smallest content ids: ids
+def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, int]:
+    """(features, rows in the output) of at most `n` embeddings, chosen by the smallest content ids: ids
     are sha256 of the bytes, so this is a uniform sample that is the same on every call, and only the chosen rows'
     features are kept (read one part file at a time)."""
     index = rundir.read_index("embeddings", ["id"])
@@ -60,15 +59,12 @@ def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, list[str], int]:
     if total > n:
         index = index.take(pc.sort_indices(index.column("id"))[:n])
     feats: list[np.ndarray] = []
-    labels: list[str] = []
     for name in sorted(set(index.column("_file").to_pylist())):
         rows = index.filter(pc.equal(index.column("_file"), name)).column("_row")
-        table = storage.read_parquet_columns(rundir.join("embeddings", name), rundir.opts, ["label", "features"])
-        picked = table.take(rows.combine_chunks())
-        feats.append(to_matrix(picked.column("features")).astype(np.float64))
-        labels += [str(v) for v in picked.column("label").to_pylist()]
+        table = storage.read_parquet_columns(rundir.join("embeddings", name), rundir.opts, ["features"])
+        feats.append(to_matrix(table.take(rows.combine_chunks()).column("features")).astype(np.float64))
     x = np.vstack(feats) if feats else np.zeros((0, 0))
-    return x, labels, total
+    return x, total
 
 
 def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
@@ -83,33 +79,30 @@ def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
 def compare(reference: str, current: str, settings: DriftSettings, opts: StorageOptions) -> dict[str, Any]:
     """Every drift test between two complete outputs made with the same embedding model; returns drift.json."""
     settings.validate()
-    ref_dir = _complete(reference, opts, "REFERENCE_OUT")
     cur_dir = _complete(current, opts, "CURRENT_OUT")
-    ref_report, cur_report = ref_dir.previous_report(), cur_dir.previous_report()
-    ref_sha = (ref_report.get("model") or {}).get("sha256")
-    cur_sha = (cur_report.get("model") or {}).get("sha256")
-    if ref_sha != cur_sha:
-        raise DriftError(f"the outputs were embedded with different models ({str(ref_sha)[:12]}... and "
-                         f"{str(cur_sha)[:12]}...): drift is measured between outputs of the same model")
-    if ref_dir.reduce_entry() is None:
-        raise DriftError(f"REFERENCE_OUT {reference} has no PCA: run `fruitpipe reduce {reference}` first")
-    from fruitpipe.pipeline.reduce import load_components
+    cur_report = cur_dir.previous_report()
+    from fruitpipe.pipeline.reduce import load_basis
 
-    components = load_components(ref_dir.join("pca"), opts)
+    # The reference's committed PCA, refused unless the output is complete, has one, and was embedded with the
+    # current output's model; its fingerprint is the one run.json's pca.basis and --pca-from record.
+    basis = load_basis(reference, opts, str((cur_report.get("model") or {}).get("sha256")), None,
+                       what="REFERENCE_OUT")
+    components = basis.components
+    ref_dir = RunDir(basis.source, opts)
+    ref_report = ref_dir.previous_report()
     sides = []
     for rundir, report in ((ref_dir, ref_report), (cur_dir, cur_report)):
-        x, labels, total = sample_rows(rundir, settings.sample)
+        x, total = sample_rows(rundir, settings.sample)
         if len(x) < 10:
             raise DriftError(f"{rundir.uri} has {len(x)} embeddings: drift needs at least 10 on each side")
-        sides.append(Side(rundir.uri, x @ components, labels, total, dict(report.get("counts") or {}), report,
-                          extra={"features": x}))
+        sides.append(Side(rundir.uri, x, x @ components, total, dict(report.get("counts") or {})))
     ref, cur = sides
     head = _classifier(ref_dir)
     classes: list[str] | None = None
     if head is not None:
         model, classes = head
         for side in sides:
-            side.probabilities = model.probabilities(side.extra["features"])
+            side.probabilities = model.probabilities(side.features)
     result = detect(ref.projected, cur.projected, settings, ref.counts, cur.counts, ref.probabilities,
                     cur.probabilities, classes)
     return {
@@ -118,7 +111,7 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
                       "run_id": ref_report.get("run_id")},
         "current": {"output": cur.uri, "rows": cur.n_rows, "sampled": len(cur.projected),
                     "run_id": cur_report.get("run_id")},
-        "basis": {"k": int(components.shape[1]), "components_sha256": _sha(components)},
+        "basis": {"k": int(components.shape[1]), "fingerprint": basis.fingerprint},
         "classifier": None if classes is None else {"classes": len(classes)},
         "settings": asdict(settings),
         "alpha_per_test": result["alpha_per_test"],
@@ -129,12 +122,6 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
                   "ref_confidence": None if ref.probabilities is None else ref.probabilities.max(axis=1),
                   "cur_confidence": None if cur.probabilities is None else cur.probabilities.max(axis=1)},
     }
-
-
-def _sha(a: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64).tobytes()).hexdigest()
 
 
 def summary(result: dict[str, Any]) -> str:

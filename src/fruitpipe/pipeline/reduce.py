@@ -315,9 +315,10 @@ class Basis:
     fingerprint: str
 
 
-def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int) -> Basis:
-    """The committed PCA of output `other`, checked to come from the same embedding model; FruitpipeError with
-    the fix otherwise."""
+def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int | None,
+               what: str = "--pca-from") -> Basis:
+    """The committed PCA of output `other` (named `what` in messages), checked to come from the same embedding model
+    and, when `dim` is given, to have that many rows; FruitpipeError with the fix otherwise."""
     import hashlib
 
     from fruitpipe.output import SUCCESS, RunDir
@@ -326,18 +327,18 @@ def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int) ->
     rundir = RunDir(other, opts)
     if rundir.read_marker() is None or not storage.exists(rundir.join(SUCCESS), opts) \
             or rundir.reduce_entry() is None:
-        raise FruitpipeError(f"--pca-from {other} is not a complete output with a PCA: point it at an OUTPUT "
+        raise FruitpipeError(f"{what} {other} is not a complete output with a PCA: point it at an OUTPUT "
                              "that `fruitpipe run` or `fruitpipe reduce` finished")
     theirs = (rundir.read_marker() or {}).get("model_sha256")
     if theirs != model_sha256:
-        raise FruitpipeError(f"--pca-from {other} was fitted on embeddings of another model ({str(theirs)[:12]}... "
+        raise FruitpipeError(f"{what} {other} was fitted on embeddings of another model ({str(theirs)[:12]}... "
                              f"instead of {model_sha256[:12]}...): its basis does not apply; use an output of the "
                              "same model")
     raw = storage.read_bytes(storage.join(other, "pca", "components.npy"), opts)
     components = np.load(io.BytesIO(raw))
-    if components.ndim != 2 or components.shape[0] != dim:
-        raise FruitpipeError(f"--pca-from {other}: pca/components.npy has shape {components.shape}, expected "
-                             f"({dim}, k): re-run `fruitpipe reduce {other}`")
+    if components.ndim != 2 or (dim is not None and components.shape[0] != dim):
+        raise FruitpipeError(f"{what} {other}: pca/components.npy has shape {components.shape}, expected "
+                             f"({dim or 'dim'}, k): re-run `fruitpipe reduce {other}`")
     report = json.loads(storage.read_bytes(storage.join(other, "pca", "explained_variance.json"), opts))
     return Basis(components, report, other, hashlib.sha256(raw).hexdigest())
 
