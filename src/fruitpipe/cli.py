@@ -11,7 +11,7 @@ from typing import Any
 
 from fruitpipe import cli_apps, cli_args, cli_emr
 from fruitpipe.cli_args import EPILOG, Parser, add_log_format, add_metrics, key_values, share, whole_number
-from fruitpipe.errors import FruitpipeError
+from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.monitor.logs import error_line, setup_logging
 
 log = logging.getLogger("fruitpipe")
@@ -30,9 +30,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT",
+    p.add_argument("input", metavar="INPUT", nargs="?",
                    help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
     p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
+    p.add_argument("--input-list", metavar="FILE",
+                   help="instead of INPUT: a Parquet or CSV file (or a folder of them, e.g. an S3 Inventory) "
+                        "with a uri column (or bucket and key) and optional label, split, size, mtime_ns")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list INPUT, compare it with OUTPUT and print the plan (to embed, to drop, tasks); "
+                        "write nothing")
     p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
     p.add_argument("--model-path", metavar="FILE",
                    help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
@@ -138,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         flags = _flags(args)
+        dry_run = bool(flags.pop("dry_run", False))
+        if args.command in ("run", "embed"):
+            listed = flags.pop("input_list", None)
+            if (listed is None) == (args.input is None):
+                raise ConfigError("pass either INPUT or --input-list FILE (not both): e.g. fruitpipe run "
+                                  "images/ out/, or fruitpipe run --input-list inventory.parquet out/")
+            if listed is not None:
+                flags.update(input=listed, input_list=True)
         if args.command == "reduce":
             from fruitpipe.pipeline.run import read_marker
 
@@ -145,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags.setdefault("input", marker["input"])
             flags["model"] = marker["model"]
         config = load_config(flags, toml_path=args.config)
+        if dry_run:
+            from fruitpipe.pipeline.run import run as run_stages
+
+            plan = run_stages(config, ("embed",), dry_run=True).report
+            if not args.quiet:
+                sys.stdout.write(json.dumps(plan, indent=2) + "\n")
+            return 0
         result = {"run": fruitpipe.run, "embed": fruitpipe.embed, "reduce": fruitpipe.reduce}[args.command](config)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)  # --verbose

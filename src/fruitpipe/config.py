@@ -22,6 +22,8 @@ class Config:
 
     input: str
     output: str
+    #: INPUT is a list of images (Parquet or CSV with a uri column, or a folder of them: S3 Inventory), not a folder.
+    input_list: bool = False
     model: str = "mobilenet_v2"
     #: An ONNX file (local, or s3:// read once by the driver) used instead of the registry's download; its
     #: sha256 is recorded and compared with the registry's (a mismatch is logged: custom weights).

@@ -44,14 +44,19 @@ REDUCED_SCHEMA = pa.schema([
     pa.field("pca", pa.list_(pa.float32()), nullable=False),
 ])
 
-#: What each embed task returns to the driver: one small row per input, never the features.
+#: The per-input index each embed task stages (never the features): what the run's duplicate check reads.
 INDEX_SCHEMA = pa.schema([
     ("uri", pa.string()), ("id", pa.string()), ("label", pa.string()), ("split", pa.string()),
     ("status", pa.string()), ("reason", pa.string()), ("part", pa.string()),
+])
+
+#: What each embed task returns to the driver: one row of counts, whatever the number of inputs.
+TASK_SUMMARY_SCHEMA = pa.schema([
+    ("part", pa.string()), ("embedded", pa.int64()), ("rejected", pa.int64()), ("bytes_read", pa.int64()),
     ("pid", pa.int64()), ("sessions_built", pa.int32()), ("threads", pa.int32()),
 ])
-INDEX_DDL = ", ".join(f"{f.name} {_t}" for f, _t in zip(
-    INDEX_SCHEMA, ("string", "string", "string", "string", "string", "string", "string", "long", "int", "int")))
+TASK_SUMMARY_DDL = ("part string, embedded long, rejected long, bytes_read long, pid long, sessions_built int, "
+                    "threads int")
 
 #: The embed job's input rows (Spark DDL of the manifest columns a task needs).
 TASK_INPUT_COLUMNS = ["uri", "label", "split", "size", "mtime_ns"]

@@ -17,7 +17,14 @@ import pyarrow.compute as pc
 
 from fruitpipe import images, storage
 from fruitpipe.models import runner
-from fruitpipe.schemas import INDEX_DDL, INDEX_SCHEMA, REJECTS_SCHEMA, TASK_INPUT_COLUMNS, embeddings_schema
+from fruitpipe.schemas import (
+    INDEX_SCHEMA,
+    REJECTS_SCHEMA,
+    TASK_INPUT_COLUMNS,
+    TASK_SUMMARY_DDL,
+    TASK_SUMMARY_SCHEMA,
+    embeddings_schema,
+)
 from fruitpipe.spark import ArrowFn
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Spark job group of the embed job (progress bar, run.json's peak memory of the stage).
 JOB_GROUP = "fruitpipe-embed"
+#: Where each task stages the index of its inputs (uri, id, status...), under the run's staging prefix.
+INDEX_DIR = "_index"
 
 
 @dataclass(frozen=True)
@@ -181,28 +190,38 @@ def embed_rows(
     return emb_table, pa.table(rej, schema=REJECTS_SCHEMA)
 
 
-def _index_batch(emb: pa.Table, rej: pa.Table, part: str, threads: int, model_sha256: str) -> pa.RecordBatch:
+def _index_table(emb: pa.Table, rej: pa.Table, part: str) -> pa.Table:
+    """One row per input of a task (no features): what the run's duplicate check reads."""
     n_emb, n_rej = emb.num_rows, rej.num_rows
-    n = n_emb + n_rej
-    return pa.RecordBatch.from_pydict(
+    return pa.table(
         {
-            "uri": emb.column("uri").to_pylist() + rej.column("uri").to_pylist(),
-            "id": emb.column("id").to_pylist() + rej.column("id").to_pylist(),
-            "label": emb.column("label").to_pylist() + rej.column("label").to_pylist(),
-            "split": emb.column("split").to_pylist() + rej.column("split").to_pylist(),
-            "status": ["embedded"] * n_emb + ["rejected"] * n_rej,
-            "reason": [None] * n_emb + rej.column("reason").to_pylist(),
-            "part": [part] * n,
-            "pid": [os.getpid()] * n,
-            "sessions_built": [runner.SESSIONS_BUILT.get(model_sha256, 0)] * n,
-            "threads": [threads] * n,
+            "uri": pa.concat_arrays([emb.column("uri").combine_chunks(), rej.column("uri").combine_chunks()]),
+            "id": pa.concat_arrays([emb.column("id").combine_chunks(), rej.column("id").combine_chunks()]),
+            "label": pa.concat_arrays([emb.column("label").combine_chunks(), rej.column("label").combine_chunks()]),
+            "split": pa.concat_arrays([emb.column("split").combine_chunks(), rej.column("split").combine_chunks()]),
+            "status": pa.array(["embedded"] * n_emb + ["rejected"] * n_rej, pa.string()),
+            "reason": pa.concat_arrays([pa.nulls(n_emb, pa.string()), rej.column("reason").combine_chunks()]),
+            "part": pa.array([part] * (n_emb + n_rej), pa.string()),
         },
         schema=INDEX_SCHEMA,
     )
 
 
+def _summary(emb: pa.Table, rej: pa.Table, part: str, threads: int, model_sha256: str) -> pa.RecordBatch:
+    """What a task returns to the driver: one row of counts, whatever the number of inputs."""
+    read = pc.invert(pc.equal(rej.column("reason"), "unreadable"))
+    bytes_read = (pc.sum(emb.column("size")).as_py() or 0) + (pc.sum(pc.filter(rej.column("size"), read)).as_py()
+                                                             or 0)
+    return pa.RecordBatch.from_pydict(
+        {"part": [part], "embedded": [emb.num_rows], "rejected": [rej.num_rows], "bytes_read": [int(bytes_read)],
+         "pid": [os.getpid()], "sessions_built": [runner.SESSIONS_BUILT.get(model_sha256, 0)], "threads": [threads]},
+        schema=TASK_SUMMARY_SCHEMA,
+    )
+
+
 def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
-    """The mapInArrow function: embed one partition, write its part files to staging, return its index."""
+    """The mapInArrow function: embed one partition, write its part files and its index to staging, return one
+    summary row."""
 
     def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -211,15 +230,14 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
         assert ctx is not None, "runs inside a Spark task"
         part = f"part-{ctx.partitionId():05d}.parquet"
         threads = max(1, int(ctx.cpus()))  # onnxruntime threads follow spark.task.cpus
+        got = [b for b in batches if b.num_rows]
+        if not got:  # an empty partition (more tasks than inputs): nothing to embed or report
+            return
         predict = runner.make_predict_fn(
             settings.model_sha256, lambda: model_bc.value, threads,  # type: ignore[attr-defined]
             settings.input_name, settings.output_name, settings.device,
             runner.task_gpu(ctx.resources()),  # the task's GPU under Spark GPU scheduling, on multi-GPU nodes
         )
-        got = [b for b in batches if b.num_rows]
-        if not got:  # an empty partition (more tasks than inputs): nothing to embed or report
-            yield pa.RecordBatch.from_pylist([], schema=INDEX_SCHEMA)
-            return
         rows = pa.Table.from_batches(got)
         # On a GPU, decoding and inference overlap (bench/gpu.py); on a CPU both need the task's cores.
         emb, rej = embed_rows(rows, predict, settings, overlap=runner.uses_cuda(settings.device))
@@ -227,66 +245,49 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
             storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
         if rej.num_rows:
             storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part), settings.storage)
-        yield _index_batch(emb, rej, part, threads, settings.model_sha256)
+        storage.write_parquet(_index_table(emb, rej, part), storage.join(settings.staging_uri, INDEX_DIR, part),
+                              settings.storage)
+        yield _summary(emb, rej, part, threads, settings.model_sha256)
 
     return embed_partition
 
 
 def run_embed_job(
     spark: object,
-    todo: pa.Table,
+    todo: object,
+    n: int,
     settings: EmbedSettings,
     model_bytes: bytes,
     partition_size: int,
     quiet: bool,
 ) -> pa.Table:
-    """Embed the `todo` manifest rows on the cluster; returns the per-input index (no features)."""
-    from fruitpipe.spark import JobProgress, default_parallelism, from_arrow, to_arrow
+    """Embed the `todo` manifest rows (a DataFrame of `n` rows) on the cluster; returns one summary row per task
+    (TASK_SUMMARY_SCHEMA), the per-input index being staged under INDEX_DIR."""
+    from fruitpipe.spark import JobProgress, default_parallelism, to_arrow
 
     sc = spark.sparkContext  # type: ignore[attr-defined]
-    n = todo.num_rows
     # Whole waves of tasks: at least one task per slot, and a multiple of the slots so no core idles at the end.
     slots = default_parallelism(spark)
     parts = max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots)
     parts = min(parts, n)
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
     try:
-        # Arrow straight to the JVM (no Python object per row on the driver), then equal round-robin partitions.
-        df = from_arrow(spark, todo.select(TASK_INPUT_COLUMNS)).repartition(parts)
-        out = df.mapInArrow(make_partition_fn(settings, model_bc), INDEX_DDL)
+        # Equal round-robin partitions of the staged rows; the rows never pass through the driver.
+        df = todo.select(*TASK_INPUT_COLUMNS).repartition(parts)  # type: ignore[attr-defined]
+        out = df.mapInArrow(make_partition_fn(settings, model_bc), TASK_SUMMARY_DDL)
         with JobProgress(spark, JOB_GROUP, total=n, desc="embed", quiet=quiet, tasks=parts):
-            index = to_arrow(out)
+            summary = to_arrow(out)
     finally:
         model_bc.destroy()
-    return index
+    return summary
 
 
-def find_duplicates(index: pa.Table, done: pa.Table | None) -> dict[str, str]:
-    """Embedded rows whose content was already embedded: {uri: uri of the copy kept}.
+def index_frame(spark: object, settings: EmbedSettings) -> object:
+    """The staged per-input index of this run's embed job, read by the executors."""
+    from fruitpipe.pipeline.frames import files_frame
 
-    `done` (id, uri) holds what earlier runs embedded, which always wins; within this run the smallest uri is
-    kept. Vectorised: Python objects are made only for the ids that actually repeat.
-    """
-    emb = index.filter(pc.equal(index.column("status"), "embedded")).select(["uri", "id"])
-    counts = emb.group_by("id").aggregate([("id", "count")])
-    repeated = counts.filter(pc.greater(counts.column("id_count"), 1)).column("id")
-    if done is not None and done.num_rows:
-        repeated = pa.concat_arrays([repeated.combine_chunks(), pc.filter(
-            emb.column("id"), pc.is_in(emb.column("id"), done.column("id"))).combine_chunks()])
-    if len(repeated) == 0:
-        return {}
-    kept: dict[str, str] = {}
-    if done is not None and done.num_rows:
-        prior = done.filter(pc.is_in(done.column("id"), repeated))
-        kept.update(zip(prior.column("id").to_pylist(), prior.column("uri").to_pylist()))
-    dups: dict[str, str] = {}
-    rows = emb.filter(pc.is_in(emb.column("id"), repeated)).sort_by("uri")
-    for uri, cid in zip(rows.column("uri").to_pylist(), rows.column("id").to_pylist()):
-        if cid in kept:
-            dups[uri] = kept[cid]
-        else:
-            kept[cid] = uri
-    return dups
+    files = storage.parquet_files(storage.join(settings.staging_uri, INDEX_DIR), settings.storage)
+    return files_frame(spark, files, lambda _pos, uri: [storage.read_parquet(uri, settings.storage)], INDEX_SCHEMA)
 
 
 def drop_rows_from_parts(spark: object, files: dict[str, list[str]], opts: StorageOptions) -> None:

@@ -25,10 +25,11 @@ from fruitpipe.models.runner import check_model
 from fruitpipe.monitor.logs import new_run_id, run_scope
 from fruitpipe.monitor.resources import driver_peak_rss
 from fruitpipe.output import RunDir
+from fruitpipe.pipeline import manifest
+from fruitpipe.pipeline.bookkeeping import committed_ids_digest
 from fruitpipe.pipeline.failures import interrupt_flag, job_failures
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
 from fruitpipe.pipeline.stages import LazySpark, embed_stage, reduce_stage
-from fruitpipe.pipeline.validity import ids_digest
 from fruitpipe.report import write_report
 from fruitpipe.storage import StorageOptions
 
@@ -62,6 +63,8 @@ def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
     }
     if config.precision != _FINGERPRINT_DEFAULTS["precision"]:
         fingerprint["precision"] = config.precision
+    if config.input_list:  # INPUT is a list of images, not a folder of them
+        fingerprint["input_list"] = True
     if model.spec.name == CUSTOM:  # how to feed it and read it, for every later command on this output
         fingerprint["model_spec"] = spec_record(model.spec)
     return fingerprint
@@ -94,11 +97,12 @@ def _run_context(config: Config, session: Any = None) -> Iterator[tuple[LazySpar
 
 
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None,
-        session: Any = None) -> RunResult:
+        session: Any = None, dry_run: bool = False) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
 
     `listing` replaces the listing of config.input (a manifest made elsewhere, e.g. from a catalogue).
     `session` is an existing SparkSession to use (a notebook's); the run never stops it.
+    `dry_run`: list, compare with OUTPUT and return the plan (report["plan"]) without writing anything.
     """
     config.validate()
     started = time.time()
@@ -115,7 +119,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
             # leaves it as it was.
             rundir.check_separate_from(config.input)
-            if listing is None:
+            if config.input_list:
+                manifest.check(manifest.list_files(config.input, opts), opts)
+            elif listing is None:
                 check_input(config.input, opts)
             if config.is_custom:  # any ONNX image model: its spec from the file and the flags, checked on load
                 model = resolve_custom(config.model_path, config.input_size, config.preprocess, config.layout,
@@ -130,20 +136,30 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             fingerprint = _fingerprint(config, model)
             # Refused before the lease is taken, so a refused command writes nothing there; claimed under it below.
             rundir.check_claimable(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
-            if listing is None:
+            if listing is None and not config.input_list:
                 t0 = time.perf_counter()
                 listing = list_images(config.input, opts, config.list_threads)
                 timings["list"] = time.perf_counter() - t0
-            if config.precision == "int8":  # calibrated on the listing's Training images, checked on this CPU
+            inputs = manifest.Inputs(listing=listing) if not config.input_list else manifest.Inputs(
+                list_uri=config.input)
+            if dry_run:
+                plan = embed_stage(config, model, spark, rundir, token, timings, inputs, resources, dry_run=True)
+                timings["total"] = time.perf_counter() - t_total
+                return RunResult(output=out, report={"dry_run": True, "plan": plan, "counts": {},
+                                                     "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                                                     "peak_memory_bytes": {"driver": driver_peak_rss()}})
+            if config.precision == "int8":  # calibrated on the input's Training images, checked on this CPU
                 t0 = time.perf_counter()
-                int8 = prepare_int8_model(model, listing.manifest, out, opts, config.max_pixels)
+                sample = inputs.sample(spark.get(), opts, 2_000)
+                int8 = prepare_int8_model(model, sample, out, opts, config.max_pixels)
                 model = int8.model
                 timings["int8_model"] = time.perf_counter() - t0
         else:
             fingerprint = read_marker(out, opts)
             # Reducing needs only the embedding size: the model file itself is not fetched.
             model = ResolvedModel(spec_of(fingerprint), "", fingerprint["model_sha256"], "output")
-            config = config.replace(input=fingerprint["input"], model=fingerprint["model"])
+            config = config.replace(input=fingerprint["input"], model=fingerprint["model"],
+                                    input_list=bool(fingerprint.get("input_list")))
         with lease.hold(out, token, opts) as held:
             rundir.guard = held.check  # every commit-record write first checks the lease is still ours
             if "embed" in stages:
@@ -157,11 +173,15 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 log.warning("OUTPUT %s is a local path: with --master %s every node must see it (shared folder)",
                             out, config.master)
             if "embed" in stages:
-                assert listing is not None
-                counts = embed_stage(config, model, spark, rundir, token, timings, listing, resources)
+                counts = embed_stage(config, model, spark, rundir, token, timings, inputs, resources)
             else:
                 counts = dict(previous.get("counts") or {})
-                counts["embedding_ids_digest"] = ids_digest(rundir.read_index("embeddings", ["id"]).column("id"))
+                entry = rundir.reduce_entry()
+                # Every change to the embeddings clears the record's PCA entry, so while it is there its digest is
+                # that of the committed embeddings: an up-to-date output is checked without starting Spark.
+                counts["embedding_ids_digest"] = entry["fingerprint"]["embedding_ids_digest"] \
+                    if entry and "embedding_ids_digest" in (entry.get("fingerprint") or {}) \
+                    else committed_ids_digest(spark.get(), rundir)
                 if "accounted" not in counts:
                     raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
             held.check()

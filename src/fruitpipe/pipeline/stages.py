@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -19,11 +20,11 @@ from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.wrap import wrap_uint8
 from fruitpipe.monitor.resources import stage_peaks
 from fruitpipe.output import RunDir
+from fruitpipe.pipeline import bookkeeping
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.failures import watch_interrupts
-from fruitpipe.pipeline.listing import Listing
-from fruitpipe.pipeline.validity import accounting, invalid_rows
+from fruitpipe.pipeline.manifest import Inputs
 from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, save_ml_model, spark_session
 
@@ -54,49 +55,60 @@ _NO_INFERENCE = {"tasks": 0, "workers": 0, "sessions_built": 0, "max_sessions_pe
                  "threads_per_task": 0}
 
 
-def _inference_stats(index: pa.Table) -> dict[str, int]:
-    if index.num_rows == 0:
+def _inference_stats(summary: pa.Table) -> dict[str, int]:
+    """run.json's inference section from the embed tasks' summary rows (one per task)."""
+    if summary.num_rows == 0:
         return dict(_NO_INFERENCE)
     per_pid: dict[int, int] = {}
-    for pid, built in zip(index.column("pid").to_pylist(), index.column("sessions_built").to_pylist()):
+    for pid, built in zip(summary.column("pid").to_pylist(), summary.column("sessions_built").to_pylist()):
         per_pid[pid] = max(per_pid.get(pid, 0), built)
     return {
-        "tasks": len(set(index.column("part").to_pylist())),
+        "tasks": summary.num_rows,
         "workers": len(per_pid),
         "sessions_built": sum(per_pid.values()),
         "max_sessions_per_worker": max(per_pid.values()),
-        "threads_per_task": max(index.column("threads").to_pylist()),
+        "threads_per_task": max(summary.column("threads").to_pylist()),
     }
 
 
 def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
-                timings: dict[str, float], listing: Listing, resources: dict[str, Any]) -> dict[str, Any]:
+                timings: dict[str, float], inputs: Inputs, resources: dict[str, Any],
+                dry_run: bool = False) -> dict[str, Any]:
     """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
-    returns the counts of run.json and adds bytes read and the stage's peak memory to `resources`."""
+    returns the counts of run.json and adds bytes read and the stage's peak memory to `resources`. The manifest,
+    the committed rows and the run's index are compared on the executors (bookkeeping.py). A dry run stops after
+    the plan and writes nothing."""
     opts = rundir.opts
-    emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
-    rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
-    invalid = invalid_rows(emb_idx, rej_idx, listing, rundir.settings(), config.max_pixels)
-    dropped = rundir.drop_rows({"embeddings": invalid.embeddings, "rejects": invalid.rejects}, token)
+    session = spark.get()  # JVM start is timed apart from the stage
+    t0 = time.perf_counter()
+    staging = None if dry_run else rundir.staging(token)
+    manifest, listed = inputs.frame(session, staging, opts)
+    plan = bookkeeping.plan(session, rundir, manifest, inputs.name_rejects, rundir.settings(), config.max_pixels,
+                            staging)
+    pending = plan.todo_rows + plan.name_rejects.num_rows
+    log.info("%d listed, %d already done, %d to embed", listed, listed - pending, plan.todo_rows)
+    timings["plan"] = time.perf_counter() - t0
+    if dry_run:
+        from fruitpipe.spark import default_parallelism
+
+        tasks = min(plan.todo_rows, math.ceil(math.ceil(plan.todo_rows / config.partition_size)
+                                              / default_parallelism(session)) * default_parallelism(session))
+        return {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,
+                "to_reject_by_listing": plan.name_rejects.num_rows, "to_drop_before_embedding": plan.by_reason,
+                "tasks": tasks, "committed": bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects,
+                                                                    listed)}
+    assert staging is not None
+    dropped = rundir.drop_rows(plan.drops, token)
     if dropped:
-        log.info("dropped %d row(s) no longer valid: %s", dropped, invalid.by_reason)
-        emb_idx = rundir.read_index("embeddings", ["uri", "id", "size", "mtime_ns"])
-        rej_idx = rundir.read_index("rejects", ["uri", "id", "reason", "size", "mtime_ns"])
-    done_uris = pa.concat_arrays([emb_idx.column("uri").combine_chunks(), rej_idx.column("uri").combine_chunks()])
-    todo = listing.manifest.filter(pc.invert(pc.is_in(listing.manifest.column("uri"), done_uris)))
-    name_rejects = listing.rejected.filter(pc.invert(pc.is_in(listing.rejected.column("uri"), done_uris)))
-    log.info("%d listed, %d already done, %d to embed", listing.count,
-             listing.count - todo.num_rows - name_rejects.num_rows, todo.num_rows)
+        log.info("dropped %d row(s) no longer valid: %s", dropped, plan.by_reason)
 
     inference = dict(_NO_INFERENCE)
     embedded_now = rejected_now = 0
-    session = spark.get() if todo.num_rows else None  # JVM start is timed apart from the stage
-    t0 = time.perf_counter()
-    staging = rundir.staging(token)
-    if name_rejects.num_rows:
-        storage.write_parquet(name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
-        rejected_now += name_rejects.num_rows
-    if todo.num_rows:
+    if plan.name_rejects.num_rows:
+        storage.write_parquet(plan.name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
+        rejected_now += plan.name_rejects.num_rows
+    if plan.todo_rows:
+        t1 = time.perf_counter()
         # Pixel scaling inside the graph: tasks feed the decoded uint8 pixels, no float32 copy (models/wrap.py).
         wrapped = wrap_uint8(model.read_bytes(), model.spec)
         settings = embed_mod.EmbedSettings(
@@ -105,55 +117,44 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
             preprocess=model.spec.preprocess, layout=model.spec.layout, uint8_input=True,
             max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
-            read_ahead=config.read_ahead if storage.is_s3(config.input) else 1,
+            read_ahead=config.read_ahead if config.input_list or storage.is_s3(config.input) else 1,
         )
-        index = embed_mod.run_embed_job(session, todo, settings, wrapped.data, config.partition_size, config.quiet)
-        timings["embed_job"] = time.perf_counter() - t0
-        resources["bytes_read"] = _bytes_read(todo, index)
+        summary = embed_mod.run_embed_job(session, plan.todo, plan.todo_rows, settings, wrapped.data,
+                                          config.partition_size, config.quiet)
+        timings["embed_job"] = time.perf_counter() - t1
+        resources["bytes_read"] = int(pc.sum(summary.column("bytes_read")).as_py() or 0)
         resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP)
-        inference = _inference_stats(index)
-        embedded_now = int(pc.sum(pc.equal(index.column("status"), "embedded")).as_py() or 0)
-        rejected_now += index.num_rows - embedded_now
-        dups = embed_mod.find_duplicates(index, emb_idx.select(["id", "uri"]))
-        if dups:
-            embedded_now -= len(dups)
-            rejected_now += len(dups)
-            log.info("%d duplicate input(s) (same bytes as another): recorded in rejects", len(dups))
+        inference = _inference_stats(summary)
+        embedded_now = int(pc.sum(summary.column("embedded")).as_py() or 0)
+        rejected_now += int(pc.sum(summary.column("rejected")).as_py() or 0)
+        dups = bookkeeping.duplicates(session, embed_mod.index_frame(session, settings), plan.kept, plan.todo)
+        if dups.num_rows:
+            embedded_now -= dups.num_rows
+            rejected_now += dups.num_rows
+            log.info("%d duplicate input(s) (same bytes as another): recorded in rejects", dups.num_rows)
             by_part: dict[str, list[str]] = {}
-            rows = index.filter(pc.is_in(index.column("uri"), pa.array(list(dups))))
-            for uri, part in zip(rows.column("uri").to_pylist(), rows.column("part").to_pylist()):
+            for uri, part in zip(dups.column("uri").to_pylist(), dups.column("part").to_pylist()):
                 by_part.setdefault(storage.join(staging, "embeddings", part), []).append(uri)
             embed_mod.drop_rows_from_parts(session, by_part, opts)
-            stats = todo.filter(pc.is_in(todo.column("uri"), rows.column("uri")))
-            size_of = dict(zip(stats.column("uri").to_pylist(), stats.column("size").to_pylist()))
-            mtime_of = dict(zip(stats.column("uri").to_pylist(), stats.column("mtime_ns").to_pylist()))
-            uris = rows.column("uri").to_pylist()
             dup_rejects = pa.table(
                 {
-                    "id": rows.column("id"), "uri": rows.column("uri"), "label": rows.column("label"),
-                    "split": rows.column("split"), "reason": pa.array(["duplicate"] * rows.num_rows),
-                    "detail": pa.array([f"same bytes as {dups[u]}" for u in uris]),
-                    "size": pa.array([size_of.get(u) for u in uris], pa.int64()),
-                    "mtime_ns": pa.array([mtime_of.get(u) for u in uris], pa.int64()),
+                    "id": dups.column("id"), "uri": dups.column("uri"), "label": dups.column("label"),
+                    "split": dups.column("split"), "reason": pa.array(["duplicate"] * dups.num_rows),
+                    "detail": pc.binary_join_element_wise("same bytes as ", dups.column("kept"), ""),
+                    "size": dups.column("size"), "mtime_ns": dups.column("mtime_ns"),
                 },
                 schema=REJECTS_SCHEMA,
             )
             storage.write_parquet(dup_rejects, storage.join(staging, "rejects", "part-duplicates.parquet"), opts)
     # Publish: the staged parts are moved in, then named in the commit record in one write.
     rundir.commit_parts(staging, token, settings={"max_pixels": config.max_pixels})
-    storage.delete(staging, opts)
     rundir.ensure_datasets(token)  # readers always find both datasets with their schema
+    counts = bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects, listed)
+    storage.delete(staging, opts)  # after the accounting, which reads the staged manifest
     timings["embed"] = time.perf_counter() - t0
-    return {**accounting(rundir, listing), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
-            "skipped_already_done": listing.count - todo.num_rows - name_rejects.num_rows,
-            "dropped_before_embedding": invalid.by_reason, "inference": inference}
-
-
-def _bytes_read(todo: pa.Table, index: pa.Table) -> int:
-    """Bytes of the inputs the embed job read: their listed sizes, less the inputs that could not be read."""
-    unread = index.filter(pc.equal(index.column("reason"), "unreadable")).column("uri")
-    read = todo.filter(pc.invert(pc.is_in(todo.column("uri"), unread.combine_chunks())))
-    return int(pc.sum(read.column("size")).as_py() or 0)
+    return {**counts, **inputs.ignored(), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
+            "skipped_already_done": listed - pending, "dropped_before_embedding": plan.by_reason,
+            "inference": inference}
 
 
 def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,

@@ -1,0 +1,118 @@
+"""Row sets too large for the driver, as Spark DataFrames read and written by the executors through pyarrow.fs:
+committed part files, the run's manifest and index staged as Parquet, and a driver-side error for a bad file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from fruitpipe import schemas, storage
+from fruitpipe.errors import OutputError
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+#: Prefix of the message a task raises for a file it cannot read; the driver turns it back into an OutputError.
+_MARK = "FRUITPIPE-OUTPUT-ERROR:"
+
+#: Parquet files a task reads at most when reading a dataset (files are grouped so 20,000 parts are not 20,000 tasks).
+FILES_PER_TASK = 64
+
+
+def ddl(schema: pa.Schema) -> str:
+    """The Spark DDL of an Arrow schema made of strings, int32 and int64 columns."""
+    names = {pa.string(): "string", pa.int64(): "long", pa.int32(): "int", pa.bool_(): "boolean"}
+    return ", ".join(f"{f.name} {names[f.type]}" for f in schema)
+
+
+@contextlib.contextmanager
+def output_errors() -> Iterator[None]:
+    """Turn a task's failure on an unreadable or corrupt file back into the OutputError it raised."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if _MARK in text:
+            message = text.split(_MARK, 1)[1].splitlines()[0].strip()
+            raise OutputError(message) from None
+        raise
+
+
+def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterable[pa.Table]],
+                schema: pa.Schema) -> Any:
+    """A DataFrame of `schema` made by `read(position, uri)` (the file's rows, a table at a time) on the executors,
+    files grouped into tasks; the driver holds only the list of files."""
+    from fruitpipe.spark import default_parallelism
+
+    if not files:
+        return spark.createDataFrame([], ddl(schema))
+    tasks = max(1, min(len(files), max(default_parallelism(spark), math.ceil(len(files) / FILES_PER_TASK))))
+
+    def read_files(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for pos, uri in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                try:
+                    for table in read(pos, uri):
+                        yield from schemas.conform(table, schema).to_batches(max_chunksize=65_536)
+                except OutputError as exc:
+                    raise RuntimeError(f"{_MARK} {exc}") from None
+
+    units = spark.createDataFrame(spark.sparkContext.parallelize(list(enumerate(files)), tasks),
+                                  "pos int, uri string")
+    return units.mapInArrow(read_files, ddl(schema))
+
+
+def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema: pa.Schema,
+                opts: StorageOptions) -> Any:
+    """The given columns of a committed dataset's part files, plus _file (part name), _fileno (its place in the
+    commit record) and _row (row in that part): only those column chunks are read, never the features."""
+    schema = pa.schema([dataset_schema.field(c) for c in columns]
+                       + [("_file", pa.string()), ("_fileno", pa.int32()), ("_row", pa.int64())])
+
+    def read(pos: int, uri: str) -> list[pa.Table]:
+        import numpy as np
+
+        try:
+            t = storage.read_parquet_columns(uri, opts, columns)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from "
+                              "the output's _commit.json, or re-run with --overwrite") from None
+        t = schemas.conform(t, pa.schema([dataset_schema.field(c) for c in columns]))
+        n = t.num_rows
+        return [t.append_column("_file", pa.array([uri.rsplit("/", 1)[1]] * n, pa.string()))
+                .append_column("_fileno", pa.array(np.full(n, pos, dtype=np.int32)))
+                .append_column("_row", pa.array(np.arange(n, dtype=np.int64)))]
+
+    return files_frame(spark, files, read, schema)
+
+
+def stage(df: Any, where: str | None, schema: pa.Schema, opts: StorageOptions) -> tuple[Any, int]:
+    """Materialise `df` once: (a DataFrame that reads it back, its row count). With `where`, each task writes its
+    rows to a Parquet file there and later jobs read those files (a lost executor cannot lose them); without it
+    (a dry run, which writes nothing) Spark keeps them on the executors' local disks."""
+    if where is None:
+        from pyspark.storagelevel import StorageLevel
+
+        kept = df.persist(StorageLevel.DISK_ONLY)
+        return kept, int(kept.count())
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        assert ctx is not None, "runs inside a Spark task"
+        got = [b for b in batches if b.num_rows]
+        if got:
+            table = schemas.conform(pa.Table.from_batches(got), schema)
+            storage.write_parquet(table, storage.join(where, f"part-{ctx.partitionId():05d}.parquet"), opts)
+        yield pa.RecordBatch.from_pydict({"rows": [sum(b.num_rows for b in got)]}, schema=pa.schema([("rows",
+                                                                                                     pa.int64())]))
+
+    rows = int(sum(r["rows"] for r in df.mapInArrow(write, "rows long").collect()))
+    files = storage.parquet_files(where, opts) if rows else []
+    return files_frame(df.sparkSession, files, lambda _pos, uri: [storage.read_parquet(uri, opts)], schema), rows
