@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("run", "embed"):
             listed = flags.pop("input_list", None)
             if (listed is None) == (args.input is None):
-                raise ConfigError("pass either INPUT or --input-list FILE (not both): e.g. fruitpipe run "
+                raise ConfigError("either INPUT or --input-list FILE is required (not both): e.g. fruitpipe run "
                                   "images/ out/, or fruitpipe run --input-list inventory.parquet out/")
             if listed is not None:
                 flags.update(input=listed, input_list=True)

@@ -1,0 +1,131 @@
+"""--input-list (a Parquet or CSV list of URIs, or an S3 Inventory) and --dry-run: every listed row accounted for
+once, labels from the list or from the URI's folders, re-runs compare the list with what is committed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+import fruitpipe
+from conftest import REGION, copy_classes, sample_classes, upload_folder
+from fruitpipe.cli import main
+from fruitpipe.pipeline.run import run as run_stages
+
+CLASSES = sample_classes(2)
+
+
+def _photos(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_classes(tmp_path_factory.mktemp("list") / "in", CLASSES, per_split=4)
+
+
+def _config(listing: Path | str, out: Path | str, **kw) -> fruitpipe.Config:
+    return fruitpipe.Config(input=str(listing), input_list=True, output=str(out), quiet=True, **{"k": 3, **kw})
+
+
+def test_parquet_list_labels_from_folders_and_every_row_accounted(spark, photos: Path, tmp_path: Path) -> None:
+    files = _photos(photos)
+    uris = [str(p) for p in files] + [str(photos / "Training" / CLASSES[0] / "gone.jpg"), str(files[0])]
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "list.parquet")  # one missing file, one URI twice
+    result = fruitpipe.run(_config(tmp_path / "list.parquet", tmp_path / "out"))
+    counts = result.counts
+    assert counts["listed"] == len(files) + 1 and counts["accounted"]
+    assert counts["embedded"] == len(files) and counts["rejects_by_reason"] == {"unreadable": 1}
+    emb = pq.read_table(tmp_path / "out" / "embeddings", columns=["uri", "label", "split"]).to_pylist()
+    by_uri = {r["uri"]: r for r in emb}
+    for p in files:  # label and split read from <split>/<Class>/<file>, as for a listed folder
+        assert (by_uri[str(p)]["label"], by_uri[str(p)]["split"]) == (p.parent.name, p.parent.parent.name)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["input_list"] is True
+
+    # The list shrinks by one and grows by nothing: that row is dropped, nothing is embedded again.
+    pq.write_table(pa.table({"uri": uris[1:-1]}), tmp_path / "list.parquet")
+    again = fruitpipe.run(_config(tmp_path / "list.parquet", tmp_path / "out")).counts
+    # files[0] left the list; the missing file's reject is retried (and missing again)
+    assert again["dropped_before_embedding"] == {"deleted": 1, "retried": 1} and again["accounted"]
+    assert again["embedded_this_run"] == 0 and again["listed"] == len(files)
+    assert again["embedded"] == len(files) - 1 and again["rejects_by_reason"] == {"unreadable": 1}
+
+
+def test_csv_list_with_labels_sizes_and_a_dry_run_that_writes_nothing(spark, photos: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    files = _photos(photos)[:6]
+    table = pa.table({"uri": [str(p) for p in files], "label": ["apple"] * 3 + ["pear"] * 3,
+                      "split": ["training", "TEST", None, "Training", "Test", None],
+                      "size": [p.stat().st_size for p in files]})
+    pacsv.write_csv(table, tmp_path / "list.csv")
+    out = tmp_path / "out"
+    assert main(["run", "--input-list", str(tmp_path / "list.csv"), str(out), "--dry-run", "--master", "local[2]",
+                 "-q", "--k", "2"]) == 0
+    assert not out.exists()  # a dry run writes nothing
+    assert main(["run", "--input-list", str(tmp_path / "list.csv"), str(out), "--dry-run", "--master", "local[2]",
+                 "--k", "2"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["listed"] == 6 and plan["to_embed"] == 6 and plan["already_done"] == 0 and plan["tasks"] >= 1
+    assert not plan["committed"]["accounted"] and plan["committed"]["embedded"] == 0
+
+    result = fruitpipe.run(_config(tmp_path / "list.csv", out, k=2))
+    rows = pq.read_table(out / "embeddings", columns=["uri", "label", "split", "size"]).sort_by("uri").to_pylist()
+    got = {r["uri"]: (r["label"], r["split"], r["size"]) for r in rows}
+    assert got == {str(p): (lab, sp, p.stat().st_size) for p, lab, sp in zip(
+        files, table.column("label").to_pylist(), ["Training", "Test", files[2].parent.parent.name, "Training",
+                                                  "Test", files[5].parent.parent.name])}
+    assert result.counts["accounted"] and result.report["resources"]["bytes_read"] == sum(
+        p.stat().st_size for p in files)
+
+    # After the run, the plan says there is nothing left to do.
+    fruitpipe_plan = run_stages(_config(tmp_path / "list.csv", out, k=2), ("embed",), dry_run=True).report["plan"]
+    assert fruitpipe_plan["to_embed"] == 0 and fruitpipe_plan["already_done"] == 6
+    assert fruitpipe_plan["committed"]["accounted"] and fruitpipe_plan["committed"]["embedded"] == 6
+
+
+def test_s3_inventory_parquet_on_s3(spark, s3_endpoint: str, photos: Path, tmp_path: Path) -> None:
+    """An S3 Inventory report (bucket, key, size, last_modified_date) in a folder, read from S3 by the executors."""
+    import boto3
+
+    n = upload_folder(photos, s3_endpoint, "inv", "fruits")
+    keys = sorted(f"fruits/{p.relative_to(photos).as_posix()}" for p in _photos(photos))
+    inventory = pa.table({"bucket": ["inv"] * len(keys), "key": keys,
+                          "size": [(photos / k[len("fruits/"):]).stat().st_size for k in keys],
+                          "last_modified_date": pa.array([0] * len(keys), pa.timestamp("ms", "UTC"))})
+    half = len(keys) // 2
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    for i, part in enumerate((inventory.slice(0, half), inventory.slice(half))):
+        pq.write_table(part, tmp_path / f"{i}.parquet")
+        s3.upload_file(str(tmp_path / f"{i}.parquet"), "inv", f"inventory/data/{i}.parquet")
+    result = fruitpipe.run(_config("s3://inv/inventory/data", "s3://inv/runs/1", s3_endpoint=s3_endpoint,
+                                   region=REGION))
+    assert n == len(keys) and result.counts["listed"] == len(keys) and result.counts["embedded"] == len(keys)
+    assert result.counts["accounted"]
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (None, "does not exist"),
+    (b"path,label\n/x.jpg,a\n", "has no `uri` column"),
+    (b"\x00\x01 not a table", "cannot be read"),
+])
+def test_a_bad_list_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes | None,
+                                needle: str) -> None:
+    listing = tmp_path / ("list.parquet" if content and content.startswith(b"\x00") else "list.csv")
+    if content is not None:
+        listing.write_bytes(content)
+    assert main(["run", "--input-list", str(listing), str(tmp_path / "out"), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0] and "--input-list" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_and_input_list_are_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv in (["run", str(tmp_path), str(tmp_path / "out"), "--input-list", str(tmp_path / "l.csv")],
+                 ["run", str(tmp_path / "out")]):
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "either INPUT or --input-list" in err[0]
