@@ -291,3 +291,23 @@ def test_pca_guard_rejects_a_wrong_decomposition(e2e, spark) -> None:
     wrong, _ = np.linalg.qr(np.random.default_rng(0).normal(size=components.shape))  # orthonormal, arbitrary
     with pytest.raises(reduce_mod.PcaCheckError, match="the PCA is inconsistent"):
         reduce_mod.check_pca(df, wrong, claimed)
+
+
+def test_report_scatter_sample_is_bounded_and_drawn_from_the_rows(e2e) -> None:
+    """The report's scatter reads the reduced parts one at a time and keeps at most N points per class."""
+    from collections import Counter
+
+    from fruitpipe.output import RunDir
+    from fruitpipe.report.html import scatter_sample
+
+    rundir = RunDir(str(e2e["out"]), StorageOptions())
+    table = pq.read_table(e2e["out"] / "reduced", columns=["label", "pca"]).to_pylist()
+    rows: dict[str, set] = {}
+    for r in table:
+        rows.setdefault(r["label"], set()).add((np.float32(r["pca"][0]), np.float32(r["pca"][1])))
+    counts, points = scatter_sample(rundir, per_class=5)
+    assert counts == dict(Counter(r["label"] for r in table))
+    for label, pts in points.items():
+        assert len(pts) == min(5, counts[label]) and {tuple(p) for p in pts} <= rows[label]
+    _, every = scatter_sample(rundir, per_class=10**6)
+    assert {label: {tuple(p) for p in pts} for label, pts in every.items()} == rows

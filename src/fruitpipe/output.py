@@ -204,14 +204,18 @@ class RunDir:
             return empty.empty_table()
         return pa.concat_tables(pieces)
 
+    def reduced_files(self) -> list[str]:
+        """URIs of the committed reduced-vector part files ([] when the output has no PCA)."""
+        return [self.join("reduced", f) for f in (self.reduce_entry() or {}).get("reduced", [])
+                if f.endswith(".parquet")]
+
     def read_reduced(self, columns: list[str]) -> pa.Table | None:
         """The given columns of the committed reduced vectors (the files the record names), or None when the
         output has no PCA."""
-        files = [f for f in (self.reduce_entry() or {}).get("reduced", []) if f.endswith(".parquet")]
+        files = self.reduced_files()
         if not files:
             return None
-        return pa.concat_tables([storage.read_parquet(self.join("reduced", f), self.opts, columns=columns)
-                                 for f in files])
+        return pa.concat_tables([storage.read_parquet(f, self.opts, columns=columns) for f in files])
 
     # -- changes (the caller holds the lease) ---------------------------------------------------------------------
 

@@ -25,11 +25,65 @@ SCATTER_POINTS_PER_CLASS = 200
 #: Example rejects shown per reason.
 REJECT_EXAMPLES = 3
 
+def _reject_examples(rundir: RunDir, reasons: set[str]) -> list[list[Any]]:
+    """Up to REJECT_EXAMPLES rejects per reason, reading the rejects' part files one at a time until each reason
+    has its examples (never the whole dataset at once)."""
+    found: dict[str, list[list[Any]]] = {reason: [] for reason in reasons}
+    for uri in rundir.files("rejects"):
+        table = storage.read_parquet_columns(uri, rundir.opts, ["uri", "reason", "detail"])
+        for row in table.to_pylist():
+            got = found.get(row["reason"])
+            if got is not None and len(got) < REJECT_EXAMPLES:
+                got.append([row["reason"], row["uri"], (row["detail"] or "")[:160]])
+        if all(len(v) >= REJECT_EXAMPLES for v in found.values()):
+            break
+    return [row for reason in sorted(found) for row in found[reason]]
+
+
 def _json(rundir: RunDir, *parts: str) -> dict[str, Any] | None:
     uri = rundir.join(*parts)
     if not storage.exists(uri, rundir.opts):
         return None
     return json.loads(storage.read_bytes(uri, rundir.opts))
+
+
+def scatter_sample(rundir: RunDir, per_class: int = SCATTER_POINTS_PER_CLASS,
+                   seed: int = 0) -> tuple[dict[str, int], dict[str, np.ndarray]] | None:
+    """(images per class, up to `per_class` uniformly drawn (PC 1, PC 2) points per class) of the reduced vectors,
+    read one part file at a time: each row gets a seeded random key and each class keeps its smallest keys, so the
+    driver holds one file and the kept points whatever the number of rows. None without reduced vectors."""
+    files = rundir.reduced_files()
+    if not files:
+        return None
+    rng = np.random.default_rng(seed)
+    codes: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    kept_c, kept_k, kept_xy = np.empty(0, np.int64), np.empty(0), np.empty((0, 2), np.float32)
+    for uri in files:
+        table = storage.read_parquet(uri, rundir.opts, columns=["label", "pca"])
+        if table.num_rows == 0:
+            continue
+        vectors = table.column("pca").combine_chunks()
+        dim = len(vectors[0].as_py())
+        if dim < 2:
+            return None
+        names, inverse, n = np.unique(np.asarray(table.column("label").to_pylist(), dtype=object),
+                                      return_inverse=True, return_counts=True)
+        for name, c in zip(names, n):
+            counts[str(name)] = counts.get(str(name), 0) + int(c)
+        local = np.array([codes.setdefault(str(name), len(codes)) for name in names], np.int64)
+        xy = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)[:, :2]
+        cls = np.concatenate([kept_c, local[inverse]])
+        key = np.concatenate([kept_k, rng.random(len(xy))])
+        pts = np.concatenate([kept_xy, xy])
+        order = np.lexsort((key, cls))
+        sorted_c = cls[order]
+        first = np.r_[True, sorted_c[1:] != sorted_c[:-1]]
+        start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+        keep = order[np.arange(len(order)) - start < per_class]
+        kept_c, kept_k, kept_xy = cls[keep], key[keep], pts[keep]
+    names_of = {v: k for k, v in codes.items()}
+    return counts, {names_of[c]: kept_xy[kept_c == c] for c in np.unique(kept_c)}
 
 
 def _scatter_png(rundir: RunDir) -> bytes | None:
@@ -38,26 +92,17 @@ def _scatter_png(rundir: RunDir) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    table = rundir.read_reduced(["label", "pca"])  # the committed files only
-    if table is None or table.num_rows == 0:
+    sample = scatter_sample(rundir)  # the committed files only
+    if sample is None:
         return None
-    labels = np.asarray(table.column("label").to_pylist(), dtype=object)
-    vectors = table.column("pca").combine_chunks()
-    dim = len(vectors[0].as_py())
-    if dim < 2:
-        return None
-    xy = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:, :2]
-    names, counts = np.unique(labels, return_counts=True)
-    shown = [names[i] for i in np.argsort(-counts, kind="stable")[:SCATTER_CLASSES]]
-    rng = np.random.default_rng(0)
+    counts, points = sample
+    shown = sorted(counts, key=lambda name: (-counts[name], name))[:SCATTER_CLASSES]
     fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
     for name in sorted(shown):
-        idx = np.nonzero(labels == name)[0]
-        idx = rng.choice(idx, size=min(len(idx), SCATTER_POINTS_PER_CLASS), replace=False)
-        ax.scatter(xy[idx, 0], xy[idx, 1], s=8, alpha=0.7, label=str(name))
+        ax.scatter(points[name][:, 0], points[name][:, 1], s=8, alpha=0.7, label=str(name))
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title(f"first two principal components, {len(shown)} of {len(names)} classes")
+    ax.set_title(f"first two principal components, {len(shown)} of {len(counts)} classes")
     ax.legend(fontsize=7, markerscale=2, loc="best")
     buf = io.BytesIO()
     fig.tight_layout()
@@ -84,11 +129,7 @@ def build_report(rundir: RunDir) -> bytes:
     parts.append("<section id='counts'><h2>Counts</h2>" + _table(rows, ["what", "images"]))
     by_reason = counts.get("rejects_by_reason") or {}
     if by_reason:
-        rejects = rundir.read_index("rejects", ["uri", "reason", "detail"]).to_pylist()
-        examples = []
-        for reason in sorted(by_reason):
-            examples += [[reason, r["uri"], (r["detail"] or "")[:160]] for r in rejects
-                         if r["reason"] == reason][:REJECT_EXAMPLES]
+        examples = _reject_examples(rundir, set(by_reason))
         parts.append(_table([[k, v] for k, v in sorted(by_reason.items())], ["reject reason", "images"]))
         parts.append("<h3>Example rejects</h3>" + _table(examples, ["reason", "uri", "detail"]))
     else:
