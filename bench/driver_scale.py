@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=120, help="real photos among the entries")
     parser.add_argument("--partition-size", type=int, default=50_000)
     parser.add_argument("--workdir", default="/tmp/fruitpipe-driver-scale")
+    parser.add_argument("--modes", default="dry,real", help="dry, real or both")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -91,7 +92,7 @@ def main() -> None:
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         listing = make_list(n, real, images, work / f"list-{n}.parquet")
-        for mode in ("dry", "real"):
+        for mode in args.modes.split(","):
             t0 = time.perf_counter()
             got = one(listing, work / f"out-{n}", args.partition_size, mode == "dry")
             got.update(entries=n, mode=mode, total_s=round(time.perf_counter() - t0, 1))

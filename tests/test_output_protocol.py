@@ -215,10 +215,10 @@ def test_files_not_in_the_commit_record_are_never_published(spark, tmp_path: Pat
 def test_success_is_not_written_when_the_accounting_fails(spark, tmp_path: Path, monkeypatch) -> None:
     data = copy_classes(tmp_path / "in", sample_classes(1), per_split=5)
     out = tmp_path / "out"
-    from fruitpipe.pipeline import stages
+    from fruitpipe.pipeline import bookkeeping
 
-    real = stages.accounting
-    monkeypatch.setattr(stages, "accounting", lambda rundir, listing: {**real(rundir, listing), "accounted": False})
+    real = bookkeeping.accounting
+    monkeypatch.setattr(bookkeeping, "accounting", lambda *args: {**real(*args), "accounted": False})
     with pytest.raises(OutputError, match="accounting failed"):
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=2, quiet=True))
     assert (out / "run.json").exists() and not (out / "_SUCCESS").exists()

@@ -50,16 +50,18 @@ STEP_TIMEOUT_FLOOR_MIN = 30.0
 #: `fruitpipe run`'s default --partition-size (images per Spark partition).
 DEFAULT_PARTITION_IMAGES = 512
 #: Requests counted at a proxy on a 20-image run with 2 and with 4 partitions (see s3_requests): each partition
-#: costs 10 PUT/POST (staging writes of its embeddings and reduced parts, their copies into place) and 15 driver
-#: GET/HEAD (the accounting, the PCA, and report.html's scatter re-read parts); the rest is fixed (10 of the fixed
-#: PUT/POST: pca/spark_model/'s two files, written to staging and copied into place).
-PUTS_PER_PART = 10
-READS_PER_PART = 15
-FIXED_PUTS = 58
-FIXED_DRIVER_READS = 36
-#: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish) and the
-#: input's existence probes, and report.html's; 34 to 35 were counted from run to run, with 2 of headroom.
-FIXED_LISTS = 37
+#: costs 13 PUT/POST (staging writes of its embeddings, index and reduced parts, their copies into place) and 23
+#: GET/HEAD besides the images (the executors' reads of the staged index and of the committed parts for the
+#: bookkeeping and the accounting, the PCA, and report.html's scatter); the rest is fixed (10 of the fixed PUT/POST:
+#: pca/spark_model/'s two files, written to staging and copied into place; the staged manifest, verdicts and rows
+#: to embed, one file per task of those small jobs). Before the bookkeeping moved to the executors: 10, 15, 58, 36.
+PUTS_PER_PART = 13
+READS_PER_PART = 23
+FIXED_PUTS = 62
+FIXED_DRIVER_READS = 74
+#: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish), the staged
+#: folders the executors read back, the input's existence probes, and report.html's; 39 counted, with 1 of headroom.
+FIXED_LISTS = 39
 
 def step_timeout_minutes(settings: EmrSettings) -> int:
     """How long the step may run before `timeout` kills it (and ActionOnFailure the cluster): --step-timeout, else
@@ -202,9 +204,9 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
     (tests/test_emr.py::test_s3_requests_of_a_run_match_the_plan). One GET per image and no HEAD
     (storage.read_object). LIST pages: a fixed set (the output's folders, the input's probes) and one per 1,000
     input keys (the input is listed in one flat pass; --list-threads adds a page per folder). PUT/POST and
-    driver-side GET/HEAD: a fixed part (markers, records, PCA files, run.json), a part per Spark partition
-    (pyarrow writes each file as a 3-request multipart upload and publishes by copy; the driver re-reads each
-    embeddings part), and the lease's renewal every 30 s."""
+    other GET/HEAD: a fixed part (markers, records, PCA files, run.json, the staged manifest), a part per Spark
+    partition (pyarrow writes each file as a 3-request multipart upload and publishes by copy; the executors read
+    back each staged index part and the committed parts' id and uri columns), and the lease's renewal every 30 s."""
     opts = run_options(settings.run_args)
     partition = opts.partition_size or DEFAULT_PARTITION_IMAGES
     slots = slots or settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus

@@ -67,6 +67,30 @@ def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterabl
     return units.mapInArrow(read_files, ddl(schema))
 
 
+def corrupt_part(uri: str, exc: Exception) -> OutputError:
+    """The error for a committed part file that cannot be read."""
+    return OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from the "
+                       "output's _commit.json, or re-run with --overwrite")
+
+
+def count_rows(spark: Any, files: list[str], opts: StorageOptions) -> int:
+    """Rows in Parquet part files, from their footers, read by the executors (20,000 footers on S3 one after the
+    other would keep the driver busy for minutes)."""
+    import pyarrow.parquet as pq
+
+    def footer(_pos: int, uri: str) -> list[pa.Table]:
+        fs, path = storage.resolve(uri, opts)
+        try:
+            rows = pq.read_metadata(path, filesystem=fs).num_rows
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise corrupt_part(uri, exc) from None
+        return [pa.table({"rows": pa.array([rows], pa.int64())})]
+
+    with output_errors():
+        got = files_frame(spark, files, footer, pa.schema([("rows", pa.int64())])).agg({"rows": "sum"}).collect()
+    return int(got[0][0] or 0) if got else 0
+
+
 def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema: pa.Schema,
                 opts: StorageOptions) -> Any:
     """The given columns of a committed dataset's part files, plus _file (part name), _fileno (its place in the
@@ -80,8 +104,7 @@ def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema
         try:
             t = storage.read_parquet_columns(uri, opts, columns)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from "
-                              "the output's _commit.json, or re-run with --overwrite") from None
+            raise corrupt_part(uri, exc) from None
         t = schemas.conform(t, pa.schema([dataset_schema.field(c) for c in columns]))
         n = t.num_rows
         return [t.append_column("_file", pa.array([uri.rsplit("/", 1)[1]] * n, pa.string()))

@@ -366,17 +366,6 @@ def write_basis_artifacts(pca_uri: str, basis: Basis, n_samples: int, measured: 
     return report
 
 
-def count_rows(files: list[str], opts: StorageOptions) -> int:
-    """Rows in Parquet part files, from their footers only."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for uri in files:
-        fs, path = storage.resolve(uri, opts)
-        total += pq.read_metadata(path, filesystem=fs).num_rows
-    return total
-
-
 def load_components(pca_uri: str, opts: StorageOptions) -> np.ndarray:
     """The fitted model's components (dim x k) written by a run, for projecting new embeddings."""
     return np.load(io.BytesIO(storage.read_bytes(storage.join(pca_uri, "components.npy"), opts)))

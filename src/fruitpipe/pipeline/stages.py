@@ -24,6 +24,7 @@ from fruitpipe.pipeline import bookkeeping
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.failures import watch_interrupts
+from fruitpipe.pipeline.frames import count_rows
 from fruitpipe.pipeline.manifest import Inputs
 from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, save_ml_model, spark_session
@@ -181,11 +182,11 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
             timings["reduce"] = time.perf_counter() - t0
             return {**summary, "skipped": True}
     files = rundir.files("embeddings")
-    n_rows = reduce_mod.count_rows(files, opts)
+    session = spark.get()
+    n_rows = count_rows(session, files, opts)
     if n_rows < 2:
         raise OutputError(f"PCA needs at least 2 embedded images and {rundir.uri} has {n_rows}: add images to the "
                           "input, or use `fruitpipe embed` alone")
-    session = spark.get()
     t0 = time.perf_counter()
     from pyspark.storagelevel import StorageLevel
 

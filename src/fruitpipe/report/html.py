@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from fruitpipe import storage
 from fruitpipe.output import CLASSIFIER, REPORT, RunDir
@@ -31,10 +32,10 @@ def _reject_examples(rundir: RunDir, reasons: set[str]) -> list[list[Any]]:
     found: dict[str, list[list[Any]]] = {reason: [] for reason in reasons}
     for uri in rundir.files("rejects"):
         table = storage.read_parquet_columns(uri, rundir.opts, ["uri", "reason", "detail"])
-        for row in table.to_pylist():
-            got = found.get(row["reason"])
-            if got is not None and len(got) < REJECT_EXAMPLES:
-                got.append([row["reason"], row["uri"], (row["detail"] or "")[:160]])
+        for reason, got in found.items():
+            if len(got) < REJECT_EXAMPLES:
+                rows = table.filter(pc.equal(table.column("reason"), reason)).slice(0, REJECT_EXAMPLES - len(got))
+                got += [[reason, r["uri"], (r["detail"] or "")[:160]] for r in rows.to_pylist()]
         if all(len(v) >= REJECT_EXAMPLES for v in found.values()):
             break
     return [row for reason in sorted(found) for row in found[reason]]
