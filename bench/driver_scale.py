@@ -7,7 +7,8 @@ and N - real URIs in the same class folders that do not exist. Each size runs tw
 and a new local[2] JVM), on a fresh OUTPUT: `fruitpipe embed --input-list ... --dry-run` (list, compare, plan,
 accounting of what is committed) and then the real `fruitpipe embed --input-list ...`, which embeds the real photos,
 records every missing one as `unreadable`, deduplicates, commits and accounts for all N. Printed per run: wall time,
-counts, the Python driver's peak RSS (ru_maxrss of that process) and the JVM's (VmHWM; in local mode the JVM also
+counts, the Python driver's peak RSS (VmHWM of that process: ru_maxrss would carry this script's own peak over the
+exec) and the JVM's (VmHWM; in local mode the JVM also
 hosts the executors, so its memory follows the work, not the driver's bookkeeping).
 """
 
@@ -31,8 +32,9 @@ SAMPLE = SHARED / "data" / "fruits360-sample"
 os.environ.setdefault("FRUITPIPE_MODELS", str(SHARED / "models"))  # the shared weights, no download
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from fruitpipe import Config
+from fruitpipe.monitor.resources import driver_peak_rss
 from fruitpipe.pipeline.run import run
 from fruitpipe.spark import spark_session
 
@@ -45,8 +47,7 @@ with spark_session("local[2]", "driver-scale", conf={"spark.ui.enabled": "false"
     jvm = spark.sparkContext._gateway.proc.pid
     hwm = [int(line.split()[1]) * 1024 for line in open(f"/proc/{jvm}/status") if line.startswith("VmHWM")][0]
 wall = time.perf_counter() - t0
-print(json.dumps({"wall_s": round(wall, 1), "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  * 1024, "jvm_peak_rss": hwm, "plan": report.get("plan"), "counts": report.get("counts"),
+print(json.dumps({"wall_s": round(wall, 1), "driver_peak_rss": driver_peak_rss(), "jvm_peak_rss": hwm, "plan": report.get("plan"), "counts": report.get("counts"),
                   "timings_s": report.get("timings_s")}))
 """
 

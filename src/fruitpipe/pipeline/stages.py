@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class LazySpark:
-    """Starts Spark on first use only, so a run with nothing to do never pays the JVM start."""
+    """Starts Spark on first use only (a caller's session is used as is), so `reduce` on an up-to-date output never
+    pays the JVM start."""
 
     def __init__(self, config: Config, stack: contextlib.ExitStack, session: Any = None) -> None:
         self._config = config
