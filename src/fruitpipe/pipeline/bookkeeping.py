@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from fruitpipe import storage
 from fruitpipe.output import RunDir
-from fruitpipe.pipeline.frames import index_frame, output_errors, stage
+from fruitpipe.pipeline.frames import ddl, index_frame, output_errors, stage
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA, MANIFEST_SCHEMA, REJECTS_SCHEMA
 from fruitpipe.spark import from_arrow, to_arrow
 
@@ -60,7 +60,7 @@ def _listed(spark: Any, manifest: Any, name_rejects: pa.Table) -> Any:
     return rows.withColumnRenamed("size", "l_size").withColumnRenamed("mtime_ns", "l_mtime")
 
 
-def plan(spark: Any, rundir: RunDir, manifest: Any, name_rejects: pa.Table, settings: dict[str, Any],
+def plan(spark: Any, rundir: RunDir, manifest: Any, listed: int, name_rejects: pa.Table, settings: dict[str, Any],
          max_pixels: int, where: str | None) -> Plan:
     """Decide, from the manifest (a DataFrame of MANIFEST_SCHEMA rows, one per uri), which committed rows are no
     longer valid, and what is left to embed:
@@ -71,16 +71,23 @@ def plan(spark: Any, rundir: RunDir, manifest: Any, name_rejects: pa.Table, sett
     - retried: `unreadable` rejects, `too_large` ones when --max-pixels changed, and `duplicate` ones whose
       original is no longer embedded.
 
-    The verdicts and the rows to embed are staged under `where` (None: kept by Spark, for a dry run), since
-    dropping rows rewrites the committed files they were read from."""
+    `listed` is the number of manifest rows. The verdicts and the rows to embed are staged under `where` (None:
+    kept by Spark, for a dry run), since dropping rows rewrites the committed files they were read from. A new
+    output (nothing committed) skips all of it: every manifest row is to embed."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     opts = rundir.opts
+    empty = {name: pa.table({"_file": pa.array([], pa.string()), "_row": pa.array([], pa.int64())})
+             for name in _DATASETS}
+    if not any(rundir.files(name) for name in _DATASETS):  # a new output: everything listed is to do
+        kept = spark.createDataFrame([], ddl(_COMMITTED))
+        return Plan(drops=empty, by_reason={}, kept=kept, todo=manifest, todo_rows=listed,
+                    name_rejects=name_rejects)
     com = _committed(spark, rundir)
-    listed = _listed(spark, manifest, name_rejects).withColumn("_listed", F.lit(True))
+    listed_rows = _listed(spark, manifest, name_rejects).withColumn("_listed", F.lit(True))
     w = Window.partitionBy("uri").orderBy("ds", "_fileno", "_row")
-    j = com.withColumn("_rn", F.row_number().over(w)).join(listed, "uri", "left")
+    j = com.withColumn("_rn", F.row_number().over(w)).join(listed_rows, "uri", "left")
     same = F.col("size").eqNullSafe(F.col("l_size")) & F.col("mtime_ns").eqNullSafe(F.col("l_mtime"))
     j = j.withColumn("verdict", F.when(F.col("_rn") > 1, "duplicate_row")
                      .when(F.col("_listed").isNull(), "deleted")
@@ -97,15 +104,12 @@ def plan(spark: Any, rundir: RunDir, manifest: Any, name_rejects: pa.Table, sett
          .select(*_COMMITTED.names))
     with output_errors():
         v, _ = stage(v, where and storage.join(where, "_committed"), _COMMITTED, opts)
-        bad = v.filter(F.col("verdict").isNotNull())
-        by_reason = {r["verdict"]: int(r["count"]) for r in bad.groupBy("verdict").count().collect()}
-        drop_rows = to_arrow(bad.select("ds", "_file", "_row")) if by_reason else None
-    drops = {}
-    for no, name in enumerate(_DATASETS):
-        if drop_rows is None:
-            drops[name] = pa.table({"_file": pa.array([], pa.string()), "_row": pa.array([], pa.int64())})
-        else:
-            drops[name] = drop_rows.filter(pc.equal(drop_rows.column("ds"), no)).select(["_file", "_row"])
+        # The rows to drop come to the driver anyway: their counts per reason are taken from them.
+        bad = to_arrow(v.filter(F.col("verdict").isNotNull()).select("ds", "_file", "_row", "verdict"))
+    by_reason = {str(r["values"]): int(r["counts"]) for r in pc.value_counts(bad.column("verdict")).to_pylist()} \
+        if bad.num_rows else {}
+    drops = {name: bad.filter(pc.equal(bad.column("ds"), no)).select(["_file", "_row"])
+             for no, name in enumerate(_DATASETS)} if bad.num_rows else empty
     kept = v.filter(F.col("verdict").isNull())
     todo, todo_rows = stage(manifest.join(kept.select("uri"), "uri", "left_anti").select(*MANIFEST_SCHEMA.names),
                             where and storage.join(where, "_todo"), MANIFEST_SCHEMA, opts)
@@ -134,7 +138,8 @@ def duplicates(spark: Any, index: Any, kept: Any, todo: Any) -> pa.Table:
     x = (cur.unionByName(prior).withColumn("_rn", F.row_number().over(w))
          .withColumn("kept", F.first("uri").over(w.rowsBetween(Window.unboundedPreceding, Window.currentRow))))
     dups = x.filter((F.col("_rn") > 1) & (F.col("_src") == 1)).drop("_rn", "_src")
-    return to_arrow(dups.join(todo.select("uri", "size", "mtime_ns"), "uri", "left").orderBy("uri"))
+    # Few rows: sorted here, not by a Spark sort (a sampling job and a shuffle of their own).
+    return to_arrow(dups.join(todo.select("uri", "size", "mtime_ns"), "uri", "left")).sort_by("uri")
 
 
 def accounting(spark: Any, rundir: RunDir, manifest: Any, name_rejects: pa.Table, listed: int) -> dict[str, Any]:

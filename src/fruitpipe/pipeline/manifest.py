@@ -162,14 +162,13 @@ class Inputs:
                 "ignored": self.listing.skipped_by_reason()}
 
     def frame(self, spark: Any, where: str | None, opts: StorageOptions) -> tuple[Any, int]:
-        """(the manifest as a DataFrame staged under `where`, one row per URI; the number of listed inputs)."""
+        """(the manifest as a DataFrame, one row per URI, a list's staged under `where`; the number of listed
+        inputs, the listing's own rejects included)."""
         from fruitpipe.pipeline.frames import stage
         from fruitpipe.spark import from_arrow
 
-        if self.listing is not None:
-            df = from_arrow(spark, self.listing.manifest.select(MANIFEST_SCHEMA.names))
-            manifest, _ = stage(df, where and storage.join(where, "_manifest"), MANIFEST_SCHEMA, opts)
-            return manifest, self.listing.count
+        if self.listing is not None:  # already in the driver's memory: handed to the JVM once, as Arrow
+            return from_arrow(spark, self.listing.manifest.select(MANIFEST_SCHEMA.names)), self.listing.count
         assert self.list_uri is not None
         raw, rows = stage(read_list(spark, self.list_uri, opts), where and storage.join(where, "_manifest"),
                           MANIFEST_SCHEMA, opts)

@@ -85,8 +85,8 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     t0 = time.perf_counter()
     staging = None if dry_run else rundir.staging(token)
     manifest, listed = inputs.frame(session, staging, opts)
-    plan = bookkeeping.plan(session, rundir, manifest, inputs.name_rejects, rundir.settings(), config.max_pixels,
-                            staging)
+    plan = bookkeeping.plan(session, rundir, manifest, listed - inputs.name_rejects.num_rows, inputs.name_rejects,
+                            rundir.settings(), config.max_pixels, staging)
     pending = plan.todo_rows + plan.name_rejects.num_rows
     log.info("%d listed, %d already done, %d to embed", listed, listed - pending, plan.todo_rows)
     timings["plan"] = time.perf_counter() - t0
