@@ -50,18 +50,19 @@ STEP_TIMEOUT_FLOOR_MIN = 30.0
 #: `fruitpipe run`'s default --partition-size (images per Spark partition).
 DEFAULT_PARTITION_IMAGES = 512
 #: Requests counted at a proxy on a 20-image run with 2 and with 4 partitions (see s3_requests): each partition
-#: costs 13 PUT/POST (staging writes of its embeddings, index and reduced parts, their copies into place) and 23
-#: GET/HEAD besides the images (the executors' reads of the staged index and of the committed parts for the
-#: bookkeeping and the accounting, the PCA, and report.html's scatter); the rest is fixed (10 of the fixed PUT/POST:
-#: pca/spark_model/'s two files, written to staging and copied into place; the staged manifest, verdicts and rows
-#: to embed, one file per task of those small jobs). Before the bookkeeping moved to the executors: 10, 15, 58, 36.
+#: costs 12.5 PUT/POST (staging writes of its embeddings, index and reduced parts, their copies into place; 13 is
+#: priced) and 22.5 GET/HEAD besides the images (the executors' reads of the staged index and of the committed
+#: parts for the duplicate check and the accounting, the PCA, and report.html's scatter; 23 priced); the rest is
+#: fixed (10 of the fixed PUT/POST: pca/spark_model/'s two files, written to staging and copied into place). On a
+#: new OUTPUT nothing committed is compared; a re-run also stages its verdicts and rows to embed (a few files).
+#: Before the bookkeeping moved to the executors: 10, 15, 58, 36.
 PUTS_PER_PART = 13
 READS_PER_PART = 23
-FIXED_PUTS = 62
-FIXED_DRIVER_READS = 74
+FIXED_PUTS = 54
+FIXED_DRIVER_READS = 35
 #: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish), the staged
-#: folders the executors read back, the input's existence probes, and report.html's; 39 counted, with 1 of headroom.
-FIXED_LISTS = 39
+#: index the executors read back, the input's existence probes, and report.html's; 37 counted, with 1 of headroom.
+FIXED_LISTS = 36
 
 def step_timeout_minutes(settings: EmrSettings) -> int:
     """How long the step may run before `timeout` kills it (and ActionOnFailure the cluster): --step-timeout, else
@@ -204,7 +205,7 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
     (tests/test_emr.py::test_s3_requests_of_a_run_match_the_plan). One GET per image and no HEAD
     (storage.read_object). LIST pages: a fixed set (the output's folders, the input's probes) and one per 1,000
     input keys (the input is listed in one flat pass; --list-threads adds a page per folder). PUT/POST and
-    other GET/HEAD: a fixed part (markers, records, PCA files, run.json, the staged manifest), a part per Spark
+    other GET/HEAD: a fixed part (markers, records, PCA files, run.json), a part per Spark
     partition (pyarrow writes each file as a 3-request multipart upload and publishes by copy; the executors read
     back each staged index part and the committed parts' id and uri columns), and the lease's renewal every 30 s."""
     opts = run_options(settings.run_args)
