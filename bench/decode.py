@@ -1,7 +1,7 @@
 """Benchmark: decoding and resizing the sample's JPEGs with Pillow (fruitpipe's `images.model_pixels`) against
 OpenCV (`cv2.imdecode` + `cv2.cvtColor` + `cv2.resize`, bilinear), and what the difference does to the features.
 
-    pip install opencv-python-headless   # not a fruitpipe dependency: measured here, not adopted (docs/performance.md)
+    pip install -e ".[bench]"   # OpenCV: not a fruitpipe dependency, measured here and not adopted (docs/performance.md)
     python bench/decode.py [--images N] [--repeat R] [--json FILE]
 
 Prints, for each decoder, images/s of bytes -> 224x224x3 uint8 on one core (the bytes are read beforehand), and,

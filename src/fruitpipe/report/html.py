@@ -27,16 +27,29 @@ SCATTER_POINTS_PER_CLASS = 200
 REJECT_EXAMPLES = 3
 
 def _reject_examples(rundir: RunDir, reasons: set[str]) -> list[list[Any]]:
-    """Up to REJECT_EXAMPLES rejects per reason, reading the rejects' part files one at a time until each reason
-    has its examples (never the whole dataset at once)."""
+    """Up to REJECT_EXAMPLES rejects per reason, reading the rejects' part files a batch at a time until each reason
+    has its examples (never the whole dataset, nor a whole part, at once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     found: dict[str, list[list[Any]]] = {reason: [] for reason in reasons}
+
+    def complete() -> bool:
+        return all(len(v) >= REJECT_EXAMPLES for v in found.values())
+
     for uri in rundir.files("rejects"):
-        table = storage.read_parquet_columns(uri, rundir.opts, ["uri", "reason", "detail"])
-        for reason, got in found.items():
-            if len(got) < REJECT_EXAMPLES:
-                rows = table.filter(pc.equal(table.column("reason"), reason)).slice(0, REJECT_EXAMPLES - len(got))
-                got += [[reason, r["uri"], (r["detail"] or "")[:160]] for r in rows.to_pylist()]
-        if all(len(v) >= REJECT_EXAMPLES for v in found.values()):
+        fs, path = storage.resolve(uri, rundir.opts)
+        with fs.open_input_file(path) as fh:  # a batch at a time: a part holds up to --partition-size rows
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=["uri", "reason", "detail"]):
+                table = pa.Table.from_batches([batch])
+                for reason, got in found.items():
+                    if len(got) < REJECT_EXAMPLES:
+                        rows = table.filter(pc.equal(table.column("reason"), reason)).slice(
+                            0, REJECT_EXAMPLES - len(got))
+                        got += [[reason, r["uri"], (r["detail"] or "")[:160]] for r in rows.to_pylist()]
+                if complete():
+                    break
+        if complete():
             break
     return [row for reason in sorted(found) for row in found[reason]]
 
