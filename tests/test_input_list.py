@@ -129,3 +129,13 @@ def test_input_and_input_list_are_exclusive(tmp_path: Path, capsys: pytest.Captu
         assert main([*argv, "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "either INPUT or --input-list" in err[0]
+
+
+def test_a_list_broken_far_into_the_file_is_one_line(spark, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The driver reads the header only; a malformed row met by the executors is still one line, not a trace."""
+    rows = "".join(f"/nowhere/Training/Apple/{i:07d}.jpg,Apple\n" for i in range(40_000))  # > 1 MB
+    (tmp_path / "list.csv").write_text("uri,label\n" + rows + "/nowhere/x.jpg,Apple,extra,columns\n")
+    assert main(["embed", "--input-list", str(tmp_path / "list.csv"), str(tmp_path / "out"), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot be read" in err[0] and "list.csv" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

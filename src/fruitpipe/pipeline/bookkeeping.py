@@ -7,7 +7,7 @@ row per input, so its memory stays flat at ten million images."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -38,8 +38,6 @@ class Plan:
     todo: Any  # DataFrame of manifest rows
     todo_rows: int
     name_rejects: pa.Table
-    done_rows: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _committed(spark: Any, rundir: RunDir) -> Any:

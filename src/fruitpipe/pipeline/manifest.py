@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import storage
-from fruitpipe.errors import ConfigError
+from fruitpipe.errors import ConfigError, OutputError
 from fruitpipe.pipeline.listing import SPLITS, Listing
 from fruitpipe.schemas import MANIFEST_SCHEMA, REJECTS_SCHEMA
 from fruitpipe.storage import StorageOptions
@@ -137,7 +137,12 @@ def read_list(spark: Any, uri: str, opts: StorageOptions) -> Any:
     check(files, opts)
 
     def read(_pos: int, file_uri: str) -> Iterator[pa.Table]:
-        return (to_manifest(b) for b in _batches(file_uri, opts))
+        try:
+            for batch in _batches(file_uri, opts):
+                yield to_manifest(batch)
+        except (OSError, pa.ArrowInvalid) as exc:  # e.g. a malformed CSV row far into the file
+            raise OutputError(f"--input-list {file_uri} cannot be read ({str(exc).splitlines()[0][:160]}): fix "
+                              f"or remove that file") from None
 
     return files_frame(spark, files, read, MANIFEST_SCHEMA)
 
@@ -164,16 +169,17 @@ class Inputs:
     def frame(self, spark: Any, where: str | None, opts: StorageOptions) -> tuple[Any, int]:
         """(the manifest as a DataFrame, one row per URI, a list's staged under `where`; the number of listed
         inputs, the listing's own rejects included)."""
-        from fruitpipe.pipeline.frames import stage
+        from fruitpipe.pipeline.frames import output_errors, stage
         from fruitpipe.spark import from_arrow
 
         if self.listing is not None:  # already in the driver's memory: handed to the JVM once, as Arrow
             return from_arrow(spark, self.listing.manifest.select(MANIFEST_SCHEMA.names)), self.listing.count
         assert self.list_uri is not None
-        raw, rows = stage(read_list(spark, self.list_uri, opts), where and storage.join(where, "_manifest"),
-                          MANIFEST_SCHEMA, opts)
-        manifest = raw.dropDuplicates(["uri"])
-        unique = int(manifest.count())
+        with output_errors():
+            raw, rows = stage(read_list(spark, self.list_uri, opts), where and storage.join(where, "_manifest"),
+                              MANIFEST_SCHEMA, opts)
+            manifest = raw.dropDuplicates(["uri"])
+            unique = int(manifest.count())
         if unique < rows:
             log.warning("--input-list %s names %d URI(s) more than once: each is processed once (%d rows, %d "
                         "inputs)", self.list_uri, rows - unique, rows, unique)
