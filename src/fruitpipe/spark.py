@@ -90,11 +90,27 @@ def spark_session(
     spark.sparkContext.setLogLevel("WARN")
     try:
         yield spark
+    except KeyboardInterrupt:
+        _silence_jvm_stderr(spark)  # the user asked to stop: one line from us, no JVM shutdown traces
+        _drain(spark)
+        raise
     except BaseException:
         _drain(spark)
         raise
     finally:
         spark.stop()
+
+
+def _silence_jvm_stderr(spark: Any) -> None:
+    """Point the JVM's System.err at nothing. After Ctrl-C, stopping a context whose collect was interrupted once
+    printed a JVM trace (RejectedExecutionException: a Future's callback refused by a stopping thread pool, seen in
+    CI) after the CLI's one-line message. The JVM is our own child and is about to stop; Spark's logs keep their
+    console appender."""
+    try:
+        jvm = spark.sparkContext._jvm
+        jvm.java.lang.System.setErr(jvm.java.io.PrintStream(jvm.java.io.OutputStream.nullOutputStream()))
+    except Exception as exc:  # the JVM may already be going away
+        log.debug("could not silence the JVM's stderr: %s", exc)
 
 
 def _drain(spark: Any, timeout_s: float = 30.0) -> None:
