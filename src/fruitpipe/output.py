@@ -64,6 +64,13 @@ def _read_json(uri: str, opts: StorageOptions, what: str, fix: str = _AFRESH) ->
     return doc
 
 
+def corrupt_part(uri: str, exc: Exception) -> OutputError:
+    """The error for a committed part file (OUT/<dataset>/<file>) that cannot be read."""
+    record = storage.join(uri.rsplit("/", 2)[0], RECORD)
+    return OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from {record}, "
+                       "or re-run with --overwrite")
+
+
 class RunDir:
     """One output directory (local path or s3:// prefix) and the protocol every stage uses to change it."""
 
@@ -193,8 +200,7 @@ class RunDir:
             try:
                 t = storage.read_parquet_columns(uri, self.opts, columns)
             except (OSError, pa.ArrowInvalid) as exc:
-                raise OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from "
-                                  f"{self.join(RECORD)}, or re-run with --overwrite") from None
+                raise corrupt_part(uri, exc) from None
             t = conform(t, pa.schema([schema.field(c) for c in columns]))
             name = uri.rsplit("/", 1)[1]
             t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))

@@ -252,6 +252,12 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
     return embed_partition
 
 
+def task_count(n: int, partition_size: int, slots: int) -> int:
+    """Tasks of the embed job for `n` inputs: whole waves, at least one task per slot and a multiple of the slots so
+    no core idles at the end, never more tasks than inputs."""
+    return min(max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots), n)
+
+
 def run_embed_job(
     spark: object,
     todo: object,
@@ -266,10 +272,7 @@ def run_embed_job(
     from fruitpipe.spark import JobProgress, default_parallelism, to_arrow
 
     sc = spark.sparkContext  # type: ignore[attr-defined]
-    # Whole waves of tasks: at least one task per slot, and a multiple of the slots so no core idles at the end.
-    slots = default_parallelism(spark)
-    parts = max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots)
-    parts = min(parts, n)
+    parts = task_count(n, partition_size, default_parallelism(spark))
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
     try:
         # Equal round-robin partitions of the staged rows; the rows never pass through the driver.

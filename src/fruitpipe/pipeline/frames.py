@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from fruitpipe import schemas, storage
 from fruitpipe.errors import OutputError
+from fruitpipe.output import corrupt_part
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,6 @@ def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterabl
     units = spark.createDataFrame(spark.sparkContext.parallelize(list(enumerate(files)), tasks),
                                   "pos int, uri string")
     return units.mapInArrow(read_files, ddl(schema))
-
-
-def corrupt_part(uri: str, exc: Exception) -> OutputError:
-    """The error for a committed part file that cannot be read."""
-    return OutputError(f"{uri} is unreadable or corrupt ({str(exc)[:120]}): delete it and its name from the "
-                       "output's _commit.json, or re-run with --overwrite")
 
 
 def count_rows(spark: Any, files: list[str], opts: StorageOptions) -> int:

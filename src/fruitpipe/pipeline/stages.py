@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -93,8 +92,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     if dry_run:
         from fruitpipe.spark import default_parallelism
 
-        tasks = min(plan.todo_rows, math.ceil(math.ceil(plan.todo_rows / config.partition_size)
-                                              / default_parallelism(session)) * default_parallelism(session))
+        tasks = embed_mod.task_count(plan.todo_rows, config.partition_size, default_parallelism(session))
         return {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,
                 "to_reject_by_listing": plan.name_rejects.num_rows, "to_drop_before_embedding": plan.by_reason,
                 "tasks": tasks, "committed": bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects,
