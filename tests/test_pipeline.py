@@ -191,7 +191,7 @@ def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
     assert report["explained_at_k"] == pytest.approx(share[:10].sum(), rel=1e-6)
     components = np.load(out / "pca" / "components.npy")
     assert components.shape == (1280, 10)
-    from fruitpipe.pipeline.reduce import load_components  # what the serving path will load
+    from fruitpipe.pipeline.pca_files import load_components  # what the serving path will load
 
     np.testing.assert_array_equal(load_components(str(out / "pca"), StorageOptions()), components)
     red = {r["id"]: r["pca"] for r in _table(out / "reduced").select(["id", "pca"]).to_pylist()}
@@ -276,21 +276,23 @@ def test_adding_images_embeds_only_the_new_ones(e2e) -> None:
 
 
 def test_pca_guard_rejects_a_wrong_decomposition(e2e, spark) -> None:
-    """The check behind every fit: components that are not the data's principal axes are refused."""
+    """The check behind every fit: components that are not the data's principal axes are refused; the pass that
+    measures them reads every committed row."""
     from fruitpipe.pipeline import reduce as reduce_mod
     from fruitpipe.storage import StorageOptions
 
     out = e2e["out"]
     files = sorted(str(p) for p in (out / "embeddings").glob("*.parquet"))
-    df = reduce_mod.embeddings_df(spark, files, StorageOptions())
     components = np.load(out / "pca" / "components.npy")
     report = json.loads((out / "pca" / "explained_variance.json").read_text())
     claimed = np.array(report["per_component"][: components.shape[1]])
-    n = reduce_mod.check_pca(df, components, claimed)  # the published fit passes
+    n, measured = reduce_mod.project_parts(spark, files, StorageOptions(), components)
     assert n == report["n_samples"]
+    reduce_mod.check_pca(measured, claimed)  # the published fit passes
     wrong, _ = np.linalg.qr(np.random.default_rng(0).normal(size=components.shape))  # orthonormal, arbitrary
+    _, measured_wrong = reduce_mod.project_parts(spark, files, StorageOptions(), wrong)
     with pytest.raises(reduce_mod.PcaCheckError, match="the PCA is inconsistent"):
-        reduce_mod.check_pca(df, wrong, claimed)
+        reduce_mod.check_pca(measured_wrong, claimed)
 
 
 def test_report_scatter_sample_is_bounded_and_drawn_from_the_rows(e2e) -> None:

@@ -105,7 +105,8 @@ def _write(rundir: RunDir, name: str, data: bytes) -> str:
 def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
-    from fruitpipe.pipeline.reduce import embeddings_df, load_components
+    from fruitpipe.pipeline.pca_files import load_components
+    from fruitpipe.pipeline.reduce import embeddings_df
     from fruitpipe.spark import save_ml_model, spark_session
 
     settings.validate()

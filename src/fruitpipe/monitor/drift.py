@@ -81,7 +81,7 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
     settings.validate()
     cur_dir = _complete(current, opts, "CURRENT_OUT")
     cur_report = cur_dir.previous_report()
-    from fruitpipe.pipeline.reduce import load_basis
+    from fruitpipe.pipeline.pca_files import load_basis
 
     # The reference's committed PCA, refused unless the output is complete, has one, and was embedded with the
     # current output's model; its fingerprint is the one run.json's pca.basis and --pca-from record.

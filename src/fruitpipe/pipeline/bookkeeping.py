@@ -26,6 +26,10 @@ _DATASETS = ("embeddings", "rejects")
 _COMMITTED = pa.schema([("ds", pa.int32()), ("uri", pa.string()), ("id", pa.string()), ("_file", pa.string()),
                         ("_row", pa.int64()), ("verdict", pa.string())])
 
+#: What duplicates() returns: the duplicate rows of this run, the uri of the copy kept, their files' stats.
+_DUPLICATES = pa.schema([(name, pa.string()) for name in ("id", "uri", "label", "split", "part", "kept")]
+                        + [("size", pa.int64()), ("mtime_ns", pa.int64())])
+
 
 @dataclass
 class Plan:
@@ -132,8 +136,13 @@ def duplicates(spark: Any, index: Any, kept: Any, todo: Any) -> pa.Table:
            .select("id", "uri", "label", "split", "part", F.lit(1).alias("_src")))
     prior = (kept.filter(F.col("ds") == 0)
              .select("id", "uri", none.alias("label"), none.alias("split"), none.alias("part"), F.lit(0).alias("_src")))
+    both = cur.unionByName(prior)
+    # Most runs have none: one aggregate says so, and the window and the join below run only when it finds some
+    # (on the sample, 0.5 s instead of 2.2 s).
+    if not both.groupBy("id").count().filter(F.col("count") > 1).limit(1).collect():
+        return _DUPLICATES.empty_table()
     w = Window.partitionBy("id").orderBy("_src", "uri")
-    x = (cur.unionByName(prior).withColumn("_rn", F.row_number().over(w))
+    x = (both.withColumn("_rn", F.row_number().over(w))
          .withColumn("kept", F.first("uri").over(w.rowsBetween(Window.unboundedPreceding, Window.currentRow))))
     dups = x.filter((F.col("_rn") > 1) & (F.col("_src") == 1)).drop("_rn", "_src")
     # Few rows: sorted here, not by a Spark sort (a sampling job and a shuffle of their own).

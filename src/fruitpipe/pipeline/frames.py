@@ -44,15 +44,39 @@ def output_errors() -> Iterator[None]:
         raise
 
 
+def file_tasks(spark: Any, files: int) -> int:
+    """Tasks that read `files` part files: one per core at least, at most FILES_PER_TASK files each."""
+    from fruitpipe.spark import default_parallelism
+
+    return max(1, min(files, max(default_parallelism(spark), math.ceil(files / FILES_PER_TASK))))
+
+
+def task_error(exc: OutputError) -> RuntimeError:
+    """What a task raises for an OutputError; output_errors() on the driver turns it back into the same error."""
+    return RuntimeError(f"{_MARK} {exc}")
+
+
+def part_batches(uri: str, opts: StorageOptions, columns: list[str], batch_size: int = 2048
+                 ) -> Iterator[pa.RecordBatch]:
+    """The given columns of one committed part file, a batch at a time, inside a task: a worker holds one batch,
+    whatever the size of the part; an unreadable or corrupt part is the marked error output_errors() expects."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri, opts)
+    try:
+        with fs.open_input_file(path) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise task_error(corrupt_part(uri, exc)) from None
+
+
 def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterable[pa.Table]],
                 schema: pa.Schema) -> Any:
     """A DataFrame of `schema` made by `read(position, uri)` (the file's rows, a table at a time) on the executors,
     files grouped into tasks; the driver holds only the list of files."""
-    from fruitpipe.spark import default_parallelism
-
     if not files:
         return spark.createDataFrame([], ddl(schema))
-    tasks = max(1, min(len(files), max(default_parallelism(spark), math.ceil(len(files) / FILES_PER_TASK))))
+    tasks = file_tasks(spark, len(files))
 
     def read_files(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
@@ -61,7 +85,7 @@ def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterabl
                     for table in read(pos, uri):
                         yield from schemas.conform(table, schema).to_batches(max_chunksize=65_536)
                 except OutputError as exc:
-                    raise RuntimeError(f"{_MARK} {exc}") from None
+                    raise task_error(exc) from None
 
     units = spark.createDataFrame(spark.sparkContext.parallelize(list(enumerate(files)), tasks),
                                   "pos int, uri string")

@@ -3,8 +3,6 @@ curve, the Spark ML PCAModel, reduced vectors as Parquet."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +13,8 @@ import pyarrow as pa
 
 from fruitpipe import storage
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.pipeline.frames import file_tasks, output_errors, part_batches
 from fruitpipe.schemas import REDUCED_SCHEMA
-from fruitpipe.spark import ArrowFn
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
 
@@ -74,24 +72,41 @@ def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
     return paths.mapInArrow(read, "id string, uri string, label string, split string, features array<float>")
 
 
-def gramian(df: object, dim: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows, column sums, X^T X) of the `features` column, in float64: summed per partition on the executors in
-    numpy, one Arrow batch at a time (a worker holds one dim x dim sum, whatever the number of rows), then combined
-    by Spark in a tree (treeReduce), so the driver receives a few partial sums, not one per partition."""
+def _sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
+    """The sum of fn(position, uri) (float64 vectors of `size`) over the part files, on the executors: each task
+    reads its files one after the other and keeps one running sum (its memory is one batch and one sum, whatever
+    the number of parts), and Spark combines the tasks' sums in a tree (treeReduce), so the driver receives a few.
+    Files are grouped (frames.file_tasks): one 13 MB Gramian per file made the combining cost more than the sums."""
 
-    def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(items: Iterator[tuple[int, str]]) -> Iterator[np.ndarray]:
+        total = np.zeros(size)
+        for pos, uri in items:
+            total += fn(pos, uri)
+        yield total
+
+    sc = spark.sparkContext
+    with output_errors():
+        return sc.parallelize(list(enumerate(files)), file_tasks(spark, len(files))).mapPartitions(run) \
+            .treeReduce(np.add, depth=2)
+
+
+def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows, column sums, X^T X) of the embeddings' `features`, in float64: each task reads one part file's
+    features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (_sum_over_parts).
+    No Spark rows are made
+    of the 1280 floats: going through a DataFrame and its disk cache cost 7.7 of the fit's 8.6 s on the sample."""
+
+    def partial(_pos: int, uri: str) -> np.ndarray:
         n, sums, gram = 0, np.zeros(dim), np.zeros((dim, dim))
-        for batch in batches:
-            x = to_matrix(batch.column("features")).astype(np.float64)
+        for batch in part_batches(uri, opts, ["features"]):
+            x = to_matrix(batch.column(0)).astype(np.float64)
             if len(x):
                 n += len(x)
                 sums += x.sum(axis=0)
                 gram += x.T @ x
-        packed = np.concatenate([[float(n)], sums, gram.ravel()])
-        yield pa.RecordBatch.from_pydict({"part": [packed.tobytes()]}, schema=pa.schema([("part", pa.binary())]))
+        return np.concatenate([[float(n)], sums, gram.ravel()])
 
-    parts = df.select("features").mapInArrow(partial, "part binary").rdd  # type: ignore[attr-defined]
-    total = parts.map(lambda row: np.frombuffer(row[0], dtype=np.float64)).treeReduce(np.add, depth=2)
+    total = _sum_over_parts(spark, files, 1 + dim + dim * dim, partial)
     return int(total[0]), total[1:dim + 1], total[dim + 1:].reshape(dim, dim)
 
 
@@ -106,22 +121,12 @@ def pca_from_gramian(n: int, sums: np.ndarray, gram: np.ndarray) -> tuple[np.nda
     return orient(vectors[:, order]), values / values.sum()
 
 
-def fit_pca(df: object, dim: int, timings: dict[str, float] | None = None) -> PcaFit:
-    """Fit PCA with every component (dim), so the whole explained-variance curve is known, then check it: the
-    covariance is summed on the executors (gramian), decomposed on the driver (numpy.linalg.eigh). Pass a persisted
-    `df`: the fit and the check each read it once. Adds reduce_fit and reduce_check (seconds) to `timings`."""
-    import time
-
-    t0 = time.perf_counter()
-    n, sums, gram = gramian(df, dim)
+def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> PcaFit:
+    """Fit PCA with every component (dim), so the whole explained-variance curve is known: the covariance is summed
+    on the executors (gramian), decomposed on the driver (numpy.linalg.eigh). Its check runs with the projection
+    (project_parts), which reads the embeddings anyway."""
+    n, sums, gram = gramian(spark, files, dim, opts)
     components, explained = pca_from_gramian(n, sums, gram)
-    t1 = time.perf_counter()
-    checked = check_pca(df, components, explained)
-    if checked != n:
-        raise PcaCheckError(f"the PCA read {n} rows and its check {checked}: the input changed during the fit; "
-                            "re-run the same command")
-    if timings is not None:
-        timings["reduce_fit"], timings["reduce_check"] = t1 - t0, time.perf_counter() - t1
     return PcaFit(components=components, explained=explained, n_samples=n)
 
 
@@ -142,42 +147,56 @@ class PcaCheckError(FruitpipeError):
     """The fitted PCA disagrees with the variance of the data projected on its own components."""
 
 
-def projected_variance_shares(df: object, components: np.ndarray) -> tuple[int, np.ndarray]:
-    """Row count, and the variance of the data along each given component as a share of the total variance
-    (one Spark pass, plain float64 sums in numpy: no LAPACK involved)."""
-    d, m = components.shape
+def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.ndarray,
+                  kept: np.ndarray | None = None, where: str | None = None) -> tuple[int, np.ndarray]:
+    """One pass over the embeddings' part files on the executors: with `kept` and `where`, each part's reduced vectors
+    (features @ kept) are written as the part of the same position under `where`; in the same read, the variance
+    along each `probe` component is measured (plain float64 sums in numpy: no LAPACK involved). Returns the row
+    count and those variances as shares of the total variance."""
+    d, m = probe.shape
 
-    def moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def one(pos: int, uri: str) -> np.ndarray:
         acc = [np.zeros(d), np.zeros(d), np.zeros(m), np.zeros(m)]
         n = 0
-        for batch in batches:
-            x = to_matrix(batch.column("features")).astype(np.float64)
-            if not len(x):
+        pieces = []
+        columns = ["features"] if where is None else ["id", "uri", "label", "split", "features"]
+        for batch in part_batches(uri, opts, columns):
+            if not batch.num_rows:
                 continue
-            p = x @ components
+            x32 = to_matrix(batch.column("features"))
+            x = x32.astype(np.float64)
+            p = x @ probe
             n += len(x)
             for i, v in enumerate((x.sum(0), (x * x).sum(0), p.sum(0), (p * p).sum(0))):
                 acc[i] += v
-        yield pa.RecordBatch.from_pydict({"n": [n], "sums": [np.concatenate(acc).tolist()]})
+            if where is not None and kept is not None:
+                pieces.append(pa.table(
+                    {"id": batch.column("id"), "uri": batch.column("uri"), "label": batch.column("label"),
+                     "split": batch.column("split"), "pca": to_list_array(project(x32, kept))},
+                    schema=REDUCED_SCHEMA,
+                ))
+        if pieces and where is not None:
+            storage.write_parquet(pa.concat_tables(pieces), storage.join(where, f"part-{pos:05d}.parquet"), opts)
+        return np.concatenate([[float(n)], *acc])
 
-    rows = df.select("features").mapInArrow(moments, "n long, sums array<double>").collect()  # type: ignore[attr-defined]
-    n = sum(r["n"] for r in rows)
-    total = np.sum([np.asarray(r["sums"]) for r in rows], axis=0)
-    sx, sxx, sp, spp = np.split(total, [d, 2 * d, 2 * d + m])
+    total = _sum_over_parts(spark, files, 1 + 2 * d + 2 * m, one)
+    n = int(total[0])
+    sx, sxx, sp, spp = np.split(total[1:], [d, 2 * d, 2 * d + m])
     column_var = (sxx - sx * sx / n) / (n - 1)
     projected_var = (spp - sp * sp / n) / (n - 1)
     return n, projected_var / column_var.sum()
 
 
-def check_pca(df: object, components: np.ndarray, explained: np.ndarray, first: int = 20,
-              rtol: float = 1e-4) -> int:
-    """Guard against a wrong eigendecomposition: each of the first components must hold the share of the variance it
-    claims, measured by projecting the data on it (plain float64 sums). Spark ML's pure-Java LAPACK fallback once
-    returned a nearly flat spectrum for 1280-d embeddings of 240 photos; the fit is numpy's now, and this check stays
-    as the proof that the published curve describes the data. Returns the number of rows."""
-    m = min(first, components.shape[1])
-    n, measured = projected_variance_shares(df, components[:, :m])
-    claimed = explained[:m]
+#: Components whose claimed variance share the check measures on the data.
+CHECKED_COMPONENTS = 20
+
+
+def check_pca(measured: np.ndarray, claimed: np.ndarray, rtol: float = 1e-4) -> None:
+    """Guard against a wrong eigendecomposition: each checked component must hold the share of the variance it
+    claims, as measured by projecting the data on it (project_parts). Spark ML's pure-Java LAPACK fallback once
+    returned a nearly flat spectrum for 1280-d embeddings of 240 photos; the fit is numpy's now, and this check
+    stays as the proof that the published curve describes the data."""
+    claimed = np.asarray(claimed)[: len(measured)]
     if not np.allclose(measured, claimed, rtol=rtol, atol=1e-9):
         worst = int(np.argmax(np.abs(measured - claimed)))
         raise PcaCheckError(
@@ -185,7 +204,6 @@ def check_pca(df: object, components: np.ndarray, explained: np.ndarray, first: 
             f"data projected on it holds {measured[worst]:.6f}; nothing was published (check the numpy install, "
             "then re-run)"
         )
-    return n
 
 
 def spark_pca_model(spark: Any, components: np.ndarray, explained: np.ndarray) -> Any:
@@ -206,166 +224,3 @@ def spark_pca_model(spark: Any, components: np.ndarray, explained: np.ndarray) -
     model = PCAModel(java)
     model._set(k=k)  # PCAModel has no setK; transform() checks k against the matrix
     return model.setInputCol("features").setOutputCol("pca")
-
-
-def make_project_fn(components: np.ndarray, staging_uri: str, opts: StorageOptions) -> ArrowFn:
-    """mapInArrow function: project one partition's embeddings and write them as one reduced part file."""
-
-    def project_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        assert ctx is not None, "runs inside a Spark task"
-        part = f"part-{ctx.partitionId():05d}.parquet"
-        pieces = []
-        for batch in batches:  # one Arrow batch of features at a time; only the small reduced rows are kept
-            if batch.num_rows:
-                pieces.append(pa.table(
-                    {
-                        "id": batch.column("id"), "uri": batch.column("uri"), "label": batch.column("label"),
-                        "split": batch.column("split"),
-                        "pca": to_list_array(project(to_matrix(batch.column("features")), components)),
-                    },
-                    schema=REDUCED_SCHEMA,
-                ))
-        rows = sum(p.num_rows for p in pieces)
-        if rows:
-            storage.write_parquet(pa.concat_tables(pieces), storage.join(staging_uri, part), opts)
-        yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
-
-    return project_partition
-
-
-def variance_report(fit: PcaFit, k: int, variance: float | None) -> dict[str, object]:
-    """The content of explained_variance.json."""
-    return {
-        "k": k,
-        "selected_by": "variance" if variance is not None else "k",
-        "target_variance": variance,
-        "explained_at_k": float(fit.cumulative[k - 1]),
-        "n_samples": fit.n_samples,
-        "dim": int(fit.components.shape[0]),
-        "per_component": [float(v) for v in fit.explained],
-        "cumulative": [float(v) for v in fit.cumulative],
-    }
-
-
-def scree_png(explained: np.ndarray, n_samples: int, k: int, show: int = 100) -> bytes:
-    """Scree plot: per-component share (bars) and cumulative share (line), the chosen k marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    explained = np.asarray(explained, dtype=np.float64)
-    cumulative = np.cumsum(explained)
-    m = min(show, len(explained))
-    xs = np.arange(1, m + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.bar(xs, explained[:m] * 100, color="#4c72b0", label="per component")
-    ax.set_xlabel("principal component")
-    ax.set_ylabel("explained variance (%)")
-    ax2 = ax.twinx()
-    ax2.plot(xs, cumulative[:m] * 100, color="#dd8452", label="cumulative")
-    ax2.set_ylabel("cumulative (%)")
-    ax2.set_ylim(0, 100)
-    ax2.axvline(k, color="gray", linestyle="--")
-    ax2.annotate(f"k={k}: {cumulative[k - 1] * 100:.1f} %", (k, cumulative[k - 1] * 100),
-                 textcoords="offset points", xytext=(6, -14))
-    ax.set_title(f"PCA explained variance ({n_samples} embeddings, first {m} of {len(explained)} components)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def components_npy(components: np.ndarray) -> bytes:
-    """The kept components (dim x k, float64) as .npy bytes; load with numpy.load."""
-    buf = io.BytesIO()
-    np.save(buf, components)
-    return buf.getvalue()
-
-
-def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | None, fingerprint: dict[str, object],
-                        opts: StorageOptions) -> dict[str, object]:
-    """explained_variance.json, scree.png and components.npy under `pca_uri`; returns the report."""
-    import hashlib
-
-    report = variance_report(fit, k, variance)
-    report["fingerprint"] = fingerprint
-    raw = components_npy(fit.components[:, :k])
-    # The basis's fingerprint is the sha256 of components.npy: what --pca-from of a later run records.
-    report["basis"] = {"from": "fitted on this output", "fingerprint": hashlib.sha256(raw).hexdigest()}
-    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"),
-                        json.dumps(report, indent=2).encode(), opts)
-    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit.explained, fit.n_samples, k), opts)
-    storage.write_bytes(storage.join(pca_uri, "components.npy"), raw, opts)
-    return report
-
-
-@dataclass(frozen=True)
-class Basis:
-    """A PCA fitted by another output (--pca-from): its components, its explained_variance.json, where it came
-    from and its fingerprint (sha256 of components.npy's bytes)."""
-
-    components: np.ndarray
-    report: dict[str, Any]
-    source: str
-    fingerprint: str
-
-
-def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int | None,
-               what: str = "--pca-from") -> Basis:
-    """The committed PCA of output `other` (named `what` in messages), checked to come from the same embedding model
-    and, when `dim` is given, to have that many rows; FruitpipeError with the fix otherwise."""
-    import hashlib
-
-    from fruitpipe.output import SUCCESS, RunDir
-
-    other = storage.normalize(other)
-    rundir = RunDir(other, opts)
-    if rundir.read_marker() is None or not storage.exists(rundir.join(SUCCESS), opts) \
-            or rundir.reduce_entry() is None:
-        raise FruitpipeError(f"{what} {other} is not a complete output with a PCA: point it at an OUTPUT "
-                             "that `fruitpipe run` or `fruitpipe reduce` finished")
-    theirs = (rundir.read_marker() or {}).get("model_sha256")
-    if theirs != model_sha256:
-        raise FruitpipeError(f"{what} {other} was fitted on embeddings of another model ({str(theirs)[:12]}... "
-                             f"instead of {model_sha256[:12]}...): its basis does not apply; use an output of the "
-                             "same model")
-    raw = storage.read_bytes(storage.join(other, "pca", "components.npy"), opts)
-    components = np.load(io.BytesIO(raw))
-    if components.ndim != 2 or (dim is not None and components.shape[0] != dim):
-        raise FruitpipeError(f"{what} {other}: pca/components.npy has shape {components.shape}, expected "
-                             f"({dim or 'dim'}, k): re-run `fruitpipe reduce {other}`")
-    report = json.loads(storage.read_bytes(storage.join(other, "pca", "explained_variance.json"), opts))
-    return Basis(components, report, other, hashlib.sha256(raw).hexdigest())
-
-
-def write_basis_artifacts(pca_uri: str, basis: Basis, n_samples: int, measured: np.ndarray,
-                          fingerprint: dict[str, object], opts: StorageOptions) -> dict[str, object]:
-    """pca/ of an output projected with another output's basis: the same components.npy and scree.png, and an
-    explained_variance.json that keeps the basis's curve and adds the variance shares measured on this output's
-    embeddings (`measured_on_this_output`)."""
-    k = int(basis.components.shape[1])
-    report = dict(basis.report)
-    report.update({
-        "k": k, "selected_by": "pca_from",
-        "basis": {"from": basis.source, "fingerprint": basis.fingerprint, "n_samples": basis.report.get("n_samples")},
-        "n_samples": n_samples,
-        "measured_on_this_output": {"per_component": [float(v) for v in measured],
-                                    "explained_at_k": float(np.sum(measured))},
-        "fingerprint": fingerprint,
-    })
-    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"), json.dumps(report, indent=2).encode(), opts)
-    explained = np.asarray(basis.report.get("per_component") or measured, dtype=np.float64)
-    storage.write_bytes(storage.join(pca_uri, "scree.png"),
-                        scree_png(explained, int(basis.report.get("n_samples") or n_samples), k), opts)
-    storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(basis.components), opts)
-    return report
-
-
-def load_components(pca_uri: str, opts: StorageOptions) -> np.ndarray:
-    """The fitted model's components (dim x k) written by a run, for projecting new embeddings."""
-    return np.load(io.BytesIO(storage.read_bytes(storage.join(pca_uri, "components.npy"), opts)))

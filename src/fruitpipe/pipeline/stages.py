@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -19,7 +20,7 @@ from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.wrap import wrap_uint8
 from fruitpipe.monitor.resources import stage_peaks
 from fruitpipe.output import RunDir
-from fruitpipe.pipeline import bookkeeping
+from fruitpipe.pipeline import bookkeeping, pca_files
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.failures import watch_interrupts
@@ -166,7 +167,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
     fingerprint: dict[str, Any] = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
     basis = None
     if config.pca_from:
-        basis = reduce_mod.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
+        basis = pca_files.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
         # The basis decides k; a refit is never needed while these embeddings and that basis stay the same.
         fingerprint = {"embedding_ids_digest": digest, "pca_from": basis.fingerprint}
     entry = rundir.reduce_entry()
@@ -186,54 +187,73 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
     if n_rows < 2:
         raise OutputError(f"PCA needs at least 2 embedded images and {rundir.uri} has {n_rows}: add images to the "
                           "input, or use `fruitpipe embed` alone")
-    t0 = time.perf_counter()
-    from pyspark.storagelevel import StorageLevel
-
     session.sparkContext.setJobGroup(reduce_mod.JOB_GROUP, "reduce")  # the fit's jobs too (JobProgress clears it)
-
-    # Read once, kept on local disk for the three passes (PCA fit, its check, the projection). Disk, not memory:
-    # with MEMORY_AND_DISK the JVM's peak RSS grew 1.54x from 5,280 to 52,800 images (docs/performance.md).
-    df = reduce_mod.embeddings_df(session, files, opts).persist(StorageLevel.DISK_ONLY)
     staging = rundir.staging(token)
+    # Two passes over the part files, each task reading one part straight from storage: the fit's Gramian, then
+    # the projection, which also measures the variance along the components (the fit's check, or the shares of a
+    # --pca-from basis on these embeddings). Nothing is published before both agree.
     try:
+        fit: reduce_mod.PcaFit | None = None
         if basis is None:
-            fit = reduce_mod.fit_pca(df, model.spec.dim, timings)
-            n_samples = fit.n_samples
+            t1 = time.perf_counter()
+            fit = reduce_mod.fit_pca(session, files, model.spec.dim, opts)
+            timings["reduce_fit"] = time.perf_counter() - t1
             k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
             kept = fit.components[:, :k]
-            t1 = time.perf_counter()
-            report = reduce_mod.write_pca_artifacts(storage.join(staging, "pca"), fit, k, config.variance,
-                                                    fingerprint, opts)
+            probe = fit.components[:, :reduce_mod.CHECKED_COMPONENTS]
         else:
-            t1 = time.perf_counter()
             kept, k = basis.components, int(basis.components.shape[1])
-            n_samples, measured = reduce_mod.projected_variance_shares(df, kept)
-            timings["reduce_measure"] = time.perf_counter() - t1
+            probe = kept
             log.info("projecting with the PCA of %s (k=%d, basis %s...): no refit", basis.source, k,
                      basis.fingerprint[:12])
-            report = reduce_mod.write_basis_artifacts(storage.join(staging, "pca"), basis, n_samples, measured,
-                                                      fingerprint, opts)
-        shares = fit.explained if basis is None else np.asarray(basis.report.get("per_component") or measured)
-        # Spark users lose nothing: the same basis as a PCAModel that PCAModel.load reads back.
-        save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
-                      storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
-        timings["reduce_artifacts"] = time.perf_counter() - t1
-        project = reduce_mod.make_project_fn(kept, storage.join(staging, "reduced"), opts)
         t1 = time.perf_counter()
-        with JobProgress(session, reduce_mod.JOB_GROUP, total=n_samples, desc="reduce", quiet=config.quiet):
-            rows = int(sum(r["rows"] for r in df.mapInArrow(project, "rows long").collect()))
-        timings["reduce_project"] = time.perf_counter() - t1
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            artifacts = None
+            if fit is not None:  # the fitted basis's files are written while the executors project (~1 s of driver
+                # work: the scree plot, the Spark ML model); they are only published once the check passed
+                artifacts = pool.submit(_write_fit_artifacts, session, fit, k, config.variance, fingerprint,
+                                        storage.join(staging, "pca"), opts)
+            with JobProgress(session, reduce_mod.JOB_GROUP, total=n_rows, desc="reduce", quiet=config.quiet,
+                             tasks=len(files)):
+                rows, measured = reduce_mod.project_parts(session, files, opts, probe, kept,
+                                                          storage.join(staging, "reduced"))
+            timings["reduce_project"] = time.perf_counter() - t1
+            if fit is not None:
+                assert artifacts is not None
+                if fit.n_samples != rows:
+                    raise reduce_mod.PcaCheckError(
+                        f"the PCA read {fit.n_samples} rows and the projection {rows}: the embeddings changed during "
+                        "the run; nothing was published: re-run the same command")
+                reduce_mod.check_pca(measured, fit.explained)
+                report = artifacts.result()
+            else:
+                assert basis is not None
+                report = pca_files.write_basis_artifacts(storage.join(staging, "pca"), basis, rows, measured,
+                                                         fingerprint, opts)
+                shares = np.asarray(basis.report.get("per_component") or measured)
+                save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
+                              storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
+        timings["reduce_artifacts"] = time.perf_counter() - t1 - timings["reduce_project"]
     finally:
-        df.unpersist()
         resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
-    if rows != n_samples:
-        raise OutputError(f"the projection wrote {rows} reduced rows for {n_samples} embeddings; nothing was "
+    if rows != n_rows:
+        raise OutputError(f"the projection wrote {rows} reduced rows for {n_rows} embeddings; nothing was "
                           "published: re-run the same command")
     rundir.commit_reduce(staging, fingerprint, token)
     storage.delete(staging, opts)
     timings["reduce"] = time.perf_counter() - t0
-    log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))  # type: ignore[arg-type]
+    log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))
     return {**_pca_summary(report), "skipped": False}
+
+
+def _write_fit_artifacts(session: Any, fit: reduce_mod.PcaFit, k: int, variance: float | None,
+                         fingerprint: dict[str, Any], pca_uri: str, opts: Any) -> dict[str, Any]:
+    """pca/ of a fitted PCA (explained_variance.json, scree.png, components.npy) and, so that Spark users lose
+    nothing, the same basis as a PCAModel that PCAModel.load reads back; returns the report."""
+    report = pca_files.write_pca_artifacts(pca_uri, fit, k, variance, fingerprint, opts)
+    save_ml_model(session, reduce_mod.spark_pca_model(session, fit.components[:, :k], fit.explained),
+                  storage.join(pca_uri, reduce_mod.SPARK_MODEL_DIR), opts)
+    return report
 
 
 def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:

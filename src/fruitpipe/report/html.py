@@ -127,7 +127,7 @@ def _scatter_png(rundir: RunDir) -> bytes | None:
 
 def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
-    from fruitpipe.pipeline.reduce import scree_png
+    from fruitpipe.pipeline.pca_files import scree_png
 
     run = rundir.previous_report()
     counts = run.get("counts", {})
