@@ -251,22 +251,25 @@ class RunDir:
         if not storage.exists(self.join(RECORD), self.opts):
             self._write_record(rec, token)
 
-    def staging(self, token: str) -> str:
-        """This run's private staging prefix."""
-        return self.join(STAGING, token)
+    def staging(self, token: str, stage: str = "") -> str:
+        """This run's private staging prefix; a stage's own one (`stage`) when its files must outlive the other's
+        cleanup (the reduce stage stages while the embed stage's accounting, which deletes its prefix, runs)."""
+        return self.join(STAGING, f"{token}.{stage}" if stage else token)
 
     def commit_parts(self, staging: str, token: str, settings: dict[str, Any] | None = None) -> int:
         """Publish the part files staged under `staging`/<dataset>/: moved under unique names, then named in the
         record in one write (which also drops the PCA, since the embeddings changed). Returns the files moved."""
         rec = self.record()
         added: dict[str, list[str]] = {}
+        moves = []
         for name in DATASETS:
             src_dir = storage.join(staging, name)
             added[name] = []
             for src in storage.parquet_files(src_dir, self.opts):  # [] when nothing was staged
                 dest = f"{token}-{src.rsplit('/', 1)[1]}"
-                storage.move(src, self.join(name, dest), self.opts)
+                moves.append((src, self.join(name, dest)))
                 added[name].append(dest)
+        storage.move_all(moves, self.opts)
         n = sum(len(v) for v in added.values())
         if n or {**self.settings(), **(settings or {})} != self.settings():  # a no-op run leaves the record as is
             datasets = {name: rec["datasets"].get(name, []) + added.get(name, []) for name in DATASETS}
@@ -324,11 +327,8 @@ class RunDir:
         for name in REDUCE_DIRS:
             storage.delete(self.join(name), self.opts)
             src_dir = storage.join(staging, name)
-            names = []
-            for src, _ in list(storage.list_files(src_dir, self.opts)):
-                rel = posixpath.relpath(src, src_dir)
-                storage.move(src, self.join(name, rel), self.opts)
-                names.append(rel)
+            names = [posixpath.relpath(src, src_dir) for src, _ in storage.list_files(src_dir, self.opts)]
+            storage.move_all([(storage.join(src_dir, rel), self.join(name, rel)) for rel in names], self.opts)
             entry[name] = sorted(names)
         self._write_record({**self.record(), "reduce": entry}, token)
 

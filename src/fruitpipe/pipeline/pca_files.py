@@ -30,12 +30,19 @@ def variance_report(fit: PcaFit, k: int, variance: float | None) -> dict[str, ob
     }
 
 
-def scree_png(explained: np.ndarray, n_samples: int, k: int, show: int = 100) -> bytes:
-    """Scree plot: per-component share (bars) and cumulative share (line), the chosen k marked."""
+def load_plotting() -> Any:
+    """matplotlib.pyplot on its file-only backend (Agg: no display needed); the first call imports it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scree_png(explained: np.ndarray, n_samples: int, k: int, show: int = 100) -> bytes:
+    """Scree plot: per-component share (bars) and cumulative share (line), the chosen k marked."""
+    plt = load_plotting()
 
     explained = np.asarray(explained, dtype=np.float64)
     cumulative = np.cumsum(explained)

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe import storage
-from fruitpipe.errors import FruitpipeError
-from fruitpipe.pipeline.frames import file_tasks, output_errors, part_batches
+from fruitpipe.errors import FruitpipeError, OutputError
+from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
 from fruitpipe.schemas import REDUCED_SCHEMA
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
@@ -62,32 +62,41 @@ def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
     was 1.8 s faster on the sample but packed up to 128 MB per partition, and a worker's peak RSS then grew
     1.37x from 5,280 to 52,800 images (docs/performance.md)."""
 
-    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for uri in batch.column(0).to_pylist():
-                yield from storage.read_parquet(uri, opts).to_batches(max_chunksize=2048)
+    def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+        for _pos, uri in items:
+            yield from part_batches(uri, opts, ["id", "uri", "label", "split", "features"])
 
-    sc = spark.sparkContext
-    paths = spark.createDataFrame(sc.parallelize([(f,) for f in files], max(1, len(files))), "path string")
-    return paths.mapInArrow(read, "id string, uri string, label string, split string, features array<float>")
+    return over_files(spark, files, len(files), read,
+                      "id string, uri string, label string, split string, features array<float>")
+
+
+#: Up to this many partial sums are collected and added by the driver (one 13 MB Gramian each); beyond it Spark
+#: combines them in a tree (treeReduce), so the driver receives a few whatever the number of tasks.
+_FEW_PARTIALS = 4
 
 
 def _sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
     """The sum of fn(position, uri) (float64 vectors of `size`) over the part files, on the executors: each task
     reads its files one after the other and keeps one running sum (its memory is one batch and one sum, whatever
-    the number of parts), and Spark combines the tasks' sums in a tree (treeReduce), so the driver receives a few.
-    Files are grouped (frames.file_tasks): one 13 MB Gramian per file made the combining cost more than the sums."""
+    the number of parts). Files are grouped (frames.file_tasks): one Gramian per file made the combining cost more
+    than the sums. The tasks are SQL ones (over_files), whose Python workers the run already has; the tree runs
+    in Python RDD workers, which only a large input pays for."""
+    tasks = file_tasks(spark, len(files))
 
-    def run(items: Iterator[tuple[int, str]]) -> Iterator[np.ndarray]:
+    def run(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         total = np.zeros(size)
         for pos, uri in items:
             total += fn(pos, uri)
-        yield total
+        yield pa.RecordBatch.from_pydict({"sum": [total.tobytes()]}, schema=pa.schema([("sum", pa.binary())]))
 
-    sc = spark.sparkContext
+    partials = over_files(spark, files, tasks, run, "sum binary")
     with output_errors():
-        return sc.parallelize(list(enumerate(files)), file_tasks(spark, len(files))).mapPartitions(run) \
-            .treeReduce(np.add, depth=2)
+        if tasks <= _FEW_PARTIALS:
+            total = np.zeros(size)
+            for row in partials.collect():
+                total += np.frombuffer(row[0], dtype=np.float64)
+            return total
+        return partials.rdd.map(lambda row: np.frombuffer(row[0], dtype=np.float64)).treeReduce(np.add, depth=2)
 
 
 def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
@@ -121,11 +130,19 @@ def pca_from_gramian(n: int, sums: np.ndarray, gram: np.ndarray) -> tuple[np.nda
     return orient(vectors[:, order]), values / values.sum()
 
 
-def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> PcaFit:
+def too_few(n: int, where: str) -> OutputError:
+    """The error for an output whose embeddings are too few for a PCA."""
+    return OutputError(f"PCA needs at least 2 embedded images and {where} has {n}: add images to the input, or use "
+                       "`fruitpipe embed` alone")
+
+
+def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions, where: str = "the output") -> PcaFit:
     """Fit PCA with every component (dim), so the whole explained-variance curve is known: the covariance is summed
     on the executors (gramian), decomposed on the driver (numpy.linalg.eigh). Its check runs with the projection
-    (project_parts), which reads the embeddings anyway."""
+    (project_parts), which reads the embeddings anyway. `where` (the output) names it in the too-few error."""
     n, sums, gram = gramian(spark, files, dim, opts)
+    if n < 2:
+        raise too_few(n, where)
     components, explained = pca_from_gramian(n, sums, gram)
     return PcaFit(components=components, explained=explained, n_samples=n)
 
@@ -181,6 +198,8 @@ def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.
 
     total = _sum_over_parts(spark, files, 1 + 2 * d + 2 * m, one)
     n = int(total[0])
+    if n < 2:
+        raise too_few(n, "this output")
     sx, sxx, sp, spp = np.split(total[1:], [d, 2 * d, 2 * d + m])
     column_var = (sxx - sx * sx / n) / (n - 1)
     projected_var = (spp - sp * sp / n) / (n - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import platform
@@ -29,7 +30,7 @@ from fruitpipe.pipeline import manifest
 from fruitpipe.pipeline.bookkeeping import committed_ids_digest
 from fruitpipe.pipeline.failures import interrupt_flag, job_failures
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
-from fruitpipe.pipeline.stages import LazySpark, embed_stage, reduce_stage
+from fruitpipe.pipeline.stages import ACCOUNTING_GROUP, LazySpark, embed_stage, reduce_stage
 from fruitpipe.report import write_report
 from fruitpipe.storage import StorageOptions
 
@@ -96,6 +97,19 @@ def _run_context(config: Config, session: Any = None) -> Iterator[tuple[LazySpar
         yield LazySpark(config, stack, session), StorageOptions(config.s3_endpoint, config.region)
 
 
+@contextlib.contextmanager
+def _background(spark: LazySpark) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    """A thread for the work that overlaps a stage (the embed stage's accounting); on an error or Ctrl-C its Spark
+    jobs are cancelled before it is waited for, so stopping does not wait for them."""
+    with concurrent.futures.ThreadPoolExecutor(1, "fruitpipe-background") as pool:
+        try:
+            yield pool
+        except BaseException:
+            if spark.session is not None:
+                spark.session.sparkContext.cancelJobGroup(ACCOUNTING_GROUP)
+            raise
+
+
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None,
         session: Any = None, dry_run: bool = False) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
@@ -113,7 +127,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     resources: dict[str, Any] = {"bytes_read": 0, "peak_memory_bytes": {}}
     int8: Int8Model | None = None
     with run_scope(token), interrupt_flag(), _run_context(config, session) as (spark, opts), \
-            job_failures(out):
+            job_failures(out), _background(spark) as background:
         rundir = RunDir(out, opts)
         if "embed" in stages:
             # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
@@ -143,7 +157,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             inputs = manifest.Inputs(listing=listing) if not config.input_list else manifest.Inputs(
                 list_uri=config.input)
             if dry_run:
-                plan = embed_stage(config, model, spark, rundir, token, timings, inputs, resources, dry_run=True)
+                plan = embed_stage(config, model, spark, rundir, token, timings, inputs, resources,
+                                   dry_run=True).counts
                 timings["total"] = time.perf_counter() - t_total
                 return RunResult(output=out, report={"dry_run": True, "plan": plan, "counts": {},
                                                      "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -172,8 +187,13 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             if not config.master.startswith("local") and not storage.is_s3(out):
                 log.warning("OUTPUT %s is a local path: with --master %s every node must see it (shared folder)",
                             out, config.master)
+            accounting: concurrent.futures.Future[dict[str, Any]] | None = None
             if "embed" in stages:
-                counts = embed_stage(config, model, spark, rundir, token, timings, inputs, resources)
+                outcome = embed_stage(config, model, spark, rundir, token, timings, inputs, resources)
+                counts = outcome.counts
+                # The accounting's jobs run while the PCA is fitted; the reduce stage waits for its digest only
+                # to commit, and _SUCCESS for its verdict.
+                accounting = background.submit(outcome.account)
             else:
                 counts = dict(previous.get("counts") or {})
                 entry = rundir.reduce_entry()
@@ -185,9 +205,14 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 if "accounted" not in counts:
                     raise OutputError(f"{out} has no run.json from an embed stage: run `fruitpipe embed` first")
             held.check()
-            pca = reduce_stage(config, model, spark, rundir, token, timings, counts["embedding_ids_digest"],
-                               resources) \
+
+            def digest() -> str:
+                return (accounting.result() if accounting else counts)["embedding_ids_digest"]
+
+            pca = reduce_stage(config, model, spark, rundir, token, timings, digest, resources) \
                 if "reduce" in stages else (previous.get("pca") if rundir.reduce_entry() else None)
+            if accounting is not None:
+                counts = {**accounting.result(), **counts}
             timings["spark_start"] = spark.start_seconds
             timings["total"] = time.perf_counter() - t_total
             report: dict[str, Any] = {

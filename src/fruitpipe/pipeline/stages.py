@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,6 @@ import pyarrow.compute as pc
 
 from fruitpipe import storage
 from fruitpipe.config import Config
-from fruitpipe.errors import OutputError
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.wrap import wrap_uint8
 from fruitpipe.monitor.resources import stage_peaks
@@ -24,7 +25,7 @@ from fruitpipe.pipeline import bookkeeping, pca_files
 from fruitpipe.pipeline import embed as embed_mod
 from fruitpipe.pipeline import reduce as reduce_mod
 from fruitpipe.pipeline.failures import watch_interrupts
-from fruitpipe.pipeline.frames import count_rows
+from fruitpipe.pipeline.frames import file_tasks
 from fruitpipe.pipeline.manifest import Inputs
 from fruitpipe.schemas import REJECTS_SCHEMA
 from fruitpipe.spark import JobProgress, save_ml_model, spark_session
@@ -73,13 +74,26 @@ def _inference_stats(summary: pa.Table) -> dict[str, int]:
     }
 
 
+#: Spark job group of the accounting, which runs in a thread of its own (pipeline/run.py cancels it on errors).
+ACCOUNTING_GROUP = "fruitpipe-accounting"
+
+
+@dataclass
+class EmbedOutcome:
+    """What the embed stage did (run.json's counts of this run; a dry run's plan) and the accounting of the
+    committed rows, left for the caller to run (a few Spark jobs, ~2.5 s on the sample) while the PCA is fitted:
+    it returns the rest of the counts and deletes the run's staging after."""
+
+    counts: dict[str, Any]
+    account: Callable[[], dict[str, Any]]
+
+
 def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
                 timings: dict[str, float], inputs: Inputs, resources: dict[str, Any],
-                dry_run: bool = False) -> dict[str, Any]:
+                dry_run: bool = False) -> EmbedOutcome:
     """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
-    returns the counts of run.json and adds bytes read and the stage's peak memory to `resources`. The manifest,
-    the committed rows and the run's index are compared on the executors (bookkeeping.py). A dry run stops after
-    the plan and writes nothing."""
+    adds bytes read and the stage's peak memory to `resources`. The manifest, the committed rows and the run's
+    index are compared on the executors (bookkeeping.py). A dry run stops after the plan and writes nothing."""
     opts = rundir.opts
     session = spark.get()  # JVM start is timed apart from the stage
     t0 = time.perf_counter()
@@ -94,10 +108,12 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
         from fruitpipe.spark import default_parallelism
 
         tasks = embed_mod.task_count(plan.todo_rows, config.partition_size, default_parallelism(session))
-        return {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,
-                "to_reject_by_listing": plan.name_rejects.num_rows, "to_drop_before_embedding": plan.by_reason,
-                "tasks": tasks, "committed": bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects,
-                                                                    listed)}
+        return EmbedOutcome(
+            {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,
+             "to_reject_by_listing": plan.name_rejects.num_rows, "to_drop_before_embedding": plan.by_reason,
+             "tasks": tasks,
+             "committed": bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects, listed)},
+            dict)
     assert staging is not None
     dropped = rundir.drop_rows(plan.drops, token)
     if dropped:
@@ -150,28 +166,42 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     # Publish: the staged parts are moved in, then named in the commit record in one write.
     rundir.commit_parts(staging, token, settings={"max_pixels": config.max_pixels})
     rundir.ensure_datasets(token)  # readers always find both datasets with their schema
-    counts = bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects, listed)
-    storage.delete(staging, opts)  # after the accounting, which reads the staged manifest
     timings["embed"] = time.perf_counter() - t0
-    return {**counts, **inputs.ignored(), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
-            "skipped_already_done": listed - pending, "dropped_before_embedding": plan.by_reason,
-            "inference": inference}
+
+    def account() -> dict[str, Any]:
+        t1 = time.perf_counter()
+        session.sparkContext.setJobGroup(ACCOUNTING_GROUP, "accounting")  # this thread's jobs, to cancel them
+        counts = bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects, listed)
+        storage.delete(staging, opts)  # after the accounting, which reads the staged manifest
+        timings["accounting"] = time.perf_counter() - t1
+        return counts
+
+    return EmbedOutcome(
+        {**inputs.ignored(), "embedded_this_run": embedded_now, "rejected_this_run": rejected_now,
+         "skipped_already_done": listed - pending, "dropped_before_embedding": plan.by_reason,
+         "inference": inference},
+        account)
 
 
 def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
-                 timings: dict[str, float], digest: str, resources: dict[str, Any]) -> dict[str, Any]:
+                 timings: dict[str, float], digest: Callable[[], str], resources: dict[str, Any]) -> dict[str, Any]:
     """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
-    committed PCA was fitted on exactly these embeddings with these settings."""
+    committed PCA was fitted on exactly these embeddings with these settings. `digest()` gives the embeddings'
+    ids_digest; it is asked for only when a PCA entry exists and at the commit, so the accounting that computes it
+    runs while the PCA is fitted (every change to the embeddings clears the entry)."""
     t0 = time.perf_counter()
     opts = rundir.opts
-    fingerprint: dict[str, Any] = {"embedding_ids_digest": digest, "k": config.k, "variance": config.variance}
     basis = None
     if config.pca_from:
         basis = pca_files.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
-        # The basis decides k; a refit is never needed while these embeddings and that basis stay the same.
-        fingerprint = {"embedding_ids_digest": digest, "pca_from": basis.fingerprint}
+
+    def fingerprint() -> dict[str, Any]:
+        if basis is not None:  # the basis decides k; no refit while these embeddings and that basis stay the same
+            return {"embedding_ids_digest": digest(), "pca_from": basis.fingerprint}
+        return {"embedding_ids_digest": digest(), "k": config.k, "variance": config.variance}
+
     entry = rundir.reduce_entry()
-    if entry is not None and entry.get("fingerprint") == fingerprint:
+    if entry is not None and entry.get("fingerprint") == fingerprint():
         try:
             report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
             summary = _pca_summary(report)
@@ -183,63 +213,58 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
             return {**summary, "skipped": True}
     files = rundir.files("embeddings")
     session = spark.get()
-    n_rows = count_rows(session, files, opts)
-    if n_rows < 2:
-        raise OutputError(f"PCA needs at least 2 embedded images and {rundir.uri} has {n_rows}: add images to the "
-                          "input, or use `fruitpipe embed` alone")
     session.sparkContext.setJobGroup(reduce_mod.JOB_GROUP, "reduce")  # the fit's jobs too (JobProgress clears it)
-    staging = rundir.staging(token)
+    staging = rundir.staging(token, "reduce")  # the accounting still running deletes the embed stage's
     # Two passes over the part files, each task reading one part straight from storage: the fit's Gramian, then
     # the projection, which also measures the variance along the components (the fit's check, or the shares of a
     # --pca-from basis on these embeddings). Nothing is published before both agree.
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # the driver's own work, done while the executors work
     try:
+        pool.submit(pca_files.load_plotting)  # matplotlib's import (~0.5 s) while the Gramian is summed
         fit: reduce_mod.PcaFit | None = None
         if basis is None:
             t1 = time.perf_counter()
-            fit = reduce_mod.fit_pca(session, files, model.spec.dim, opts)
+            fit = reduce_mod.fit_pca(session, files, model.spec.dim, opts, rundir.uri)
             timings["reduce_fit"] = time.perf_counter() - t1
             k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
             kept = fit.components[:, :k]
             probe = fit.components[:, :reduce_mod.CHECKED_COMPONENTS]
+            # The fitted basis's files (the Spark ML model, the scree plot) are written while the executors
+            # project; they are published only once the check passed.
+            artifacts = pool.submit(_write_fit_artifacts, session, fit, k, config.variance, fingerprint,
+                                    storage.join(staging, "pca"), opts)
         else:
             kept, k = basis.components, int(basis.components.shape[1])
             probe = kept
             log.info("projecting with the PCA of %s (k=%d, basis %s...): no refit", basis.source, k,
                      basis.fingerprint[:12])
         t1 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            artifacts = None
-            if fit is not None:  # the fitted basis's files are written while the executors project (~1 s of driver
-                # work: the scree plot, the Spark ML model); they are only published once the check passed
-                artifacts = pool.submit(_write_fit_artifacts, session, fit, k, config.variance, fingerprint,
-                                        storage.join(staging, "pca"), opts)
-            with JobProgress(session, reduce_mod.JOB_GROUP, total=n_rows, desc="reduce", quiet=config.quiet,
-                             tasks=len(files)):
-                rows, measured = reduce_mod.project_parts(session, files, opts, probe, kept,
-                                                          storage.join(staging, "reduced"))
-            timings["reduce_project"] = time.perf_counter() - t1
-            if fit is not None:
-                assert artifacts is not None
-                if fit.n_samples != rows:
-                    raise reduce_mod.PcaCheckError(
-                        f"the PCA read {fit.n_samples} rows and the projection {rows}: the embeddings changed during "
-                        "the run; nothing was published: re-run the same command")
-                reduce_mod.check_pca(measured, fit.explained)
-                report = artifacts.result()
-            else:
-                assert basis is not None
-                report = pca_files.write_basis_artifacts(storage.join(staging, "pca"), basis, rows, measured,
-                                                         fingerprint, opts)
-                shares = np.asarray(basis.report.get("per_component") or measured)
-                save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
-                              storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
+        # The bar counts images when the fit knows them, part files otherwise (a --pca-from projection).
+        total, unit = (fit.n_samples, "img") if fit else (len(files), "part")
+        with JobProgress(session, reduce_mod.JOB_GROUP, total=total, unit=unit, desc="reduce", quiet=config.quiet,
+                         tasks=file_tasks(session, len(files))):
+            rows, measured = reduce_mod.project_parts(session, files, opts, probe, kept,
+                                                      storage.join(staging, "reduced"))
+        timings["reduce_project"] = time.perf_counter() - t1
+        if fit is not None:
+            if fit.n_samples != rows:
+                raise reduce_mod.PcaCheckError(
+                    f"the PCA read {fit.n_samples} rows and the projection {rows}: the embeddings changed during "
+                    "the run; nothing was published: re-run the same command")
+            reduce_mod.check_pca(measured, fit.explained)
+            report = artifacts.result()
+        else:
+            assert basis is not None
+            report = pca_files.write_basis_artifacts(storage.join(staging, "pca"), basis, rows, measured,
+                                                     fingerprint(), opts)
+            shares = np.asarray(basis.report.get("per_component") or measured)
+            save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
+                          storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
         timings["reduce_artifacts"] = time.perf_counter() - t1 - timings["reduce_project"]
     finally:
+        pool.shutdown()
         resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
-    if rows != n_rows:
-        raise OutputError(f"the projection wrote {rows} reduced rows for {n_rows} embeddings; nothing was "
-                          "published: re-run the same command")
-    rundir.commit_reduce(staging, fingerprint, token)
+    rundir.commit_reduce(staging, fingerprint(), token)
     storage.delete(staging, opts)
     timings["reduce"] = time.perf_counter() - t0
     log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))
@@ -247,13 +272,13 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
 
 
 def _write_fit_artifacts(session: Any, fit: reduce_mod.PcaFit, k: int, variance: float | None,
-                         fingerprint: dict[str, Any], pca_uri: str, opts: Any) -> dict[str, Any]:
+                         fingerprint: Callable[[], dict[str, Any]], pca_uri: str, opts: Any) -> dict[str, Any]:
     """pca/ of a fitted PCA (explained_variance.json, scree.png, components.npy) and, so that Spark users lose
-    nothing, the same basis as a PCAModel that PCAModel.load reads back; returns the report."""
-    report = pca_files.write_pca_artifacts(pca_uri, fit, k, variance, fingerprint, opts)
+    nothing, the same basis as a PCAModel that PCAModel.load reads back; returns the report. The fingerprint is
+    asked for last: it waits for the accounting."""
     save_ml_model(session, reduce_mod.spark_pca_model(session, fit.components[:, :k], fit.explained),
                   storage.join(pca_uri, reduce_mod.SPARK_MODEL_DIR), opts)
-    return report
+    return pca_files.write_pca_artifacts(pca_uri, fit, k, variance, fingerprint(), opts)
 
 
 def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:
