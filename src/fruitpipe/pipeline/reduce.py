@@ -20,7 +20,7 @@ from fruitpipe.vectors import to_list_array, to_matrix
 
 log = logging.getLogger(__name__)
 
-#: Spark job group of every job of the reduce stage (fit, check, projection).
+#: Spark job group of every job of the reduce stage (the Gramian, the projection with its check).
 JOB_GROUP = "fruitpipe-reduce"
 #: The fitted PCA as a Spark ML PCAModel directory, under pca/.
 SPARK_MODEL_DIR = "spark_model"
