@@ -224,6 +224,30 @@ def test_success_is_not_written_when_the_accounting_fails(spark, tmp_path: Path,
     assert (out / "run.json").exists() and not (out / "_SUCCESS").exists()
 
 
+def test_an_accounting_error_beside_the_pca_commits_no_pca(spark, tmp_path: Path, monkeypatch) -> None:
+    """The accounting runs while the PCA is fitted and the PCA's fingerprint needs its digest: when it fails, the
+    run fails with its error, commits no PCA and writes no _SUCCESS; the next run completes."""
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=5)
+    out = tmp_path / "out"
+    from fruitpipe.pipeline import bookkeeping
+
+    real = bookkeeping.accounting
+
+    def failing(*args: object) -> dict:
+        raise OutputError("the accounting lost its executor")
+
+    monkeypatch.setattr(bookkeeping, "accounting", failing)
+    with pytest.raises(OutputError, match="the accounting lost its executor"):
+        fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    monkeypatch.setattr(bookkeeping, "accounting", real)
+    rundir = RunDir(str(out), StorageOptions())
+    assert not (out / "_SUCCESS").exists() and rundir.reduce_entry() is None
+    assert len(rundir.files("embeddings")) >= 1  # the embeddings were committed before the accounting
+    result = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    assert result.counts["embedded_this_run"] == 0 and result.report["pca"]["skipped"] is False
+    _check_complete(out, 20)
+
+
 # -- 9: committed rows follow the input -------------------------------------------------------------------------
 
 def test_rows_follow_changed_moved_deleted_and_fixed_files(spark, tmp_path: Path) -> None:

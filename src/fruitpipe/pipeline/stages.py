@@ -261,6 +261,11 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
             save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
                           storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
         timings["reduce_artifacts"] = time.perf_counter() - t1 - timings["reduce_project"]
+    except BaseException:
+        # The files' thread may be waiting for the accounting's digest: stop the accounting's jobs first, so that
+        # an error or Ctrl-C here does not wait for all of them.
+        session.sparkContext.cancelJobGroup(ACCOUNTING_GROUP)
+        raise
     finally:
         pool.shutdown()
         resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
