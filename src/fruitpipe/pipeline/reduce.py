@@ -100,10 +100,10 @@ def _sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndar
 
 
 def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows, column sums, X^T X) of the embeddings' `features`, in float64: each task reads one part file's
-    features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (_sum_over_parts).
-    No Spark rows are made
-    of the 1280 floats: going through a DataFrame and its disk cache cost 7.7 of the fit's 8.6 s on the sample."""
+    """(rows, column sums, X^T X) of the embeddings' `features`, in float64: each task reads its part files'
+    features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (_sum_over_parts). No
+    Spark rows are made of the 1280 floats: going through a DataFrame and its disk cache cost 7.7 of the fit's 8.6 s
+    on the sample."""
 
     def partial(_pos: int, uri: str) -> np.ndarray:
         n, sums, gram = 0, np.zeros(dim), np.zeros((dim, dim))
