@@ -135,6 +135,16 @@ def test_corrupt_files_in_the_output(spark, small: Path, tmp_path: Path, victim:
         assert again.returncode == 0 and json.loads((out / "run.json").read_text())["counts"]["accounted"], again.stderr
 
 
+def test_train_on_a_corrupt_embeddings_part_gets_one_line(spark, small: Path, tmp_path: Path) -> None:
+    """`train` reads the parts as `reduce` does: a part it cannot read is the same one line, naming the file."""
+    out = tmp_path / "out"
+    fruitpipe.run(fruitpipe.Config(input=str(small), output=str(out), k=2, quiet=True))
+    target = next((out / "embeddings").glob("*.parquet"))
+    target.write_bytes(b"\x00garbage{")
+    line = _one_line(_cli("train", str(out), "--quiet"), "unreadable or corrupt")
+    assert target.name in line
+
+
 # -- 13: Spark settings and interruptions --------------------------------------------------------------------
 
 def test_bad_spark_settings_get_one_line(small: Path, tmp_path: Path) -> None:

@@ -105,6 +105,7 @@ def _write(rundir: RunDir, name: str, data: bytes) -> str:
 def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
+    from fruitpipe.pipeline.frames import output_errors
     from fruitpipe.pipeline.pca_files import load_components
     from fruitpipe.pipeline.reduce import embeddings_df
     from fruitpipe.spark import save_ml_model, spark_session
@@ -126,9 +127,11 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
+    # output_errors: a part the tasks cannot read is the one-line error `run` and `reduce` give, not a Spark trace.
     with lease.hold(settings.output, token, opts), \
             (contextlib.nullcontext(spark) if spark is not None
-             else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark:
+             else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark, \
+            output_errors():
         emb = embeddings_df(spark, files, opts)
         classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
         if len(classes) < 2:
