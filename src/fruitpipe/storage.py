@@ -388,4 +388,3 @@ def move_all(pairs: list[tuple[str, str]], opts: StorageOptions) -> None:
         return
     for src, dst in pairs:
         move(src, dst, opts)
-
