@@ -26,7 +26,7 @@ from fruitpipe.models.runner import check_model
 from fruitpipe.monitor.logs import new_run_id, run_scope
 from fruitpipe.monitor.resources import driver_peak_rss
 from fruitpipe.output import RunDir
-from fruitpipe.pipeline import manifest
+from fruitpipe.pipeline import manifest, pca_files
 from fruitpipe.pipeline.bookkeeping import committed_ids_digest
 from fruitpipe.pipeline.failures import interrupt_flag, job_failures
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
@@ -189,6 +189,10 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                             out, config.master)
             accounting: concurrent.futures.Future[dict[str, Any]] | None = None
             if "embed" in stages:
+                if "reduce" in stages:
+                    # The scree plot's matplotlib import (~0.9 s of the driver's CPU) while the embed job leaves the
+                    # driver idle: during the reduce stage it held the GIL while the Gramian's results came in.
+                    background.submit(pca_files.load_plotting)
                 outcome = embed_stage(config, model, spark, rundir, token, timings, inputs, resources)
                 counts = outcome.counts
                 # The accounting's jobs run while the PCA is fitted; the reduce stage waits for its digest only

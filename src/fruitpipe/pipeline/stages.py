@@ -220,7 +220,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
     # --pca-from basis on these embeddings). Nothing is published before both agree.
     pool = concurrent.futures.ThreadPoolExecutor(1)  # the driver's own work, done while the executors work
     try:
-        pool.submit(pca_files.load_plotting)  # matplotlib's import (~0.5 s) while the Gramian is summed
+        pool.submit(pca_files.load_plotting)  # matplotlib's import (unless done), while the Gramian is summed
         fit: reduce_mod.PcaFit | None = None
         if basis is None:
             t1 = time.perf_counter()
