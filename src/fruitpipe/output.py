@@ -71,6 +71,25 @@ def corrupt_part(uri: str, exc: Exception) -> OutputError:
                        "or re-run with --overwrite")
 
 
+def index_columns(columns: list[str], schema: pa.Schema) -> pa.Schema:
+    """The schema read_part_index gives: `columns` of a dataset's `schema`, then _file and _row."""
+    return pa.schema([schema.field(c) for c in columns] + [("_file", pa.string()), ("_row", pa.int64())])
+
+
+def read_part_index(uri: str, opts: StorageOptions, columns: list[str], schema: pa.Schema) -> pa.Table:
+    """The given columns of one committed part file (only those column chunks are read, never the features),
+    conformed to the dataset's `schema`, plus _file (the part's name) and _row (the row in it); an unreadable part is
+    corrupt_part's error. The driver's read of an index (RunDir.read_index) and the executors' (index_frame) both
+    use it."""
+    try:
+        t = storage.read_parquet_columns(uri, opts, columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise corrupt_part(uri, exc) from None
+    t = conform(t, pa.schema([schema.field(c) for c in columns]))
+    return (t.append_column("_file", pa.repeat(pa.scalar(uri.rsplit("/", 1)[1], pa.string()), t.num_rows))
+            .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+
+
 class RunDir:
     """One output directory (local path or s3:// prefix) and the protocol every stage uses to change it."""
 
@@ -195,20 +214,8 @@ class RunDir:
     def read_index(self, dataset: str, columns: list[str]) -> pa.Table:
         """The given columns of a committed dataset, plus _file (part name) and _row (row in that part)."""
         schema = DATASETS[dataset]
-        pieces = []
-        for uri in self.files(dataset):
-            try:
-                t = storage.read_parquet_columns(uri, self.opts, columns)
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise corrupt_part(uri, exc) from None
-            t = conform(t, pa.schema([schema.field(c) for c in columns]))
-            name = uri.rsplit("/", 1)[1]
-            t = t.append_column("_file", pa.array([name] * t.num_rows, pa.string()))
-            pieces.append(t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-        if not pieces:
-            empty = pa.schema([schema.field(c) for c in columns] + [("_file", pa.string()), ("_row", pa.int64())])
-            return empty.empty_table()
-        return pa.concat_tables(pieces)
+        pieces = [read_part_index(uri, self.opts, columns, schema) for uri in self.files(dataset)]
+        return pa.concat_tables(pieces) if pieces else index_columns(columns, schema).empty_table()
 
     def reduced_files(self) -> list[str]:
         """URIs of the committed reduced-vector part files ([] when the output has no PCA)."""

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from fruitpipe import schemas, storage
 from fruitpipe.errors import OutputError
-from fruitpipe.output import corrupt_part
+from fruitpipe.output import corrupt_part, index_columns, read_part_index
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,12 @@ def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterabl
 def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema: pa.Schema,
                 opts: StorageOptions) -> Any:
     """The given columns of a committed dataset's part files, plus _file (part name), _fileno (its place in the
-    commit record) and _row (row in that part): only those column chunks are read, never the features."""
-    schema = pa.schema([dataset_schema.field(c) for c in columns]
-                       + [("_file", pa.string()), ("_fileno", pa.int32()), ("_row", pa.int64())])
+    commit record) and _row (row in that part), read on the executors (output.read_part_index)."""
+    schema = index_columns(columns, dataset_schema).insert(len(columns) + 1, pa.field("_fileno", pa.int32()))
 
     def read(pos: int, uri: str) -> list[pa.Table]:
-        import numpy as np
-
-        try:
-            t = storage.read_parquet_columns(uri, opts, columns)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise corrupt_part(uri, exc) from None
-        t = schemas.conform(t, pa.schema([dataset_schema.field(c) for c in columns]))
-        n = t.num_rows
-        return [t.append_column("_file", pa.array([uri.rsplit("/", 1)[1]] * n, pa.string()))
-                .append_column("_fileno", pa.array(np.full(n, pos, dtype=np.int32)))
-                .append_column("_row", pa.array(np.arange(n, dtype=np.int64)))]
+        t = read_part_index(uri, opts, columns, dataset_schema)
+        return [t.add_column(len(columns) + 1, "_fileno", pa.repeat(pa.scalar(pos, pa.int32()), t.num_rows))]
 
     return files_frame(spark, files, read, schema)
 
