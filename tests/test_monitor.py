@@ -113,3 +113,22 @@ def test_every_command_takes_log_format() -> None:
         assert parser.parse_args([*argv, "--log-format", "json"]).log_format == "json", argv
         assert parser.parse_args(["--log-format", "json", *argv]).log_format == "json", argv
         assert parser.parse_args(argv).log_format == "text", argv
+
+
+def test_stage_peaks_leave_out_the_jobs_of_earlier_runs_in_a_shared_session(spark) -> None:
+    """A notebook's session keeps every run's jobs in a stage's job group: a run's peaks are those of the jobs run
+    after its stage began (group_jobs), not the highest of any run before it."""
+    from fruitpipe.monitor.resources import group_jobs, stage_peaks
+
+    sc, group = spark.sparkContext, "test-peaks-of-one-run"
+    sc.setJobGroup(group, "an earlier run")
+    try:
+        spark.range(8, numPartitions=2).collect()
+        earlier = group_jobs(spark, group)
+        assert earlier, "the status tracker lists the group's jobs"
+        spark.range(8, numPartitions=2).collect()
+        this_run = group_jobs(spark, group) - earlier
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert len(this_run) == 1 and max(earlier) < min(this_run)
+    assert stage_peaks(spark, group, earlier | this_run) == {}  # every job skipped: nothing of earlier runs counts

@@ -17,22 +17,11 @@ from PIL import Image
 from fruitpipe.serve import ServeSettings, create_app
 
 
-class _Server:
-    """uvicorn in a thread on a free loopback port; ready when uvicorn says it started (an event, not a sleep)."""
+class _Client:
+    """Requests to a fruitpipe server on a loopback port."""
 
-    def __init__(self, app) -> None:
-        import time
-
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+    def __init__(self, port: int) -> None:
+        self.port = port
 
     def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -48,6 +37,24 @@ class _Server:
                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
         status, raw = self.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return status, json.loads(raw)
+
+
+class _Server(_Client):
+    """uvicorn in a thread on a free loopback port; ready when uvicorn says it started (an event, not a sleep)."""
+
+    def __init__(self, app) -> None:
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        super().__init__(self.server.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -163,3 +170,43 @@ def test_serve_reads_its_classifier_from_s3(trained, s3_endpoint: str) -> None:
         assert body["model_sha256"] == trained["metrics"]["onnx"]["sha256"]
     finally:
         srv.stop()
+
+
+def test_serve_logs_are_json_lines_with_no_upload_metadata(trained, tmp_path: Path) -> None:
+    """`fruitpipe --log-format json serve` in its own process: uvicorn's lines (start, access log) and ours (a refused
+    upload) are one JSON object each, and a photo's EXIF (GPS, camera maker) appears in none of them."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    photo = Path(sorted(_spark_predictions(trained["out"]))[0])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fruitpipe.cli", "--log-format", "json", "serve", str(trained["out"]), "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:  # uvicorn's "running on" line is the event that says it listens
+            lines.append(line)
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "".join(lines)[-2000:]
+        srv = _Client(port)
+        assert srv.predict(_jpeg_with_gps(photo))[0] == 200
+        assert srv.predict(b"just some text, not a photo")[0] == 415
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]  # each line is one JSON object
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    messages = [e["message"] for e in entries]
+    assert any("POST /predict" in m and "200" in m for m in messages), messages
+    assert any("upload refused: not_an_image (HTTP 415)" in m for m in messages), messages
+    logged = json.dumps([{k: v for k, v in e.items() if k != "time"} for e in entries])  # a time can hold "48.0"
+    assert "SecretPhoneMaker" not in logged and "GPS" not in logged and "24.12" not in logged

@@ -35,16 +35,29 @@ def driver_peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def stage_peaks(spark: Any, group: str) -> dict[str, int]:
+def group_jobs(spark: Any, group: str) -> frozenset[int]:
+    """The ids of the jobs Spark has run so far in job group `group`: what stage_peaks must skip, since a shared
+    session (a notebook's) keeps every earlier run's jobs in the group."""
+    try:
+        return frozenset(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+    except Exception as exc:
+        log.debug("Spark's job ids could not be read: %s", exc)
+        return frozenset()
+
+
+def stage_peaks(spark: Any, group: str, before: frozenset[int] = frozenset()) -> dict[str, int]:
     """The highest value of each EXECUTOR_METRICS over every executor and every stage of the jobs of job group
-    `group`, in bytes; metrics Spark did not record (another OS, polling off) are left out. {} when Spark's status
-    store cannot be read (it is a JVM internal: a Spark without it is logged, never fatal)."""
+    `group` but those in `before` (group_jobs at the stage's start), in bytes; metrics Spark did not record (another
+    OS, polling off) are left out. {} when Spark's status store cannot be read (it is a JVM internal: a Spark without
+    it is logged, never fatal)."""
     peaks: dict[str, int] = {}
     try:
         sc = spark.sparkContext
         store = sc._jsc.sc().statusStore()
         tracker = sc.statusTracker()
         for job_id in tracker.getJobIdsForGroup(group):
+            if job_id in before:
+                continue
             job = tracker.getJobInfo(job_id)
             for stage_id in (job.stageIds if job is not None else []):
                 try:

@@ -19,7 +19,7 @@ from fruitpipe import storage
 from fruitpipe.config import Config
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.wrap import wrap_uint8
-from fruitpipe.monitor.resources import stage_peaks
+from fruitpipe.monitor.resources import group_jobs, stage_peaks
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline import bookkeeping, pca_files
 from fruitpipe.pipeline import embed as embed_mod
@@ -136,11 +136,12 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
             read_ahead=config.read_ahead if config.input_list or storage.is_s3(config.input) else 1,
         )
+        earlier_jobs = group_jobs(session, embed_mod.JOB_GROUP)  # a shared session's earlier runs
         summary = embed_mod.run_embed_job(session, plan.todo, plan.todo_rows, settings, wrapped.data,
                                           config.partition_size, config.quiet)
         timings["embed_job"] = time.perf_counter() - t1
         resources["bytes_read"] = int(pc.sum(summary.column("bytes_read")).as_py() or 0)
-        resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP)
+        resources["peak_memory_bytes"]["embed"] = stage_peaks(session, embed_mod.JOB_GROUP, earlier_jobs)
         inference = _inference_stats(summary)
         embedded_now = int(pc.sum(summary.column("embedded")).as_py() or 0)
         rejected_now += int(pc.sum(summary.column("rejected")).as_py() or 0)
@@ -213,6 +214,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
             return {**summary, "skipped": True}
     files = rundir.files("embeddings")
     session = spark.get()
+    earlier_jobs = group_jobs(session, reduce_mod.JOB_GROUP)  # a shared session's earlier runs
     session.sparkContext.setJobGroup(reduce_mod.JOB_GROUP, "reduce")  # the fit's jobs too (JobProgress clears it)
     staging = rundir.staging(token, "reduce")  # the accounting still running deletes the embed stage's
     # Two passes over the part files, each task reading one part straight from storage: the fit's Gramian, then
@@ -268,7 +270,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
         raise
     finally:
         pool.shutdown()
-        resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP)
+        resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP, earlier_jobs)
     rundir.commit_reduce(staging, fingerprint(), token)
     storage.delete(staging, opts)
     timings["reduce"] = time.perf_counter() - t0

@@ -74,6 +74,8 @@ def create_app(settings: ServeSettings) -> Any:
 
     def refuse(status: int, reason: str, detail: str) -> Any:
         rejects.labels(reason).inc()
+        # The reason and status only: nothing of the upload (its name, bytes or metadata) reaches the logs.
+        log.info("upload refused: %s (HTTP %d)", reason, status)
         return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
     @app.middleware("http")
