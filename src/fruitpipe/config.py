@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -251,3 +252,9 @@ def load_config(
     if "input" not in merged or "output" not in merged:
         raise ConfigError("both INPUT and OUTPUT are required: fruitpipe run INPUT OUTPUT")
     return Config(**merged)
+
+
+def task_count(n: int, partition_size: int, slots: int) -> int:
+    """Tasks of the embed job for `n` inputs: whole waves, at least one task per slot and a multiple of the slots so
+    no core idles at the end, never more tasks than inputs."""
+    return min(max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots), n)

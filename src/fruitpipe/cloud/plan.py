@@ -30,6 +30,7 @@ from fruitpipe.cloud.settings import (
     EmrSettings,
     split_s3,
 )
+from fruitpipe.config import task_count
 
 if TYPE_CHECKING:
     from fruitpipe.cloud.preflight import Preflight
@@ -211,7 +212,7 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
     opts = run_options(settings.run_args)
     partition = opts.partition_size or DEFAULT_PARTITION_IMAGES
     slots = slots or settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
-    parts = math.ceil(math.ceil(settings.images / partition) / slots) * slots  # as pipeline/embed.py splits
+    parts = task_count(settings.images, partition, slots)  # the embed job's own split
     renewals = math.ceil(2 * (_work_minutes(settings) + FIXED_MINUTES["spark_start_and_pca"]))
     return {
         "get_images": settings.images,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import images, storage
+from fruitpipe.config import task_count
 from fruitpipe.models import runner
 from fruitpipe.schemas import (
     INDEX_SCHEMA,
@@ -250,12 +250,6 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
         yield _summary(emb, rej, part, threads, settings.model_sha256)
 
     return embed_partition
-
-
-def task_count(n: int, partition_size: int, slots: int) -> int:
-    """Tasks of the embed job for `n` inputs: whole waves, at least one task per slot and a multiple of the slots so
-    no core idles at the end, never more tasks than inputs."""
-    return min(max(1, math.ceil(math.ceil(n / partition_size) / slots) * slots), n)
 
 
 def run_embed_job(

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import storage
-from fruitpipe.config import Config
+from fruitpipe.config import Config, task_count
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.wrap import wrap_uint8
 from fruitpipe.monitor.resources import group_jobs, stage_peaks
@@ -107,7 +107,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     if dry_run:
         from fruitpipe.spark import default_parallelism
 
-        tasks = embed_mod.task_count(plan.todo_rows, config.partition_size, default_parallelism(session))
+        tasks = task_count(plan.todo_rows, config.partition_size, default_parallelism(session))
         return EmbedOutcome(
             {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,
              "to_reject_by_listing": plan.name_rejects.num_rows, "to_drop_before_embedding": plan.by_reason,
