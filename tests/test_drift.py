@@ -147,3 +147,28 @@ def test_pca_from_projects_with_the_reference_basis(outputs, spark) -> None:
 def test_pca_from_an_output_without_a_pca_is_one_line(outputs, tmp_path: Path, capsys) -> None:
     assert main(["reduce", str(outputs["test"]), "--pca-from", str(tmp_path), "-q"]) == 2
     assert "is not a complete output with a PCA" in capsys.readouterr().err
+
+
+def test_the_drift_sample_is_the_smallest_ids_read_a_part_at_a_time(outputs) -> None:
+    """sample_rows keeps only the n smallest content ids while it reads the parts one by one: the same rows as
+    sorting every id of the output, and all of them when n exceeds the output."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fruitpipe.monitor.drift import sample_rows
+    from fruitpipe.output import RunDir
+    from fruitpipe.storage import StorageOptions
+
+    rundir = RunDir(str(outputs["reference"]), StorageOptions())
+    table = pq.read_table(outputs["reference"] / "embeddings", columns=["id", "features"])
+    table = table.take(table.column("id").to_numpy(zero_copy_only=False).argsort())
+    everything = np.array(table.column("features").to_pylist(), dtype=np.float64)
+
+    def rows(x: np.ndarray) -> list[tuple]:
+        return sorted(map(tuple, x))
+
+    x, total = sample_rows(rundir, 37)
+    assert total == table.num_rows > 37 and len(rundir.files("embeddings")) > 1
+    assert rows(x) == rows(everything[:37])
+    x, total = sample_rows(rundir, 10_000)
+    assert total == table.num_rows and rows(x) == rows(everything)

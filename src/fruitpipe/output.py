@@ -79,8 +79,7 @@ def index_columns(columns: list[str], schema: pa.Schema) -> pa.Schema:
 def read_part_index(uri: str, opts: StorageOptions, columns: list[str], schema: pa.Schema) -> pa.Table:
     """The given columns of one committed part file (only those column chunks are read, never the features),
     conformed to the dataset's `schema`, plus _file (the part's name) and _row (the row in it); an unreadable part is
-    corrupt_part's error. The driver's read of an index (RunDir.read_index) and the executors' (index_frame) both
-    use it."""
+    corrupt_part's error. The executors' index_frame and the driver's drift sample (a part at a time) both use it."""
     try:
         t = storage.read_parquet_columns(uri, opts, columns)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -210,12 +209,6 @@ class RunDir:
         return dict(self.record().get("settings") or {})
 
     # -- reads ---------------------------------------------------------------------------------------------------
-
-    def read_index(self, dataset: str, columns: list[str]) -> pa.Table:
-        """The given columns of a committed dataset, plus _file (part name) and _row (row in that part)."""
-        schema = DATASETS[dataset]
-        pieces = [read_part_index(uri, self.opts, columns, schema) for uri in self.files(dataset)]
-        return pa.concat_tables(pieces) if pieces else index_columns(columns, schema).empty_table()
 
     def reduced_files(self) -> list[str]:
         """URIs of the committed reduced-vector part files ([] when the output has no PCA)."""
