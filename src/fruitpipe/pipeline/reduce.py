@@ -148,7 +148,7 @@ def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions, where:
 
     In local mode the driver shares its cores with the executors, which are busy with the run's accounting while
     the eigendecomposition runs: there OpenBLAS's threads wait on each other, and one thread was faster (1280 x
-    1280 on 2 cores: 0.47-0.59 s against 1.0 s; 0.30 s against 0.22 s on idle cores). A cluster's driver has its
+    1280 on 2 cores: 0.47-0.61 s against 1.0 s; 0.30 s against 0.22 s on idle cores). A cluster's driver has its
     own cores and keeps the BLAS default."""
     n, sums, gram = gramian(spark, files, dim, opts)
     if n < 2:

@@ -190,8 +190,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             accounting: concurrent.futures.Future[dict[str, Any]] | None = None
             if "embed" in stages:
                 if "reduce" in stages:
-                    # The scree plot's matplotlib import (~0.9 s of the driver's CPU) while the embed job leaves the
-                    # driver idle: during the reduce stage it held the GIL while the Gramian's results came in.
+                    # The scree plot's matplotlib import while the embed job leaves the driver idle (0.3 s): during
+                    # the reduce stage it took 0.8-1.1 s and held the GIL while the Gramian's results came in.
                     background.submit(pca_files.load_plotting)
                 outcome = embed_stage(config, model, spark, rundir, token, timings, inputs, resources)
                 counts = outcome.counts
