@@ -172,7 +172,7 @@ def test_serve_reads_its_classifier_from_s3(trained, s3_endpoint: str) -> None:
         srv.stop()
 
 
-def test_serve_logs_are_json_lines_with_no_upload_metadata(trained, tmp_path: Path) -> None:
+def test_serve_logs_are_json_lines_with_no_upload_metadata(trained) -> None:
     """`fruitpipe --log-format json serve` in its own process: uvicorn's lines (start, access log) and ours (a refused
     upload) are one JSON object each, and a photo's EXIF (GPS, camera maker) appears in none of them."""
     import os
