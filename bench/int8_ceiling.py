@@ -83,13 +83,13 @@ def main() -> None:
     embed = report["throughput_img_s"]["embed"]
     timings = report["timings_s"]
     n = report["counts"]["embedded_this_run"] + report["counts"]["rejected_this_run"]
+    job_img_s = n / timings["embed_job"]  # the job alone, without the plan, the duplicate check and the commit
     result = {"images": report["counts"]["embedded_this_run"], "cores": cores,
               "scheme": report["model"].get("int8", {}).get("scheme"),
               "pipeline_embed_img_s": embed,
-              # the job alone, without the plan, the duplicate check and the commit around it
-              "pipeline_embed_job_img_s": round(n / timings["embed_job"], 1),
+              "pipeline_embed_job_img_s": round(job_img_s, 1),
               "pipeline_timings_s": timings,
-              "raw_int8": raw, "ratio": embed / raw["img_s"], "job_ratio": n / timings["embed_job"] / raw["img_s"]}
+              "raw_int8": raw, "ratio": embed / raw["img_s"], "job_ratio": job_img_s / raw["img_s"]}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
