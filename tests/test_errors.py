@@ -205,3 +205,39 @@ def test_ctrl_c_mid_embed_exits_130_with_one_line(spark, tmp_path: Path) -> None
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(JVM_BANNER)]
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, err)
     assert not (out / "_SUCCESS").exists()
+
+
+#: Run in its own process: a failing block inside our own session, whose teardown makes the JVM log an ERROR and
+#: write to System.err, as the killed tasks of a failed job did while the context stopped (seen in CI under load:
+#: "Error deleting" a shuffle file, an INTERNAL_ERROR from a released block lock), after the CLI's one-line error.
+_TEARDOWN_SCRIPT = """
+import sys
+import fruitpipe.spark as fs
+
+drain = fs._drain
+
+def noisy_drain(spark):
+    jvm = spark.sparkContext._jvm
+    jvm.org.apache.logging.log4j.LogManager.getLogger("org.apache.spark.TaskContextImpl").error("teardown noise")
+    jvm.java.lang.System.err.println("teardown stderr")
+    drain(spark)
+
+fs._drain = noisy_drain
+try:
+    with fs.spark_session("local[1]") as spark:
+        jvm = spark.sparkContext._jvm
+        jvm.org.apache.logging.log4j.LogManager.getLogger("org.apache.spark.TaskContextImpl").error("live error")
+        raise RuntimeError("the run failed")
+except RuntimeError as exc:
+    print(f"fruitpipe: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_failed_runs_jvm_teardown_prints_nothing_after_the_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "live error" in proc.stderr, proc.stderr  # the JVM's logs reach the console while the run is alive
+    assert "teardown" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("fruitpipe: error: the run failed"), proc.stderr
