@@ -1,0 +1,226 @@
+"""`fruitpipe emr` without AWS: the shipped IAM policies, the plan and its checks, and the nodes' wheelhouse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emrkit import INPUT, OUTPUT, emr_settings, fake_wheel
+from fruitpipe.cli import main
+from fruitpipe.cloud import emr
+from fruitpipe.cloud.artifacts import NODE_PYTHON, build_wheelhouse, node_extras, runtime_requirements
+from fruitpipe.cloud.plan import executor_conf
+from fruitpipe.cloud.settings import INSTANCE_TYPES, S3_GET_PER_1000
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path: Path) -> None:
+    """No AWS credentials anywhere in the chain: `emr plan` then makes no AWS call and says so."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _s3_statements(policy: dict) -> list[dict]:
+    actions = lambda st: [st["Action"]] if isinstance(st["Action"], str) else st["Action"]  # noqa: E731
+    return [st for st in policy["Statement"] if any(a.startswith("s3:") or a == "*" for a in actions(st))]
+
+
+def test_shipped_policies_are_least_privilege() -> None:
+    """Every Allow on S3 names one action list without wildcards and resources under the run's prefixes only."""
+    from importlib import resources
+
+    folder = resources.files("fruitpipe.cloud").joinpath("policies")
+    names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust"]
+    for name in names:
+        json.loads(folder.joinpath(f"{name}.json").read_text())  # the templates themselves are valid JSON
+    values = emr.policy_values(emr_settings(), "123456789012", "arn:aws:kms:eu-west-3:123456789012:key/k1")
+    instance = emr.render_policy("ec2-instance-role", **values)
+    allowed_prefixes = ("arn:aws:s3:::fruits-in/fruits360", "arn:aws:s3:::fruits-out/runs/emr",
+                        "arn:aws:s3:::fruits-out/fruitpipe-artifacts/", "arn:aws:s3:::fruits-out/fruitpipe-logs/")
+    s3_statements = _s3_statements(instance)
+    assert len(s3_statements) == 6
+    for st in s3_statements:
+        assert st["Effect"] == "Allow"
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources_ = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        assert all("*" not in a for a in actions), st
+        for res in resources_:
+            assert res != "*" and not res.startswith("arn:aws:s3:::*"), st
+            if actions == ["s3:ListBucket"]:  # bucket ARN, narrowed to the prefix by a condition
+                assert res in ("arn:aws:s3:::fruits-in", "arn:aws:s3:::fruits-out")
+                prefixes = st["Condition"]["StringLike"]["s3:prefix"]
+                assert all(p.startswith(("fruits360", "runs/emr")) for p in prefixes)
+            else:
+                assert res.startswith(allowed_prefixes), res
+                assert not res.endswith("/*") or res.count("*") == 1
+    by_sid = {st["Sid"]: st for st in instance["Statement"]}
+    assert by_sid["ReadInputPrefixOnly"]["Action"] == "s3:GetObject"  # input: read, never write
+    assert by_sid["WriteLogsOnly"]["Action"] == "s3:PutObject"
+    assert all(st["Resource"] != "*" for st in instance["Statement"])
+    service = emr.render_policy("emr-service-role", **values)
+    assert _s3_statements(service) == []  # the service role gets no S3 access of its own
+    assert {st["Resource"] for st in service["Statement"]} == {
+        "arn:aws:iam::123456789012:role/fruitpipe-emr-ec2", "arn:aws:kms:eu-west-3:123456789012:key/k1"}
+    trust = emr.render_policy("emr-service-trust", **values)
+    assert trust["Statement"][0]["Condition"]["StringEquals"]["aws:SourceAccount"] == "123456789012"
+
+
+def test_whole_bucket_prefixes_are_refused(no_credentials) -> None:
+    with pytest.raises(emr.EmrError, match="never a whole bucket"):
+        emr.plan(emr.EmrSettings(input="s3://fruits-in", output=OUTPUT))
+
+
+def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, "--core-nodes", "3", "--run-arg=--k", "--run-arg=50"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    req = plan["run_job_flow"]
+    assert plan["region"] == "eu-west-3" and req["ReleaseLabel"] == emr.DEFAULT_RELEASE
+    groups = {g["InstanceRole"]: g for g in req["Instances"]["InstanceGroups"]}
+    assert groups["MASTER"]["InstanceType"] == groups["CORE"]["InstanceType"] == "m5.xlarge"
+    assert groups["MASTER"]["InstanceCount"] == 1 and groups["CORE"]["InstanceCount"] == 3
+    assert req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False  # terminates after its step
+    assert req["Applications"] == [{"Name": "Spark"}] and req["LogUri"] == "s3://fruits-out/fruitpipe-logs/"
+    art = plan["artifacts"]
+    assert art["wheel"] == f"s3://fruits-out/fruitpipe-artifacts/{emr._version()}/{emr.wheel_name()}"
+    assert art["model"].startswith("s3://fruits-out/fruitpipe-artifacts/models/ad116e43570b0c58/")
+    bootstrap = req["BootstrapActions"][0]["ScriptBootstrapAction"]
+    assert bootstrap == {"Path": art["bootstrap"], "Args": [art["prefix"], emr.wheel_name(), art["wheelhouse"]]}
+    assert art["wheelhouse"].startswith("s3://fruits-out/fruitpipe-artifacts/wheelhouse/py3.11-")
+    step = req["Steps"][0]
+    assert step["ActionOnFailure"] == "TERMINATE_CLUSTER" and step["HadoopJarStep"]["Jar"] == "command-runner.jar"
+    args = step["HadoopJarStep"]["Args"]
+    # A step that hangs is killed (and the cluster with it): 3x the estimate, at least 30 minutes.
+    assert args[:4] == ["timeout", "--signal=TERM", "--kill-after=120", "30m"]
+    assert args[4:9] == ["spark-submit", "--master", "yarn", "--deploy-mode", "client"]
+    run = args[args.index(emr.SUBMIT_SCRIPT) + 1:]
+    assert run == ["run", INPUT, OUTPUT, "--model", "mobilenet_v2", "--model-path", art["model"], "--master", "yarn",
+                   "--region", "eu-west-3", "--k", "50"]
+    assert req["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION  # EBS encrypted with the setup's KMS key
+    assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in req["Tags"]
+    spark_defaults = req["Configurations"][0]["Properties"]
+    # m5.xlarge: YARN has 12,288 MB; 4 Python workers + Spark's 384 MB outside the heap, the rest is heap.
+    assert {k: spark_defaults[k] for k in ("spark.executor.cores", "spark.executor.memory",
+                                           "spark.executor.memoryOverhead")} == {
+        "spark.executor.cores": "4", "spark.executor.memory": "9856m", "spark.executor.memoryOverhead": "2432m"}
+    assert not any("extraJavaOptions" in k for k in spark_defaults)  # EMR's own stay in place
+    assert plan["network"] == {"checked": False, "why": plan["network"]["why"],
+                               "subnet_id": "a default subnet of the default VPC"}
+    assert "no AWS credentials" in plan["network"]["why"] and plan["quota"]["checked"] is False
+    est = plan["estimate"]
+    assert est["s3_requests"]["get_images"] == 138_704 and est["s3_requests"]["head_images"] == 0
+    assert est["usd"]["s3_requests"] > 138_704 / 1000 * S3_GET_PER_1000
+    assert est["core_vcpus"] == 12 and est["prices"]["stated_on"] == emr.PRICES_DATE
+    expected_min = 138_704 / (12 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 12.0
+    assert est["total_minutes"] == pytest.approx(expected_min, abs=0.1)
+    expected_usd = expected_min / 60 * 4 * sum(emr.NODE_PRICES_EU_WEST_3["m5.xlarge"])
+    assert est["usd"]["nodes"] == pytest.approx(expected_usd, abs=1e-3)
+
+
+def test_a_notebook_cluster_has_livy_and_the_gateway_no_step_and_an_idle_timeout(no_credentials, capsys) -> None:
+    """`--notebook-idle`: what EMR Studio attaches to (Livy, Jupyter Enterprise Gateway), with fruitpipe's venv as
+    Spark's Python on every node, and EMR's own auto-termination instead of a step that ends the cluster."""
+    assert main(["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "45"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    req = plan["run_job_flow"]
+    assert req["Applications"] == [{"Name": "Spark"}, {"Name": "Livy"}, {"Name": "JupyterEnterpriseGateway"}]
+    assert "Steps" not in req and req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is True
+    assert req["AutoTerminationPolicy"] == {"IdleTimeout": 2700}
+    assert req["Configurations"][0]["Properties"]["spark.pyspark.python"] == "/opt/fruitpipe/venv/bin/python"
+    assert plan["estimate"]["notebook_cluster"]["usd_per_hour"] > 0
+    assert main(["emr", "run", INPUT, OUTPUT, "--notebook-idle", "45"]) == 2
+    assert "use `fruitpipe emr up` for it" in capsys.readouterr().err
+    assert main(["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "20000"]) == 2
+    assert "between 1 and 10080 minutes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--region", "us-east-1"], "outside the EU"),
+    (["--core-nodes", "0"], "at least 1"),
+    (["--core-type", "x9.huge"], "no price known"),
+    (["--release-label", "emr-6.15.0"], "predates EMR 7"),
+    (["--core-type", "x9.huge", "--node-price", "1"], "executors cannot be sized"),
+    (["--run-arg=--precision", "--run-arg=INT8"], "`fruitpipe run` would refuse it"),
+])
+def test_plan_refuses_bad_settings_in_one_line(no_credentials, capsys, argv, message) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_non_eu_region_needs_the_flag(no_credentials, capsys) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, "--region", "us-east-1", "--allow-non-eu"]) == 0
+    assert json.loads(capsys.readouterr().out)["region"] == "us-east-1"
+
+
+@pytest.mark.parametrize("kind", sorted(INSTANCE_TYPES))
+def test_executors_fit_the_yarn_memory_of_each_instance_type(kind: str) -> None:
+    """One executor per node that YARN can grant: heap + overhead within the node's YARN memory, in YARN's 32 MB
+    units, all vCPUs as cores and 512 MB of overhead per Python worker (each holds an ONNX session)."""
+    conf = executor_conf(kind)
+    heap, overhead = int(conf["spark.executor.memory"][:-1]), int(conf["spark.executor.memoryOverhead"][:-1])
+    assert heap + overhead <= INSTANCE_TYPES[kind].yarn_mb and heap % 32 == 0 and heap >= 1024
+    assert int(conf["spark.executor.cores"]) == INSTANCE_TYPES[kind].vcpus
+    assert overhead == 384 + 512 * INSTANCE_TYPES[kind].vcpus
+    assert INSTANCE_TYPES[kind].yarn_mb - (heap + overhead) < 32 + 0  # nothing left on the table but rounding
+
+
+def test_step_timeout_follows_the_estimate_or_the_flag(no_credentials, capsys) -> None:
+    settings = emr_settings(images=5_000_000)
+    step_min = 5_000_000 / (8 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 2.0  # 2 m5.xlarge core nodes
+    assert emr.step_timeout_minutes(settings) == int(-(-3 * step_min // 1)) > 30
+    assert emr.step_args(settings)[3] == f"{emr.step_timeout_minutes(settings)}m"
+    assert emr.step_args(emr_settings(step_timeout_min=45))[3] == "45m"
+    assert main(["emr", "plan", INPUT, OUTPUT, "--step-timeout", "90"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["run_job_flow"]["Steps"][0]["HadoopJarStep"]["Args"][3] == "90m"
+    assert plan["estimate"]["step_timeout_minutes"] == 90
+    # `emr run` waits for provisioning + that timeout + 15 minutes before it terminates the cluster itself.
+    assert emr.run_timeout_s(emr_settings(step_timeout_min=90)) == 60 * (10 + 90 + 15)
+
+
+
+def test_wheelhouse_is_resolved_for_the_nodes_python_not_this_one(tmp_path: Path) -> None:
+    """The wheelhouse holds the wheels of the nodes' Python (3.11, manylinux x86_64) with their dependencies,
+    whatever Python and OS run the upload; a requirement without such a wheel is one clear error."""
+    index = tmp_path / "index"
+    index.mkdir()
+    good = fake_wheel(index, "fakenum", "2.0", "cp311-cp311-manylinux_2_28_x86_64", requires=("fakedep>=1",))
+    fake_wheel(index, "fakenum", "2.0", "cp312-cp312-manylinux_2_28_x86_64")
+    fake_wheel(index, "fakenum", "2.0", "cp311-cp311-macosx_11_0_arm64")
+    fake_wheel(index, "fakenum", "2.0", "cp311-cp311-manylinux_2_39_x86_64")  # newer glibc than the nodes'
+    fake_wheel(index, "fakenum", "2.0", "cp311-cp311-win_amd64")
+    dep = fake_wheel(index, "fakedep", "1.5")
+    fake_wheel(index, "only312", "1.0", "cp312-cp312-manylinux2014_x86_64")
+    got = build_wheelhouse(["fakenum==2.0"], tmp_path / "out" / "wheelhouse", find_links=str(index))
+    assert sorted(w.name for w in got) == sorted([dep.name, good.name])
+    with pytest.raises(emr.EmrError, match=f"no wheels for the nodes \\(Python {NODE_PYTHON}.*only312"):
+        build_wheelhouse(["only312==1.0"], tmp_path / "out2" / "wheelhouse", find_links=str(index))
+
+
+def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_onnx(monkeypatch) -> None:
+    """Markers are evaluated for the nodes (Python 3.11, Linux), not for the uploader; the step's int8 is read
+    the way `fruitpipe run` reads it, so every spelling of it adds the int8 extra (onnx)."""
+    import importlib.metadata as md
+
+    real = md.requires
+    monkeypatch.setattr(md, "requires", lambda name: [*real(name), 'tomli>=2; python_version < "3.12"',
+                                                      'pywin32>=300; sys_platform == "win32"'])
+    plain = runtime_requirements()
+    assert any(r.startswith("tomli") for r in plain)  # needed on 3.11 nodes even when this Python is newer
+    assert not any(r.startswith(("pywin32", "pyspark")) for r in plain)
+    assert any(r.startswith("onnx==") for r in plain)  # every node wraps its model for uint8 input
+    assert any(r.startswith("onnx==") for r in runtime_requirements(("int8",)))
+    for spelling in (["--precision", "int8"], ["--precision=int8"], ["--prec", "int8"], ["--k", "5", "--precision",
+                                                                                          "int8"]):
+        assert node_extras(tuple(spelling)) == ("int8",), spelling
+    assert node_extras(("--precision", "fp32")) == () and node_extras(()) == ()
+    assert node_extras(("--config", "s3://b/fruitpipe.toml")) == ("int8",)  # a config file may ask for int8
+    with pytest.raises(emr.EmrError, match="would refuse it"):
+        node_extras(("--precision", "int4"))
+
