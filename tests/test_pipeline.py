@@ -226,6 +226,34 @@ def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
     np.testing.assert_allclose(np.array([mine[i] for i in ids]), got, rtol=1e-4, atol=1e-4)
 
 
+def test_a_sample_of_the_reduced_vectors_reads_only_the_parts_it_keeps(e2e, monkeypatch) -> None:
+    """What the notebook plots: at most max_rows rows, from whole parts in a seeded order, the same each time."""
+    from fruitpipe import storage
+    from fruitpipe.output import RunDir
+
+    rundir = RunDir(str(e2e["out"]), StorageOptions())
+    files = rundir.reduced_files()
+    whole = rundir.read_reduced(["id", "pca"])
+    sizes = [pq.read_metadata(f).num_rows for f in files]
+    assert len(files) >= 2 and whole is not None and whole.num_rows == sum(sizes)
+    reads: list[str] = []
+    real = storage.read_parquet
+    monkeypatch.setattr(storage, "read_parquet", lambda uri, *a, **k: reads.append(uri) or real(uri, *a, **k))
+    one = rundir.read_reduced(["id", "pca"], max_rows=min(sizes) - 1)
+    assert one is not None and one.num_rows == min(sizes) - 1 and len(reads) == 1  # one part, cut at random
+    assert set(one.column("id").to_pylist()) <= set(pq.read_table(reads[0], columns=["id"]).column("id").to_pylist())
+    reads.clear()
+    more = rundir.read_reduced(["id", "pca"], max_rows=max(sizes) + 1)
+    assert more is not None and more.num_rows == max(sizes) + 1 and 2 <= len(reads) <= len(files)
+    ids = more.column("id").to_pylist()
+    assert len(set(ids)) == len(ids) and set(ids) <= set(whole.column("id").to_pylist())
+    again = rundir.read_reduced(["id", "pca"], max_rows=max(sizes) + 1)
+    assert again is not None and again.column("id").to_pylist() == ids  # seeded: the same plot each time
+    everything = rundir.read_reduced(["id"], max_rows=whole.num_rows + 10)
+    assert everything is not None and sorted(everything.column("id").to_pylist()) == sorted(
+        whole.column("id").to_pylist())
+
+
 def _parquet_digest(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*.parquet"))}

@@ -215,13 +215,30 @@ class RunDir:
         return [self.join("reduced", f) for f in (self.reduce_entry() or {}).get("reduced", [])
                 if f.endswith(".parquet")]
 
-    def read_reduced(self, columns: list[str]) -> pa.Table | None:
+    def read_reduced(self, columns: list[str], max_rows: int | None = None, seed: int = 0) -> pa.Table | None:
         """The given columns of the committed reduced vectors (the files the record names), or None when the
-        output has no PCA."""
+        output has no PCA. With `max_rows`, a sample of at most that many rows, for a plot: whole parts in a seeded
+        random order (each part holds a round-robin share of its run's inputs, so every class), the last one cut
+        at random; only those parts are read, so the caller holds max_rows rows however large the output."""
         files = self.reduced_files()
         if not files:
             return None
-        return pa.concat_tables([storage.read_parquet(f, self.opts, columns=columns) for f in files])
+        if max_rows is None:
+            return pa.concat_tables([storage.read_parquet(f, self.opts, columns=columns) for f in files])
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be 1 or more, not {max_rows}")
+        rng = np.random.default_rng(seed)
+        got: list[pa.Table] = []
+        n = 0
+        for i in rng.permutation(len(files)):
+            if n >= max_rows:
+                break
+            part = storage.read_parquet(files[i], self.opts, columns=columns)
+            if n + part.num_rows > max_rows:
+                part = part.take(np.sort(rng.choice(part.num_rows, max_rows - n, replace=False)))
+            got.append(part)
+            n += part.num_rows
+        return pa.concat_tables(got)
 
     # -- changes (the caller holds the lease) ---------------------------------------------------------------------
 
