@@ -218,8 +218,9 @@ class RunDir:
     def read_reduced(self, columns: list[str], max_rows: int | None = None, seed: int = 0) -> pa.Table | None:
         """The given columns of the committed reduced vectors (the files the record names), or None when the
         output has no PCA. With `max_rows`, a sample of at most that many rows, for a plot: whole parts in a seeded
-        random order (each part holds a round-robin share of its run's inputs, so every class), the last one cut
-        at random; only those parts are read, so the caller holds max_rows rows however large the output."""
+        random order (a reduced part is an embeddings part, a round-robin share of its run's inputs: a spread of
+        classes), the last one cut at random; only those parts are read, so the caller holds max_rows rows however
+        large the output."""
         files = self.reduced_files()
         if not files:
             return None
