@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from fruitpipe import lease, storage
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.monitor.drift_stats import DriftSettings, detect
-from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, read_part_index
+from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, index_columns, read_part_index
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
@@ -57,16 +57,14 @@ def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, int]:
     are sha256 of the bytes, so this is a uniform sample that is the same on every call. The ids are read one part
     file at a time and only the `n` smallest so far are kept, so the driver holds the sample and one part whatever
     the size of the output; then only the chosen rows' features are read."""
-    best: pa.Table | None = None
+    best = index_columns(["id"], EMBEDDINGS_SCHEMA).empty_table()
     total = 0
     for uri in rundir.files("embeddings"):
         part = read_part_index(uri, rundir.opts, ["id"], EMBEDDINGS_SCHEMA)
         total += part.num_rows
-        best = part if best is None else pa.concat_tables([best, part])
+        best = pa.concat_tables([best, part])
         if best.num_rows > n:
             best = best.take(pc.select_k_unstable(best, n, [("id", "ascending")]))
-    if best is None:
-        return np.zeros((0, 0)), 0
     index = best.take(pc.sort_indices(best, [("id", "ascending")]))
     feats: list[np.ndarray] = []
     for name in sorted(set(index.column("_file").to_pylist())):
