@@ -103,10 +103,10 @@ def spark_session(
 def _quiet_jvm(spark: Any) -> None:
     """Silence our own JVM (its log level OFF, System.err at nothing) once a run has failed. A failed job ends before
     its other tasks are killed; stopping the context under them printed, after the CLI's one-line error, whatever
-    their teardown hit: "Error deleting" a temporary shuffle file, an INTERNAL_ERROR from a block lock released after
-    the block manager's clear(), a RejectedExecutionException after Ctrl-C (all three seen in CI, under load, never
-    on the same test twice). The failure itself is already in the Python exception (in full with --verbose); the
-    executors of a cluster log to their own files, untouched."""
+    their teardown hit: an INTERNAL_ERROR from a block lock released after the block manager's clear(), a
+    RejectedExecutionException after Ctrl-C (both seen in CI, under load). What is logged before Python receives the
+    failure is log4j2.properties' business. The failure itself is already in the Python exception (in full with
+    --verbose); the executors of a cluster log to their own files, untouched."""
     try:
         sc = spark.sparkContext
         sc.setLogLevel("OFF")
