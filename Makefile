@@ -1,7 +1,10 @@
 # The two commands of the README: `make run` and `make test`. Both set everything up first.
-INPUT ?= ../shared/data/fruits360-sample
-OUTPUT ?= out/fruits360-sample
-# Local model files when ../shared is beside the checkout; otherwise fruitpipe downloads and verifies them.
+# The 5,280-photo sample of ../shared when it is beside the checkout, else the 150 photos shipped in the package.
+SHARED_SAMPLE := ../shared/data/fruits360-sample
+INPUT ?= $(if $(wildcard $(SHARED_SAMPLE)/Training),$(SHARED_SAMPLE),src/fruitpipe/data/fruits360-mini)
+OUTPUT ?= out/$(notdir $(INPUT))
+# Local model files when ../shared is beside the checkout; otherwise fruitpipe builds the model from its published
+# weights on first use (9.1 MB from raw.githubusercontent.com, sha256-checked, cached in ~/.cache/fruitpipe).
 MODELS ?= ../shared/models
 ARGS ?=
 MODELS_ENV := $(if $(wildcard $(MODELS)/mobilenet_v2_features.onnx),FRUITPIPE_MODELS=$(abspath $(MODELS)),)

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_apps.add_serve(sub)
     sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
     cli_apps.add_drift(sub)
+    cli_apps.add_sample(sub)
     cli_emr.add_emr(sub)
     add_log_format(parser)
     return parser
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False)), args.log_format)
     if args.command == "emr":
         return cli_emr.main(args)
-    if args.command in ("train", "serve", "drift"):
+    if args.command in ("train", "serve", "drift", "sample"):
         return cli_apps.main(args)
     if args.command == "models":
         from fruitpipe.models import REGISTRY

@@ -1,4 +1,4 @@
-"""Command line of the product commands: `fruitpipe train` and `fruitpipe serve`."""
+"""Command line of the product commands: `fruitpipe train`, `serve`, `drift` and `sample`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,42 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only (no access log)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def add_sample(sub: Any) -> None:
+    from fruitpipe import sample
+
+    p = sub.add_parser("sample", help="get real Fruits-360 photos to try fruitpipe on (shipped, or a pinned download)",
+                       epilog=EPILOG, description="Put a Fruits-360 sample in DIR, in the dataset's layout "
+                       "(Training/<Class>/, Test/<Class>/), with its CC BY-SA 4.0 attribution: by default the "
+                       f"pinned 5,280-photo sample (66 classes x (60 Training + 20 Test), ~26 MB) from "
+                       f"{sample.HOST_DIR.split('/')[0]}'s public copy on raw.githubusercontent.com, every file "
+                       "sha256-checked; an interrupted download resumes where it stopped. "
+                       f"{sample.download.BASE_ENV} replaces the host (a mirror).")
+    p.add_argument("dir", metavar="DIR", help="folder to fill (created; photos already there and intact are kept)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--classes", type=whole_number, metavar="N",
+                       help="only N of the 66 classes, spread over the alphabet (80 photos each)")
+    group.add_argument("--full", action="store_true", help="all 66 classes, 5,280 photos (the default)")
+    group.add_argument("--mini", action="store_true",
+                       help="the 150 photos shipped with fruitpipe (10 classes x 15), copied: no network")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _sample_main(args: argparse.Namespace) -> int:
+    from fruitpipe import sample
+
+    result = sample.copy_mini(args.dir) if args.mini else sample.fetch_sample(args.dir, args.classes, args.quiet)
+    if not args.quiet:
+        text = (f"{result.folder}: {result.photos} photos of {result.classes} classes ({result.fetched} "
+                f"{'copied' if args.mini else 'downloaded'}, {result.kept} already there); next: fruitpipe run "
+                f"{result.folder} OUTPUT")
+        if json_mode():
+            log.info(text)
+        else:
+            sys.stdout.write(text + "\n")
+    return 0
 
 
 #: `fruitpipe drift`'s flags: one per DriftSettings field, with its type and meaning.
@@ -160,7 +196,7 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `train`, `serve` or `drift`; errors are one line (and a failed run in the metrics)."""
+    """Run `train`, `serve`, `drift` or `sample`; errors are one line (and a failed run in the metrics)."""
     import time
 
     started = time.time()
@@ -169,13 +205,18 @@ def main(args: argparse.Namespace) -> int:
             return _train_main(args, started)
         if args.command == "drift":
             return _drift_main(args, started)
+        if args.command == "sample":
+            return _sample_main(args)
         return _serve_main(args)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)
         error_line(f"fruitpipe {args.command}: error: {exc}")
-        export_metrics(args, args.command, started, None, getattr(args, "current", None) or args.output)
+        if args.command != "sample":
+            export_metrics(args, args.command, started, None, getattr(args, "current", None) or args.output)
         return 2
     except KeyboardInterrupt:
         if args.command == "train":
             error_line("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier train")
+        if args.command == "sample":
+            error_line("fruitpipe sample: interrupted; run the same command again to fetch the rest")
         return 130

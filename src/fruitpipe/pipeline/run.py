@@ -145,7 +145,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                                       f"{config.model_path}: use a smaller --k")
                 config = config.replace(model=CUSTOM)
             else:
-                model = resolve_model(get_spec(config.model), config.model_path, opts)
+                model = resolve_model(get_spec(config.model), config.model_path, opts, quiet=config.quiet)
                 check_model(model)
             fingerprint = _fingerprint(config, model)
             # Refused before the lease is taken, so a refused command writes nothing there; claimed under it below.
