@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,6 @@ import pytest
 
 from fruitpipe.errors import ConfigError, ModelError
 from fruitpipe.models import get_spec, make_predict_fn, resolve_model, runner
-from fruitpipe.models.fetch import sha256_file
 from conftest import MODELS
 
 
@@ -65,20 +61,6 @@ def test_session_is_built_once_per_process() -> None:
 
 
 @pytest.fixture
-def http_dir(tmp_path: Path):
-    """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
 def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("FRUITPIPE_MODELS", raising=False)
     cache = tmp_path / "cache"
@@ -86,39 +68,25 @@ def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return cache
 
 
-def test_download_verifies_and_caches(http_dir, no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root, url = http_dir
-    shutil.copyfile(MODELS / "mobilenet_v2_features.onnx", root / "mobilenet_v2_features.onnx")
-    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", url)
+def test_a_published_file_in_the_cache_is_used(no_local_models: Path) -> None:
+    """The published ONNX file, kept in the cache under its sha256 (as earlier versions did), needs no build."""
     spec = get_spec("mobilenet_v2")
+    dest = no_local_models / spec.sha256[:16] / spec.filename
+    dest.parent.mkdir(parents=True)
+    shutil.copyfile(MODELS / spec.filename, dest)
     got = resolve_model(spec)
-    assert got.source == "download"
-    assert Path(got.path).is_relative_to(no_local_models)
-    assert sha256_file(got.path) == spec.sha256
-    (root / "mobilenet_v2_features.onnx").unlink()  # the server no longer has it: the cache must serve
-    again = resolve_model(spec)
-    assert again.source == "cache" and again.path == got.path
+    assert got.source == "cache" and got.path == str(dest) and got.sha256 == spec.sha256
 
 
-def test_corrupt_download_never_enters_cache(http_dir, no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root, url = http_dir
-    good = (MODELS / "mobilenet_v2_features.onnx").read_bytes()
-    (root / "mobilenet_v2_features.onnx").write_bytes(good[:-100] + bytes(100))
-    monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", url)
-    with pytest.raises(ModelError, match="sha256"):
-        resolve_model(get_spec("mobilenet_v2"))
-    leftovers = [p for p in no_local_models.rglob("*") if p.is_file()]
-    assert leftovers == []
-
-
-def test_server_down_gives_clear_error(no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_host_gives_clear_error(no_local_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as s:  # a port held by this test and never listened on: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        monkeypatch.setenv("FRUITPIPE_MODEL_BASE_URL", f"http://127.0.0.1:{port}/")
-        with pytest.raises(ModelError, match="FRUITPIPE_MODELS"):
-            resolve_model(get_spec("mobilenet_v2"))
-    assert not any(p.is_file() for p in no_local_models.rglob("*"))
+        monkeypatch.setenv("FRUITPIPE_DOWNLOAD_BASE", f"http://127.0.0.1:{port}")
+        with pytest.raises(ModelError, match="FRUITPIPE_MODELS") as info:
+            resolve_model(get_spec("mobilenet_v2"), quiet=True)
+    assert "after 5 attempts" in str(info.value) and "\n" not in str(info.value)
+    assert not [p for p in no_local_models.rglob("*") if p.is_file()]
 
 
 def test_models_dir_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,8 +52,8 @@ class PinnedFile:
 class Retry:
     """How hard to try: attempts per file, the first back-off (doubled each time, with jitter) and its ceiling."""
 
-    attempts: int = 6
-    backoff_s: float = 1.0
+    attempts: int = 5
+    backoff_s: float = 0.5
     max_backoff_s: float = 60.0
     timeout_s: float = 30.0
 
@@ -118,6 +118,10 @@ def _fetch_once(url: str, pinned: PinnedFile, dest: Path, timeout_s: float) -> N
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (pinned URL)
+                    length = resp.headers.get("Content-Length")
+                    if length is not None and length.isdigit() and int(length) != pinned.size:
+                        raise DownloadError(f"{url} is {int(length)} bytes, pinned {pinned.size}: refused, nothing "
+                                            "kept (a truncated or replaced file, or a wrong mirror)")
                     for chunk in iter(lambda: resp.read(_CHUNK), b""):
                         got += len(chunk)
                         if got > pinned.size:
@@ -155,9 +159,12 @@ def fetch(pinned: PinnedFile, dest: Path, base: str, retry: Retry, stop: threadi
             if attempt == retry.attempts:
                 raise DownloadError(f"{url}: {exc} after {attempt} attempts; try again later (downloads resume "
                                     f"where they stopped), or set {BASE_ENV} to a mirror") from None
-            delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            # The server's Retry-After when it sent one (it knows when its rate limit resets), else exponential
+            # back-off with jitter, so that parallel workers do not retry in lockstep.
             if exc.wait_s is not None:
-                delay = min(max(delay, exc.wait_s), retry.max_backoff_s)
+                delay = min(exc.wait_s, retry.max_backoff_s)
+            else:
+                delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             log.debug("%s: %s (attempt %d of %d), retrying in %.1f s", url, exc, attempt, retry.attempts, delay)
             if stop is not None:
                 stop.wait(delay)
