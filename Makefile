@@ -10,10 +10,12 @@ ARGS ?=
 MODELS_ENV := $(if $(wildcard $(MODELS)/mobilenet_v2_features.onnx),FRUITPIPE_MODELS=$(abspath $(MODELS)),)
 
 .PHONY: setup run test
+# `make run` installs what the commands need (the package and its [serve] extra); `make test` adds the test tools.
 setup:
 	./scripts/setup.sh dev
 
-run: setup
+run:
+	./scripts/setup.sh serve
 	$(MODELS_ENV) .venv/bin/fruitpipe run "$(INPUT)" "$(OUTPUT)" $(ARGS)
 
 test: setup

@@ -38,6 +38,8 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+# `make run` asks for serve, `make test` for dev; dev holds everything serve does, so a dev install serves both.
+if [ "$extras" = serve ] && [ -f "${stamp%-serve}-dev" ]; then stamp="${stamp%-serve}-dev"; fi
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$extras]"

@@ -65,7 +65,7 @@ def add_sample(sub: Any) -> None:
     p = sub.add_parser("sample", help="get real Fruits-360 photos to try fruitpipe on (shipped, or a pinned download)",
                        epilog=EPILOG, description="Put a Fruits-360 sample in DIR, in the dataset's layout "
                        "(Training/<Class>/, Test/<Class>/), with its CC BY-SA 4.0 attribution: by default the "
-                       f"pinned 5,280-photo sample (66 classes x (60 Training + 20 Test), ~26 MB) from "
+                       f"pinned 5,280-photo sample (66 classes x (60 Training + 20 Test), 25 MB) from "
                        f"{sample.HOST_DIR.split('/')[0]}'s public copy on raw.githubusercontent.com, every file "
                        "sha256-checked; an interrupted download resumes where it stopped. "
                        f"{sample.download.BASE_ENV} replaces the host (a mirror).")
