@@ -34,8 +34,16 @@ def test_train_writes_metrics_chosen_on_training_only(trained) -> None:
     assert m["classes"] == sorted(CLASSES) and m["top1"] >= 0.95 and m["top5"] == 1.0 and m["macro_f1"] >= 0.95
     assert set(m["per_class"]) == set(CLASSES) and all(c["support"] == 20 for c in m["per_class"].values())
     cv = m["cross_validation"]
-    assert cv["param"] == "regParam" and set(cv["tried"]) == {"0.0001", "0.001", "0.01"}
-    assert cv["tried"][str(cv["chosen"])] == max(cv["tried"].values())
+    from fruitpipe.classify.linear import CANDIDATES
+
+    assert cv["param"] == "model" and list(cv["tried"]) == [c.name for c in CANDIDATES] and cv["rows"] == 300
+    assert cv["tried"][cv["chosen"]]["log_loss"] == min(t["log_loss"] for t in cv["tried"].values())
+    calib = m["calibration"]
+    assert calib["temperature"] == cv["tried"][cv["chosen"]]["temperature"]
+    assert calib["test_after"]["rows"] == 100 and 0 <= calib["test_after"]["ece"] <= 1
+    assert calib["test_after"]["log_loss"] <= calib["test_before"]["log_loss"] + 1e-9 or calib["temperature"] == 1
+    assert m["statistics"]["mode"] == "full" and m["statistics"]["transform"] == "sqrt_l2"
+    assert (trained["out"] / "classifier" / "stats.npz").is_file()
     assert [r["features"] for r in m["pca_table"]] == ["embeddings", "PCA-20", "PCA-50", "PCA variance 0.95"]
     assert m["pca_table"][0]["top1"] == m["top1"] and 0 < m["pca_table"][3]["k"] <= 1280
     report = json.loads((trained["out"] / "run.json").read_text())
@@ -62,10 +70,18 @@ def test_the_onnx_file_answers_as_spark_on_every_test_photo(trained) -> None:
     assert len(top) == 5 and top[0][0] == spark_pred[first] and abs(sum(p for _, p in top) - 1) < 1e-4
 
 
-def test_the_spark_model_is_readable_by_spark_ml(trained, spark) -> None:
+def test_spark_ml_logreg_stays_available_and_its_model_is_readable(trained, spark, tmp_path: Path) -> None:
+    import shutil
+
     from pyspark.ml.classification import LogisticRegressionModel
 
-    model = LogisticRegressionModel.load(str(trained["out"] / "classifier" / "spark_model"))
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"], out)
+    assert main(["train", str(out), "--classifier", "logreg", "--folds", "2", "--no-pca-table",
+                 "--master", "local[2]", "-q"]) == 0
+    m = json.loads((out / "classifier" / "metrics.json").read_text())
+    assert m["cross_validation"]["param"] == "regParam" and m["top1"] >= 0.95
+    model = LogisticRegressionModel.load(str(out / "classifier" / "spark_model"))
     assert model.numClasses == 5 and model.numFeatures == 1280
 
 
@@ -94,7 +110,7 @@ def test_without_a_test_split_a_stratified_holdout_is_used_and_said(spark, tmp_p
     out = _run(tmp_path, splits=("Training",))
     assert main(["train", str(out), "--folds", "2", "--no-pca-table", "--master", "local[2]", "-q"]) == 0
     m = json.loads((out / "classifier" / "metrics.json").read_text())
-    assert m["test_source"].startswith("no Test split: a stratified hold-out of 20% of Training (seed 7)")
+    assert m["test_source"].startswith("no Test split: 20% of Training held out by content id")
     assert m["n_train"] + m["n_test"] == 300 and 30 <= m["n_test"] <= 90
     assert all(c["support"] > 0 for c in m["per_class"].values())  # every class is in the hold-out
 

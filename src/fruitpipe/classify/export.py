@@ -20,11 +20,14 @@ class Head:
 
     projection: np.ndarray | None
     layers: list[tuple[np.ndarray, np.ndarray]]
-
+    #: The feature transform before everything (classify.stats.transform): none, l2 or sqrt_l2.
+    transform: str = "none"
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """(N, classes) from (N, dim) embeddings, in numpy: the same arithmetic as the exported graph's head."""
-        x = np.asarray(features, np.float64)
+        from fruitpipe.classify.stats import transform
+
+        x = transform(np.asarray(features, np.float64), self.transform)
         if self.projection is not None:
             x = x @ self.projection
         for i, (w, b) in enumerate(self.layers):
@@ -56,7 +59,7 @@ def read_head(onnx_bytes: bytes) -> tuple[Head, list[str]]:
         from fruitpipe.errors import FruitpipeError
 
         raise FruitpipeError("this ONNX file is not a classifier written by `fruitpipe train`")
-    return Head(weights.get("fp_pca_components"), layers), json.loads(meta["classes"])
+    return Head(weights.get("fp_pca_components"), layers, meta.get("transform", "none")), json.loads(meta["classes"])
 
 
 def logistic_head(coefficients: np.ndarray, intercepts: np.ndarray, projection: np.ndarray | None) -> Head:
@@ -98,6 +101,23 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
         inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
+    if head.transform in ("sqrt_l2", "l2"):
+        if head.transform == "sqrt_l2":  # sqrt of max(x, 0), as classify.stats.transform
+            nodes += [helper.make_node("Relu", [x], ["fp_relu"]), helper.make_node("Sqrt", ["fp_relu"], ["fp_sqrt"])]
+            x = "fp_sqrt"
+        # x / norm, a zero vector kept zero (the norm floored at a tiny value); ReduceL2's axes is an attribute
+        # up to opset 17 (the registered backbones are opset 13) and an input from 18 (a custom model's).
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        reduce = (helper.make_node("ReduceL2", [x], ["fp_norm"], axes=[1], keepdims=1) if opset < 18 else
+                  helper.make_node("ReduceL2", [x, "fp_norm_axes"], ["fp_norm"], keepdims=1))
+        if opset >= 18:
+            inits.append(numpy_helper.from_array(np.array([1], np.int64), "fp_norm_axes"))
+        nodes += [reduce,
+                  helper.make_node("Max", ["fp_norm", const("fp_norm_floor", np.array(1e-30))], ["fp_norm_safe"]),
+                  helper.make_node("Div", [x, "fp_norm_safe"], ["fp_unit"])]
+        x = "fp_unit"
+    elif head.transform != "none":
+        raise ValueError(f"unknown transform {head.transform!r}")
     if head.projection is not None:
         nodes.append(helper.make_node("MatMul", [x, const("fp_pca_components", head.projection)], ["fp_reduced"]))
         x = "fp_reduced"

@@ -47,6 +47,30 @@ def report(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, An
     }
 
 
+#: Equal-width confidence bins of the expected calibration error (the usual 15).
+ECE_BINS = 15
+
+
+def calibration(proba: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Expected calibration error (top-1 confidence against accuracy, ECE_BINS equal-width bins, weighted by rows),
+    log-loss (natural log) and the mean top-1 confidence of right and wrong answers."""
+    if len(y) == 0:
+        return {"ece": None, "log_loss": None, "bins": ECE_BINS, "rows": 0}
+    conf = proba.max(axis=1)
+    right = np.argmax(proba, axis=1) == y
+    bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
+    ece = 0.0
+    for b in range(ECE_BINS):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(right[sel].mean() - conf[sel].mean())
+    p_true = np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0)
+    return {"ece": round(float(ece), 5), "log_loss": round(float(-np.log(p_true).mean()), 5), "bins": ECE_BINS,
+            "rows": int(len(y)),
+            "mean_confidence_right": round(float(conf[right].mean()), 5) if right.any() else None,
+            "mean_confidence_wrong": round(float(conf[~right].mean()), 5) if (~right).any() else None}
+
+
 def confusion_png(y: np.ndarray, pred: np.ndarray, classes: list[str], title: str) -> bytes:
     """The confusion matrix as a PNG, readable with 200+ classes: classes sorted by name, colour on a log scale,
     and only the off-diagonal cells (the mistakes) labelled with their counts."""

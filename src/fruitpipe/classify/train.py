@@ -43,7 +43,8 @@ class TrainSettings:
 
     output: str
     features: str = "embeddings"
-    classifier: str = "logreg"
+    #: linear (default: the one-pass statistics classifier), or Spark ML's logreg / mlp.
+    classifier: str = "linear"
     folds: int = 3
     seed: int = 7
     #: Share of Training held out (stratified) as the test set when OUTPUT has no Test split.
@@ -58,8 +59,8 @@ class TrainSettings:
         """One-line errors naming the flag to change."""
         if self.features not in ("embeddings", "reduced"):
             raise TrainError(f"--features {self.features!r} must be embeddings or reduced")
-        if self.classifier not in ("logreg", "mlp"):
-            raise TrainError(f"--classifier {self.classifier!r} must be logreg or mlp")
+        if self.classifier not in ("linear", "logreg", "mlp"):
+            raise TrainError(f"--classifier {self.classifier!r} must be linear, logreg or mlp")
         if self.folds < 2:
             raise TrainError(f"--folds {self.folds} must be at least 2")
         if not 0 < self.holdout < 1:
@@ -102,13 +103,99 @@ def _write(rundir: RunDir, name: str, data: bytes) -> str:
     return uri
 
 
+@dataclass
+class _Fitted:
+    """What either kind of fit hands to the export and the metrics."""
+
+    classes: list[str]
+    head: export_mod.Head
+    uris: list[str]
+    y: np.ndarray
+    proba: np.ndarray
+    n_train: int
+    unseen: int
+    test_source: str
+    cross_validation: dict[str, Any]
+    pca_table: list[dict[str, Any]]
+    dim: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str], components: np.ndarray | None,
+                spec: ModelSpec, model_sha256: str, timings: dict[str, float]) -> _Fitted:
+    """The default: the one-pass statistics classifier (classify.onepass)."""
+    from fruitpipe.classify import onepass
+    from fruitpipe.classify.stats import STATS_FILE, FeatureMap
+
+    fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)
+    dim = spec.dim if components is None else int(components.shape[1])
+    got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
+                      compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
+                      model_sha256=model_sha256)
+    timings.update(got.timings)
+    return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
+                   got.cross_validation, got.pca_table, dim,
+                   {"calibration": got.calibration, "statistics": got.statistics})
+
+
+def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
+                  components: np.ndarray | None, timings: dict[str, float]) -> _Fitted:
+    """Spark ML's logistic regression or perceptron with its CrossValidator (--classifier logreg / mlp)."""
+    from fruitpipe.pipeline.reduce import embeddings_df
+    from fruitpipe.spark import save_ml_model
+
+    opts = rundir.opts
+    t0 = time.perf_counter()
+    emb = embeddings_df(spark, files, opts)
+    classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
+    if len(classes) < 2:
+        raise TrainError(f"{settings.output} has {len(classes)} class in Training: a classifier needs two or more")
+    data_emb = fit.labelled(emb, classes).persist()
+    cached = [data_emb]
+    train_emb, test_emb, test_source = _test_frame(spark, data_emb, classes, settings.holdout, settings.seed)
+    if components is not None:
+        data = fit.labelled(fit.projected(emb, components), classes).persist()
+        cached.append(data)
+        train, test, _ = _test_frame(spark, data, classes, settings.holdout, settings.seed)
+        train = train.join(train_emb.select("uri"), "uri", "left_semi")  # the same rows as the embeddings'
+        test = test.join(test_emb.select("uri"), "uri", "left_semi")
+    else:
+        train, test = train_emb, test_emb
+    train, test = train.persist(), test.persist()
+    cached += [train, test]
+    n_train = train.count()
+    unseen = data_emb.filter("split = 'Test' AND y < 0").count()
+    emb_dim = len(train_emb.first()["features"])
+    dim = int(components.shape[1]) if components is not None else emb_dim
+    timings["prepare"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), settings.folds, settings.seed)
+    timings["cross_validate"] = time.perf_counter() - t1
+    uris, y, proba = fit.predict(model, test)
+    table = []
+    if settings.compare_pca:
+        t2 = time.perf_counter()
+        full = metrics.top_k(proba, y, 1) if components is None else None
+        table = fit.pca_table(settings.classifier, cv["chosen"], train_emb, test_emb, emb_dim, len(classes),
+                              settings.seed, full)
+        timings["pca_table"] = time.perf_counter() - t2
+    if settings.classifier == "logreg":
+        head = export_mod.logistic_head(model.coefficientMatrix.toArray(), model.interceptVector.toArray(),
+                                        components)
+    else:
+        head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
+    save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"), opts)
+    for frame in cached:
+        frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
+    return _Fitted(classes, head, uris, y, proba, int(n_train), int(unseen), test_source, cv, table, dim)
+
+
 def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
     from fruitpipe.pipeline.frames import output_errors
     from fruitpipe.pipeline.pca_files import load_components
-    from fruitpipe.pipeline.reduce import embeddings_df
-    from fruitpipe.spark import save_ml_model, spark_session
+    from fruitpipe.spark import spark_session
 
     settings.validate()
     opts = settings.storage
@@ -132,61 +219,26 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
             (contextlib.nullcontext(spark) if spark is not None
              else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark, \
             output_errors():
-        emb = embeddings_df(spark, files, opts)
-        classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
-        if len(classes) < 2:
-            raise TrainError(f"{settings.output} has {len(classes)} class in Training: a classifier needs two or more")
-        data_emb = fit.labelled(emb, classes).persist()
-        cached = [data_emb]
-        train_emb, test_emb, test_source = _test_frame(spark, data_emb, classes, settings.holdout, settings.seed)
-        if components is not None:
-            data = fit.labelled(fit.projected(emb, components), classes).persist()
-            cached.append(data)
-            train, test, _ = _test_frame(spark, data, classes, settings.holdout, settings.seed)
-            train = train.join(train_emb.select("uri"), "uri", "left_semi")  # the same rows as the embeddings'
-            test = test.join(test_emb.select("uri"), "uri", "left_semi")
+        if settings.classifier == "linear":
+            got = _fit_linear(spark, settings, rundir, files, components, spec, report["model"]["sha256"], timings)
         else:
-            train, test = train_emb, test_emb
-        train, test = train.persist(), test.persist()
-        cached += [train, test]
-        n_train, n_test = train.count(), test.count()
-        unseen = data_emb.filter("split = 'Test' AND y < 0").count()
-        emb_dim = len(train_emb.first()["features"])
-        dim = int(components.shape[1]) if components is not None else emb_dim
-        timings["prepare"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), settings.folds, settings.seed)
-        timings["cross_validate"] = time.perf_counter() - t1
-        uris, y, proba = fit.predict(model, test)
-        result = metrics.report(proba, y, classes)
-        table = []
-        if settings.compare_pca:
-            t2 = time.perf_counter()
-            full = result["top1"] if components is None else None
-            table = fit.pca_table(settings.classifier, cv["chosen"], train_emb, test_emb, emb_dim, len(classes),
-                                  settings.seed, full)
-            timings["pca_table"] = time.perf_counter() - t2
-        if settings.classifier == "logreg":
-            head = export_mod.logistic_head(model.coefficientMatrix.toArray(), model.interceptVector.toArray(),
-                                            components)
-        else:
-            head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
-        save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"), opts)
-        for frame in cached:
-            frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
+            got = _fit_spark_ml(spark, settings, rundir, files, components, timings)
+    classes, uris, y, proba = got.classes, got.uris, got.y, got.proba
+    result = metrics.report(proba, y, classes)
     onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],
                  "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
-                 "classifier": settings.classifier, **export_mod.input_metadata(spec)}
-    onnx_bytes = export_mod.export(backbone, spec.output_name, head, onnx_meta)
+                 "classifier": settings.classifier, "transform": got.head.transform,
+                 **export_mod.input_metadata(spec)}
+    onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
     agreement = _check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
     out = {
         **result,
-        "test_source": test_source, "n_train": int(n_train), "n_test": int(n_test),
-        "test_rows_of_unseen_classes": int(unseen), "n_classes": len(classes), "classes": classes,
+        "test_source": got.test_source, "n_train": got.n_train, "n_test": int(len(y)),
+        "test_rows_of_unseen_classes": got.unseen, "n_classes": len(classes), "classes": classes,
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
-                     "seed": settings.seed, "feature_dim": dim},
-        "cross_validation": cv, "pca_table": table,
+                     "seed": settings.seed, "feature_dim": got.dim},
+        "cross_validation": got.cross_validation, "pca_table": got.pca_table, **got.extra,
         "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},
         "onnx": {"file": ONNX_NAME, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes),
                  "agreement_with_spark": agreement},
@@ -194,13 +246,13 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     }
     _write(rundir, ONNX_NAME, onnx_bytes)
     _write(rundir, "confusion.png", metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
-                                                           f"{settings.features}, {test_source}"))
+                                                           f"{settings.features}, {got.test_source}"))
     table_out = pa.table({"uri": uris, "label": [classes[i] for i in y], "predicted": [classes[i] for i in pred],
                           "probability": proba[np.arange(len(pred)), pred].astype(np.float32)})
     buf = io.BytesIO()
     pq.write_table(table_out, buf)
     _write(rundir, "test_predictions.parquet", buf.getvalue())
-    _write(rundir, "metrics.json", (json.dumps(out, indent=1) + "\n").encode())
+    _write(rundir, "metrics.json", (json.dumps(out, indent=1, allow_nan=False) + "\n").encode())
     from fruitpipe.report import write_report
 
     write_report(rundir)  # refreshed with the classifier's section

@@ -75,18 +75,29 @@ def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
 _FEW_PARTIALS = 4
 
 
-def _sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
+def sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
     """The sum of fn(position, uri) (float64 vectors of `size`) over the part files, on the executors: each task
     reads its files one after the other and keeps one running sum (its memory is one batch and one sum, whatever
     the number of parts). Files are grouped (frames.file_tasks): one Gramian per file made the combining cost more
     than the sums. The tasks are SQL ones (over_files), whose Python workers the run already has; the tree runs
     in Python RDD workers, which only a large input pays for."""
-    tasks = file_tasks(spark, len(files))
 
-    def run(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+    def task(items: Iterator[tuple[int, str]]) -> np.ndarray:
         total = np.zeros(size)
         for pos, uri in items:
             total += fn(pos, uri)
+        return total
+
+    return sum_per_task(spark, files, size, task)
+
+
+def sum_per_task(spark: Any, files: list[str], size: int, task: Any) -> np.ndarray:
+    """The sum over tasks of task(items) (a float64 vector of `size` per task, from its (position, uri) pairs),
+    for sums a task accumulates in place rather than one vector per part (classify.stats)."""
+    tasks = file_tasks(spark, len(files))
+
+    def run(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+        total = np.asarray(task(items), dtype=np.float64)
         yield pa.RecordBatch.from_pydict({"sum": [total.tobytes()]}, schema=pa.schema([("sum", pa.binary())]))
 
     partials = over_files(spark, files, tasks, run, "sum binary")
@@ -101,7 +112,7 @@ def _sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndar
 
 def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
     """(rows, column sums, X^T X) of the embeddings' `features`, in float64: each task reads its part files'
-    features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (_sum_over_parts). No
+    features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (sum_over_parts). No
     Spark rows are made of the 1280 floats: going through a DataFrame and its disk cache cost 7.7 of the fit's 8.6 s
     on the sample."""
 
@@ -115,7 +126,7 @@ def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tup
                 gram += x.T @ x
         return np.concatenate([[float(n)], sums, gram.ravel()])
 
-    total = _sum_over_parts(spark, files, 1 + dim + dim * dim, partial)
+    total = sum_over_parts(spark, files, 1 + dim + dim * dim, partial)
     return int(total[0]), total[1:dim + 1], total[dim + 1:].reshape(dim, dim)
 
 
@@ -207,7 +218,7 @@ def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.
             storage.write_parquet(pa.concat_tables(pieces), storage.join(where, f"part-{pos:05d}.parquet"), opts)
         return np.concatenate([[float(n)], *acc])
 
-    total = _sum_over_parts(spark, files, 1 + 2 * d + 2 * m, one)
+    total = sum_over_parts(spark, files, 1 + 2 * d + 2 * m, one)
     n = int(total[0])
     if n < 2:
         raise too_few(n, "this output")

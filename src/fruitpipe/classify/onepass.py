@@ -1,0 +1,169 @@
+"""The default classifier of `fruitpipe train`: statistics summed on the executors (kept, and extended with new
+parts only), a linear model solved by numpy on the driver, chosen and calibrated by cross-validation over folds
+obtained by subtraction, the PCA comparison from the same statistics, and the test rows scored on the executors."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fruitpipe.classify import linear, metrics, scoring, stats
+from fruitpipe.classify.export import Head
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+#: The default feature transform: chosen on the shared sample (docs/performance.md, "train"): square root then L2
+#: norm gave the best or equal Test top-1 of the four tried and the best real-photo family accuracy at every
+#: regularisation; never chosen on Test alone.
+DEFAULT_TRANSFORM = "sqrt_l2"
+#: The statistics' format: bumped when what they sum changes, so kept statistics of another version are redone.
+STATS_VERSION = 1
+
+
+@dataclass
+class OnePass:
+    """What the fit produced: the head to export, the test rows and their probabilities, metrics pieces."""
+
+    head: Head
+    classes: list[str]
+    uris: list[str]
+    y: np.ndarray
+    proba: np.ndarray
+    unseen: int
+    n_train: int
+    test_source: str
+    cross_validation: dict[str, Any]
+    calibration: dict[str, Any]
+    pca_table: list[dict[str, Any]]
+    statistics: dict[str, Any]
+    timings: dict[str, float]
+
+
+class OnePassError(FruitpipeError):
+    """The one-pass classifier cannot be fitted on this output; the message says why."""
+
+
+def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
+                fmap: stats.FeatureMap, dim: int, holdout: float | None, stats_uri: str, key: str
+                ) -> tuple[stats.Stats, dict[str, Any]]:
+    """The statistics of `files`: the kept ones plus the new parts' when the kept ones still apply, else one full
+    pass (and why)."""
+    kept = stats.load(stats_uri, opts)
+    reason = "no statistics kept from an earlier train"
+    if kept is not None:
+        old, old_classes, old_parts, old_key = kept
+        dropped = sorted(set(old_parts) - set(files))
+        if old_key != key:
+            reason = "the kept statistics were made with other settings (transform, folds, hold-out or model)"
+        elif dropped:
+            reason = (f"{len(dropped)} part(s) the kept statistics sum are gone from the output (photos deleted or "
+                      "changed)")
+        elif not set(old_classes) <= set(classes):
+            reason = "a class of the kept statistics is gone"
+        elif old.dim != dim or old.folds != folds:
+            reason = "the kept statistics have another shape"
+        else:
+            new = [f for f in files if f not in set(old_parts)]
+            total = stats.reindex(old, old_classes, classes)
+            if new:
+                total = total + stats.sum_stats(spark, new, opts, classes, folds, fmap, dim, holdout)
+            log.info("statistics: %d kept part(s) reused, %d new part(s) read", len(old_parts), len(new))
+            return total, {"mode": "incremental", "parts_reused": len(old_parts), "parts_read": len(new)}
+    log.info("statistics: one pass over %d part(s) (%s)", len(files), reason)
+    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout),
+            {"mode": "full", "parts_read": len(files), "why": reason})
+
+
+def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
+    """The candidate with the lowest cross-validated log-loss at its best temperature (a proper score: it still
+    separates candidates where accuracy saturates near 100 % on Fruits-360), and that temperature."""
+    n = float(cv["counts"].sum())
+    if n == 0:
+        raise OnePassError("no Training row could be scored by cross-validation: every class has all its photos in "
+                           "one fold; add photos or lower --folds")
+    nll = cv["nll"] / n
+    best_t = np.argmin(nll, axis=1)
+    m = int(np.argmin(nll[np.arange(len(best_t)), best_t]))
+    tried = {c.name: {"accuracy": round(float(cv["right"][i] / n), 5),
+                      "log_loss": round(float(nll[i, best_t[i]]), 5),
+                      "temperature": round(linear.TEMPERATURES[int(best_t[i])], 4)}
+             for i, c in enumerate(linear.CANDIDATES)}
+    return m, int(best_t[m]), {"param": "model", "tried": tried, "chosen": linear.CANDIDATES[m].name,
+                               "rows": int(n), "rows_of_classes_absent_from_their_fold_fit": int(cv["skipped"][0])}
+
+
+def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
+        fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str) -> OnePass:
+    """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files`."""
+    from fruitpipe.pipeline.reduce import choose_k
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pairs = scoring.labels(spark, files, opts)
+    has_test = any(sp == "Test" for _, sp in pairs)
+    held = None if has_test else holdout
+    labels = sorted({lb for lb, sp in pairs if sp == "Training"})
+    key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds, "holdout": held,
+                             "model": model_sha256, "projection": None if fmap.projection is None else
+                             hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
+    st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key)
+    timings["statistics"] = time.perf_counter() - t0
+    n_all = st.n.sum(0)
+    classes = [c for c, n in zip(labels, n_all) if n > 0]
+    if len(classes) < 2:
+        raise OnePassError(f"the output has {len(classes)} class with Training photos: a classifier needs two or more")
+    if len(classes) < len(labels):  # every photo of a class held out: it cannot be learned
+        keep = [labels.index(c) for c in classes]
+        st = stats.Stats(st.n[:, keep], st.s[:, keep], st.g)
+    stats.save(stats_uri, st, classes, files, key, opts)
+    t1 = time.perf_counter()
+    fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]
+    present = np.stack([st.totals(without=f)[0] > 0 for f in range(folds)])
+    rows = scoring.Rows(classes, fmap, held)
+    cv = scoring.cv_scores(spark, files, opts, rows, folds, fold_models, present)
+    m, t, cv_report = _choose(cv)
+    temperature = linear.TEMPERATURES[t]
+    chosen = linear.CANDIDATES[m]
+    n, s, g = st.totals()
+    final = linear.solve(chosen.family, n, s, g, [chosen.reg])[0]
+    timings["cross_validate"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    basis, explained = linear.pca_basis(n, s, g)
+    ks: list[tuple[int, str]] = []
+    if compare_pca:
+        k95 = choose_k(explained, len(explained), 0.95)
+        ks = [*((k, f"PCA-{k}") for k in (20, 50) if k < st.dim), (k95, "PCA variance 0.95")]
+    extra = [linear.solve(chosen.family, n, s, g, [chosen.reg], basis[:, :k])[0] for k, _ in ks]
+    uris, test_labels, logits, picks = scoring.test_scores(spark, files, opts, rows, final, extra)
+    timings["test"] = time.perf_counter() - t2
+    index = {c: i for i, c in enumerate(classes)}
+    y_all = np.array([index.get(lb, -1) for lb in test_labels], dtype=np.int64)
+    known = y_all >= 0
+    y = y_all[known]
+    raw = linear.softmax(logits[known])
+    proba = linear.softmax(logits[known] / temperature)
+    table = []
+    if compare_pca:
+        from fruitpipe.classify.metrics import top_k
+
+        table.append({"features": "embeddings", "k": st.dim, "top1": round(top_k(proba, y, 1), 5)})
+        for j, (k, why) in enumerate(ks):
+            table.append({"features": why, "k": k, "explained_variance": round(float(explained[:k].sum()), 4),
+                          "top1": round(float(np.mean(picks[known, j] == y)), 5) if len(y) else None})
+    source = "the Test split" if has_test else (f"no Test split: {holdout:.0%} of Training held out by content id "
+                                                "(the same photos on every train)")
+    calib = {"temperature": round(temperature, 4), "chosen_by": f"{folds}-fold cross-validated log-loss on Training",
+             "test_before": metrics.calibration(raw, y), "test_after": metrics.calibration(proba, y)}
+    head = Head(fmap.projection, [(final.w / temperature, final.b / temperature)], transform=fmap.kind)
+    return OnePass(head=head, classes=classes, uris=[u for u, k in zip(uris, known) if k], y=y, proba=proba,
+                   unseen=int((~known).sum()), n_train=int(n.sum()), test_source=source,
+                   cross_validation=cv_report, calibration=calib, pca_table=table,
+                   statistics={**how, "classes": len(classes), "folds": folds, "transform": fmap.kind},
+                   timings=timings)

@@ -1,0 +1,133 @@
+"""The executor passes around the statistics: the labels an output holds, the held-out folds scored by every
+candidate model at once (accuracy, and log-loss at every temperature), and the test rows' logits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax
+from fruitpipe.classify.stats import FeatureMap, fold_of, heldout_of, training_rows
+from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
+from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_matrix
+
+
+def labels(spark: Any, files: list[str], opts: StorageOptions) -> set[tuple[str, str | None]]:
+    """The distinct (label, split) pairs of the parts, read on the executors (two string columns only)."""
+
+    def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+        seen: set[tuple[str, str | None]] = set()
+        for _pos, uri in items:
+            for batch in part_batches(uri, opts, ["label", "split"]):
+                seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+        yield pa.RecordBatch.from_pydict({"label": [p[0] for p in seen], "split": [p[1] for p in seen]})
+
+    with output_errors():  # a few rows per task: deduplicated here rather than by a shuffle
+        rows = over_files(spark, files, file_tasks(spark, len(files)), read, "label string, split string").collect()
+    return {(r[0], r[1]) for r in rows}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which rows a pass takes: Training rows (minus a hold-out) or the test rows (the Test split, or the
+    hold-out of Training when there is none)."""
+
+    classes: list[str]
+    fmap: FeatureMap
+    holdout: float | None
+
+
+def _test_mask(ids: list[str], splits: list[str], rows: Rows) -> np.ndarray:
+    if rows.holdout is None:
+        return np.array([sp == "Test" for sp in splits], dtype=bool)
+    return np.array([sp == "Training" for sp in splits], dtype=bool) & heldout_of(ids, rows.holdout)
+
+
+def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, folds: int,
+              models: list[list[Linear]], present: np.ndarray) -> dict[str, np.ndarray]:
+    """Score every Training row with the models fitted without its fold (models[fold][m]): per candidate m the
+    rows right and, per temperature, the summed negative log-likelihood. Rows of a class absent from their
+    fold's fit (all its photos in one fold) are counted apart. One pass, whatever the number of candidates."""
+    from fruitpipe.pipeline.reduce import sum_over_parts
+
+    m_count, t_count = len(models[0]), len(TEMPERATURES)
+    w = spark.sparkContext.broadcast(np.stack([np.stack([m.w for m in fm]) for fm in models]).astype(np.float32))
+    b = spark.sparkContext.broadcast(np.stack([np.stack([m.b for m in fm]) for fm in models]))
+    temps = np.asarray(TEMPERATURES)
+    index = {c: i for i, c in enumerate(rows.classes)}
+
+    def partial(_pos: int, uri: str) -> np.ndarray:
+        wv, bv = w.value, b.value
+        counts, skipped = np.zeros(folds), 0.0
+        right, nll = np.zeros(m_count), np.zeros((m_count, t_count))
+        for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+            ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
+            if not keep.any():
+                continue
+            z = rows.fmap.apply(to_matrix(batch.column(3))[keep])
+            y = np.array([index[lb] for lb, k in zip(lbs, keep) if k])
+            f = fold_of([i for i, k in zip(ids, keep) if k], folds)
+            for fold in np.unique(f):
+                sel = (f == fold) & present[fold][y]
+                skipped += float(np.sum((f == fold) & ~present[fold][y]))
+                if not sel.any():
+                    continue
+                zf, yf = z[sel].astype(np.float32), y[sel]
+                counts[fold] += len(yf)
+                for m in range(m_count):
+                    logits = (zf @ wv[fold, m]).astype(np.float64) + bv[fold, m]
+                    right[m] += np.sum(np.argmax(logits, axis=1) == yf)
+                    for t, temp in enumerate(temps):
+                        nll[m, t] -= log_softmax(logits / temp)[np.arange(len(yf)), yf].sum()
+        return np.concatenate([counts, [skipped], right, nll.ravel()])
+
+    total = sum_over_parts(spark, files, folds + 1 + m_count + m_count * t_count, partial)
+    w.unpersist()
+    b.unpersist()
+    return {"counts": total[:folds], "skipped": total[folds:folds + 1],
+            "right": total[folds + 1:folds + 1 + m_count],
+            "nll": total[folds + 1 + m_count:].reshape(m_count, t_count)}
+
+
+def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, final: Linear,
+                extra: list[Linear]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(uris, labels, logits of `final`, top-1 class of each `extra` model) of the test rows, on the executors;
+    rows of classes absent from Training included (the caller counts them apart)."""
+    models = [final, *extra]
+    w = spark.sparkContext.broadcast(np.stack([m.w for m in models]).astype(np.float32))
+    b = spark.sparkContext.broadcast(np.stack([m.b for m in models]))
+    n_classes = len(rows.classes)
+
+    def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+        wv, bv = w.value, b.value
+        for _pos, uri in items:
+            for batch in part_batches(uri, opts, ["id", "uri", "label", "split", "features"]):
+                keep = _test_mask(batch.column(0).to_pylist(), batch.column(3).to_pylist(), rows)
+                if not keep.any():
+                    continue
+                z = rows.fmap.apply(to_matrix(batch.column(4))[keep]).astype(np.float32)
+                logits = (z @ wv[0]).astype(np.float64) + bv[0]
+                picks = np.stack([np.argmax(z @ wv[i] + bv[i], axis=1) for i in range(1, len(wv))], axis=1) \
+                    if len(wv) > 1 else np.zeros((len(z), 0), np.int32)
+                idx = np.nonzero(keep)[0]
+                yield pa.RecordBatch.from_pydict({
+                    "uri": [batch.column(1)[int(i)].as_py() for i in idx],
+                    "label": [batch.column(2)[int(i)].as_py() for i in idx],
+                    "logits": [r.tobytes() for r in logits.astype(np.float64)],
+                    "picks": [r.tobytes() for r in picks.astype(np.int32)]})
+
+    with output_errors():
+        out = over_files(spark, files, len(files), read,
+                         "uri string, label string, logits binary, picks binary").collect()
+    w.unpersist()
+    b.unpersist()
+    out.sort(key=lambda r: r[0])
+    logits = np.array([np.frombuffer(r[2], np.float64) for r in out]).reshape(len(out), n_classes)
+    picks = np.array([np.frombuffer(r[3], np.int32) for r in out]).reshape(len(out), len(extra))
+    return [r[0] for r in out], [r[1] for r in out], logits, picks

@@ -1,0 +1,206 @@
+"""The classifier's sufficient statistics, summed on the executors in one pass over the committed embeddings parts:
+per fold, per class counts and feature sums, and one Gramian XᵀX per fold (float64), of the transformed features."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fruitpipe import storage
+from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_matrix
+
+log = logging.getLogger(__name__)
+
+#: Feature transforms the linear classifiers can read (the exported graph applies the same one).
+TRANSFORMS = ("sqrt_l2", "l2", "none")
+
+
+def transform(x: np.ndarray, kind: str) -> np.ndarray:
+    """The features as the classifier sees them, in float64. sqrt_l2: element-wise square root (the features are
+    ReLU6 outputs, >= 0: a Hellinger-style map that tames the few large activations), then unit L2 norm; l2: unit
+    norm only; none: as embedded. A zero vector stays zero."""
+    z = np.asarray(x, np.float64)
+    if kind == "none":
+        return z
+    if kind == "sqrt_l2":
+        z = np.sqrt(np.clip(z, 0.0, None))
+    elif kind != "l2":
+        raise ValueError(f"unknown transform {kind!r}")
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.where(norm > 0, norm, 1.0)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """What the classifier reads from an embedding: the transform, then an optional projection (d x k: OUTPUT's
+    PCA, for --features reduced)."""
+
+    kind: str
+    projection: np.ndarray | None = None
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        z = transform(x, self.kind)
+        return z if self.projection is None else z @ self.projection
+
+
+def fold_of(ids: list[str], folds: int) -> np.ndarray:
+    """A row's cross-validation fold, from its content id (a sha256 in hex): stable across runs and machines."""
+    return np.fromiter((int(i[:8], 16) % folds for i in ids), dtype=np.int64, count=len(ids))
+
+
+def heldout_of(ids: list[str], share: float) -> np.ndarray:
+    """True for the rows held out as the test set when an output has no Test split: those whose id, read as a
+    fraction, falls under `share` (another 8 hex digits than the fold's, so folds and hold-out are independent)."""
+    return np.fromiter((int(i[8:16], 16) / 16**8 < share for i in ids), dtype=bool, count=len(ids))
+
+
+def training_rows(ids: list[str], labels: list[str], splits: list[str], classes: set[str] | dict[str, int],
+                  holdout: float | None) -> np.ndarray:
+    """The rows a fit learns from: Training rows of a known class, minus the hold-out when there is one."""
+    keep = np.array([sp == "Training" and lb in classes for sp, lb in zip(splits, labels)], dtype=bool)
+    if holdout is not None and len(ids):
+        keep &= ~heldout_of(ids, holdout)
+    return keep
+
+
+@dataclass
+class Stats:
+    """Counts n[f, c], sums s[f, c, :] and Gramians g[f, :, :] of the transformed Training features per fold."""
+
+    n: np.ndarray
+    s: np.ndarray
+    g: np.ndarray
+
+    @property
+    def folds(self) -> int:
+        return int(self.n.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.g.shape[1])
+
+    @staticmethod
+    def zeros(folds: int, classes: int, dim: int) -> Stats:
+        return Stats(np.zeros((folds, classes)), np.zeros((folds, classes, dim)), np.zeros((folds, dim, dim)))
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(self.n + other.n, self.s + other.s, self.g + other.g)
+
+    def totals(self, without: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n[c], s[c, :], g) summed over the folds, leaving fold `without` out (by subtraction, no new pass)."""
+        n, s, g = self.n.sum(0), self.s.sum(0), self.g.sum(0)
+        if without is not None:
+            n, s, g = n - self.n[without], s - self.s[without], g - self.g[without]
+        return n, s, g
+
+
+def reindex(stats: Stats, old: list[str], new: list[str]) -> Stats:
+    """`stats` over the class list `new` (a superset of `old`, both sorted): classes new to it get zeros."""
+    out = Stats.zeros(stats.folds, len(new), stats.dim)
+    where = [new.index(c) for c in old]
+    out.n[:, where], out.s[:, where], out.g[:] = stats.n, stats.s, stats.g
+    return out
+
+
+def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], fmap: FeatureMap,
+             holdout: float | None) -> None:
+    """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor)."""
+    from fruitpipe.pipeline.frames import part_batches
+
+    for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+        ids = batch.column(0).to_pylist()
+        labels, splits = batch.column(1).to_pylist(), batch.column(2).to_pylist()
+        keep = training_rows(ids, labels, splits, index, holdout)
+        if not keep.any():
+            continue
+        x = fmap.apply(to_matrix(batch.column(3))[keep])
+        y = np.array([index[lb] for lb, k in zip(labels, keep) if k])
+        f = fold_of([i for i, k in zip(ids, keep) if k], acc.folds)
+        for fold in np.unique(f):
+            rows = f == fold
+            xf, yf = x[rows], y[rows]
+            acc.n[fold] += np.bincount(yf, minlength=acc.n.shape[1])
+            np.add.at(acc.s[fold], yf, xf)
+            acc.g[fold] += xf.T @ xf
+
+
+def _packed_size(folds: int, classes: int, dim: int) -> int:
+    return folds * classes * (1 + dim) + folds * dim * (dim + 1) // 2
+
+
+def _pack(st: Stats) -> np.ndarray:
+    """Counts, sums and the Gramians' upper triangles (they are symmetric: half the bytes to ship and add)."""
+    iu = np.triu_indices(st.dim)
+    return np.concatenate([st.n.ravel(), st.s.ravel(), *(g[iu] for g in st.g)])
+
+
+def _unpack(v: np.ndarray, folds: int, classes: int, dim: int) -> Stats:
+    a, b = folds * classes, folds * classes * (1 + dim)
+    tri = dim * (dim + 1) // 2
+    g = np.zeros((folds, dim, dim))
+    iu = np.triu_indices(dim)
+    for f in range(folds):
+        g[f][iu] = v[b + f * tri:b + (f + 1) * tri]
+        g[f] = g[f] + np.triu(g[f], 1).T
+    return Stats(v[:a].reshape(folds, classes).copy(), v[a:b].reshape(folds, classes, dim).copy(), g)
+
+
+def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
+              fmap: FeatureMap, dim: int, holdout: float | None) -> Stats:
+    """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
+    packed; the driver (or a tree, when many tasks) adds them (pipeline.reduce.sum_per_task)."""
+    from fruitpipe.pipeline.reduce import sum_per_task
+
+    index = {c: i for i, c in enumerate(classes)}
+
+    def task(items: Any) -> np.ndarray:
+        acc = Stats.zeros(folds, len(classes), dim)
+        for _pos, uri in items:
+            add_part(acc, uri, opts, index, fmap, holdout)
+        return _pack(acc)
+
+    if not files:
+        return Stats.zeros(folds, len(classes), dim)
+    return _unpack(sum_per_task(spark, files, _packed_size(folds, len(classes), dim), task), folds, len(classes),
+                   dim)
+
+
+# ---- kept under OUT/classifier/, so that the next train adds only the new parts --------------------------------
+
+STATS_FILE = "stats.npz"
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """What the statistics depend on besides the rows: transform, folds, hold-out, embedding model."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save(uri: str, stats: Stats, classes: list[str], parts: list[str], key: str, opts: StorageOptions) -> None:
+    """Write the statistics with the class list, the parts they sum and their settings' fingerprint (one file,
+    replaced whole)."""
+    buf = io.BytesIO()
+    meta = json.dumps({"classes": classes, "parts": parts, "fingerprint": key}, allow_nan=False)
+    np.savez(buf, n=stats.n, s=stats.s, g=stats.g, meta=np.frombuffer(meta.encode(), dtype=np.uint8))
+    storage.write_bytes(uri, buf.getvalue(), opts)
+
+
+def load(uri: str, opts: StorageOptions) -> tuple[Stats, list[str], list[str], str] | None:
+    """(stats, classes, parts, fingerprint) of an earlier train, or None when there are none (or unreadable)."""
+    try:
+        data = storage.read_bytes(uri, opts)
+    except OSError:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return Stats(z["n"], z["s"], z["g"]), meta["classes"], meta["parts"], meta["fingerprint"]
+    except (ValueError, KeyError, OSError) as exc:
+        log.warning("the statistics of the last train (%s) cannot be read (%s): computing them again", uri, exc)
+        return None
