@@ -1,0 +1,192 @@
+"""The one-pass classifier: its statistics equal a direct numpy computation, a retrain after `run` added photos
+reads only the new parts and equals a fit from scratch, a class added later is learned, a dropped part makes one
+full pass, and the solvers match their closed forms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fruitpipe
+from fruitpipe.classify import linear, stats
+from fruitpipe.cli import main
+from fruitpipe.output import RunDir
+from fruitpipe.storage import StorageOptions
+from conftest import SAMPLE, copy_classes, sample_classes
+
+CLASSES = sample_classes(12)[8:12]  # four classes the session's other outputs do not use
+
+
+def _train(out: Path, capfd: pytest.CaptureFixture[str] | None = None) -> dict:
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
+    if capfd is not None:
+        err = capfd.readouterr().err
+        assert "netlib" not in err and "BLAS" not in err, err
+    return json.loads((out / "classifier" / "metrics.json").read_text())
+
+
+def _direct(out: Path, classes: list[str], folds: int = 3) -> stats.Stats:
+    """The statistics computed by numpy from the Parquet files, as a reader of the output would."""
+    df = pd.read_parquet(out / "embeddings", columns=["id", "label", "split", "features"])
+    df = df[(df.split == "Training") & df.label.isin(classes)]
+    z = stats.transform(np.stack(df.features.to_numpy()), "sqrt_l2")
+    y = np.array([classes.index(lb) for lb in df.label])
+    f = stats.fold_of(list(df.id), folds)
+    st = stats.Stats.zeros(folds, len(classes), z.shape[1])
+    for i in range(len(y)):
+        st.n[f[i], y[i]] += 1
+        st.s[f[i], y[i]] += z[i]
+    for fold in range(folds):
+        st.g[fold] = z[f == fold].T @ z[f == fold]
+    return st
+
+
+def _kept(out: Path) -> tuple[stats.Stats, list[str], list[str]]:
+    got = stats.load(str(out / "classifier" / stats.STATS_FILE), StorageOptions())
+    assert got is not None
+    return got[0], got[1], got[2]
+
+
+def _assert_equal(a: stats.Stats, b: stats.Stats) -> None:
+    np.testing.assert_array_equal(a.n, b.n)
+    np.testing.assert_allclose(a.s, b.s, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a.g, b.g, rtol=1e-12, atol=1e-11)
+
+
+@pytest.fixture(scope="module")
+def grown(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three classes run and trained, then more photos of them and a fourth class added, run and trained again."""
+    root = tmp_path_factory.mktemp("onepass")
+    data = root / "in"
+    copy_classes(data, CLASSES[:3], per_split=15)
+    out = root / "out"
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=4, quiet=True))
+    first = _train(out)
+    first_parts = RunDir(str(out), StorageOptions()).files("embeddings")
+    for cls in CLASSES[:3]:  # 10 more Training photos each, the first 15 left untouched (same mtime)
+        for src in sorted((SAMPLE / "Training" / cls).iterdir())[15:25]:
+            shutil.copyfile(src, data / "Training" / cls / src.name)
+    copy_classes(data, CLASSES[3:], per_split=15)  # and a new fruit
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=4, quiet=True))
+    parts = RunDir(str(out), StorageOptions()).files("embeddings")
+    second = _train(out)
+    return {"root": root, "data": data, "out": out, "first": first, "second": second,
+            "first_parts": first_parts, "parts": parts}
+
+
+def test_statistics_equal_a_direct_computation(grown: dict) -> None:
+    first = grown["first"]
+    assert first["statistics"]["mode"] == "full" and first["n_train"] == 45
+    st, classes, parts = _kept(grown["out"])
+    assert classes == sorted(CLASSES) and sorted(parts) == sorted(grown["parts"])
+    _assert_equal(st, _direct(grown["out"], classes))
+
+
+def test_a_retrain_reads_only_the_new_parts_and_equals_a_fit_from_scratch(grown: dict, spark) -> None:
+    second = grown["second"]
+    new = sorted(set(grown["parts"]) - set(grown["first_parts"]))
+    assert new and set(grown["first_parts"]) <= set(grown["parts"])
+    assert second["statistics"] == {**second["statistics"], "mode": "incremental",
+                                    "parts_reused": len(grown["first_parts"]), "parts_read": len(new)}
+    incremental, classes, _ = _kept(grown["out"])
+    scratch = stats.sum_stats(spark, grown["parts"], StorageOptions(), classes, 3, stats.FeatureMap("sqrt_l2"),
+                              1280, None)
+    _assert_equal(incremental, scratch)
+    # the model solved from either is the same model
+    a = linear.solve("ridge", *incremental.totals(), [0.01])[0]
+    b = linear.solve("ridge", *scratch.totals(), [0.01])[0]
+    np.testing.assert_allclose(a.w, b.w, rtol=1e-9, atol=1e-9)
+
+
+def test_a_class_added_later_is_learned(grown: dict) -> None:
+    second = grown["second"]
+    assert second["classes"] == sorted(CLASSES) and second["n_train"] == 3 * 25 + 15
+    assert second["per_class"][CLASSES[3]]["support"] == 15 and second["per_class"][CLASSES[3]]["recall"] >= 0.9
+    assert second["top1"] >= 0.95
+
+
+def test_a_dropped_part_makes_one_full_pass_equal_to_a_fit_from_scratch(grown: dict,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """Last of the tests on `grown`: it deletes photos from its input."""
+    data, out = grown["data"], grown["out"]
+    for p in sorted((data / "Training" / CLASSES[0]).iterdir())[:5]:
+        p.unlink()
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=4, quiet=True))
+    parts = RunDir(str(out), StorageOptions()).files("embeddings")
+    assert not set(grown["parts"]) <= set(parts)  # the parts that held them were rewritten
+    capfd.readouterr()
+    m = _train(out, capfd)
+    assert m["statistics"]["mode"] == "full" and "gone" in m["statistics"]["why"]
+    assert m["n_train"] == 3 * 25 + 15 - 5
+    st, classes, kept_parts = _kept(out)
+    assert sorted(kept_parts) == sorted(parts)
+    _assert_equal(st, _direct(out, classes))
+
+
+def test_folds_by_subtraction_equal_a_fit_without_the_fold() -> None:
+    rng = np.random.default_rng(3)
+    st = stats.Stats.zeros(3, 4, 6)
+    rows = []
+    for _ in range(120):
+        y, f = int(rng.integers(4)), int(rng.integers(3))
+        z = rng.normal(size=6) + y
+        st.n[f, y] += 1
+        st.s[f, y] += z
+        st.g[f] += np.outer(z, z)
+        rows.append((y, f, z))
+    for fold in range(3):
+        keep = [(y, z) for y, f, z in rows if f != fold]
+        z = np.stack([r[1] for r in keep])
+        y = np.array([r[0] for r in keep])
+        n, s, g = st.totals(without=fold)
+        np.testing.assert_array_equal(n, np.bincount(y, minlength=4))
+        np.testing.assert_allclose(g, z.T @ z, atol=1e-9)
+        # ridge on the statistics = least squares on one-hot targets with an intercept, solved directly
+        (model,) = linear.solve("ridge", n, s, g, [0.0])
+        design = np.hstack([z, np.ones((len(z), 1))])
+        direct = np.linalg.lstsq(design, np.eye(4)[y], rcond=None)[0]
+        np.testing.assert_allclose(model.w, direct[:-1], atol=1e-8)
+        np.testing.assert_allclose(model.b, direct[-1], atol=1e-8)
+
+
+def test_lda_without_shrinkage_is_the_gaussian_discriminant() -> None:
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(200, 5))
+    y = np.arange(200) % 3
+    z += y[:, None]
+    n = np.bincount(y).astype(float)
+    s = np.stack([z[y == c].sum(0) for c in range(3)])
+    (model,) = linear.solve("lda", n, s, z.T @ z, [0.0])
+    mu = s / n[:, None]
+    cov = sum((z[y == c] - mu[c]).T @ (z[y == c] - mu[c]) for c in range(3)) / (200 - 3)
+    prec = np.linalg.inv(cov)
+    np.testing.assert_allclose(model.w, prec @ mu.T, rtol=1e-8)
+    np.testing.assert_allclose(model.b, -0.5 * np.einsum("cd,de,ce->c", mu, prec, mu), rtol=1e-8)
+
+
+def test_a_class_missing_from_a_fit_is_never_predicted() -> None:
+    n = np.array([3.0, 0.0, 4.0])
+    s = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    for family in linear.GRIDS:
+        (model,) = linear.solve(family, n, s, np.eye(2) * 7, [0.1])
+        assert np.all(model.w[:, 1] == 0) and model.b[1] == linear.ABSENT
+        assert np.all(np.isfinite(model.w)) and np.all(np.isfinite(model.b))
+
+
+def test_the_exported_transform_matches_numpys(trained) -> None:
+    """sqrt + L2 in the ONNX graph and in classify.stats give the same probabilities from the same features."""
+    from fruitpipe.classify.export import read_head
+
+    onnx = (trained["out"] / "classifier" / "fruit_classifier.onnx").read_bytes()
+    head, classes = read_head(onnx)
+    assert head.transform == "sqrt_l2" and classes == trained["metrics"]["classes"]
+    df = pd.read_parquet(trained["out"] / "embeddings", columns=["label", "split", "features"])
+    test = df[df.split == "Test"]
+    proba = head.probabilities(np.stack(test.features.to_numpy()))
+    assert np.mean(np.array(classes)[np.argmax(proba, axis=1)] == test.label.to_numpy()) == trained["metrics"]["top1"]
+
