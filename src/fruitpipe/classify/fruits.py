@@ -157,6 +157,19 @@ def _species(words: list[str]) -> str | None:
     return None
 
 
+def species_key(label: str) -> str:
+    """The species a class belongs to, as SPECIES's key ("Apple Red 2" -> "Apple"); a class the table does not
+    know is its own species, by its folder-derived name ("Nut Forest 1" -> "Nut Forest")."""
+    base = display_name(label)
+    return _species(base.split()) or base
+
+
+def species_name(label: str) -> str:
+    """The readable name of a class's species ("Apple Red 2" -> "Apple", "Cocos 1" -> "Coconut")."""
+    key = species_key(label)
+    return SPECIES[key][0] if key in SPECIES else key
+
+
 def describe(label: str) -> dict[str, Any]:
     """Information about a class for the answer: display name, variety or state, scientific name, family and one
     sentence from SPECIES; a class it does not know gets its folder-derived name and nulls."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe.classify import linear, metrics, scoring, stats
+from fruitpipe.classify import linear, metrics, openset, scoring, stats
 from fruitpipe.classify.export import Head
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 #: regularisation; never chosen on Test alone.
 DEFAULT_TRANSFORM = "sqrt_l2"
 #: The statistics' format: bumped when what they sum changes, so kept statistics of another version are redone.
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: Gramians per species group (open-set threshold)
 
 
 @dataclass
@@ -44,6 +44,9 @@ class OnePass:
     pca_table: list[dict[str, Any]]
     statistics: dict[str, Any]
     timings: dict[str, float]
+    #: Each class's species name (aligned with `classes`) and the "not sure" threshold with its measurements.
+    species: list[str]
+    open_set: dict[str, Any]
 
 
 class OnePassError(FruitpipeError):
@@ -55,6 +58,7 @@ def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: lis
                 ) -> tuple[stats.Stats, dict[str, Any]]:
     """The statistics of `files`: the kept ones plus the new parts' when the kept ones still apply, else one full
     pass (and why)."""
+    groups = openset.groups_of(classes)
     kept = stats.load(stats_uri, opts)
     reason = "no statistics kept from an earlier train"
     if kept is not None:
@@ -67,17 +71,18 @@ def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: lis
                       "changed)")
         elif not set(old_classes) <= set(classes):
             reason = "a class of the kept statistics is gone"
-        elif old.dim != dim or old.folds != folds:
+        elif old.dim != dim or old.folds != folds or old.groups != openset.GROUPS:
             reason = "the kept statistics have another shape"
         else:
             new = [f for f in files if f not in set(old_parts)]
             total = stats.reindex(old, old_classes, classes)
             if new:
-                total = total + stats.sum_stats(spark, new, opts, classes, folds, fmap, dim, holdout)
+                total = total + stats.sum_stats(spark, new, opts, classes, folds, fmap, dim, holdout,
+                                                groups, openset.GROUPS)
             log.info("statistics: %d kept part(s) reused, %d new part(s) read", len(old_parts), len(new))
             return total, {"mode": "incremental", "parts_reused": len(old_parts), "parts_read": len(new)}
     log.info("statistics: one pass over %d part(s) (%s)", len(files), reason)
-    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout),
+    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout, groups, openset.GROUPS),
             {"mode": "full", "parts_read": len(files), "why": reason})
 
 
@@ -111,6 +116,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     held = None if has_test else holdout
     labels = sorted({lb for lb, sp in pairs if sp == "Training"})
     key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds, "holdout": held,
+                             "groups": openset.GROUPS,
                              "model": model_sha256, "projection": None if fmap.projection is None else
                              hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
     st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key)
@@ -121,7 +127,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
         raise OnePassError(f"the output has {len(classes)} class with Training photos: a classifier needs two or more")
     if len(classes) < len(labels):  # every photo of a class held out: it cannot be learned
         keep = [labels.index(c) for c in classes]
-        st = stats.Stats(st.n[:, keep], st.s[:, keep], st.g)
+        st = st.classes(keep)
     stats.save(stats_uri, st, classes, files, key, opts)
     t1 = time.perf_counter()
     fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]
@@ -134,6 +140,21 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     n, s, g = st.totals()
     final = linear.solve(chosen.family, n, s, g, [chosen.reg])[0]
     timings["cross_validate"] = time.perf_counter() - t1
+    t3 = time.perf_counter()
+    species, species_names = openset.species_of(classes)
+    group_of_class = openset.groups_of(classes)
+    group_models: list[linear.Linear | None] = []
+    for k in range(openset.GROUPS):
+        nk, sk, gk = st.without_group(k, group_of_class)
+        usable = (nk > 0).sum() >= 2 and (n[group_of_class == k] > 0).any()
+        group_models.append(linear.solve(chosen.family, nk, sk, gk, [chosen.reg])[0].scaled(temperature)
+                            if usable else None)
+    known_hist, unknown_hist = scoring.openset_scores(
+        spark, files, opts, rows, [fm[m].scaled(temperature) for fm in fold_models], group_models, present,
+        group_of_class, species, len(species_names))
+    open_set = {**openset.choose(known_hist, unknown_hist),
+                "species_groups_held_out": sum(m is not None for m in group_models)}
+    timings["open_set"] = time.perf_counter() - t3
     t2 = time.perf_counter()
     basis, explained = linear.pca_basis(n, s, g)
     ks: list[tuple[int, str]] = []
@@ -159,6 +180,10 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
                           "top1": round(float(np.mean(picks[known, j] == y)), 5) if len(y) else None})
     source = "the Test split" if has_test else (f"no Test split: {holdout:.0%} of Training held out by content id "
                                                 "(the same photos on every train)")
+    unseen_conf = openset.confidence(linear.softmax(logits[~known] / temperature), species, len(species_names))
+    open_set["test"] = openset.test_rates(open_set["threshold"],
+                                          openset.confidence(proba, species, len(species_names)),
+                                          np.argmax(proba, axis=1) == y if len(y) else np.zeros(0, bool), unseen_conf)
     calib = {"temperature": round(temperature, 4), "chosen_by": f"{folds}-fold cross-validated log-loss on Training",
              "test_before": metrics.calibration(raw, y), "test_after": metrics.calibration(proba, y)}
     head = Head(fmap.projection, [(final.w / temperature, final.b / temperature)], transform=fmap.kind)
@@ -166,4 +191,4 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
                    unseen=int((~known).sum()), n_train=int(n.sum()), test_source=source,
                    cross_validation=cv_report, calibration=calib, pca_table=table,
                    statistics={**how, "classes": len(classes), "folds": folds, "transform": fmap.kind},
-                   timings=timings)
+                   timings=timings, species=[species_names[i] for i in species], open_set=open_set)

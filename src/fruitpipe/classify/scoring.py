@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax
+from fruitpipe.classify import openset
+from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
 from fruitpipe.classify.stats import FeatureMap, fold_of, heldout_of, training_rows
 from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
 from fruitpipe.storage import StorageOptions
@@ -93,6 +94,52 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
     return {"counts": total[:folds], "skipped": total[folds:folds + 1],
             "right": total[folds + 1:folds + 1 + m_count],
             "nll": total[folds + 1 + m_count:].reshape(m_count, t_count)}
+
+
+def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fold_models: list[Linear],
+                   group_models: list[Linear | None], present: np.ndarray, group_of_class: np.ndarray,
+                   species: np.ndarray, n_species: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms (openset.BINS) of the top-species confidence of every Training row (a) scored by the fit
+    without its fold, when its class is in that fit: known fruits, and (b) scored by the fit without its
+    species' group: fruits that fit never saw. The models are the chosen one, calibrated. One pass."""
+    from fruitpipe.pipeline.reduce import sum_over_parts
+
+    folds = len(fold_models)
+    usable = [m for m in group_models if m is not None]
+    w = spark.sparkContext.broadcast(np.stack([m.w for m in [*fold_models, *usable]]).astype(np.float32))
+    b = spark.sparkContext.broadcast(np.stack([m.b for m in [*fold_models, *usable]]))
+    slot = {k: folds + i for i, k in enumerate(k for k, m in enumerate(group_models) if m is not None)}
+    index = {c: i for i, c in enumerate(rows.classes)}
+
+    def conf(z: np.ndarray, i: int, wv: np.ndarray, bv: np.ndarray) -> np.ndarray:
+        p = softmax((z @ wv[i]).astype(np.float64) + bv[i])
+        return openset.confidence(p, species, n_species)
+
+    def partial(_pos: int, uri: str) -> np.ndarray:
+        wv, bv = w.value, b.value
+        known, unknown = np.zeros(openset.BINS), np.zeros(openset.BINS)
+        for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+            ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
+            if not keep.any():
+                continue
+            z = rows.fmap.apply(to_matrix(batch.column(3))[keep]).astype(np.float32)
+            y = np.array([index[lb] for lb, k in zip(lbs, keep) if k])
+            f = fold_of([i for i, k in zip(ids, keep) if k], folds)
+            for fold in np.unique(f):
+                sel = (f == fold) & present[fold][y]
+                if sel.any():
+                    known += openset.histogram(conf(z[sel], int(fold), wv, bv))
+            k = group_of_class[y]
+            for group in np.unique(k):
+                if int(group) in slot:
+                    unknown += openset.histogram(conf(z[k == group], slot[int(group)], wv, bv))
+        return np.concatenate([known, unknown])
+
+    total = sum_over_parts(spark, files, 2 * openset.BINS, partial)
+    w.unpersist()
+    b.unpersist()
+    return total[:openset.BINS], total[openset.BINS:]
 
 
 def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, final: Linear,

@@ -1,5 +1,6 @@
 """The classifier's sufficient statistics, summed on the executors in one pass over the committed embeddings parts:
-per fold, per class counts and feature sums, and one Gramian XᵀX per fold (float64), of the transformed features."""
+per fold, per class counts and feature sums, and one Gramian XᵀX per fold and one per class group (float64), of the
+transformed features."""
 
 from __future__ import annotations
 
@@ -72,26 +73,38 @@ def training_rows(ids: list[str], labels: list[str], splits: list[str], classes:
 
 @dataclass
 class Stats:
-    """Counts n[f, c], sums s[f, c, :] and Gramians g[f, :, :] of the transformed Training features per fold."""
+    """Counts n[f, c], sums s[f, c, :] and Gramians g[f, :, :] of the transformed Training features per fold, and
+    Gramians h[k, :, :] per class group (classify.openset: every class of a species in one group), so that a fit
+    without a fold, or without a group's classes, is a subtraction."""
 
     n: np.ndarray
     s: np.ndarray
     g: np.ndarray
+    h: np.ndarray
 
     @property
     def folds(self) -> int:
         return int(self.n.shape[0])
 
     @property
+    def groups(self) -> int:
+        return int(self.h.shape[0])
+
+    @property
     def dim(self) -> int:
         return int(self.g.shape[1])
 
     @staticmethod
-    def zeros(folds: int, classes: int, dim: int) -> Stats:
-        return Stats(np.zeros((folds, classes)), np.zeros((folds, classes, dim)), np.zeros((folds, dim, dim)))
+    def zeros(folds: int, classes: int, dim: int, groups: int) -> Stats:
+        return Stats(np.zeros((folds, classes)), np.zeros((folds, classes, dim)), np.zeros((folds, dim, dim)),
+                     np.zeros((groups, dim, dim)))
 
     def __add__(self, other: Stats) -> Stats:
-        return Stats(self.n + other.n, self.s + other.s, self.g + other.g)
+        return Stats(self.n + other.n, self.s + other.s, self.g + other.g, self.h + other.h)
+
+    def classes(self, keep: list[int]) -> Stats:
+        """The statistics of the classes `keep` only (their rows are the only ones the Gramians hold)."""
+        return Stats(self.n[:, keep], self.s[:, keep], self.g, self.h)
 
     def totals(self, without: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(n[c], s[c, :], g) summed over the folds, leaving fold `without` out (by subtraction, no new pass)."""
@@ -100,18 +113,27 @@ class Stats:
             n, s, g = n - self.n[without], s - self.s[without], g - self.g[without]
         return n, s, g
 
+    def without_group(self, group: int, group_of_class: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n[c], s[c, :], g) of every row but those of the classes of `group`: a fit that never saw them."""
+        n, s, g = self.totals()
+        out = group_of_class == group
+        n, s = n.copy(), s.copy()
+        n[out], s[out] = 0.0, 0.0
+        return n, s, g - self.h[group]
+
 
 def reindex(stats: Stats, old: list[str], new: list[str]) -> Stats:
     """`stats` over the class list `new` (a superset of `old`, both sorted): classes new to it get zeros."""
-    out = Stats.zeros(stats.folds, len(new), stats.dim)
+    out = Stats.zeros(stats.folds, len(new), stats.dim, stats.groups)
     where = [new.index(c) for c in old]
-    out.n[:, where], out.s[:, where], out.g[:] = stats.n, stats.s, stats.g
+    out.n[:, where], out.s[:, where], out.g[:], out.h[:] = stats.n, stats.s, stats.g, stats.h
     return out
 
 
 def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], fmap: FeatureMap,
-             holdout: float | None) -> None:
-    """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor)."""
+             holdout: float | None, group_of_class: np.ndarray) -> None:
+    """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor). Each (fold,
+    group) cell's Gramian is computed once and added to both its fold's and its group's."""
     from fruitpipe.pipeline.frames import part_batches
 
     for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
@@ -123,37 +145,42 @@ def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], 
         x = fmap.apply(to_matrix(batch.column(3))[keep])
         y = np.array([index[lb] for lb, k in zip(labels, keep) if k])
         f = fold_of([i for i, k in zip(ids, keep) if k], acc.folds)
+        k = group_of_class[y]
         for fold in np.unique(f):
             rows = f == fold
-            xf, yf = x[rows], y[rows]
-            acc.n[fold] += np.bincount(yf, minlength=acc.n.shape[1])
-            np.add.at(acc.s[fold], yf, xf)
-            acc.g[fold] += xf.T @ xf
+            acc.n[fold] += np.bincount(y[rows], minlength=acc.n.shape[1])
+            np.add.at(acc.s[fold], y[rows], x[rows])
+            for group in np.unique(k[rows]):
+                xc = x[rows & (k == group)]
+                cell = xc.T @ xc
+                acc.g[fold] += cell
+                acc.h[group] += cell
 
 
-def _packed_size(folds: int, classes: int, dim: int) -> int:
-    return folds * classes * (1 + dim) + folds * dim * (dim + 1) // 2
+def _packed_size(folds: int, classes: int, dim: int, groups: int) -> int:
+    return folds * classes * (1 + dim) + (folds + groups) * dim * (dim + 1) // 2
 
 
 def _pack(st: Stats) -> np.ndarray:
     """Counts, sums and the Gramians' upper triangles (they are symmetric: half the bytes to ship and add)."""
     iu = np.triu_indices(st.dim)
-    return np.concatenate([st.n.ravel(), st.s.ravel(), *(g[iu] for g in st.g)])
+    return np.concatenate([st.n.ravel(), st.s.ravel(), *(g[iu] for g in st.g), *(h[iu] for h in st.h)])
 
 
-def _unpack(v: np.ndarray, folds: int, classes: int, dim: int) -> Stats:
+def _unpack(v: np.ndarray, folds: int, classes: int, dim: int, groups: int) -> Stats:
     a, b = folds * classes, folds * classes * (1 + dim)
     tri = dim * (dim + 1) // 2
-    g = np.zeros((folds, dim, dim))
+    grams = np.zeros((folds + groups, dim, dim))
     iu = np.triu_indices(dim)
-    for f in range(folds):
-        g[f][iu] = v[b + f * tri:b + (f + 1) * tri]
-        g[f] = g[f] + np.triu(g[f], 1).T
-    return Stats(v[:a].reshape(folds, classes).copy(), v[a:b].reshape(folds, classes, dim).copy(), g)
+    for i in range(folds + groups):
+        grams[i][iu] = v[b + i * tri:b + (i + 1) * tri]
+        grams[i] += np.triu(grams[i], 1).T
+    return Stats(v[:a].reshape(folds, classes).copy(), v[a:b].reshape(folds, classes, dim).copy(), grams[:folds],
+                 grams[folds:])
 
 
 def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
-              fmap: FeatureMap, dim: int, holdout: float | None) -> Stats:
+              fmap: FeatureMap, dim: int, holdout: float | None, group_of_class: np.ndarray, groups: int) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
     packed; the driver (or a tree, when many tasks) adds them (pipeline.reduce.sum_per_task)."""
     from fruitpipe.pipeline.reduce import sum_per_task
@@ -161,15 +188,15 @@ def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[
     index = {c: i for i, c in enumerate(classes)}
 
     def task(items: Any) -> np.ndarray:
-        acc = Stats.zeros(folds, len(classes), dim)
+        acc = Stats.zeros(folds, len(classes), dim, groups)
         for _pos, uri in items:
-            add_part(acc, uri, opts, index, fmap, holdout)
+            add_part(acc, uri, opts, index, fmap, holdout, group_of_class)
         return _pack(acc)
 
     if not files:
-        return Stats.zeros(folds, len(classes), dim)
-    return _unpack(sum_per_task(spark, files, _packed_size(folds, len(classes), dim), task), folds, len(classes),
-                   dim)
+        return Stats.zeros(folds, len(classes), dim, groups)
+    size = _packed_size(folds, len(classes), dim, groups)
+    return _unpack(sum_per_task(spark, files, size, task), folds, len(classes), dim, groups)
 
 
 # ---- kept under OUT/classifier/, so that the next train adds only the new parts --------------------------------
@@ -187,7 +214,7 @@ def save(uri: str, stats: Stats, classes: list[str], parts: list[str], key: str,
     replaced whole)."""
     buf = io.BytesIO()
     meta = json.dumps({"classes": classes, "parts": parts, "fingerprint": key}, allow_nan=False)
-    np.savez(buf, n=stats.n, s=stats.s, g=stats.g, meta=np.frombuffer(meta.encode(), dtype=np.uint8))
+    np.savez(buf, n=stats.n, s=stats.s, g=stats.g, h=stats.h, meta=np.frombuffer(meta.encode(), dtype=np.uint8))
     storage.write_bytes(uri, buf.getvalue(), opts)
 
 
@@ -200,7 +227,8 @@ def load(uri: str, opts: StorageOptions) -> tuple[Stats, list[str], list[str], s
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            return Stats(z["n"], z["s"], z["g"]), meta["classes"], meta["parts"], meta["fingerprint"]
+            st = Stats(z["n"], z["s"], z["g"], z["h"] if "h" in z else np.zeros((0, *z["g"].shape[1:])))
+            return st, meta["classes"], meta["parts"], meta["fingerprint"]
     except (ValueError, KeyError, OSError) as exc:
         log.warning("the statistics of the last train (%s) cannot be read (%s): computing them again", uri, exc)
         return None

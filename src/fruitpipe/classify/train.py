@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from fruitpipe import lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
+from fruitpipe.classify.fruits import species_name
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.models.registry import ModelSpec
 from fruitpipe.output import CLASSIFIER, SUCCESS, RunDir
@@ -135,7 +136,7 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     timings.update(got.timings)
     return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
                    got.cross_validation, got.pca_table, dim,
-                   {"calibration": got.calibration, "statistics": got.statistics})
+                   {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set})
 
 
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
@@ -225,7 +226,9 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
             got = _fit_spark_ml(spark, settings, rundir, files, components, timings)
     classes, uris, y, proba = got.classes, got.uris, got.y, got.proba
     result = metrics.report(proba, y, classes)
-    onnx_meta = {"classes": classes, "embedding_model": report["model"]["name"],
+    open_set = got.extra.setdefault("open_set", {"threshold": None, "why": "chosen by --classifier linear only"})
+    onnx_meta = {"classes": classes, "species": [species_name(c) for c in classes],
+                 "not_sure_below": open_set["threshold"], "embedding_model": report["model"]["name"],
                  "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
                  "classifier": settings.classifier, "transform": got.head.transform,
                  **export_mod.input_metadata(spec)}
