@@ -163,6 +163,14 @@ class FruitClassifier:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.classes: list[str] = json.loads(meta["classes"])
         self.metadata = meta
+        # Files written before these keys existed: species from the package's table, no "not sure" threshold.
+        from fruitpipe.classify.fruits import species_name
+
+        names = json.loads(meta["species"]) if "species" in meta else [species_name(c) for c in self.classes]
+        self.species_names = sorted(set(names))
+        self.species = np.array([self.species_names.index(s) for s in names], dtype=np.int64)
+        threshold = json.loads(meta.get("not_sure_below", "null"))
+        self.not_sure_below: float | None = None if threshold is None else float(threshold)
         self.input_name = self.session.get_inputs()[0].name
         # Files written before these keys existed are the registered backbones: 224, tf, NHWC.
         self.input_size = int(meta.get("input_size") or self.session.get_inputs()[0].shape[1] or 224)
@@ -179,6 +187,20 @@ class FruitClassifier:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) for a batch of model_input() arrays."""
         return self.session.run([PROBABILITIES], {self.input_name: batch})[0]
+
+    def answer(self, p: np.ndarray, k: int = 5) -> dict[str, Any]:
+        """One photo's answer from its class probabilities: the species first (probabilities summed over its
+        classes), the top-k classes (varieties) second, and "not sure" when the top species' probability is under
+        the threshold `train` chose."""
+        sp = np.zeros(len(self.species_names))
+        np.add.at(sp, self.species, p)
+        order = np.argsort(-sp)[:k]
+        best = np.argsort(-p)[:k]
+        top_p = float(sp[order[0]])
+        return {"species": [{"name": self.species_names[i], "probability": round(float(sp[i]), 6)} for i in order],
+                "top5": [{"label": self.classes[i], "probability": round(float(p[i]), 6)} for i in best],
+                "not_sure": self.not_sure_below is not None and top_p < self.not_sure_below,
+                "not_sure_below": self.not_sure_below}
 
     def top(self, image: bytes, k: int = 5, max_pixels: int = 64_000_000) -> list[tuple[str, float]]:
         """The k most probable classes of one image; an image that cannot be used raises images.Rejected."""

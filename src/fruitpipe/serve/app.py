@@ -1,5 +1,6 @@
 """The FastAPI app: one POST /predict through the batch pipeline's own decode and preprocessing and the one ONNX
-file `fruitpipe train` wrote; photos stay in memory and are never logged; bad input is a 4xx with the same reason
+file `fruitpipe train` wrote, answering the species first, then the variety, and "not sure" under the threshold
+train chose; photos stay in memory and are never logged; bad input is a 4xx with the same reason
 names as `rejects`, never a traceback."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
 
 from fruitpipe import __version__, images, storage
@@ -69,6 +71,8 @@ def create_app(settings: ServeSettings) -> Any:
     rejects = Counter("fruitpipe_rejects", "Uploads refused, by reason (rejects/ names)", ["reason"],
                       registry=registry)
     predictions = Counter("fruitpipe_predictions", "Top-1 answers by class", ["label"], registry=registry)
+    not_sure = Counter("fruitpipe_not_sure_answers", "Answers under the classifier's confidence threshold "
+                       "(\"not sure\")", registry=registry)
     app = FastAPI(title="fruitpipe", description="Which fruit is this? Photo in, top-5 classes out.",
                   version=__version__)
 
@@ -130,11 +134,16 @@ def create_app(settings: ServeSettings) -> Any:
             p = (await run_in_threadpool(infer))[0]
         except images.Rejected as rj:
             return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
-        best = p.argsort()[::-1][:5]
-        top = [{"label": classifier.classes[i], "name": describe(classifier.classes[i])["name"],
-                "probability": round(float(p[i]), 6)} for i in best]
-        predictions.labels(top[0]["label"]).inc()
-        return {"top5": top, "fruit": describe(top[0]["label"]), "model_sha256": sha,
+        got = classifier.answer(p)
+        for t in got["top5"]:
+            t["name"] = describe(t["label"])["name"]
+        # The fruit named is the top species, told by its most probable variety.
+        in_species = classifier.species == classifier.species_names.index(got["species"][0]["name"])
+        label = classifier.classes[int(np.argmax(np.where(in_species, p, -1.0)))]
+        predictions.labels(label).inc()
+        if got["not_sure"]:
+            not_sure.inc()
+        return {**got, "fruit": describe(label), "model_sha256": sha,
                 "embedding_model_sha256": classifier.metadata.get("embedding_model_sha256"),
                 "server_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
