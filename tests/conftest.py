@@ -63,6 +63,23 @@ def copy_classes(dest: Path, classes: list[str], splits: tuple[str, ...] = ("Tra
     return dest
 
 
+def with_threshold(out: Path, dest: Path, threshold: float) -> Path:
+    """A copy of `out`'s classifier whose exported file says "not sure" under `threshold` (its metadata
+    rewritten): serve and the page behave as if train had chosen it."""
+    import json
+
+    import onnx
+
+    shutil.copytree(out / "classifier", dest / "classifier")
+    path = dest / "classifier" / "fruit_classifier.onnx"
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "not_sure_below":
+            prop.value = json.dumps(threshold)
+    onnx.save(model, str(path))
+    return dest
+
+
 def sample_classes(n: int) -> list[str]:
     """The first n classes of the shared sample, sorted by name."""
     return sorted(p.name for p in (SAMPLE / "Training").iterdir())[:n]

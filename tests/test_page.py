@@ -9,9 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fruitpipe.classify.fruits import describe
+from fruitpipe.classify.fruits import describe, species_name
 from fruitpipe.serve import ServeSettings, create_app
 from test_serve import _Server
+from conftest import with_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("FRUITPIPE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -59,8 +60,11 @@ def test_the_page_identifies_a_real_test_photo_and_explains_a_bad_file(browser, 
     page.get_by_role("button", name="Identify").click()
     page.locator("#answer").wait_for(state="visible")
     fruit = describe(row["label"])
-    assert page.locator("#name").inner_text() == fruit["name"]
+    # the species first (with its probability), the variety and the facts below it
+    assert page.locator("#name").inner_text().startswith(species_name(row["label"]) + " (")
     assert fruit["scientific_name"] in page.locator("#about").inner_text()
+    assert (fruit["variety"] or "") in page.locator("#about").inner_text()
+    assert page.locator("#unsure").is_hidden()
     bars = page.get_by_role("progressbar")
     assert bars.count() == 5 and float(bars.first.get_attribute("aria-valuenow")) > 50
     assert page.locator("#preview").is_visible()
@@ -99,4 +103,29 @@ def test_the_run_report_is_one_self_contained_file_with_every_section(browser, t
     assert f"{trained['metrics']['top1']:.2%}" in page.locator("section#classifier").inner_text()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def unsure_site(trained, tmp_path_factory: pytest.TempPathFactory):
+    """The same classifier with a "not sure" threshold no answer reaches (its metadata rewritten), so the page
+    must show every answer as not sure."""
+    out = with_threshold(trained["out"], tmp_path_factory.mktemp("unsure") / "out", 1.5)
+    srv = _Server(create_app(ServeSettings(output=str(out))))
+    yield srv
+    srv.stop()
+
+
+def test_the_page_says_not_sure_and_still_shows_the_top_5(browser, unsure_site, trained) -> None:
+    rows = pq.read_table(trained["out"] / "classifier" / "test_predictions.parquet").to_pylist()
+    context = browser.new_context(**VIEWPORTS["phone"])
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{unsure_site.port}/")
+    page.get_by_label("Take a photo of the fruit, or choose one").set_input_files(rows[0]["uri"])
+    page.get_by_role("button", name="Identify").click()
+    page.locator("#answer").wait_for(state="visible")
+    assert page.locator("#unsure").is_visible() and "Not sure" in page.locator("#unsure").inner_text()
+    assert page.locator("#name").inner_text().startswith("Perhaps: " + species_name(rows[0]["predicted"]))
+    assert page.get_by_role("progressbar").count() == 5
+    page.screenshot(path=str(ARTIFACTS / "page-phone-not-sure.png"), full_page=True)
     context.close()
