@@ -142,14 +142,50 @@ def preprocess(rgb: np.ndarray, mode: str = "tf") -> np.ndarray:
     raise ValueError(f"unknown preprocessing {mode!r}: one of {', '.join(PREPROCESS)}")
 
 
-def model_pixels(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+#: How a photo that is not square becomes the model's square input: squash (the whole frame resized, its aspect
+#: ratio changed), center (the central square of the shorter side), three (three squares along the longer side,
+#: start, centre and end: their probabilities averaged, three inferences). A square photo (every Fruits-360 one)
+#: gives the same input in all three.
+CROPS = ("squash", "center", "three")
+#: What `run`, `serve` and `evaluate` use unless told otherwise. Measured by `fruitpipe evaluate --crop` on the 51
+#: photos of real-photos-dev that are not square (a classifier trained on the shared sample, 2026-12-03): top-1
+#: squash 0/51, center 2/51, three 1/51; top-5 4, 7 and 9 of 51 (docs/real-photos.md). Too few to rank center
+#: and three; center is no worse than either, costs one inference, and is how the backbone was trained and is
+#: evaluated on ImageNet (aspect ratio kept).
+DEFAULT_CROP = "center"
+
+
+def square_views(rgb: np.ndarray, size: int, crop: str = DEFAULT_CROP) -> list[np.ndarray]:
+    """The size x size views of one RGB array that `crop` (CROPS) feeds the model."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}: one of {', '.join(CROPS)}")
+    h, w = rgb.shape[:2]
+    if crop == "squash" or h == w:
+        return [resize_rgb(rgb, size)]
+    side, long_side = min(h, w), max(h, w)
+    starts = [(long_side - side) // 2] if crop == "center" else [0, (long_side - side) // 2, long_side - side]
+    return [resize_rgb(np.ascontiguousarray(rgb[s:s + side] if h > w else rgb[:, s:s + side]), size)
+            for s in starts]
+
+
+def model_pixels(data: bytes, size: int, max_pixels: int, crop: str = DEFAULT_CROP) -> np.ndarray:
     """Image bytes -> uint8 size x size x 3 RGB, what a uint8-wrapped model takes (models/wrap.py); raises Rejected.
-    The batch pipeline's path: the scaling runs inside the model's graph."""
-    return resize_rgb(decode_rgb(data, max_pixels, size_hint=size), size)
+    The batch pipeline's path: the scaling runs inside the model's graph. One view: "three" embeds the centre."""
+    views = square_views(decode_rgb(data, max_pixels, size_hint=size), size, "center" if crop == "three" else crop)
+    return views[0]
 
 
-def model_input(data: bytes, size: int, max_pixels: int, mode: str = "tf", layout: str = "nhwc") -> np.ndarray:
+def model_views(data: bytes, size: int, max_pixels: int, mode: str = "tf", layout: str = "nhwc",
+                crop: str = DEFAULT_CROP) -> np.ndarray:
+    """Image bytes -> float32 model inputs of the views `crop` makes (views x size x size x 3, or views x 3 x size
+    x size for nchw; one view but for "three"); raises Rejected. Serving's exported classifier and `evaluate`
+    average the views' probabilities."""
+    x = preprocess(np.stack(square_views(decode_rgb(data, max_pixels, size_hint=size), size, crop)), mode)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
+
+
+def model_input(data: bytes, size: int, max_pixels: int, mode: str = "tf", layout: str = "nhwc",
+                crop: str = DEFAULT_CROP) -> np.ndarray:
     """Image bytes -> float32 model input of one image (size x size x 3, or 3 x size x size for nchw); raises
-    Rejected. For float-input graphs: serving's exported classifier, int8 calibration."""
-    x = preprocess(model_pixels(data, size, max_pixels), mode)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)) if layout == "nchw" else x
+    Rejected. For float-input graphs: int8 calibration, tests ("three" gives its centre view)."""
+    return model_views(data, size, max_pixels, mode, layout, "center" if crop == "three" else crop)[0]

@@ -153,8 +153,13 @@ class FruitClassifier:
     """The exported file at run time (onnxruntime only: no Spark, no Java): image bytes -> top-k classes, through
     the batch pipeline's own decode and preprocessing (fruitpipe.images)."""
 
-    def __init__(self, onnx_bytes: bytes, threads: int = 0) -> None:
+    def __init__(self, onnx_bytes: bytes, threads: int = 0, crop: str | None = None) -> None:
         import onnxruntime as ort
+
+        from fruitpipe import images
+
+        #: How a photo that is not square is fed (images.CROPS): the same in `serve` and `evaluate`.
+        self.crop = crop or images.DEFAULT_CROP
 
         opts = ort.SessionOptions()
         if threads:
@@ -182,11 +187,19 @@ class FruitClassifier:
         images.Rejected for a photo that cannot be used."""
         from fruitpipe import images
 
-        return images.model_input(image, self.input_size, max_pixels, self.preprocess, self.layout)
+        return images.model_input(image, self.input_size, max_pixels, self.preprocess, self.layout, self.crop)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) for a batch of model_input() arrays."""
         return self.session.run([PROBABILITIES], {self.input_name: batch})[0]
+
+    def photo_probabilities(self, image: bytes, max_pixels: int = 64_000_000) -> np.ndarray:
+        """(classes,) for one photo: the mean over the views of its crop (one view unless crop is "three");
+        raises images.Rejected for a photo that cannot be used."""
+        from fruitpipe import images
+
+        views = images.model_views(image, self.input_size, max_pixels, self.preprocess, self.layout, self.crop)
+        return self.probabilities(views).mean(axis=0)
 
     def answer(self, p: np.ndarray, k: int = 5) -> dict[str, Any]:
         """One photo's answer from its class probabilities: the species first (probabilities summed over its
@@ -204,6 +217,6 @@ class FruitClassifier:
 
     def top(self, image: bytes, k: int = 5, max_pixels: int = 64_000_000) -> list[tuple[str, float]]:
         """The k most probable classes of one image; an image that cannot be used raises images.Rejected."""
-        p = self.probabilities(self.model_input(image, max_pixels)[None])[0]
+        p = self.photo_probabilities(image, max_pixels)
         best = np.argsort(-p)[:k]
         return [(self.classes[i], float(p[i])) for i in best]

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 import fruitpipe
-from fruitpipe import lease, storage
+from fruitpipe import images, lease, storage
 from fruitpipe.config import Config
 from fruitpipe.errors import ConfigError, OutputError
 from fruitpipe.models import get_spec, resolve_model
@@ -229,6 +229,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                           "precision": fingerprint.get("precision", _FINGERPRINT_DEFAULTS["precision"]),
                           "file": model.spec.filename, "dim": model.spec.dim, "input_size": model.spec.input_size,
                           "preprocess": model.spec.preprocess, "layout": model.spec.layout,
+                          "crop": images.DEFAULT_CROP,
                           **({"spec": spec_record(model.spec)} if model.spec.name == CUSTOM else {})},
                 "versions": _versions(spark.session),
                 "commit": {"version": rundir.record()["version"]},

@@ -40,6 +40,8 @@ class ServeSettings:
     max_pixels: int = 64_000_000
     #: onnxruntime threads per request (0: onnxruntime's default).
     threads: int = 0
+    #: How a photo that is not square is fed (images.CROPS); `evaluate` measures each on labelled photos.
+    crop: str = images.DEFAULT_CROP
 
 
 def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
@@ -49,7 +51,7 @@ def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
         data = storage.read_bytes(uri, settings.storage)
     except FileNotFoundError:
         raise FruitpipeError(f"{uri} does not exist: run `fruitpipe train {settings.output}` first") from None
-    return FruitClassifier(data, settings.threads), hashlib.sha256(data).hexdigest()
+    return FruitClassifier(data, settings.threads, settings.crop), hashlib.sha256(data).hexdigest()
 
 
 def create_app(settings: ServeSettings) -> Any:
@@ -128,10 +130,10 @@ def create_app(settings: ServeSettings) -> Any:
             return refuse(413, "too_big", f"the photo is over {settings.max_bytes} bytes")
 
         def infer() -> Any:  # decode and inference off the event loop, in one hop to the thread pool
-            return classifier.probabilities(classifier.model_input(data, settings.max_pixels)[None])
+            return classifier.photo_probabilities(data, settings.max_pixels)
 
         try:
-            p = (await run_in_threadpool(infer))[0]
+            p = await run_in_threadpool(infer)
         except images.Rejected as rj:
             return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
         got = classifier.answer(p)
