@@ -19,7 +19,7 @@ import fruitpipe
 from fruitpipe.cli import build_parser, main
 from conftest import ROOT, copy_classes, sample_classes
 
-COMMANDS = ["run", "embed", "reduce", "train", "serve", "drift", "sample", "models", "emr", "emr plan", "emr setup", "emr upload", "emr up", "emr run",
+COMMANDS = ["run", "embed", "reduce", "train", "evaluate", "serve", "drift", "sample", "models", "emr", "emr plan", "emr setup", "emr upload", "emr up", "emr run",
             "emr status", "emr logs", "emr down"]
 
 

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reduce(p_reduce)
     _add_common(p_reduce)
     cli_apps.add_train(sub)
+    cli_apps.add_evaluate(sub)
     cli_apps.add_serve(sub)
     sub.add_parser("models", help="list the registered backbones", description="List the registered backbones.")
     cli_apps.add_drift(sub)
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False)), args.log_format)
     if args.command == "emr":
         return cli_emr.main(args)
-    if args.command in ("train", "serve", "drift", "sample"):
+    if args.command in ("train", "evaluate", "serve", "drift", "sample"):
         return cli_apps.main(args)
     if args.command == "models":
         from fruitpipe.models import REGISTRY

@@ -1,4 +1,4 @@
-"""Command line of the product commands: `fruitpipe train`, `serve`, `drift` and `sample`."""
+"""Command line of the product commands: `fruitpipe train`, `evaluate`, `serve`, `drift` and `sample`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,71 @@ def add_train(sub: Any) -> None:
     add_metrics(p)
 
 
+def _add_crop(p: Any) -> None:
+    from fruitpipe import images
+
+    p.add_argument("--crop", choices=images.CROPS, default=images.DEFAULT_CROP,
+                   help=f"how a photo that is not square is fed: squash (the whole frame), center (its central "
+                        f"square), three (three squares along the long side, averaged; 3x the work); default "
+                        f"{images.DEFAULT_CROP}, measured on real phone photos (docs/real-photos.md)")
+
+
+def add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="score OUTPUT's classifier on a folder of labelled photos (real ones)",
+                       epilog=EPILOG, description="Run OUTPUT/classifier/fruit_classifier.onnx (what `serve` "
+                       "answers with: same decode, preprocessing and crop) on PHOTOS/<label>/*, local or s3://, and "
+                       "write OUTPUT/classifier/evaluations/NAME.json: top-1, top-5, species top-1, per label, "
+                       "confusion, confidence of right and wrong answers, coverage by threshold, rejects by reason.")
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
+    p.add_argument("photos", metavar="PHOTOS", help="a folder (or s3:// prefix) of <label>/ folders of photos")
+    p.add_argument("--families", metavar="FILE", help="JSON mapping each folder of PHOTOS to Fruits-360 classes "
+                   "(real-photos-dev/families.json's format): any class of the family counts as right; without "
+                   "it each folder must be a class of the classifier")
+    p.add_argument("--name", help="name of the evaluation file (default: PHOTOS' folder name, with the crop if "
+                   "not the default)")
+    _add_crop(p)
+    p.add_argument("--max-pixels", type=whole_number, default=64_000_000,
+                   help="largest decoded image (default 64000000; decompression-bomb guard)")
+    p.add_argument("--threads", type=whole_number, default=0, help="onnxruntime threads (default: its own)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _evaluate_main(args: argparse.Namespace) -> int:
+    from fruitpipe.classify.evaluate import EvaluateSettings, evaluate
+
+    r = evaluate(EvaluateSettings(output=args.output, photos=args.photos, families=args.families, name=args.name,
+                                  crop=args.crop, storage=storage_options(args), max_pixels=args.max_pixels,
+                                  threads=args.threads, quiet=args.quiet))
+    if args.quiet:
+        return 0
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    rejected = sum(r["rejected"].values())
+    lines = [f"{r['photos_scored']} photos scored ({rejected} rejected: "
+             f"{', '.join(f'{n} {k}' for k, n in r['rejected'].items()) or 'none'}), crop {r['crop']}: "
+             f"top-1 {pct(r['top1'])}, species top-1 {pct(r['species_top1'])}, top-5 {pct(r['top5'])}; mean "
+             f"confidence right {pct(r['confidence']['right'])}, wrong {pct(r['confidence']['wrong'])}",
+             f"{'label':<24} {'photos':>6} {'top-1':>7} {'species':>8} {'top-5':>7}  most answered"]
+    for label, v in r["per_label"].items():
+        most = next(iter(r["confusion"][label].items()), ("-", 0))
+        lines.append(f"{label[:24]:<24} {v['support']:>6} {pct(v['top1']):>7} {pct(v['species_top1']):>8} "
+                     f"{pct(v['top5']):>7}  {most[0]} ({most[1]})")
+    lines.append("threshold  answered  species top-1 of answered")
+    lines += [f"{c['threshold']:>9}  {pct(c['answered']):>8}  {pct(c['species_top1_of_answered']):>8}"
+              for c in r["coverage"]]
+    lines.append(f"written: {r['written_to']}")
+    if json_mode():
+        log.info("\n".join(lines))
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="answer 'which fruit is this?' over HTTP with OUTPUT's trained classifier",
                        epilog=EPILOG, description="Serve OUTPUT/classifier/fruit_classifier.onnx: POST /predict "
@@ -55,6 +120,7 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--max-pixels", type=whole_number, default=64_000_000,
                    help="largest decoded image (default 64000000; decompression-bomb guard)")
     p.add_argument("--threads", type=whole_number, default=0, help="onnxruntime threads (default: its own)")
+    _add_crop(p)
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only (no access log)")
@@ -160,7 +226,7 @@ def _serve_main(args: argparse.Namespace) -> int:
     except ImportError:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
-                                   max_pixels=args.max_pixels, threads=args.threads))
+                                   max_pixels=args.max_pixels, threads=args.threads, crop=args.crop))
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
@@ -179,7 +245,8 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
     result = train(settings)
     export_metrics(args, "train", started, result, args.output)
     if not args.quiet:
-        lines = [f"{args.classifier} on {args.features}: top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}, "
+        lines = [f"{args.classifier} on {args.features}: top-1 {result['top1']:.2%} "
+                 f"(species {result['species_top1']:.2%}), top-5 {result['top5']:.2%}, "
                  f"macro-F1 {result['macro_f1']:.4f} on {result['n_test']} photos ({result['test_source']}); "
                  f"{result['cross_validation']['param']} = {result['cross_validation']['chosen']} by "
                  f"{args.folds}-fold cross-validation on Training"]
@@ -209,11 +276,13 @@ def main(args: argparse.Namespace) -> int:
             return _drift_main(args, started)
         if args.command == "sample":
             return _sample_main(args)
+        if args.command == "evaluate":
+            return _evaluate_main(args)
         return _serve_main(args)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)
         error_line(f"fruitpipe {args.command}: error: {exc}")
-        if args.command != "sample":
+        if args.command not in ("sample", "evaluate"):
             export_metrics(args, args.command, started, None, getattr(args, "current", None) or args.output)
         return 2
     except KeyboardInterrupt:

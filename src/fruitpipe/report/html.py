@@ -125,6 +125,21 @@ def _scatter_png(rundir: RunDir) -> bytes | None:
     return buf.getvalue()
 
 
+def _evaluations(rundir: RunDir) -> list[dict[str, Any]]:
+    """The `fruitpipe evaluate` results kept under classifier/evaluations/, by name."""
+    folder = rundir.join(CLASSIFIER, "evaluations")
+    if not storage.is_dir(folder, rundir.opts):
+        return []
+    out = []
+    for uri, _ in sorted(storage.list_files(folder, rundir.opts)):
+        if uri.endswith(".json"):
+            try:
+                out.append(json.loads(storage.read_bytes(uri, rundir.opts)))
+            except ValueError:
+                log.warning("report: %s is not JSON, left out", uri)
+    return out
+
+
 def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
     from fruitpipe.pipeline.pca_files import scree_png
@@ -176,9 +191,12 @@ def build_report(rundir: RunDir) -> bytes:
     if metrics:
         parts.append("<section id='classifier'><h2>Classifier</h2>")
         parts.append(_table([[metrics["settings"]["classifier"], metrics["settings"]["features"],
-                              f"{metrics['top1']:.2%}", f"{metrics['top5']:.2%}", f"{metrics['macro_f1']:.4f}",
+                              f"{metrics['top1']:.2%}",
+                              f"{metrics['species_top1']:.2%}" if "species_top1" in metrics else "-",
+                              f"{metrics['top5']:.2%}", f"{metrics['macro_f1']:.4f}",
                               metrics["n_train"], metrics["n_test"], metrics["test_source"]]],
-                            ["classifier", "features", "top-1", "top-5", "macro-F1", "train", "test", "test set"]))
+                            ["classifier", "features", "top-1", "species top-1", "top-5", "macro-F1", "train",
+                             "test", "test set"]))
         if metrics.get("pca_table"):
             parts.append(_table([[r["features"], r["k"], r.get("explained_variance", 1.0), f"{r['top1']:.2%}"]
                                  for r in metrics["pca_table"]], ["features", "k", "explained variance", "top-1"]))
@@ -189,6 +207,17 @@ def build_report(rundir: RunDir) -> bytes:
         confusion = rundir.join(CLASSIFIER, "confusion.png")
         if storage.exists(confusion, rundir.opts):
             parts.append(_png(storage.read_bytes(confusion, rundir.opts), "confusion matrix"))
+        parts.append("</section>")
+    evaluations = _evaluations(rundir)
+    if evaluations:
+        def pct(x: Any) -> str:
+            return "-" if x is None else f"{x:.2%}"
+
+        parts.append("<section id='evaluations'><h2>Evaluations on other photos</h2>")
+        parts.append(_table([[e["name"], e["photos"], e["crop"], e["photos_scored"], pct(e["top1"]),
+                              pct(e["species_top1"]), pct(e["top5"]), sum(e["rejected"].values())]
+                             for e in evaluations],
+                            ["name", "photos", "crop", "scored", "top-1", "species top-1", "top-5", "rejected"]))
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "".join(parts).encode()
