@@ -30,6 +30,14 @@ def add_train(sub: Any) -> None:
     p.add_argument("--seed", type=whole_number, default=7, help="seed of the folds and of a hold-out (default 7)")
     p.add_argument("--holdout", type=share, default=0.2,
                    help="share of Training held out as the test set when OUTPUT has no Test split (default 0.2)")
+    p.add_argument("--also", action="append", default=[], metavar="OTHER_OUTPUT",
+                   help="another complete OUTPUT (same embedding model) whose photos join the fit, e.g. your own "
+                        "labelled real photos embedded by `fruitpipe run`: each of its folders becomes a class of "
+                        "its own that stands for Fruits-360 classes; cross-validated per source in metrics.json; "
+                        "repeatable")
+    p.add_argument("--also-families", metavar="FILE",
+                   help="JSON mapping the folders of the --also outputs to Fruits-360 classes (the format of "
+                        "real-photos-dev/families.json); without it their folders must be named as classes")
     p.add_argument("--no-pca-table", action="store_true",
                    help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% variance")
     p.add_argument("--model-path", metavar="FILE", help="the run's embedding model file, if not the registry's")
@@ -241,6 +249,7 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
     settings = TrainSettings(
         output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
+        also=tuple(args.also), also_families=args.also_families,
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)
     export_metrics(args, "train", started, result, args.output)
@@ -250,6 +259,9 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
                  f"macro-F1 {result['macro_f1']:.4f} on {result['n_test']} photos ({result['test_source']}); "
                  f"{result['cross_validation']['param']} = {result['cross_validation']['chosen']} by "
                  f"{args.folds}-fold cross-validation on Training"]
+        for root, r in result.get("sources", {}).get("cross_validation", {}).items():
+            lines.append(f"--also {root}: {r['photos']} photos, cross-validated top-1 {r['cross_validated_top1']:.2%} "
+                         f"(species {r['cross_validated_species_top1']:.2%})")
         if result["pca_table"]:
             lines.append(f"{'features':<28} {'k':>5} {'variance':>9} {'top-1':>8}")
             for row in result["pca_table"]:

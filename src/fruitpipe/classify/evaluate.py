@@ -19,6 +19,7 @@ import numpy as np
 from fruitpipe import images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
+from fruitpipe.classify.sources import read_families
 from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.pipeline.embed import read_input
@@ -51,25 +52,13 @@ class EvaluateSettings:
 
 
 def load_families(uri: str, classes: list[str], opts: StorageOptions) -> dict[str, list[str]]:
-    """The mapping file (family -> Fruits-360 classes, real-photos-dev/families.json's format), checked: a
-    ConfigError saying what is wrong for a bad file; classes the model does not know are dropped (logged)."""
-    try:
-        raw = json.loads(storage.read_bytes(uri, opts))
-    except FileNotFoundError:
-        raise ConfigError(f"--families {uri} does not exist: pass a JSON file mapping each family folder to its "
-                          "Fruits-360 classes") from None
-    except ValueError as exc:
-        raise ConfigError(f"--families {uri} is not JSON ({exc}): it maps each family folder to a list of "
-                          "classes, e.g. {\"apple\": [\"Apple Red 1\", ...]}") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
-                                            for v in raw.values()):
-        raise ConfigError(f"--families {uri} must map each family folder to a list of class names")
-    known = set(classes)
-    unknown = sorted({c for v in raw.values() for c in v} - known)
+    """The mapping file (family -> Fruits-360 classes), checked (sources.read_families). Classes the model was not
+    trained on stay: a class learned from photos (train --also) may stand for them."""
+    raw = read_families(uri, opts)
+    unknown = sorted({c for v in raw.values() for c in v} - set(classes))
     if unknown:
-        log.info("--families: %d class(es) the classifier was not trained on are ignored, e.g. %s", len(unknown),
-                 unknown[0])
-    return {str(k): [c for c in v if c in known] for k, v in raw.items()}
+        log.info("--families: %d class(es) are not classes of the classifier, e.g. %s", len(unknown), unknown[0])
+    return raw
 
 
 def _default_name(photos: str, families: str | None, crop: str) -> str:
@@ -122,20 +111,24 @@ def _targets(labels: list[str], clf: FruitClassifier, families: dict[str, list[s
     """(the groups reported, a boolean (photos x classes) of the classes that count as right, each class's group
     name for the confusion). Class folders: the class itself; with --families, every class of the family."""
     classes = clf.classes
+    # a class learned from other photos (train --also) counts as the classes it stands for
+    stands = {c: {c, *clf.maps_to.get(c, [])} for c in classes}
     if families is None:
         unknown = sorted(set(labels) - set(classes))
         if unknown:
             raise ConfigError(f"{len(unknown)} folder(s) are not classes of this classifier (e.g. {unknown[0]!r}): "
                               "pass --families FILE mapping folder names to its classes")
-        right = np.array([[c == lb for c in classes] for lb in labels], dtype=bool).reshape(len(labels), -1)
+        right = np.array([[lb in stands[c] for c in classes] for lb in labels], dtype=bool).reshape(len(labels), -1)
         return sorted(set(labels)), right, list(classes)
     missing = sorted(set(labels) - set(families))
     if missing:
         raise ConfigError(f"folder {missing[0]!r} is not in --families ({len(missing)} in all): add it to the file "
                           "with its classes")
-    right = np.array([[c in families[lb] for c in classes] for lb in labels], dtype=bool).reshape(len(labels), -1)
-    group_of = {c: fam for fam, cs in sorted(families.items()) for c in cs}
-    return sorted(set(labels)), right, [group_of.get(c, f"(other: {species_name(c)})") for c in classes]
+    right = np.array([[bool(stands[c] & set(families[lb])) for c in classes] for lb in labels],
+                     dtype=bool).reshape(len(labels), -1)
+    group_of = {c: fam for fam, cs in sorted(families.items(), reverse=True) for c in cs}
+    named = [next((group_of[t] for t in sorted(stands[c]) if t in group_of), None) for c in classes]
+    return sorted(set(labels)), right, [g or f"(other: {species_name(c)})" for g, c in zip(named, classes)]
 
 
 def summarise(proba: np.ndarray, labels: list[str], clf: FruitClassifier,

@@ -174,6 +174,8 @@ class FruitClassifier:
         names = json.loads(meta["species"]) if "species" in meta else [species_name(c) for c in self.classes]
         self.species_names = sorted(set(names))
         self.species = np.array([self.species_names.index(s) for s in names], dtype=np.int64)
+        #: Classes learned from other sources' photos (train --also) -> the Fruits-360 classes they stand for.
+        self.maps_to: dict[str, list[str]] = json.loads(meta.get("maps_to", "{}"))
         threshold = json.loads(meta.get("not_sure_below", "null"))
         self.not_sure_below: float | None = None if threshold is None else float(threshold)
         self.input_name = self.session.get_inputs()[0].name

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe.classify import linear, metrics, openset, scoring, stats
+from fruitpipe.classify import linear, metrics, openset, scoring, sources, stats
 from fruitpipe.classify.export import Head
+from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
 
@@ -47,6 +48,8 @@ class OnePass:
     #: Each class's species name (aligned with `classes`) and the "not sure" threshold with its measurements.
     species: list[str]
     open_set: dict[str, Any]
+    #: With --also: the other sources, their label maps and their photos' cross-validated top-1.
+    sources: dict[str, Any]
 
 
 class OnePassError(FruitpipeError):
@@ -54,8 +57,8 @@ class OnePassError(FruitpipeError):
 
 
 def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
-                fmap: stats.FeatureMap, dim: int, holdout: float | None, stats_uri: str, key: str
-                ) -> tuple[stats.Stats, dict[str, Any]]:
+                fmap: stats.FeatureMap, dim: int, holdout: float | None, stats_uri: str, key: str,
+                relabel: Relabel) -> tuple[stats.Stats, dict[str, Any]]:
     """The statistics of `files`: the kept ones plus the new parts' when the kept ones still apply, else one full
     pass (and why)."""
     groups = openset.groups_of(classes)
@@ -78,11 +81,12 @@ def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: lis
             total = stats.reindex(old, old_classes, classes)
             if new:
                 total = total + stats.sum_stats(spark, new, opts, classes, folds, fmap, dim, holdout,
-                                                groups, openset.GROUPS)
+                                                groups, openset.GROUPS, relabel)
             log.info("statistics: %d kept part(s) reused, %d new part(s) read", len(old_parts), len(new))
             return total, {"mode": "incremental", "parts_reused": len(old_parts), "parts_read": len(new)}
     log.info("statistics: one pass over %d part(s) (%s)", len(files), reason)
-    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout, groups, openset.GROUPS),
+    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout, groups, openset.GROUPS,
+                            relabel),
             {"mode": "full", "parts_read": len(files), "why": reason})
 
 
@@ -105,21 +109,24 @@ def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
 
 
 def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
-        fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str) -> OnePass:
-    """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files`."""
+        fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
+        relabel: Relabel | None = None) -> OnePass:
+    """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files` (with `relabel`, some
+    of them other sources' parts, read with their labels mapped: classify.sources)."""
+    relabel = relabel or Relabel()
     from fruitpipe.pipeline.reduce import choose_k
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pairs = scoring.labels(spark, files, opts)
+    pairs = scoring.labels(spark, files, opts, relabel)
     has_test = any(sp == "Test" for _, sp in pairs)
     held = None if has_test else holdout
-    labels = sorted({lb for lb, sp in pairs if sp == "Training"})
+    labels = sorted({lb for lb, sp in pairs if sp == "Training" and lb is not None})
     key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds, "holdout": held,
-                             "groups": openset.GROUPS,
+                             "groups": openset.GROUPS, **({"sources": relabel.key()} if relabel.sources else {}),
                              "model": model_sha256, "projection": None if fmap.projection is None else
                              hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
-    st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key)
+    st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key, relabel)
     timings["statistics"] = time.perf_counter() - t0
     n_all = st.n.sum(0)
     classes = [c for c, n in zip(labels, n_all) if n > 0]
@@ -132,7 +139,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     t1 = time.perf_counter()
     fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]
     present = np.stack([st.totals(without=f)[0] > 0 for f in range(folds)])
-    rows = scoring.Rows(classes, fmap, held)
+    rows = scoring.Rows(classes, fmap, held, relabel)
     cv = scoring.cv_scores(spark, files, opts, rows, folds, fold_models, present)
     m, t, cv_report = _choose(cv)
     temperature = linear.TEMPERATURES[t]
@@ -140,6 +147,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     n, s, g = st.totals()
     final = linear.solve(chosen.family, n, s, g, [chosen.reg])[0]
     timings["cross_validate"] = time.perf_counter() - t1
+    other = [f for f in files if relabel.source_of(f) is not None]
+    per_source = sources.source_scores(spark, other, opts, relabel, classes, fmap, folds, [fm[m] for fm in fold_models])
     t3 = time.perf_counter()
     species, species_names = openset.species_of(classes)
     group_of_class = openset.groups_of(classes)
@@ -191,4 +200,5 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
                    unseen=int((~known).sum()), n_train=int(n.sum()), test_source=source,
                    cross_validation=cv_report, calibration=calib, pca_table=table,
                    statistics={**how, "classes": len(classes), "folds": folds, "transform": fmap.kind},
-                   timings=timings, species=[species_names[i] for i in species], open_set=open_set)
+                   timings=timings, species=[species_names[i] for i in species], open_set=open_set,
+                   sources={"also": relabel.describe(), "cross_validation": per_source} if relabel.sources else {})

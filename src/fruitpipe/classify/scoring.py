@@ -4,7 +4,7 @@ candidate model at once (accuracy, and log-loss at every temperature), and the t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,19 +12,23 @@ import pyarrow as pa
 
 from fruitpipe.classify import openset
 from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
+from fruitpipe.classify.sources import Relabel
 from fruitpipe.classify.stats import FeatureMap, fold_of, heldout_of, training_rows
-from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
+from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 
-def labels(spark: Any, files: list[str], opts: StorageOptions) -> set[tuple[str, str | None]]:
+def labels(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None
+           ) -> set[tuple[str, str | None]]:
     """The distinct (label, split) pairs of the parts, read on the executors (two string columns only)."""
+
+    rl = relabel or Relabel()
 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         seen: set[tuple[str, str | None]] = set()
         for _pos, uri in items:
-            for batch in part_batches(uri, opts, ["label", "split"]):
+            for batch in rl.batches(uri, opts, ["label", "split"]):
                 seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
         yield pa.RecordBatch.from_pydict({"label": [p[0] for p in seen], "split": [p[1] for p in seen]})
 
@@ -41,6 +45,7 @@ class Rows:
     classes: list[str]
     fmap: FeatureMap
     holdout: float | None
+    relabel: Relabel = field(default_factory=Relabel)
 
 
 def _test_mask(ids: list[str], splits: list[str], rows: Rows) -> np.ndarray:
@@ -66,7 +71,7 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
         wv, bv = w.value, b.value
         counts, skipped = np.zeros(folds), 0.0
         right, nll = np.zeros(m_count), np.zeros((m_count, t_count))
-        for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+        for batch in rows.relabel.batches(uri, opts, ["id", "label", "split", "features"]):
             ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
             if not keep.any():
@@ -118,7 +123,7 @@ def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Row
     def partial(_pos: int, uri: str) -> np.ndarray:
         wv, bv = w.value, b.value
         known, unknown = np.zeros(openset.BINS), np.zeros(openset.BINS)
-        for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+        for batch in rows.relabel.batches(uri, opts, ["id", "label", "split", "features"]):
             ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
             if not keep.any():
@@ -154,7 +159,7 @@ def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         wv, bv = w.value, b.value
         for _pos, uri in items:
-            for batch in part_batches(uri, opts, ["id", "uri", "label", "split", "features"]):
+            for batch in rows.relabel.batches(uri, opts, ["id", "uri", "label", "split", "features"]):
                 keep = _test_mask(batch.column(0).to_pylist(), batch.column(3).to_pylist(), rows)
                 if not keep.any():
                     continue

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fruitpipe import storage
+from fruitpipe.classify.sources import Relabel
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
@@ -131,12 +132,10 @@ def reindex(stats: Stats, old: list[str], new: list[str]) -> Stats:
 
 
 def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], fmap: FeatureMap,
-             holdout: float | None, group_of_class: np.ndarray) -> None:
+             holdout: float | None, group_of_class: np.ndarray, relabel: Relabel | None = None) -> None:
     """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor). Each (fold,
     group) cell's Gramian is computed once and added to both its fold's and its group's."""
-    from fruitpipe.pipeline.frames import part_batches
-
-    for batch in part_batches(uri, opts, ["id", "label", "split", "features"]):
+    for batch in (relabel or Relabel()).batches(uri, opts, ["id", "label", "split", "features"]):
         ids = batch.column(0).to_pylist()
         labels, splits = batch.column(1).to_pylist(), batch.column(2).to_pylist()
         keep = training_rows(ids, labels, splits, index, holdout)
@@ -180,7 +179,8 @@ def _unpack(v: np.ndarray, folds: int, classes: int, dim: int, groups: int) -> S
 
 
 def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
-              fmap: FeatureMap, dim: int, holdout: float | None, group_of_class: np.ndarray, groups: int) -> Stats:
+              fmap: FeatureMap, dim: int, holdout: float | None, group_of_class: np.ndarray, groups: int,
+              relabel: Relabel | None = None) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
     packed; the driver (or a tree, when many tasks) adds them (pipeline.reduce.sum_per_task)."""
     from fruitpipe.pipeline.reduce import sum_per_task
@@ -190,7 +190,7 @@ def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[
     def task(items: Any) -> np.ndarray:
         acc = Stats.zeros(folds, len(classes), dim, groups)
         for _pos, uri in items:
-            add_part(acc, uri, opts, index, fmap, holdout, group_of_class)
+            add_part(acc, uri, opts, index, fmap, holdout, group_of_class, relabel)
         return _pack(acc)
 
     if not files:

@@ -55,6 +55,10 @@ class TrainSettings:
     master: str = "local[*]"
     storage: StorageOptions = field(default_factory=StorageOptions)
     spark_conf: dict[str, str] = field(default_factory=dict)
+    #: Other outputs whose photos join the fit (--also), e.g. a user's own labelled real photos, and the file
+    #: mapping their folders to Fruits-360 classes (--also-families).
+    also: tuple[str, ...] = ()
+    also_families: str | None = None
 
     def validate(self) -> TrainSettings:
         """One-line errors naming the flag to change."""
@@ -66,6 +70,12 @@ class TrainSettings:
             raise TrainError(f"--folds {self.folds} must be at least 2")
         if not 0 < self.holdout < 1:
             raise TrainError(f"--holdout {self.holdout} must be between 0 and 1 (e.g. 0.2)")
+        if self.also and (self.classifier != "linear" or self.features != "embeddings"):
+            raise TrainError("--also works with the default --classifier linear on --features embeddings only")
+        if self.also_families and not self.also:
+            raise TrainError("--also-families maps the folders of --also outputs: pass --also OTHER_OUTPUT too")
+        if any(storage.normalize(a).rstrip("/") == storage.normalize(self.output).rstrip("/") for a in self.also):
+            raise TrainError("--also names the output being trained: pass other outputs")
         return self
 
 
@@ -122,21 +132,52 @@ class _Fitted:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _other_outputs(settings: TrainSettings, model_sha256: str) -> list[tuple[str, list[str]]]:
+    """(root, embeddings parts) of each --also output, checked: complete, and embedded with the same model."""
+    out = []
+    for other in settings.also:
+        rd = RunDir(other, settings.storage)
+        if not storage.exists(rd.join(SUCCESS), settings.storage):
+            raise TrainError(f"--also {other} has no {SUCCESS}: run `fruitpipe run PHOTOS {other}` to the end first")
+        sha = rd.previous_report().get("model", {}).get("sha256")
+        if sha != model_sha256:
+            raise TrainError(f"--also {other} was embedded with another model (sha256 {str(sha)[:16]}...) than "
+                             f"{settings.output} ({model_sha256[:16]}...): run it again with the same --model")
+        out.append((rd.uri, rd.files("embeddings")))
+    return out
+
+
+def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list[tuple[str, list[str]]]) -> Any:
+    """The label maps of the other outputs (classify.sources), from their labels and the main output's classes."""
+    from fruitpipe.classify import scoring, sources
+
+    known = sorted({lb for lb, sp in scoring.labels(spark, files, settings.storage) if sp == "Training"})
+    families = sources.read_families(settings.also_families, settings.storage) if settings.also_families else None
+    return sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
+                                for root, parts in others], families, known)
+
+
 def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str], components: np.ndarray | None,
                 spec: ModelSpec, model_sha256: str, timings: dict[str, float]) -> _Fitted:
     """The default: the one-pass statistics classifier (classify.onepass)."""
     from fruitpipe.classify import onepass
     from fruitpipe.classify.stats import STATS_FILE, FeatureMap
 
+    others = _other_outputs(settings, model_sha256) if settings.also else []
+    relabel = _relabel(spark, settings, files, others) if others else None
+    files = [*files, *(f for _, parts in others for f in parts)]
+
     fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)
     dim = spec.dim if components is None else int(components.shape[1])
     got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
                       compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
-                      model_sha256=model_sha256)
+                      model_sha256=model_sha256, relabel=relabel)
     timings.update(got.timings)
+    extra = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
+    if relabel is not None:
+        extra.update(sources=got.sources, maps_to=relabel.maps_to)
     return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
-                   got.cross_validation, got.pca_table, dim,
-                   {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set})
+                   got.cross_validation, got.pca_table, dim, extra)
 
 
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
@@ -231,6 +272,8 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
                  "not_sure_below": open_set["threshold"], "embedding_model": report["model"]["name"],
                  "embedding_model_sha256": report["model"]["sha256"], "features": settings.features,
                  "classifier": settings.classifier, "transform": got.head.transform,
+                 # classes learned from other sources' photos -> the Fruits-360 classes they stand for (evaluate)
+                 **({"maps_to": got.extra.pop("maps_to")} if "maps_to" in got.extra else {}),
                  **export_mod.input_metadata(spec)}
     onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
     agreement = _check_export(onnx_bytes, uris, proba, opts)
@@ -240,7 +283,8 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
         "test_source": got.test_source, "n_train": got.n_train, "n_test": int(len(y)),
         "test_rows_of_unseen_classes": got.unseen, "n_classes": len(classes), "classes": classes,
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
-                     "seed": settings.seed, "feature_dim": got.dim},
+                     "seed": settings.seed, "feature_dim": got.dim, "also": list(settings.also),
+                     "also_families": settings.also_families},
         "cross_validation": got.cross_validation, "pca_table": got.pca_table, **got.extra,
         "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},
         "onnx": {"file": ONNX_NAME, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes),

@@ -17,7 +17,7 @@ from fastapi import Request  # module level: FastAPI resolves the endpoints' ann
 
 from fruitpipe import __version__, images, storage
 from fruitpipe.classify.export import FruitClassifier
-from fruitpipe.classify.fruits import describe
+from fruitpipe.classify.fruits import describe, species_name
 from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
@@ -145,7 +145,10 @@ def create_app(settings: ServeSettings) -> Any:
         predictions.labels(label).inc()
         if got["not_sure"]:
             not_sure.inc()
-        return {**got, "fruit": describe(label), "model_sha256": sha,
+        fruit = describe(label)
+        if label in classifier.maps_to:  # learned from other photos (train --also): the species, no variety
+            fruit.update(name=species_name(label), variety=None)
+        return {**got, "fruit": fruit, "model_sha256": sha,
                 "embedding_model_sha256": classifier.metadata.get("embedding_model_sha256"),
                 "server_ms": round((time.perf_counter() - t0) * 1000, 2)}
 

@@ -1,0 +1,129 @@
+"""`fruitpipe train OUT --also OTHER`: real photos of another output join the fit as classes of their own that
+stand for Fruits-360 classes; each is cross-validated (scored by a fit without its fold) and the figures equal
+numpy's; they never enter the Test metrics; `evaluate` counts their class as the classes it stands for; bad
+arguments are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fruitpipe
+from fruitpipe.classify import linear, stats
+from fruitpipe.cli import main
+from conftest import SAMPLE, TRAINED_CLASSES
+
+REAL = SAMPLE.parent / "real-photos-dev"
+FAMILIES = REAL / "families.json"
+REAL_FAMILIES = ("apple", "banana", "lime")
+
+
+@pytest.fixture(scope="module")
+def both(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The trained 5-apple output (a copy) trained again with 8 real photos each of apple, banana and lime."""
+    root = tmp_path_factory.mktemp("sources")
+    for family in REAL_FAMILIES:
+        (root / "real" / family).mkdir(parents=True)
+        for src in sorted((REAL / family).glob("*.jpg"))[:8]:
+            shutil.copyfile(src, root / "real" / family / src.name)
+    fruitpipe.run(fruitpipe.Config(input=str(root / "real"), output=str(root / "real-out"), k=4, quiet=True))
+    out = root / "out"
+    shutil.copytree(trained["out"], out)
+    argv = ["train", str(out), "--also", str(root / "real-out"), "--also-families", str(FAMILIES),
+            "--master", "local[2]", "--no-pca-table", "-q"]
+    assert main(argv) == 0
+    first = json.loads((out / "classifier" / "metrics.json").read_text())
+    assert main(argv) == 0
+    return {"root": root, "out": out, "real_out": root / "real-out", "metrics": first, "argv": argv,
+            "again": json.loads((out / "classifier" / "metrics.json").read_text())}
+
+
+def test_other_photos_become_classes_that_stand_for_fruits360_classes(both: dict, trained: dict) -> None:
+    m = both["metrics"]
+    assert set(m["classes"]) == {*TRAINED_CLASSES, "Apple (apple photos)", "banana (photos)", "lime (photos)"}
+    assert m["n_train"] == trained["metrics"]["n_train"] + 24
+    assert m["n_test"] == trained["metrics"]["n_test"]  # other sources' photos are never Test photos
+    src = m["sources"]["cross_validation"][str(both["real_out"])]
+    assert src["photos"] == 24 and {v["photos"] for v in src["per_label"].values()} == {8}
+    assert src["per_label"]["apple"]["stands_for"] == sorted(TRAINED_CLASSES)  # the apples the output has
+    assert src["per_label"]["banana"]["stands_for"][0] == "Banana 1"  # none in the output: its own fruit
+    assert m["sources"]["also"] == [{"output": str(both["real_out"]), "labels": {
+        "apple": "Apple (apple photos)", "banana": "banana (photos)", "lime": "lime (photos)"}}]
+    # a second train reads no part again and gives the same figures
+    assert both["again"]["statistics"]["mode"] == "incremental" and both["again"]["statistics"]["parts_read"] == 0
+    assert both["again"]["sources"] == m["sources"]
+
+
+def test_the_cross_validated_figures_equal_numpys(both: dict) -> None:
+    """Each real photo scored by the chosen candidate fitted, by numpy, without its fold."""
+    m = both["metrics"]
+    main_rows = pd.read_parquet(both["out"] / "embeddings", columns=["id", "label", "split", "features"])
+    main_rows = main_rows[main_rows.split == "Training"]
+    real = pd.read_parquet(both["real_out"] / "embeddings", columns=["id", "label", "features"])
+    names = m["sources"]["also"][0]["labels"]
+    real = real.assign(label=real.label.map(names))
+    df = pd.concat([main_rows[["id", "label", "features"]], real], ignore_index=True)
+    classes = m["classes"]
+    z = stats.transform(np.stack(df.features.to_numpy()), "sqrt_l2")
+    y = np.array([classes.index(lb) for lb in df.label])
+    f = stats.fold_of(list(df.id), 3)
+    family, reg = m["cross_validation"]["chosen"].rstrip(")").split("(")
+    is_real = np.arange(len(df)) >= len(main_rows)
+    per = m["sources"]["cross_validation"][str(both["real_out"])]["per_label"]
+    for label, cls in names.items():
+        right = total = 0
+        for fold in range(3):
+            fit = f != fold
+            onehot = np.eye(len(classes))[y[fit]]
+            model = linear.solve(family, onehot.sum(0), onehot.T @ z[fit], z[fit].T @ z[fit], [float(reg)])[0]
+            sel = (f == fold) & is_real & (df.label.to_numpy() == cls)
+            pred = np.argmax(model.logits(z[sel]), axis=1)
+            stands = {cls, *per[label]["stands_for"]}
+            right += sum(classes[p] in stands for p in pred)
+            total += int(sel.sum())
+        assert per[label]["photos"] == total and per[label]["top1"] == pytest.approx(right / total, abs=1e-5)
+
+
+def test_evaluate_counts_a_class_of_photos_as_the_classes_it_stands_for(both: dict, tmp_path: Path) -> None:
+    photos = tmp_path / "shop"
+    for family in REAL_FAMILIES:
+        (photos / family).mkdir(parents=True)
+        for src in sorted((REAL / family).glob("*.jpg"))[8:11]:  # not trained on
+            shutil.copyfile(src, photos / family / src.name)
+    assert main(["evaluate", str(both["out"]), str(photos), "--families", str(FAMILIES), "-q"]) == 0
+    r = json.loads((both["out"] / "classifier" / "evaluations" / "shop.json").read_text())
+    from fruitpipe.classify.export import FruitClassifier
+
+    clf = FruitClassifier((both["out"] / "classifier" / "fruit_classifier.onnx").read_bytes())
+    assert clf.maps_to["Apple (apple photos)"] == sorted(TRAINED_CLASSES)
+    for family in REAL_FAMILIES:
+        stands = set(json.loads(FAMILIES.read_text())[family]) | {f"{family} (photos)"}
+        answers = [clf.top(p.read_bytes(), 1)[0][0] for p in sorted((photos / family).iterdir())]
+        want = np.mean([a in stands or bool(set(clf.maps_to.get(a, [])) & stands) for a in answers])
+        assert r["per_label"][family]["top1"] == pytest.approx(want, abs=1e-5), (family, answers)
+
+
+def test_bad_also_arguments_are_one_line(both: dict, trained: dict, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(both["out"])
+    incomplete = tmp_path / "half"
+    shutil.copytree(both["real_out"], incomplete)
+    (incomplete / "_SUCCESS").unlink()
+    cases = [
+        (["--also", str(incomplete)], "has no _SUCCESS"),
+        (["--also", str(both["real_out"])], "--also-families"),  # folders that are not classes
+        (["--also", str(both["real_out"]), "--classifier", "logreg"], "--classifier linear"),
+        (["--also-families", str(FAMILIES)], "pass --also"),
+        (["--also", out], "names the output being trained"),
+        (["--also", str(both["real_out"]), "--also-families", str(tmp_path / "none.json")], "does not exist"),
+    ]
+    for extra, says in cases:
+        capsys.readouterr()
+        assert main(["train", out, "--master", "local[2]", "-q", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (extra, err)
