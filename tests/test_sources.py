@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import fruitpipe
-from fruitpipe.classify import linear, stats
+from fruitpipe.classify import linear, openset, stats
 from fruitpipe.cli import main
 from conftest import SAMPLE, TRAINED_CLASSES
 
@@ -74,19 +74,35 @@ def test_the_cross_validated_figures_equal_numpys(both: dict) -> None:
     f = stats.fold_of(list(df.id), 3)
     family, reg = m["cross_validation"]["chosen"].rstrip(")").split("(")
     is_real = np.arange(len(df)) >= len(main_rows)
-    per = m["sources"]["cross_validation"][str(both["real_out"])]["per_label"]
+    report = m["sources"]["cross_validation"][str(both["real_out"])]
+    per = report["per_label"]
+    species, n_species = openset.species_of(classes)[0], len(openset.species_of(classes)[1])
+    temperature = m["calibration"]["temperature"]
+    models = []
+    for fold in range(3):
+        fit = f != fold
+        onehot = np.eye(len(classes))[y[fit]]
+        models.append(linear.solve(family, onehot.sum(0), onehot.T @ z[fit], z[fit].T @ z[fit], [float(reg)])[0])
+    conf, ok = [], []
     for label, cls in names.items():
         right = total = 0
+        stands = {cls, *per[label]["stands_for"]}
         for fold in range(3):
-            fit = f != fold
-            onehot = np.eye(len(classes))[y[fit]]
-            model = linear.solve(family, onehot.sum(0), onehot.T @ z[fit], z[fit].T @ z[fit], [float(reg)])[0]
             sel = (f == fold) & is_real & (df.label.to_numpy() == cls)
-            pred = np.argmax(model.logits(z[sel]), axis=1)
-            stands = {cls, *per[label]["stands_for"]}
-            right += sum(classes[p] in stands for p in pred)
+            p = linear.softmax(models[fold].logits(z[sel]) / temperature)
+            right += sum(classes[i] in stands for i in np.argmax(p, axis=1))
             total += int(sel.sum())
+            sp = openset.species_proba(p, species, n_species)
+            conf += list(sp.max(axis=1))
+            ok += [any(classes[c] in stands for c in np.nonzero(species == s)[0]) for s in sp.argmax(axis=1)]
         assert per[label]["photos"] == total and per[label]["top1"] == pytest.approx(right / total, abs=1e-5)
+    conf, ok = np.array(conf), np.array(ok)
+    assert report["cross_validated_species_top1"] == pytest.approx(ok.mean(), abs=1e-5)
+    for row in report["coverage"]:
+        answered = conf >= row["threshold"]
+        assert row["answered"] == pytest.approx(answered.mean(), abs=1e-5)
+        if answered.any():
+            assert row["species_top1_of_answered"] == pytest.approx(ok[answered].mean(), abs=1e-5)
 
 
 def test_evaluate_counts_a_class_of_photos_as_the_classes_it_stands_for(both: dict, tmp_path: Path) -> None:

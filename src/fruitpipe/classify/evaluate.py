@@ -19,6 +19,7 @@ import numpy as np
 from fruitpipe import images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
+from fruitpipe.classify.openset import COVERAGE_THRESHOLDS
 from fruitpipe.classify.sources import read_families
 from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
 from fruitpipe.errors import ConfigError, FruitpipeError
@@ -29,9 +30,6 @@ from fruitpipe.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 EVALUATIONS_DIR = "evaluations"
-#: Thresholds of the coverage table: the share of photos answered (top species at or above it) and the accuracy
-#: of those answers; an app chooses its "not sure" threshold from it.
-COVERAGE_THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: Photos decoded at once (decode in threads, one onnxruntime batch): bounds memory whatever the folder's size.
 BATCH = 32
 

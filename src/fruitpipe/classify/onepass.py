@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe.classify import linear, metrics, openset, scoring, sources, stats
+from fruitpipe.classify import linear, metrics, openset, scoring, stats
 from fruitpipe.classify.export import Head
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
@@ -148,7 +148,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     final = linear.solve(chosen.family, n, s, g, [chosen.reg])[0]
     timings["cross_validate"] = time.perf_counter() - t1
     other = [f for f in files if relabel.source_of(f) is not None]
-    per_source = sources.source_scores(spark, other, opts, relabel, classes, fmap, folds, [fm[m] for fm in fold_models])
+    per_source = scoring.source_scores(spark, other, opts, relabel, classes, fmap, folds,
+                                       [fm[m].scaled(temperature) for fm in fold_models])
     t3 = time.perf_counter()
     species, species_names = openset.species_of(classes)
     group_of_class = openset.groups_of(classes)

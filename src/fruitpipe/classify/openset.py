@@ -32,6 +32,9 @@ MAX_THRESHOLD = 0.99
 #: The thresholds reported beside the chosen one (0.9, 0.99, ... 0.99999; bin edges), so that an app may choose
 #: its own from the cross-validated shares.
 TABLE_EDGES = tuple(range(STEPS, 6 * STEPS, STEPS))
+#: Thresholds of the coverage tables on labelled photos (`evaluate`, train --also): the share of photos answered
+#: (top species at or above it) and the accuracy of those answers; an app chooses its threshold from them.
+COVERAGE_THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def species_of(classes: list[str]) -> tuple[np.ndarray, list[str]]:

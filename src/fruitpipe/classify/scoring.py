@@ -183,3 +183,80 @@ def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, 
     logits = np.array([np.frombuffer(r[2], np.float64) for r in out]).reshape(len(out), n_classes)
     picks = np.array([np.frombuffer(r[3], np.int32) for r in out]).reshape(len(out), len(extra))
     return [r[0] for r in out], [r[1] for r in out], logits, picks
+
+
+def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel, classes: list[str],
+                  fmap: FeatureMap, folds: int, fold_models: list[Linear]) -> dict[str, Any]:
+    """Each other source's photos scored by the fit without their fold (cross-validation: no photo is scored by
+    a model that saw it; `fold_models` calibrated): per label the photos and the share whose top-1 is the label's
+    class or a class it stands for; the app's species answer right (one of its classes stands for the label);
+    and, per threshold on the top species' probability, the photos answered and those answered right (the
+    coverage table to choose the app's "not sure" threshold). One pass over the other sources' parts only."""
+    from fruitpipe.pipeline.reduce import sum_over_parts
+
+    thresholds = np.array(openset.COVERAGE_THRESHOLDS)
+
+    index = {c: i for i, c in enumerate(classes)}
+    added = [c for c in classes if c in relabel.maps_to]
+    if not added or not files:
+        return {}
+    right = np.zeros((len(added), len(classes)), bool)
+    for a, c in enumerate(added):
+        for target in (c, *relabel.maps_to[c]):
+            if target in index:
+                right[a, index[target]] = True
+    species, species_names = openset.species_of(classes)
+    # right_species[a, s]: species s has a class that stands for added class a's label
+    right_species = np.zeros((len(added), len(species_names)), bool)
+    for a in range(len(added)):
+        np.logical_or.at(right_species[a], species, right[a])
+    width = 3 + 2 * len(thresholds)
+    w = spark.sparkContext.broadcast(np.stack([m.w for m in fold_models]).astype(np.float32))
+    b = spark.sparkContext.broadcast(np.stack([m.b for m in fold_models]))
+    slot = {c: a for a, c in enumerate(added)}
+
+    def partial(_pos: int, uri: str) -> np.ndarray:
+        out = np.zeros((len(added), width))  # photos, right, species right, answered[t], answered right[t]
+        for batch in relabel.batches(uri, opts, ["id", "label", "features"]):
+            lbs = batch.column(1).to_pylist()
+            keep = np.array([lb in slot for lb in lbs], bool)
+            if not keep.any():
+                continue
+            z = fmap.apply(to_matrix(batch.column(2))[keep]).astype(np.float32)
+            a = np.array([slot[lb] for lb, k in zip(lbs, keep) if k])
+            f = fold_of([i for i, k in zip(batch.column(0).to_pylist(), keep) if k], folds)
+            for fold in np.unique(f):
+                sel = f == fold
+                p = softmax((z[sel] @ w.value[fold]).astype(np.float64) + b.value[fold])
+                pred = np.argmax(p, axis=1)
+                sp = openset.species_proba(p, species, len(species_names))
+                rows = a[sel]
+                ok = right_species[rows, np.argmax(sp, axis=1)]
+                answered = sp.max(axis=1)[:, None] >= thresholds[None, :]
+                np.add.at(out[:, 0], rows, 1)
+                np.add.at(out[:, 1], rows, right[rows, pred])
+                np.add.at(out[:, 2], rows, ok)
+                np.add.at(out[:, 3:3 + len(thresholds)], rows, answered)
+                np.add.at(out[:, 3 + len(thresholds):], rows, answered & ok[:, None])
+        return out.ravel()
+
+    total = sum_over_parts(spark, files, len(added) * width, partial).reshape(len(added), width)
+    w.unpersist()
+    b.unpersist()
+    report: dict[str, Any] = {}
+    for s in relabel.sources:
+        names = sorted(set(s.classes.values()) & set(added))
+        t = total[[slot[c] for c in names]]
+        n = float(t[:, 0].sum())
+        answered, answered_right = t[:, 3:3 + len(thresholds)].sum(0), t[:, 3 + len(thresholds):].sum(0)
+        report[s.root] = {
+            "photos": int(n), "cross_validated_top1": round(float(t[:, 1].sum() / n), 5) if n else None,
+            "cross_validated_species_top1": round(float(t[:, 2].sum() / n), 5) if n else None,
+            "coverage": [{"threshold": float(th), "answered": round(float(answered[i] / n), 5) if n else None,
+                          "species_top1_of_answered": round(float(answered_right[i] / answered[i]), 5)
+                          if answered[i] else None} for i, th in enumerate(thresholds)],
+            "per_label": {lb: {"class": c, "stands_for": relabel.maps_to[c], "photos": int(total[slot[c], 0]),
+                               "top1": round(float(total[slot[c], 1] / total[slot[c], 0]), 5)
+                               if total[slot[c], 0] else None}
+                          for lb, c in sorted(s.classes.items()) if c in slot}}
+    return report

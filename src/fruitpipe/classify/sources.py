@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from fruitpipe.classify.fruits import species_key
@@ -113,65 +112,3 @@ def relabel_for(others: list[tuple[str, set[str]]], families: dict[str, list[str
             maps_to[name] = stands_for
         sources.append(Source(root, mapping))
     return Relabel(tuple(sources), maps_to)
-
-
-def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel, classes: list[str],
-                  fmap: Any, folds: int, fold_models: list[Any]) -> dict[str, Any]:
-    """Each other source's photos scored by the fit without their fold (cross-validation: no photo is scored by
-    a model that saw it): per label the photos and the share whose top-1 is the label's class or a class it
-    stands for, and the same by species. One pass over the other sources' parts only."""
-    from fruitpipe.classify.linear import softmax
-    from fruitpipe.classify.openset import species_of
-    from fruitpipe.classify.stats import fold_of, to_matrix
-    from fruitpipe.pipeline.reduce import sum_over_parts
-
-    index = {c: i for i, c in enumerate(classes)}
-    added = [c for c in classes if c in relabel.maps_to]
-    if not added or not files:
-        return {}
-    right = np.zeros((len(added), len(classes)), bool)
-    for a, c in enumerate(added):
-        for target in (c, *relabel.maps_to[c]):
-            if target in index:
-                right[a, index[target]] = True
-    species, _ = species_of(classes)
-    w = spark.sparkContext.broadcast(np.stack([m.w for m in fold_models]).astype(np.float32))
-    b = spark.sparkContext.broadcast(np.stack([m.b for m in fold_models]))
-    slot = {c: a for a, c in enumerate(added)}
-
-    def partial(_pos: int, uri: str) -> np.ndarray:
-        out = np.zeros((len(added), 3))  # photos, right, species right
-        for batch in relabel.batches(uri, opts, ["id", "label", "features"]):
-            lbs = batch.column(1).to_pylist()
-            keep = np.array([lb in slot for lb in lbs], bool)
-            if not keep.any():
-                continue
-            z = fmap.apply(to_matrix(batch.column(2))[keep]).astype(np.float32)
-            a = np.array([slot[lb] for lb, k in zip(lbs, keep) if k])
-            f = fold_of([i for i, k in zip(batch.column(0).to_pylist(), keep) if k], folds)
-            for fold in np.unique(f):
-                sel = f == fold
-                pred = np.argmax(softmax((z[sel] @ w.value[fold]).astype(np.float64) + b.value[fold]), axis=1)
-                rows = a[sel]
-                np.add.at(out[:, 0], rows, 1)
-                np.add.at(out[:, 1], rows, right[rows, pred])
-                own = species[[index[added[r]] for r in rows]]
-                np.add.at(out[:, 2], rows, species[pred] == own)
-        return out.ravel()
-
-    total = sum_over_parts(spark, files, len(added) * 3, partial).reshape(len(added), 3)
-    w.unpersist()
-    b.unpersist()
-    report: dict[str, Any] = {}
-    for s in relabel.sources:
-        names = sorted(set(s.classes.values()) & set(added))
-        t = total[[slot[c] for c in names]]
-        n = float(t[:, 0].sum())
-        report[s.root] = {
-            "photos": int(n), "cross_validated_top1": round(float(t[:, 1].sum() / n), 5) if n else None,
-            "cross_validated_species_top1": round(float(t[:, 2].sum() / n), 5) if n else None,
-            "per_label": {lb: {"class": c, "stands_for": relabel.maps_to[c], "photos": int(total[slot[c], 0]),
-                               "top1": round(float(total[slot[c], 1] / total[slot[c], 0]), 5)
-                               if total[slot[c], 0] else None}
-                          for lb, c in sorted(s.classes.items()) if c in slot}}
-    return report
