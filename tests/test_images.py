@@ -196,3 +196,29 @@ def test_overlapped_inference_gives_the_same_tables(tmp_path) -> None:
 
     with pytest.raises(RuntimeError, match="CUDA error"):  # a failed inference fails the task (Spark retries it)
         embed_rows(rows, failing, settings, overlap=True)
+
+
+def test_a_huge_sixteen_bit_png_decodes_without_full_size_float_copies() -> None:
+    """A 142 KB constant 16-bit PNG of 7999x7999 once made 1.7 GB of float64 arrays: numpy's allocations (which
+    tracemalloc sees) now stay near the decoded image's own 128 MB, and the result is the same grey."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((7999, 7999), 40000, np.uint16)).save(buf, "PNG")
+    tracemalloc.start()
+    try:
+        x = images.model_pixels(buf.getvalue(), 224, max_pixels=10**8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (224, 224, 3) and abs(int(x[100, 100, 0]) - round(40000 * 255 / 65535)) <= 1
+    assert peak < 300 * 2**20, f"{peak / 2**20:.0f} MiB of numpy arrays"
+
+
+def test_images_under_the_minimum_side_are_too_small() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (images.MIN_SIDE - 1, 400), (0, 200, 0)).save(buf, "PNG")
+    with pytest.raises(images.Rejected) as err:
+        images.model_input(buf.getvalue(), 224, 10**8)
+    assert err.value.reason == "too_small"
+    assert images.decode_rgb(buf.getvalue(), 10**8).shape == (400, images.MIN_SIDE - 1, 3)  # no minimum there

@@ -73,7 +73,7 @@ def _paste(canvas: Image.Image, fruit: Image.Image, rng: np.random.Generator, sc
 
 
 def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    x = np.asarray(img, dtype=np.float32)
+    x: np.ndarray = np.asarray(img, dtype=np.float32)
     x = x * rng.uniform(0.85, 1.15, 3)[None, None, :]  # white balance
     x = x * rng.uniform(0.6, 1.3)  # exposure
     mean = x.mean()

@@ -129,6 +129,16 @@ def add_serve(sub: Any) -> None:
                    help="largest decoded image (default 64000000; decompression-bomb guard)")
     p.add_argument("--threads", type=whole_number, default=0, help="onnxruntime threads (default: its own)")
     _add_crop(p)
+    p.add_argument("--decoders", type=whole_number, default=0,
+                   help="photos decoded and identified at once (default: one per core); bounds memory")
+    p.add_argument("--queue", type=whole_number, default=32,
+                   help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds an upload may send nothing before it gets 408 (default 10)")
+    p.add_argument("--max-connections", type=whole_number, default=256,
+                   help="open connections and requests at once; beyond, 503 (default 256)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only (no access log)")
@@ -234,11 +244,15 @@ def _serve_main(args: argparse.Namespace) -> int:
     except ImportError:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
-                                   max_pixels=args.max_pixels, threads=args.threads, crop=args.crop))
+                                   max_pixels=args.max_pixels, threads=args.threads, crop=args.crop,
+                                   decoders=args.decoders, queue=args.queue, body_timeout=args.body_timeout,
+                                   api_docs=args.api_docs))
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}
+    # limit_concurrency: past it uvicorn answers 503 instead of holding more sockets; keep-alive connections that
+    # send nothing close after 5 s.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                access_log=not args.quiet, **extra)
+                access_log=not args.quiet, limit_concurrency=args.max_connections, timeout_keep_alive=5, **extra)
     return 0
 
 

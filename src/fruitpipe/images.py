@@ -24,8 +24,14 @@ REASONS = {
     "unreadable": "the file or object could not be read (missing, permission denied)",
     "duplicate": "same bytes as another input, which was embedded instead",
     "bad_name": "the file name is not valid UTF-8 (stored with \\x escapes): rename the file",
+    "too_small": "the image is smaller than MIN_SIDE pixels on a side: nothing in it can be recognised",
 }
+#: The smallest side `run` and `serve` accept (a 1x1 image once got "Apple Red 1, probability 1.0"): below 32
+#: pixels the model sees a 7x blow-up of a few pixels. Unit-level decoding (decode_rgb's default) has no minimum.
+MIN_SIDE = 32
 
+#: Modes Pillow's reduce() takes; 16/32-bit ones are subsampled in _to_rgb instead, P and 1 after conversion.
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK", "I", "F", "YCbCr")
 #: Background used when flattening transparency: Fruits-360 photos are shot on white.
 _BACKGROUND = (255, 255, 255)
 
@@ -45,15 +51,19 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: scale 16/32-bit, flatten alpha on white, CMYK via Pillow."""
+def _to_rgb(img: Image.Image, step: int = 1) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: scale 16/32-bit, flatten alpha on white, CMYK via Pillow. `step` > 1
+    keeps every step-th row and column of a 16/32-bit image before converting (no full-size float copy)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit images use the full 0..65535 range; 8-bit data stored in mode I stays as is.
-        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
-        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)  # uint8 2-D -> mode L
+        full = np.asarray(img)
+        # 16-bit images use the full 0..65535 range; 8-bit data stored in mode I stays as is. float32 on the
+        # subsampled array only: a 64 Mpx 16-bit PNG once cost 1.7 GB here in float64 at full size.
+        arr = full[::step, ::step].astype(np.float32)
+        del full
+        scale = np.float32(255.0 / 65535.0) if arr.max(initial=0) > 255 else np.float32(1.0)
+        arr8 = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr8)  # uint8 2-D -> mode L
         mode = "L"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -68,11 +78,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np.ndarray:
+def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_side: int = 0) -> np.ndarray:
     """Decode image bytes to a HxWx3 uint8 RGB array, EXIF orientation applied; raise Rejected otherwise.
 
-    `size_hint` lets JPEG decoding downscale by 1/2..1/8 in the decoder (Pillow draft) when the image is far
-    larger than the model input; it never goes below the hint.
+    `size_hint` bounds memory for images far larger than the model input: JPEG decodes at 1/2..1/8 in the decoder
+    (Pillow draft), other formats are reduced by an integer factor right after decoding, before any conversion;
+    neither goes below twice the hint. `min_side`: smaller images are rejected as too_small.
     """
     if not data:
         raise Rejected("empty", "0 bytes")
@@ -91,11 +102,17 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None) -> np
             width, height = img.size
             if width * height > max_pixels:
                 raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
+            if min(width, height) < min_side:
+                raise Rejected("too_small", f"{width}x{height}: under {min_side} pixels on a side")
             if size_hint and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
             oriented: Image.Image = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
             oriented.load()
-            rgb = _to_rgb(oriented)
+            step = max(1, min(oriented.size) // (2 * size_hint)) if size_hint else 1
+            if step > 1 and oriented.mode in _REDUCIBLE:
+                oriented = oriented.reduce(step)  # box-averaged, before the conversion copies
+                step = 1
+            rgb = _to_rgb(oriented, step)
             arr = np.asarray(rgb, dtype=np.uint8)
             if arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
                 raise Rejected("corrupt", f"decoded to an unusable array of shape {arr.shape}")
@@ -171,7 +188,8 @@ def square_views(rgb: np.ndarray, size: int, crop: str = DEFAULT_CROP) -> list[n
 def model_pixels(data: bytes, size: int, max_pixels: int, crop: str = DEFAULT_CROP) -> np.ndarray:
     """Image bytes -> uint8 size x size x 3 RGB, what a uint8-wrapped model takes (models/wrap.py); raises Rejected.
     The batch pipeline's path: the scaling runs inside the model's graph. One view: "three" embeds the centre."""
-    views = square_views(decode_rgb(data, max_pixels, size_hint=size), size, "center" if crop == "three" else crop)
+    views = square_views(decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE), size,
+                         "center" if crop == "three" else crop)
     return views[0]
 
 
@@ -180,7 +198,8 @@ def model_views(data: bytes, size: int, max_pixels: int, mode: str = "tf", layou
     """Image bytes -> float32 model inputs of the views `crop` makes (views x size x size x 3, or views x 3 x size
     x size for nchw; one view but for "three"); raises Rejected. Serving's exported classifier and `evaluate`
     average the views' probabilities."""
-    x = preprocess(np.stack(square_views(decode_rgb(data, max_pixels, size_hint=size), size, crop)), mode)
+    rgb = decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE)
+    x = preprocess(np.stack(square_views(rgb, size, crop)), mode)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
 
 

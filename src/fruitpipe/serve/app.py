@@ -5,8 +5,10 @@ names as `rejects`, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +27,10 @@ from fruitpipe.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 #: HTTP status per reject reason: not an image -> 415; an image that cannot be used -> 422.
-STATUS_BY_REASON = {"not_an_image": 415, "empty": 422, "too_large": 422, "truncated": 422, "corrupt": 422}
+STATUS_BY_REASON = {"not_an_image": 415, "empty": 422, "too_large": 422, "too_small": 422, "truncated": 422,
+                    "corrupt": 422}
+#: Multipart framing on top of the photo itself (boundaries, part headers): the body may exceed max_bytes by this.
+FRAMING = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,16 @@ class ServeSettings:
     threads: int = 0
     #: How a photo that is not square is fed (images.CROPS); `evaluate` measures each on labelled photos.
     crop: str = images.DEFAULT_CROP
+    #: Photos decoded and inferred at once (0: one per core): each decode may hold up to ~0.2 GB for a 64 Mpx
+    #: image, so this bounds the server's memory whatever the clients send.
+    decoders: int = 0
+    #: Uploads that may wait for a decoder; beyond, 503 with Retry-After (20 concurrent phone photos all get
+    #: answers with the default).
+    queue: int = 32
+    #: Seconds an upload may go without sending a byte before it gets 408 and its memory is freed.
+    body_timeout: float = 10.0
+    #: Serve /docs, /redoc and /openapi.json (off: they load Swagger UI from a CDN and describe the API to anyone).
+    api_docs: bool = False
 
 
 def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
@@ -51,7 +66,12 @@ def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
         data = storage.read_bytes(uri, settings.storage)
     except FileNotFoundError:
         raise FruitpipeError(f"{uri} does not exist: run `fruitpipe train {settings.output}` first") from None
-    return FruitClassifier(data, settings.threads, settings.crop), hashlib.sha256(data).hexdigest()
+    try:
+        clf = FruitClassifier(data, settings.threads, settings.crop)
+    except Exception as exc:  # onnxruntime's own errors on a damaged file: one line, not its traceback
+        raise FruitpipeError(f"{uri} is not a usable classifier ({type(exc).__name__}): run `fruitpipe train "
+                             f"{settings.output}` again") from None
+    return clf, hashlib.sha256(data).hexdigest()
 
 
 def create_app(settings: ServeSettings) -> Any:
@@ -75,14 +95,18 @@ def create_app(settings: ServeSettings) -> Any:
     predictions = Counter("fruitpipe_predictions", "Top-1 answers by class", ["label"], registry=registry)
     not_sure = Counter("fruitpipe_not_sure_answers", "Answers under the classifier's confidence threshold "
                        "(\"not sure\")", registry=registry)
+    docs: dict[str, Any] = {} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="fruitpipe", description="Which fruit is this? Photo in, top-5 classes out.",
-                  version=__version__)
+                  version=__version__, **docs)
+    decoders = settings.decoders or os.cpu_count() or 1
+    slots = asyncio.Semaphore(decoders)
+    admitted = [0]  # uploads decoding or waiting for a decoder (the event loop's thread only: no lock)
 
-    def refuse(status: int, reason: str, detail: str) -> Any:
+    def refuse(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> Any:
         rejects.labels(reason).inc()
         # The reason and status only: nothing of the upload (its name, bytes or metadata) reaches the logs.
         log.info("upload refused: %s (HTTP %d)", reason, status)
-        return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+        return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
@@ -95,13 +119,15 @@ def create_app(settings: ServeSettings) -> Any:
 
     page = resources.files("fruitpipe.serve").joinpath("static", "index.html").read_bytes()
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def index() -> Any:
         return Response(page, media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
-                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                 "frame-ancestors 'none'",
                                  "X-Content-Type-Options": "nosniff"})
 
+    @app.head("/health", include_in_schema=False)  # load balancers' probes
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "classes": len(classifier.classes), "model_sha256": sha}
@@ -114,12 +140,30 @@ def create_app(settings: ServeSettings) -> Any:
     async def predict(request: Request) -> Any:
         t0 = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_bytes + 64 * 1024:
+        if length is not None and length.isdigit() and int(length) > settings.max_bytes + FRAMING:
             return refuse(413, "too_big", f"upload of {int(length)} bytes; the limit is {settings.max_bytes}")
+        # The body is counted as it arrives, whatever the transfer encoding (chunked has no Content-Length), and
+        # kept in memory: past the limit it is refused at once, and nothing is ever spooled to disk.
+        chunks: list[bytes] = []
+        received = 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                return refuse(408, "timeout", f"no byte of the upload arrived for {settings.body_timeout:g} s")
+            received += len(chunk)
+            if received > settings.max_bytes + FRAMING:
+                return refuse(413, "too_big", f"upload over {settings.max_bytes} bytes")
+            chunks.append(chunk)
+        request._body = b"".join(chunks)  # Starlette's form parser reads the cached body (no second read)
+        del chunks
         try:
             form = await request.form(max_files=1, max_fields=4, max_part_size=settings.max_bytes)
-        except Exception as exc:  # malformed multipart, a part over the limit
-            status = 413 if "maximum" in str(exc).lower() or "size" in str(exc).lower() else 400
+        except Exception as exc:  # malformed multipart, too many parts, a part over the limit
+            status = 413 if "exceeded maximum size" in str(exc).lower() else 400
             return refuse(status, "too_big" if status == 413 else "bad_request", str(exc)[:200])
         upload = form.get("image") or form.get("file")
         if upload is None or isinstance(upload, str):
@@ -132,10 +176,17 @@ def create_app(settings: ServeSettings) -> Any:
         def infer() -> Any:  # decode and inference off the event loop, in one hop to the thread pool
             return classifier.photo_probabilities(data, settings.max_pixels)
 
+        if admitted[0] >= decoders + settings.queue:
+            return refuse(503, "busy", f"{admitted[0]} photos are being identified or waiting: try again in a "
+                          "second", {"Retry-After": "1"})
+        admitted[0] += 1
         try:
-            p = await run_in_threadpool(infer)
+            async with slots:  # at most `decoders` decodes at once: their memory is the server's peak
+                p = await run_in_threadpool(infer)
         except images.Rejected as rj:
             return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
+        finally:
+            admitted[0] -= 1
         got = classifier.answer(p)
         for t in got["top5"]:
             t["name"] = describe(t["label"])["name"]
