@@ -147,3 +147,12 @@ def test_every_class_of_the_current_release_has_its_information() -> None:
     assert describe("Blackberrie not rippen 1")["name"] == "Blackberry – not ripe"
     assert describe("Durian 1") == {"label": "Durian 1", "name": "Durian", "variety": None, "scientific_name": None,
                                     "family": None, "about": None, "source": "derived from the folder name"}
+
+
+def test_labels_that_look_like_math_are_drawn_literally() -> None:
+    """A class folder named "Kiwi $\\frac$ 1" once crashed train at the confusion plot (matplotlib mathtext)."""
+    from fruitpipe.classify.metrics import confusion_png
+
+    png = confusion_png(np.array([0, 1, 1]), np.array([0, 1, 0]), ["Kiwi $\\frac$ 1", "Apple $x^"],
+                        "logreg on $embeddings")
+    assert png.startswith(b"\x89PNG")

@@ -100,8 +100,9 @@ def confusion_png(y: np.ndarray, pred: np.ndarray, classes: list[str], title: st
     fig, ax = plt.subplots(figsize=(side, side), dpi=150)
     shown = np.where(m > 0, m, np.nan)
     ax.imshow(shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(1, int(m.max()))), interpolation="nearest")
-    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), names, fontsize=font)
+    # parse_math=False: labels are folder names, drawn literally ("Kiwi $\\frac$ 1" once crashed the plot)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font, parse_math=False)
+    ax.set_yticks(range(n), names, fontsize=font, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i, j in zip(*np.nonzero(m)):
@@ -109,7 +110,7 @@ def confusion_png(y: np.ndarray, pred: np.ndarray, classes: list[str], title: st
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="red", fontsize=font * 1.2,
                     fontweight="bold")
     ax.set_title(f"{title}\n{int(np.trace(m))} of {int(m.sum())} right, {int(m.sum() - np.trace(m))} mistakes "
-                 "(labelled in red)", fontsize=9)
+                 "(labelled in red)", fontsize=9, parse_math=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

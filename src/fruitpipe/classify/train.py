@@ -292,8 +292,11 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
         "timings_s": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t0}.items()},
     }
     _write(rundir, ONNX_NAME, onnx_bytes)
-    _write(rundir, "confusion.png", metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
-                                                           f"{settings.features}, {got.test_source}"))
+    try:
+        _write(rundir, "confusion.png", metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
+                                                               f"{settings.features}, {got.test_source}"))
+    except Exception as exc:  # a plot is a picture of metrics.json: never worth the whole train
+        log.warning("confusion.png not written: %s: %s", type(exc).__name__, exc)
     table_out = pa.table({"uri": uris, "label": [classes[i] for i in y], "predicted": [classes[i] for i in pred],
                           "probability": proba[np.arange(len(pred)), pred].astype(np.float32)})
     buf = io.BytesIO()

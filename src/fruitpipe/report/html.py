@@ -117,7 +117,8 @@ def _scatter_png(rundir: RunDir) -> bytes | None:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(f"first two principal components, {len(shown)} of {len(counts)} classes")
-    ax.legend(fontsize=7, markerscale=2, loc="best")
+    for text in ax.legend(fontsize=7, markerscale=2, loc="best").get_texts():
+        text.set_parse_math(False)  # class names drawn literally, "$" and all
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
