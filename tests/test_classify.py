@@ -156,3 +156,25 @@ def test_labels_that_look_like_math_are_drawn_literally() -> None:
     png = confusion_png(np.array([0, 1, 1]), np.array([0, 1, 0]), ["Kiwi $\\frac$ 1", "Apple $x^"],
                         "logreg on $embeddings")
     assert png.startswith(b"\x89PNG")
+
+
+def test_train_without_the_photos_refuses_before_fitting_and_checks_on_those_left(tmp_path: Path, capsys) -> None:
+    """The output holds the embeddings, not the photos, yet the export check reads some: moved photos are one
+    line before any fit; some of them back, the check runs on those and says how many were missing."""
+    import shutil
+
+    data = copy_classes(tmp_path / "in", TRAINED_CLASSES[:2], per_split=6)
+    out = tmp_path / "out"
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=4, quiet=True))
+    shutil.move(str(data), str(tmp_path / "moved"))
+    capsys.readouterr()
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not where `run` found them" in err[0]
+    assert not (out / "classifier" / "fruit_classifier.onnx").exists()
+    shutil.copytree(tmp_path / "moved", data)
+    for photo in sorted((data / "Test" / TRAINED_CLASSES[0]).iterdir())[:3]:
+        photo.unlink()
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
+    check = json.loads((out / "classifier" / "metrics.json").read_text())["onnx"]["agreement_with_spark"]
+    assert check["photos_unreadable"] == 3 and check["images"] == 12 - 3 == check["same_top1"]
