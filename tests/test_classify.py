@@ -178,3 +178,70 @@ def test_train_without_the_photos_refuses_before_fitting_and_checks_on_those_lef
     assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
     check = json.loads((out / "classifier" / "metrics.json").read_text())["onnx"]["agreement_with_spark"]
     assert check["photos_unreadable"] == 3 and check["images"] == 12 - 3 == check["same_top1"]
+
+
+def _copy_trained(trained: dict, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(trained["out"], dest)
+    return dest
+
+
+def test_the_classifier_is_published_whole_and_serve_refuses_a_half_published_one(
+        trained, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The record names each classifier file's sha256; a train that dies after moving the first file (the fault
+    injected on that event) leaves the record naming the old files, so serve and evaluate refuse the mixed set in
+    one line; the next train publishes a whole one again."""
+    from fruitpipe import storage
+    from fruitpipe.output import RunDir
+
+    out = _copy_trained(trained, tmp_path / "out")
+    rec = json.loads((out / "_commit.json").read_text())["classifier"]
+    onnx = out / "classifier" / "fruit_classifier.onnx"
+    import hashlib
+
+    assert rec["files"]["fruit_classifier.onnx"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
+    assert set(rec["files"]) == {"fruit_classifier.onnx", "confusion.png", "test_predictions.parquet",
+                                 "metrics.json"}
+    real_move = storage.move
+    moved: list[str] = []
+
+    def dies_after_the_first(src: str, dst: str, opts) -> None:
+        if moved:
+            raise KeyboardInterrupt  # the process is gone: nothing after this point runs
+        moved.append(dst)
+        real_move(src, dst, opts)
+
+    monkeypatch.setattr(storage, "move", dies_after_the_first)
+    # a different classifier: on the PCA vectors (its exported graph differs from the published one)
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "--features", "reduced", "-q"]) == 130
+    monkeypatch.setattr(storage, "move", real_move)
+    assert moved and moved[0].endswith("fruit_classifier.onnx")
+    assert RunDir(str(out), storage.StorageOptions()).classifier_sha256("fruit_classifier.onnx") == \
+        rec["files"]["fruit_classifier.onnx"] != hashlib.sha256(onnx.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["serve", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not the classifier the commit record names" in err[0]
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
+    rec = json.loads((out / "_commit.json").read_text())["classifier"]
+    assert rec["files"]["fruit_classifier.onnx"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
+    assert not [p for p in (out / "classifier").iterdir() if p.name.startswith("_staging-")]
+
+
+def test_a_train_that_lost_its_lease_publishes_nothing(trained, tmp_path: Path, monkeypatch, capsys) -> None:
+    from fruitpipe import lease
+
+    out = _copy_trained(trained, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (out / "classifier").iterdir() if p.is_file()}
+
+    def lost(self) -> None:
+        raise lease.LeaseLostError(f"{out}: the lease was lost (test)")
+
+    monkeypatch.setattr(lease.Lease, "check", lost)
+    capsys.readouterr()
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "--folds", "4", "-q"]) == 2
+    assert "lease" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in (out / "classifier").iterdir() if p.is_file()}
+    assert after == before
+    assert not [p for p in (out / "classifier").iterdir() if p.name.startswith("_staging-")]

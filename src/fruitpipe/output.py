@@ -196,6 +196,29 @@ class RunDir:
         storage.write_bytes(self.join(RECORD), json.dumps(rec, indent=1).encode(), self.opts)
         self._record = rec
 
+    def commit_classifier(self, staged: dict[str, str], token: str) -> None:
+        """Publish a classifier staged under classifier/: each staged file (name -> staged URI) moved to its name,
+        then the record names them with their sha256 in one write (the lease checked first). Until that write the
+        record still names the previous files: `serve` refuses an ONNX that is not the one it names."""
+        import hashlib
+
+        if self.guard is not None:
+            self.guard()
+        files = {}
+        for name, src in staged.items():
+            files[name] = hashlib.sha256(storage.read_bytes(src, self.opts)).hexdigest()
+            storage.move(src, self.join(CLASSIFIER, name), self.opts)
+        self._record = None  # re-read: only this lease holder writes it, but the cache may predate the fit
+        self._write_record({**self.record(), "classifier": {"token": token, "files": files}}, token)
+
+    def classifier_sha256(self, name: str) -> str | None:
+        """The sha256 the record names for a classifier file (None: no record of it, an older output)."""
+        uri = self.join(RECORD)
+        if not storage.exists(uri, self.opts):
+            return None
+        entry = _read_json(uri, self.opts, "the commit record").get("classifier") or {}
+        return (entry.get("files") or {}).get(name)
+
     def files(self, dataset: str) -> list[str]:
         """The committed part files of a dataset (URIs)."""
         return [self.join(dataset, name) for name in self.record()["datasets"].get(dataset, [])]

@@ -21,7 +21,7 @@ from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.openset import COVERAGE_THRESHOLDS
 from fruitpipe.classify.sources import read_families
-from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
+from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images
@@ -181,10 +181,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         raise ConfigError(f"--crop {settings.crop}: one of {', '.join(images.CROPS)}")
     t0 = time.perf_counter()
     uri = storage.join(settings.output, CLASSIFIER_DIR, ONNX_NAME)
-    try:
-        data = storage.read_bytes(uri, settings.storage)
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} does not exist: run `fruitpipe train {settings.output}` first") from None
+    data = read_classifier(settings.output, settings.storage)
     try:
         clf = FruitClassifier(data, settings.threads, settings.crop)
     except Exception as exc:  # onnxruntime's own errors for a damaged file

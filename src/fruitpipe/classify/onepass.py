@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +111,10 @@ def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
 
 def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
         fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
-        relabel: Relabel | None = None) -> OnePass:
+        relabel: Relabel | None = None, guard: Callable[[], None] | None = None) -> OnePass:
     """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files` (with `relabel`, some
-    of them other sources' parts, read with their labels mapped: classify.sources)."""
+    of them other sources' parts, read with their labels mapped: classify.sources). `guard` is called before the
+    kept statistics are written (the lease check: a writer that lost it leaves no file)."""
     relabel = relabel or Relabel()
     from fruitpipe.pipeline.reduce import choose_k
 
@@ -135,6 +137,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     if len(classes) < len(labels):  # every photo of a class held out: it cannot be learned
         keep = [labels.index(c) for c in classes]
         st = st.classes(keep)
+    if guard is not None:
+        guard()
     stats.save(stats_uri, st, classes, files, key, opts)
     t1 = time.perf_counter()
     fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]

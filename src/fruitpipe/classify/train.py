@@ -108,12 +108,6 @@ def _test_frame(spark: Any, data: Any, classes: list[str], holdout: float, seed:
     return kept, held, f"no Test split: a stratified hold-out of {holdout:.0%} of Training (seed {seed})"
 
 
-def _write(rundir: RunDir, name: str, data: bytes) -> str:
-    uri = rundir.join(CLASSIFIER_DIR, name)
-    storage.write_bytes(uri, data, rundir.opts)
-    return uri
-
-
 @dataclass
 class _Fitted:
     """What either kind of fit hands to the export and the metrics."""
@@ -171,7 +165,7 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     dim = spec.dim if components is None else int(components.shape[1])
     got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
                       compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
-                      model_sha256=model_sha256, relabel=relabel)
+                      model_sha256=model_sha256, relabel=relabel, guard=rundir.guard)
     timings.update(got.timings)
     extra = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
     if relabel is not None:
@@ -226,6 +220,8 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
                                         components)
     else:
         head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
+    if rundir.guard is not None:
+        rundir.guard()  # the lease: a train that lost it writes nothing
     save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"), opts)
     for frame in cached:
         frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
@@ -257,15 +253,27 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
-    # output_errors: a part the tasks cannot read is the one-line error `run` and `reduce` give, not a Spark trace.
-    with lease.hold(settings.output, token, opts), \
-            (contextlib.nullcontext(spark) if spark is not None
-             else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark, \
-            output_errors():
-        if settings.classifier == "linear":
-            got = _fit_linear(spark, settings, rundir, files, components, spec, report["model"]["sha256"], timings)
-        else:
-            got = _fit_spark_ml(spark, settings, rundir, files, components, timings)
+    # The lease is held to the last write: a `run --overwrite` cannot start between the fit and the publish.
+    with lease.hold(settings.output, token, opts) as held:
+        rundir.guard = held.check
+        # output_errors: a part the tasks cannot read is the one-line error `run` and `reduce` give.
+        with (contextlib.nullcontext(spark) if spark is not None
+              else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark, \
+                output_errors():
+            if settings.classifier == "linear":
+                got = _fit_linear(spark, settings, rundir, files, components, spec, report["model"]["sha256"],
+                                  timings)
+            else:
+                got = _fit_spark_ml(spark, settings, rundir, files, components, timings)
+        return _evaluate_and_publish(settings, rundir, report, backbone, spec, got, timings, t0, token)
+
+
+def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[str, Any], backbone: bytes,
+                          spec: ModelSpec, got: _Fitted, timings: dict[str, float], t0: float,
+                          token: str) -> dict[str, Any]:
+    """Metrics, export and its check, then every classifier file staged and published at once (under the
+    caller's lease)."""
+    opts = rundir.opts
     classes, uris, y, proba = got.classes, got.uris, got.y, got.proba
     result = metrics.report(proba, y, classes)
     open_set = got.extra.setdefault("open_set", {"threshold": None, "why": "chosen by --classifier linear only"})
@@ -292,22 +300,50 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
                  "agreement_with_spark": agreement},
         "timings_s": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t0}.items()},
     }
-    _write(rundir, ONNX_NAME, onnx_bytes)
+    blobs = {ONNX_NAME: onnx_bytes}
     try:
-        _write(rundir, "confusion.png", metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
-                                                               f"{settings.features}, {got.test_source}"))
+        blobs["confusion.png"] = metrics.confusion_png(y, pred, classes, f"{settings.classifier} on "
+                                                       f"{settings.features}, {got.test_source}")
     except Exception as exc:  # a plot is a picture of metrics.json: never worth the whole train
         log.warning("confusion.png not written: %s: %s", type(exc).__name__, exc)
     table_out = pa.table({"uri": uris, "label": [classes[i] for i in y], "predicted": [classes[i] for i in pred],
                           "probability": proba[np.arange(len(pred)), pred].astype(np.float32)})
     buf = io.BytesIO()
     pq.write_table(table_out, buf)
-    _write(rundir, "test_predictions.parquet", buf.getvalue())
-    _write(rundir, "metrics.json", (json.dumps(out, indent=1, allow_nan=False) + "\n").encode())
+    blobs["test_predictions.parquet"] = buf.getvalue()
+    blobs["metrics.json"] = (json.dumps(out, indent=1, allow_nan=False) + "\n").encode()
+    staging = rundir.join(CLASSIFIER_DIR, f"_staging-{token}")
+    for uri, _ in list(storage.list_files(rundir.join(CLASSIFIER_DIR), opts)):
+        if "/_staging-" in uri:  # what a killed train staged (this one holds the lease: nobody else writes here)
+            storage.delete(uri, opts)
+    try:
+        staged = {}
+        for name, data in blobs.items():
+            staged[name] = storage.join(staging, name)
+            storage.write_bytes(staged[name], data, opts)
+        rundir.commit_classifier(staged, token)
+    finally:
+        storage.delete(staging, opts)
     from fruitpipe.report import write_report
 
     write_report(rundir)  # refreshed with the classifier's section
     return out
+
+
+def read_classifier(output: str, opts: StorageOptions) -> bytes:
+    """OUTPUT's exported classifier, checked against the sha256 the commit record names (serve, evaluate, drift):
+    a file from an interrupted publish, or replaced by hand, is refused in one line."""
+    rundir = RunDir(output, opts)
+    uri = rundir.join(CLASSIFIER_DIR, ONNX_NAME)
+    try:
+        data = storage.read_bytes(uri, opts)
+    except FileNotFoundError:
+        raise TrainError(f"{uri} does not exist: run `fruitpipe train {output}` first") from None
+    want = rundir.classifier_sha256(ONNX_NAME)
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise TrainError(f"{uri} is not the classifier the commit record names (a train was interrupted while "
+                         f"publishing, or the file was replaced): run `fruitpipe train {output}` again")
+    return data
 
 
 def _probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> None:

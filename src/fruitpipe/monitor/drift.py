@@ -80,8 +80,9 @@ def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
     if not storage.exists(uri, rundir.opts):
         return None
     from fruitpipe.classify.export import read_head
+    from fruitpipe.classify.train import read_classifier
 
-    return read_head(storage.read_bytes(uri, rundir.opts))
+    return read_head(read_classifier(rundir.uri, rundir.opts))
 
 
 def compare(reference: str, current: str, settings: DriftSettings, opts: StorageOptions) -> dict[str, Any]:

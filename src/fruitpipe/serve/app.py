@@ -20,7 +20,7 @@ from fastapi import Request  # module level: FastAPI resolves the endpoints' ann
 from fruitpipe import __version__, images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe, species_name
-from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME
+from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
 
@@ -62,10 +62,7 @@ class ServeSettings:
 def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
     """The exported classifier of OUTPUT (local or s3://) and its sha256."""
     uri = storage.join(settings.output, CLASSIFIER_DIR, ONNX_NAME)
-    try:
-        data = storage.read_bytes(uri, settings.storage)
-    except FileNotFoundError:
-        raise FruitpipeError(f"{uri} does not exist: run `fruitpipe train {settings.output}` first") from None
+    data = read_classifier(settings.output, settings.storage)
     try:
         clf = FruitClassifier(data, settings.threads, settings.crop)
     except Exception as exc:  # onnxruntime's own errors on a damaged file: one line, not its traceback
