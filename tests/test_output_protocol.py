@@ -292,3 +292,48 @@ def test_rows_follow_changed_moved_deleted_and_fixed_files(spark, tmp_path: Path
     np.testing.assert_allclose(emb[rel]["features"], ref[rel]["features"], atol=1e-5)  # not the stale features
     assert report["counts"]["embedded"] == fresh.counts["embedded"]
     assert json.loads((out / "pca" / "explained_variance.json").read_text())["n_samples"] == fresh.counts["embedded"]
+
+
+@pytest.mark.parametrize("stop_at", ["naming", "renaming"])
+def test_a_writer_stopped_at_any_step_of_the_commit_leaves_no_visible_rows(spark, tmp_path: Path, monkeypatch,
+                                                                             stop_at: str) -> None:
+    """Parts move in under hidden names, the record names them, then they become visible. A writer that lost its
+    lease when it came to name them (the record write refused), or died while renaming them, leaves nothing a
+    folder reader (pyarrow, pandas, Spark) counts; the next run finishes or discards the commit, every photo once."""
+    from fruitpipe import output as output_mod
+
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=5)
+    out = tmp_path / "out"
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    before = sorted(r["uri"] for r in _rows(out, "embeddings"))
+    copy_classes(data, sample_classes(4)[2:], per_split=5)  # 20 more photos to commit
+    real_write, real_move = RunDir._write_record, storage.move
+
+    def lost_when_naming(self, rec, token):
+        if rec.get("pending") and any(rec["pending"].values()):
+            raise lease.LeaseLostError(f"{out}: lease lost (test)")
+        real_write(self, rec, token)
+
+    def dies_while_renaming(src, dst, opts):
+        if "/.pending-" in src and "/embeddings/" in src and dies_while_renaming.moved:
+            raise _Crash("killed")
+        dies_while_renaming.moved += "/.pending-" in src and "/embeddings/" in src
+        real_move(src, dst, opts)
+
+    dies_while_renaming.moved = 0
+    if stop_at == "naming":
+        monkeypatch.setattr(RunDir, "_write_record", lost_when_naming)
+    else:
+        monkeypatch.setattr(output_mod.storage, "move", dies_while_renaming)
+    with pytest.raises((OutputError, _Crash)):
+        fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    monkeypatch.undo()
+    visible = [r["uri"] for r in _rows(out, "embeddings")]
+    assert len(visible) == len(set(visible))  # never a photo twice
+    if stop_at == "naming":
+        assert sorted(visible) == before  # the unnamed parts stayed hidden
+    assert list((out / "embeddings").glob(".pending-*"))  # what the stopped writer left is hidden
+    result = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    _check_complete(out, 40)
+    assert not list((out / "embeddings").glob(".pending-*"))
+    assert result.counts["embedded_this_run"] == (20 if stop_at == "naming" else 0)

@@ -47,6 +47,12 @@ OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *
 LEASE_ENTRY = "_lease.json"
 
 
+def _hidden(uri: str) -> str:
+    """The name a part has until the commit record names it: a leading "." hides it from folder readers."""
+    head, _, name = uri.rpartition("/")
+    return f"{head}/.pending-{name}"
+
+
 def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
@@ -272,6 +278,11 @@ class RunDir:
         storage.delete(self.join(SUCCESS), self.opts)
         storage.delete(self.join(STAGING), self.opts)
         rec = self.record()
+        if rec.get("pending"):  # a commit named its parts and stopped before making them visible: finish it
+            log.warning("finishing the commit of an interrupted run in %s (%d part(s) to make visible)", self.uri,
+                        sum(len(v) for v in rec["pending"].values()))
+            self._make_visible(rec, token)
+            rec = self.record()
         removed = 0
         for name in DATASETS:
             keep = set(rec["datasets"].get(name, []))
@@ -310,14 +321,31 @@ class RunDir:
                 dest = f"{token}-{src.rsplit('/', 1)[1]}"
                 moves.append((src, self.join(name, dest)))
                 added[name].append(dest)
-        storage.move_all(moves, self.opts)
+        # Moved in under hidden names (Parquet readers, pandas and Spark skip names starting with "."), named in
+        # the record (the lease checked first), then made visible: a writer that lost its lease at any instant
+        # leaves at most hidden files, never rows a folder reader would count twice.
+        storage.move_all([(src, _hidden(dst)) for src, dst in moves], self.opts)
         n = sum(len(v) for v in added.values())
         if n or {**self.settings(), **(settings or {})} != self.settings():  # a no-op run leaves the record as is
             datasets = {name: rec["datasets"].get(name, []) + added.get(name, []) for name in DATASETS}
             changed = bool(added["embeddings"])
+            pending = {name: files for name, files in added.items() if files}
             self._write_record({**rec, "datasets": datasets, "reduce": None if changed else rec.get("reduce"),
-                                "settings": {**self.settings(), **(settings or {})}}, token)
+                                "settings": {**self.settings(), **(settings or {})}, "pending": pending}, token)
+            self._make_visible(self.record(), token)
         return n
+
+    def _make_visible(self, rec: dict[str, Any], token: str) -> None:
+        """Rename the record's pending parts from their hidden names (those already renamed are skipped), then
+        drop the pending list from the record."""
+        pairs = []
+        for name, files in (rec.get("pending") or {}).items():
+            for f in files:
+                hidden = _hidden(self.join(name, f))
+                if storage.exists(hidden, self.opts):
+                    pairs.append((hidden, self.join(name, f)))
+        storage.move_all(pairs, self.opts)
+        self._write_record({k: v for k, v in rec.items() if k != "pending"}, token)
 
     def drop_rows(self, rows: dict[str, pa.Table], token: str) -> int:
         """Remove rows from committed parts: `rows[dataset]` has the _file and _row of each row to drop. Rewritten
@@ -325,6 +353,7 @@ class RunDir:
         rec = self.record()
         datasets = {name: list(rec["datasets"].get(name, [])) for name in DATASETS}
         replaced: list[str] = []
+        pending: dict[str, list[str]] = {}
         dropped = 0
         emb_changed = False
         for name, table in rows.items():
@@ -342,8 +371,9 @@ class RunDir:
                 idx = datasets[name].index(fname)
                 if kept.num_rows:
                     new = f"{token}-{uuid.uuid4().hex[:12]}.parquet"
-                    storage.write_parquet(kept, self.join(name, new), self.opts)
+                    storage.write_parquet(kept, _hidden(self.join(name, new)), self.opts)  # visible once named
                     datasets[name][idx] = new
+                    pending.setdefault(name, []).append(new)
                 else:
                     datasets[name][idx] = ""
                 replaced.append(old)
@@ -352,9 +382,11 @@ class RunDir:
         if not replaced:
             return 0
         datasets = {name: [f for f in files if f] for name, files in datasets.items()}
-        self._write_record({**rec, "datasets": datasets, "reduce": None if emb_changed else rec.get("reduce")}, token)
-        for old in replaced:
+        self._write_record({**rec, "datasets": datasets, "reduce": None if emb_changed else rec.get("reduce"),
+                            "pending": pending}, token)
+        for old in replaced:  # before the new parts appear: a folder reader may miss rows, never count them twice
             storage.delete(old, self.opts)
+        self._make_visible(self.record(), token)
         return dropped
 
     def commit_reduce(self, staging: str, fingerprint: dict[str, Any], token: str) -> None:

@@ -51,19 +51,21 @@ STEP_TIMEOUT_FLOOR_MIN = 30.0
 #: `fruitpipe run`'s default --partition-size (images per Spark partition).
 DEFAULT_PARTITION_IMAGES = 512
 #: Requests counted at a proxy on a 20-image run with 2 and with 4 partitions (see s3_requests): each partition
-#: costs 12.5 PUT/POST (staging writes of its embeddings, index and reduced parts, their copies into place; 13 is
-#: priced) and 22.5 GET/HEAD besides the images (the executors' reads of the staged index and of the committed
-#: parts for the duplicate check and the accounting, the PCA, and report.html's scatter; 23 priced); the rest is
-#: fixed (10 of the fixed PUT/POST: pca/spark_model/'s two files, written to staging and copied into place). On a
-#: new OUTPUT nothing committed is compared; a re-run also stages its verdicts and rows to embed (a few files).
-#: Before the bookkeeping moved to the executors: 10, 15, 58, 36.
-PUTS_PER_PART = 13
+#: costs 15 PUT/POST (staging writes of its embeddings, index and reduced parts, their copies in under hidden
+#: names, then to their visible names once the record names them) and 22.5 GET/HEAD besides the images (the
+#: executors' reads of the staged index and of the committed parts for the duplicate check and the accounting, the
+#: PCA, and report.html's scatter; 23 priced); the rest is fixed (10 of the fixed PUT/POST: pca/spark_model/'s two
+#: files, written to staging and copied into place; 2 record writes per commit: naming the parts, then marking
+#: them visible). On a new OUTPUT nothing committed is compared; a re-run also stages its verdicts and rows to embed
+#: (a few files). Before the bookkeeping moved to the executors: 10, 15, 58, 36; before hidden commits: 13, 23, 54,
+#: 35, 36.
+PUTS_PER_PART = 15
 READS_PER_PART = 23
-FIXED_PUTS = 54
-FIXED_DRIVER_READS = 35
+FIXED_PUTS = 56
+FIXED_DRIVER_READS = 36
 #: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish), the staged
-#: index the executors read back, the input's existence probes, and report.html's; 37 counted, with 1 of headroom.
-FIXED_LISTS = 36
+#: index the executors read back, the input's existence probes, and report.html's; 38 counted, with 1 of headroom.
+FIXED_LISTS = 38
 
 def step_timeout_minutes(settings: EmrSettings) -> int:
     """How long the step may run before `timeout` kills it (and ActionOnFailure the cluster): --step-timeout, else
