@@ -349,7 +349,8 @@ class RunDir:
 
     def drop_rows(self, rows: dict[str, pa.Table], token: str) -> int:
         """Remove rows from committed parts: `rows[dataset]` has the _file and _row of each row to drop. Rewritten
-        parts get new names and one record write swaps them in; the old files are deleted after. Returns rows."""
+        parts get new hidden names, one record write swaps them in, the old files are deleted, then the new ones made
+        visible (a folder reader may miss rows for a moment, never count them twice). Returns rows."""
         rec = self.record()
         datasets = {name: list(rec["datasets"].get(name, [])) for name in DATASETS}
         replaced: list[str] = []
