@@ -202,17 +202,14 @@ class RunDir:
         storage.write_bytes(self.join(RECORD), json.dumps(rec, indent=1).encode(), self.opts)
         self._record = rec
 
-    def commit_classifier(self, staged: dict[str, str], token: str) -> None:
+    def commit_classifier(self, staged: dict[str, str], files: dict[str, str], token: str) -> None:
         """Publish a classifier staged under classifier/: each staged file (name -> staged URI) moved to its name,
-        then the record names them with their sha256 in one write (the lease checked first). Until that write the
-        record still names the previous files: `serve` refuses an ONNX that is not the one it names."""
-        import hashlib
-
+        then the record names them with their sha256 (`files`: name -> sha256) in one write (the lease checked
+        first). Until that write the record still names the previous files: `serve` refuses an ONNX that is not
+        the one it names."""
         if self.guard is not None:
             self.guard()
-        files = {}
         for name, src in staged.items():
-            files[name] = hashlib.sha256(storage.read_bytes(src, self.opts)).hexdigest()
             storage.move(src, self.join(CLASSIFIER, name), self.opts)
         self._record = None  # re-read: only this lease holder writes it, but the cache may predate the fit
         self._write_record({**self.record(), "classifier": {"token": token, "files": files}}, token)

@@ -19,7 +19,7 @@ import numpy as np
 from fruitpipe import images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
-from fruitpipe.classify.openset import COVERAGE_THRESHOLDS
+from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
 from fruitpipe.classify.sources import read_families
 from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import ConfigError, FruitpipeError
@@ -59,7 +59,7 @@ def load_families(uri: str, classes: list[str], opts: StorageOptions) -> dict[st
     return raw
 
 
-def _default_name(photos: str, families: str | None, crop: str) -> str:
+def _default_name(photos: str, crop: str) -> str:
     base = storage.normalize(photos).rstrip("/").rsplit("/", 1)[-1] or "photos"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "photos"
     return name if crop == images.DEFAULT_CROP else f"{name}-{crop}"
@@ -140,8 +140,7 @@ def summarise(proba: np.ndarray, labels: list[str], clf: FruitClassifier,
     top5: np.ndarray = np.asarray(right[rows[:, None], order].any(axis=1)) if n else np.zeros(0, bool)
     # The app's answer: the species with the most probability (summed over its classes), right when one of its
     # classes counts as right.
-    sp = np.zeros((n, len(clf.species_names)))
-    np.add.at(sp.T, clf.species, proba.T)
+    sp = species_proba(proba, clf.species, len(clf.species_names))
     best_species = sp.argmax(axis=1) if n else np.zeros(0, np.int64)
     in_species = clf.species[None, :] == best_species[:, None]
     species_right = (right & in_species).any(axis=1)
@@ -197,7 +196,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     proba, used, rejected, examples = _score(clf, uris, settings)
     for reason in ("bad_name",) if listing.rejected.num_rows else ():
         rejected[reason] = rejected.get(reason, 0) + listing.rejected.num_rows
-    result = {"name": settings.name or _default_name(settings.photos, settings.families, settings.crop),
+    result = {"name": settings.name or _default_name(settings.photos, settings.crop),
               "photos": settings.photos, "families": settings.families, "crop": settings.crop,
               "model_sha256": hashlib.sha256(data).hexdigest(),
               "listed": listing.count, "rejected": rejected, "reject_examples": examples,

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from fruitpipe.classify.openset import species_proba
+
 #: Output tensor of the exported graph: (N, classes) probabilities.
 PROBABILITIES = "probabilities"
 
@@ -207,8 +209,7 @@ class FruitClassifier:
         """One photo's answer from its class probabilities: the species first (probabilities summed over its
         classes), the top-k classes (varieties) second, and "not sure" when the top species' probability is under
         the threshold `train` chose."""
-        sp = np.zeros(len(self.species_names))
-        np.add.at(sp, self.species, p)
+        sp = species_proba(p[None], self.species, len(self.species_names))[0]
         order = np.argsort(-sp)[:k]
         best = np.argsort(-p)[:k]
         top_p = float(sp[order[0]])

@@ -151,9 +151,9 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     n, s, g = st.totals()
     final = linear.solve(chosen.family, n, s, g, [chosen.reg])[0]
     timings["cross_validate"] = time.perf_counter() - t1
+    calibrated = [fm[m].scaled(temperature) for fm in fold_models]  # the chosen candidate of each fold fit
     other = [f for f in files if relabel.source_of(f) is not None]
-    per_source = scoring.source_scores(spark, other, opts, relabel, classes, fmap, folds,
-                                       [fm[m].scaled(temperature) for fm in fold_models])
+    per_source = scoring.source_scores(spark, other, opts, relabel, classes, fmap, folds, calibrated)
     t3 = time.perf_counter()
     species, species_names = openset.species_of(classes)
     group_of_class = openset.groups_of(classes)
@@ -164,8 +164,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
         group_models.append(linear.solve(chosen.family, nk, sk, gk, [chosen.reg])[0].scaled(temperature)
                             if usable else None)
     known_hist, unknown_hist = scoring.openset_scores(
-        spark, files, opts, rows, [fm[m].scaled(temperature) for fm in fold_models], group_models, present,
-        group_of_class, species, len(species_names))
+        spark, files, opts, rows, calibrated, group_models, present, group_of_class, species, len(species_names))
     open_set = {**openset.choose(known_hist, unknown_hist),
                 "species_groups_held_out": sum(m is not None for m in group_models)}
     timings["open_set"] = time.perf_counter() - t3

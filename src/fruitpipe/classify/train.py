@@ -321,7 +321,8 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         for name, data in blobs.items():
             staged[name] = storage.join(staging, name)
             storage.write_bytes(staged[name], data, opts)
-        rundir.commit_classifier(staged, token)
+        rundir.commit_classifier(staged, {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
+                                 token)
     finally:
         storage.delete(staging, opts)
     from fruitpipe.report import write_report
