@@ -182,8 +182,8 @@ def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[
               fmap: FeatureMap, dim: int, holdout: float | None, group_of_class: np.ndarray, groups: int,
               relabel: Relabel | None = None) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
-    packed; the driver (or a tree, when many tasks) adds them (pipeline.reduce.sum_per_task)."""
-    from fruitpipe.pipeline.reduce import sum_per_task
+    packed; the driver (or a tree, when many tasks) adds them (pipeline.sums.sum_per_task)."""
+    from fruitpipe.pipeline.sums import sum_per_task
 
     index = {c: i for i, c in enumerate(classes)}
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from fruitpipe import storage
 from fruitpipe.errors import FruitpipeError, OutputError
-from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
+from fruitpipe.pipeline.frames import over_files, part_batches
+from fruitpipe.pipeline.sums import sum_over_parts
 from fruitpipe.schemas import REDUCED_SCHEMA
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
@@ -68,46 +69,6 @@ def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
 
     return over_files(spark, files, len(files), read,
                       "id string, uri string, label string, split string, features array<float>")
-
-
-#: Up to this many partial sums are collected and added by the driver (one 13 MB Gramian each); beyond it Spark
-#: combines them in a tree (treeReduce), so the driver receives a few whatever the number of tasks.
-_FEW_PARTIALS = 4
-
-
-def sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
-    """The sum of fn(position, uri) (float64 vectors of `size`) over the part files, on the executors: each task
-    reads its files one after the other and keeps one running sum (its memory is one batch and one sum, whatever
-    the number of parts). Files are grouped (frames.file_tasks): one Gramian per file made the combining cost more
-    than the sums. The tasks are SQL ones (over_files), whose Python workers the run already has; the tree runs
-    in Python RDD workers, which only a large input pays for."""
-
-    def task(items: Iterator[tuple[int, str]]) -> np.ndarray:
-        total = np.zeros(size)
-        for pos, uri in items:
-            total += fn(pos, uri)
-        return total
-
-    return sum_per_task(spark, files, size, task)
-
-
-def sum_per_task(spark: Any, files: list[str], size: int, task: Any) -> np.ndarray:
-    """The sum over tasks of task(items) (a float64 vector of `size` per task, from its (position, uri) pairs),
-    for sums a task accumulates in place rather than one vector per part (classify.stats)."""
-    tasks = file_tasks(spark, len(files))
-
-    def run(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
-        total = np.asarray(task(items), dtype=np.float64)
-        yield pa.RecordBatch.from_pydict({"sum": [total.tobytes()]}, schema=pa.schema([("sum", pa.binary())]))
-
-    partials = over_files(spark, files, tasks, run, "sum binary")
-    with output_errors():
-        if tasks <= _FEW_PARTIALS:
-            total = np.zeros(size)
-            for row in partials.collect():
-                total += np.frombuffer(row[0], dtype=np.float64)
-            return total
-        return partials.rdd.map(lambda row: np.frombuffer(row[0], dtype=np.float64)).treeReduce(np.add, depth=2)
 
 
 def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
