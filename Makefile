@@ -9,7 +9,7 @@ MODELS ?= ../shared/models
 ARGS ?=
 MODELS_ENV := $(if $(wildcard $(MODELS)/mobilenet_v2_features.onnx),FRUITPIPE_MODELS=$(abspath $(MODELS)),)
 
-.PHONY: setup run test
+.PHONY: setup run test test-nodes
 # `make run` installs what the commands need (the package and its [serve] extra); `make test` adds the test tools.
 setup:
 	./scripts/setup.sh dev
@@ -23,3 +23,9 @@ test: setup
 	.venv/bin/mypy
 	.venv/bin/python -m pytest -q
 
+
+# The core pipeline tests again on the EMR nodes' exact packages (src/fruitpipe/cloud/nodes.txt) with PySpark 3.5.6,
+# in .venv-nodes; CI runs it after `make test`.
+test-nodes: setup
+	./scripts/nodes-env.sh
+	.venv-nodes/bin/python -m pytest -q -m nodes $$(grep -l 'pytest.mark.nodes' tests/test_*.py)

@@ -17,7 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import fruitpipe
-from conftest import copy_classes, sample_classes
+from conftest import REGION, copy_classes, sample_classes
+
+# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
+pytestmark = pytest.mark.nodes
 
 
 def _spark_class() -> str:
@@ -95,10 +98,25 @@ def cluster_input(spark, tmp_path_factory: pytest.TempPathFactory):
     return data, root / "local", local
 
 
-def _cli_run(data: Path, out: Path, master: str) -> subprocess.Popen:
+def _cli_run(data: Path, out: Path | str, master: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "run", str(data), str(out), "--k", "8",
-                             "--quiet", "--master", master, "--partition-size", "16"],
+                             "--quiet", "--master", master, "--partition-size", "16", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _download(endpoint: str, bucket: str, prefix: str, dest: Path) -> list[str]:
+    """Every object under s3://bucket/prefix/ copied below `dest`; their keys relative to the prefix."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    names = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1:]
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(dest / rel))
+            names.append(rel)
+    return names
 
 
 def _assert_same_outputs(out: Path, reference: Path) -> None:
@@ -118,19 +136,35 @@ def _assert_same_outputs(out: Path, reference: Path) -> None:
     np.testing.assert_allclose(a * signs, b, atol=1e-3)
 
 
-def test_cluster_run_equals_local(cluster: Cluster, cluster_input, tmp_path: Path) -> None:
+def test_cluster_run_to_s3_equals_local(cluster: Cluster, cluster_input, s3_endpoint: str, spark,
+                                       tmp_path: Path) -> None:
+    """A standalone cluster writing to S3 (the loopback server): the same rows as local mode, and the Spark ML PCA
+    model published through pyarrow.fs like every other file. This Spark has no Hadoop S3 connector, so a model
+    written through Hadoop to s3:// (EMRFS on EMR, outside the instance role's prefix) would fail the run."""
+    import boto3
+    from pyspark.ml.feature import PCAModel
+
     data, reference, local = cluster_input
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION).create_bucket(
+        Bucket="cluster-out", CreateBucketConfiguration={"LocationConstraint": REGION})
     started = time.time()
-    proc = _cli_run(data, tmp_path / "out", cluster.url)
+    proc = _cli_run(data, "s3://cluster-out/runs/1", cluster.url, "--s3-endpoint", s3_endpoint, "--region", REGION)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     print(f"clean cluster run: {time.time() - started:.1f} s")
+    names = _download(s3_endpoint, "cluster-out", "runs/1", tmp_path / "out")
+    assert any(n.startswith("pca/spark_model/metadata/") for n in names), names
+    assert not any(n.endswith(".crc") or n.startswith("_staging") for n in names)
     report = json.loads((tmp_path / "out" / "run.json").read_text())
     assert report["counts"]["accounted"] and report["counts"]["embedded"] == local.counts["embedded"]
     inference = report["counts"]["inference"]
     assert inference["workers"] >= 2 and inference["max_sessions_per_worker"] == 1  # both executors worked
     assert report["config"]["master"] == cluster.url
     _assert_same_outputs(tmp_path / "out", reference)
+    model = PCAModel.load(str(tmp_path / "out" / "pca" / "spark_model"))
+    components = np.load(tmp_path / "out" / "pca" / "components.npy")
+    np.testing.assert_allclose(model.pc.toArray(), components, atol=1e-9)
+    assert not list(Path("/tmp").glob("fruitpipe-model-*"))  # the model's temporary folder is gone
 
 
 def test_killed_worker_loses_and_duplicates_nothing(cluster: Cluster, cluster_input, tmp_path: Path) -> None:

@@ -159,6 +159,8 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert len(installs) == 2 and all("--no-index" in ln for ln in installs)  # nothing from PyPI
     # The instance role may GET under the artifacts prefix but not LIST it: the bootstrap reads named objects only.
     assert b"--recursive" not in script and b"aws s3 ls" not in script and b"aws s3 sync" not in script
+    copies = [ln for ln in script.decode().splitlines() if "aws s3 cp" in ln]
+    assert len(copies) == 3 and all('--region "$REGION"' in ln for ln in copies)
     # onnx (the quantizer's, and the uint8 wrapper's on every node) is a core dependency: an int8 run's
     # requirements are the plain ones, so it shares their wheelhouse (keyed by the requirements).
     assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "--run-arg=--precision=int8", "-q"]) == 0
@@ -179,7 +181,7 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert groups["MASTER"]["InstanceType"] == "m5.xlarge" and groups["CORE"]["RequestedInstanceCount"] == 2
     actions = api.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
     assert actions[0]["ScriptPath"] == uris["bootstrap"]
-    assert actions[0]["Args"] == [uris["prefix"], emr.wheel_name(), uris["wheelhouse"]]
+    assert actions[0]["Args"] == [uris["prefix"], emr.wheel_name(), uris["wheelhouse"], REGION]
     step = api.list_steps(ClusterId=cluster_id)["Steps"][0]
     assert step["Id"] == started["step_id"] and step["Config"]["Args"] == emr.step_args(emr_settings())
 

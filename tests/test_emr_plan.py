@@ -10,8 +10,8 @@ import pytest
 from emrkit import INPUT, OUTPUT, emr_settings, fake_wheel
 from fruitpipe.cli import main
 from fruitpipe.cloud import emr
-from fruitpipe.cloud.artifacts import NODE_PYTHON, build_wheelhouse, node_extras, runtime_requirements
-from fruitpipe.cloud.plan import executor_conf
+from fruitpipe.cloud.artifacts import NODE_PYTHON, build_wheelhouse, node_extras, node_lock, runtime_requirements
+from fruitpipe.cloud.plan import executor_conf, executors
 from fruitpipe.cloud.settings import INSTANCE_TYPES, S3_GET_PER_1000
 
 
@@ -143,7 +143,8 @@ def test_a_notebook_cluster_has_livy_and_the_gateway_no_step_and_an_idle_timeout
     (["--region", "us-east-1"], "outside the EU"),
     (["--core-nodes", "0"], "at least 1"),
     (["--core-type", "x9.huge"], "no price known"),
-    (["--release-label", "emr-6.15.0"], "predates EMR 7"),
+    (["--release-label", "emr-6.15.0"], "predates emr-7.1.0"),
+    (["--release-label", "emr-7.0.0"], "first release whose nodes ship Python 3.11"),
     (["--core-type", "x9.huge", "--node-price", "1"], "executors cannot be sized"),
     (["--run-arg=--precision", "--run-arg=INT8"], "`fruitpipe run` would refuse it"),
 ])
@@ -159,15 +160,30 @@ def test_non_eu_region_needs_the_flag(no_credentials, capsys) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(INSTANCE_TYPES))
-def test_executors_fit_the_yarn_memory_of_each_instance_type(kind: str) -> None:
-    """One executor per node that YARN can grant: heap + overhead within the node's YARN memory, in YARN's 32 MB
-    units, all vCPUs as cores and 512 MB of overhead per Python worker (each holds an ONNX session)."""
+def test_executors_fit_the_yarn_memory_of_each_instance_type_beside_the_application_master(kind: str) -> None:
+    """One executor per node that YARN can grant on every node, the one holding the client-mode ApplicationMaster
+    (512 MB + 384 MB) included, with 512 MB of headroom: heap + overhead + AM within the node's YARN memory, in
+    YARN's 32 MB units, all vCPUs as cores and 512 MB of overhead per Python worker (each holds an ONNX session)."""
     conf = executor_conf(kind)
     heap, overhead = int(conf["spark.executor.memory"][:-1]), int(conf["spark.executor.memoryOverhead"][:-1])
-    assert heap + overhead <= INSTANCE_TYPES[kind].yarn_mb and heap % 32 == 0 and heap >= 1024
+    am = int(conf["spark.yarn.am.memory"][:-1]) + int(conf["spark.yarn.am.memoryOverhead"][:-1])
+    yarn = INSTANCE_TYPES[kind].yarn_mb
+    assert am == 896 and heap + overhead + am + 512 <= yarn and heap % 32 == 0 and heap >= 1024
     assert int(conf["spark.executor.cores"]) == INSTANCE_TYPES[kind].vcpus
     assert overhead == 384 + 512 * INSTANCE_TYPES[kind].vcpus
-    assert INSTANCE_TYPES[kind].yarn_mb - (heap + overhead) < 32 + 0  # nothing left on the table but rounding
+    assert yarn - (heap + overhead + am + 512) < 32  # nothing more left on the table than rounding
+    for nodes in (1, 2, 5):
+        placed = executors(emr_settings(core_type=kind, core_nodes=nodes))
+        assert placed["per_node"] == 1 and placed["on_the_node_with_the_application_master"] == 1
+        assert placed["in_all"] == nodes and placed["cores_in_all"] == nodes * INSTANCE_TYPES[kind].vcpus
+
+
+def test_plan_prints_the_executors_and_with_one_core_node_one_is_granted(no_credentials, capsys) -> None:
+    assert main(["emr", "plan", INPUT, OUTPUT, "--core-nodes", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["executors"]["in_all"] == 1 and out["executors"]["on_the_node_with_the_application_master"] == 1
+    props = out["run_job_flow"]["Configurations"][0]["Properties"]
+    assert props["spark.yarn.am.memory"] == "512m" and out["estimate"]["core_vcpus"] == 4
 
 
 def test_step_timeout_follows_the_estimate_or_the_flag(no_credentials, capsys) -> None:
@@ -204,18 +220,23 @@ def test_wheelhouse_is_resolved_for_the_nodes_python_not_this_one(tmp_path: Path
 
 
 def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_onnx(monkeypatch) -> None:
-    """Markers are evaluated for the nodes (Python 3.11, Linux), not for the uploader; the step's int8 is read
-    the way `fruitpipe run` reads it, so every spelling of it adds the int8 extra (onnx)."""
+    """The nodes install cloud/nodes.txt whole, whatever numpy runs here (EMR's PySpark 3.5 needs 1.x); markers are
+    evaluated for the nodes (Python 3.11, Linux), not for the uploader, so a requirement the nodes need and the
+    lock lacks is an error (the lock is stale), one for Windows is not; the step's int8 is read the way `fruitpipe
+    run` reads it, so every spelling of it adds the int8 extra (onnx)."""
     import importlib.metadata as md
 
-    real = md.requires
-    monkeypatch.setattr(md, "requires", lambda name: [*real(name), 'tomli>=2; python_version < "3.12"',
-                                                      'pywin32>=300; sys_platform == "win32"'])
     plain = runtime_requirements()
-    assert any(r.startswith("tomli") for r in plain)  # needed on 3.11 nodes even when this Python is newer
+    assert plain == sorted(node_lock().values(), key=str.lower) and "numpy==1.26.4" in plain
     assert not any(r.startswith(("pywin32", "pyspark")) for r in plain)
     assert any(r.startswith("onnx==") for r in plain)  # every node wraps its model for uint8 input
     assert any(r.startswith("onnx==") for r in runtime_requirements(("int8",)))
+    real = md.requires
+    monkeypatch.setattr(md, "requires", lambda name: [*real(name), 'pywin32>=300; sys_platform == "win32"'])
+    assert runtime_requirements() == plain
+    monkeypatch.setattr(md, "requires", lambda name: [*real(name), 'tomli>=2; python_version < "3.12"'])
+    with pytest.raises(emr.EmrError, match="does not pin it"):
+        runtime_requirements()  # needed on 3.11 nodes even when this Python is newer
     for spelling in (["--precision", "int8"], ["--precision=int8"], ["--prec", "int8"], ["--k", "5", "--precision",
                                                                                           "int8"]):
         assert node_extras(tuple(spelling)) == ("int8",), spelling
@@ -224,3 +245,19 @@ def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_o
     with pytest.raises(emr.EmrError, match="would refuse it"):
         node_extras(("--precision", "int4"))
 
+
+
+def test_the_nodes_lock_pins_every_runtime_requirement_within_its_range() -> None:
+    """cloud/nodes.txt against pyproject.toml: each runtime dependency (pyspark aside: EMR's own) pinned at a version
+    its range admits, and numpy below 2 for PySpark 3.5 (SPARK-48710)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {k: v.partition("==")[2] for k, v in node_lock().items()}
+    for text in md.requires("fruitpipe") or []:
+        req = Requirement(text)
+        if req.marker is None and req.name != "pyspark":
+            assert req.specifier.contains(pins[canonicalize_name(req.name)]), (req, pins.get(req.name))
+    assert int(pins["numpy"].split(".")[0]) == 1

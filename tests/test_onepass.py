@@ -19,6 +19,8 @@ from fruitpipe.output import RunDir
 from fruitpipe.storage import StorageOptions
 from conftest import SAMPLE, copy_classes, sample_classes
 
+# Every test but serve's is also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x),
+# which have no serve extra.
 CLASSES = sample_classes(12)[8:12]  # four classes the session's other outputs do not use
 
 
@@ -83,6 +85,7 @@ def grown(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "first_parts": first_parts, "parts": parts}
 
 
+@pytest.mark.nodes
 def test_statistics_equal_a_direct_computation(grown: dict) -> None:
     first = grown["first"]
     assert first["statistics"]["mode"] == "full" and first["n_train"] == 45
@@ -91,6 +94,7 @@ def test_statistics_equal_a_direct_computation(grown: dict) -> None:
     _assert_equal(st, _direct(grown["out"], classes))
 
 
+@pytest.mark.nodes
 def test_a_retrain_reads_only_the_new_parts_and_equals_a_fit_from_scratch(grown: dict, spark) -> None:
     second = grown["second"]
     new = sorted(set(grown["parts"]) - set(grown["first_parts"]))
@@ -107,6 +111,7 @@ def test_a_retrain_reads_only_the_new_parts_and_equals_a_fit_from_scratch(grown:
     np.testing.assert_allclose(a.w, b.w, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.nodes
 def test_a_class_added_later_is_learned(grown: dict) -> None:
     second = grown["second"]
     assert second["classes"] == sorted(CLASSES) and second["n_train"] == 3 * 25 + 15
@@ -138,6 +143,7 @@ def _numpy_confidences(out: Path, metrics: dict) -> tuple[np.ndarray, np.ndarray
     return known, unknown
 
 
+@pytest.mark.nodes
 def test_the_open_set_shares_equal_a_direct_computation(grown: dict) -> None:
     """The cross-validated shares of known photos under, and of held-out-species photos above, each reported
     threshold equal numpy's; with two species per held-out fit (four classes, two groups) the photos of unknown
@@ -198,6 +204,7 @@ def test_serve_says_not_sure_under_the_threshold_and_counts_it(grown: dict, tmp_
     assert unsure >= len(photos) // 2 and counted == [f"fruitpipe_not_sure_answers_total {float(unsure)}"]
 
 
+@pytest.mark.nodes
 def test_the_threshold_rule_on_known_histograms() -> None:
     """Known photos all sure above 0.9, unknown ones spread below: the threshold separates them; with no unknown
     rows there is none, and it never goes above MAX_THRESHOLD nor sends over MAX_KNOWN_UNSURE of the known."""
@@ -214,6 +221,7 @@ def test_the_threshold_rule_on_known_histograms() -> None:
     assert openset.histogram(np.array([0.999])).argmax() != openset.histogram(np.array([0.9999])).argmax()
 
 
+@pytest.mark.nodes
 def test_a_dropped_part_makes_one_full_pass_equal_to_a_fit_from_scratch(grown: dict,
                                                                        capfd: pytest.CaptureFixture[str]) -> None:
     """Last of the tests on `grown`: it deletes photos from its input."""
@@ -232,6 +240,7 @@ def test_a_dropped_part_makes_one_full_pass_equal_to_a_fit_from_scratch(grown: d
     _assert_equal(st, _direct(out, classes))
 
 
+@pytest.mark.nodes
 def test_folds_by_subtraction_equal_a_fit_without_the_fold() -> None:
     rng = np.random.default_rng(3)
     st = stats.Stats.zeros(3, 4, 6, 2)
@@ -267,6 +276,7 @@ def test_folds_by_subtraction_equal_a_fit_without_the_fold() -> None:
         np.testing.assert_allclose(model.b, direct[-1], atol=1e-8)
 
 
+@pytest.mark.nodes
 def test_lda_without_shrinkage_is_the_gaussian_discriminant() -> None:
     rng = np.random.default_rng(5)
     z = rng.normal(size=(200, 5))
@@ -282,6 +292,7 @@ def test_lda_without_shrinkage_is_the_gaussian_discriminant() -> None:
     np.testing.assert_allclose(model.b, -0.5 * np.einsum("cd,de,ce->c", mu, prec, mu), rtol=1e-8)
 
 
+@pytest.mark.nodes
 def test_a_class_missing_from_a_fit_is_never_predicted() -> None:
     n = np.array([3.0, 0.0, 4.0])
     s = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
@@ -291,6 +302,7 @@ def test_a_class_missing_from_a_fit_is_never_predicted() -> None:
         assert np.all(np.isfinite(model.w)) and np.all(np.isfinite(model.b))
 
 
+@pytest.mark.nodes
 def test_the_exported_transform_matches_numpys(trained) -> None:
     """sqrt + L2 in the ONNX graph and in classify.stats give the same probabilities from the same features."""
     from fruitpipe.classify.export import read_head

@@ -22,6 +22,9 @@ from fruitpipe.errors import OutputError
 from fruitpipe.output import RunDir
 from fruitpipe.storage import StorageOptions
 
+# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
+pytestmark = pytest.mark.nodes
+
 GATE_DIR = ROOT / "tests" / "gate"
 
 

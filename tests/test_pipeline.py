@@ -21,6 +21,9 @@ from fruitpipe.pipeline.run import run as run_stages
 from fruitpipe.storage import StorageOptions
 from conftest import MODELS, copy_classes, sample_classes
 
+# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
+pytestmark = pytest.mark.nodes
+
 CLASSES = sample_classes(9)
 BASE_CLASSES, EXTRA_CLASS = CLASSES[:8], CLASSES[8]
 

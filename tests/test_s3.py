@@ -13,6 +13,9 @@ import pytest
 import fruitpipe
 from conftest import REGION, copy_classes, sample_classes, upload_folder
 
+# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
+pytestmark = pytest.mark.nodes
+
 def _read(endpoint: str, uri: str):
     fs = pafs.S3FileSystem(region=REGION, endpoint_override=endpoint, scheme="http")
     return pq.read_table(uri[len("s3://"):], filesystem=fs)

@@ -9,6 +9,9 @@ import pytest
 from fruitpipe.errors import OutputError
 from fruitpipe.pipeline import sums
 
+# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
+pytestmark = pytest.mark.nodes
+
 
 def _vector(pos: int, size: int) -> np.ndarray:
     return np.random.default_rng(pos).standard_normal(size)
@@ -53,3 +56,23 @@ def test_assemble_refuses_a_lost_task_a_lost_chunk_and_a_repeated_one() -> None:
         sums.assemble(rows + rows[:1], 3, size)
     with pytest.raises(OutputError, match="2 of 3 task"):
         sums.assemble([r for r in rows if r[0] != 2], 3, size)  # the last one too
+
+
+@pytest.mark.parametrize("parts", [3, 11])
+def test_a_bad_part_is_the_sums_one_error_and_fails_no_task(spark, parts: int, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A task that meets a bad part answers with its OutputError instead of failing the job (failing it killed the
+    other tasks mid-start, and their workers printed after the CLI's one-line error); the driver raises the first."""
+    monkeypatch.setattr("fruitpipe.pipeline.frames.FILES_PER_TASK", 1)
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup(None))
+
+    def part(pos: int, uri: str) -> np.ndarray:
+        if uri in ("part-1", "part-2"):
+            raise OutputError(f"{uri} is unreadable or corrupt")
+        return np.ones(4)
+
+    with pytest.raises(OutputError, match="^part-1 is unreadable or corrupt$"):
+        sums.sum_over_parts(spark, [f"part-{i}" for i in range(parts)], 4, part)
+    tracker = spark.sparkContext.statusTracker()
+    ours = sorted(tracker.getJobIdsForGroup(None))[jobs_before:]
+    assert ours and all(tracker.getJobInfo(j).status == "SUCCEEDED" for j in ours)

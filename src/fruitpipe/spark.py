@@ -133,24 +133,53 @@ def _drain(spark: Any, timeout_s: float = 30.0) -> None:
 
 
 def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
-    """Save a Spark ML model (readable by its class's load()) under `dest`. Spark's ML writer runs on the executors:
-    in local mode it writes a temporary folder on this machine, whose files are then copied through pyarrow.fs (so
-    s3:// needs no Hadoop S3 connector); on a cluster Spark writes `dest` itself, through the cluster's filesystem
-    (EMRFS for s3:// on EMR, HDFS)."""
+    """Save a Spark ML model (readable by its class's load()) under `dest`, on every master the same way. Spark's ML
+    writer runs on the executors through Hadoop's filesystem, so it writes a temporary folder on the cluster's own
+    default filesystem (this machine's disk in local mode, HDFS on EMR); the driver reads its few files back
+    through Hadoop and publishes them with storage.write_bytes, the path every other output file takes (pyarrow.fs:
+    on s3:// the IAM-tested one). Hadoop never sees `dest`: no EMRFS, whose probes fall outside the instance role's
+    prefix-scoped ListBucket, and no S3 connector."""
+    import shutil
     import tempfile
+    import uuid
     from pathlib import Path
 
     from fruitpipe import storage
+    from fruitpipe.errors import OutputError
 
-    if not spark.sparkContext.master.startswith("local"):
-        model.write().overwrite().save(dest)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        model.write().overwrite().save(str(Path(tmp) / "m"))
-        for f in sorted((Path(tmp) / "m").rglob("*")):
-            if f.is_file() and not f.name.endswith(".crc") and f.name != "_SUCCESS":  # load() needs neither
-                storage.write_bytes(storage.join(dest, f.relative_to(Path(tmp) / "m").as_posix()), f.read_bytes(),
-                                    opts)
+    sc = spark.sparkContext
+    jvm = sc._jvm
+    local_dir = tempfile.mkdtemp(prefix="fruitpipe-model-") if sc.master.startswith("local") else None
+    where = f"{Path(local_dir).as_uri()}/m" if local_dir else f"/tmp/fruitpipe-model-{uuid.uuid4().hex}/m"
+    path = jvm.org.apache.hadoop.fs.Path(where)
+    fs = path.getFileSystem(sc._jsc.hadoopConfiguration())
+    try:
+        model.write().overwrite().save(where)
+        base = fs.makeQualified(path).toUri().getPath().rstrip("/")
+        files, published = fs.listFiles(path, True), []
+        while files.hasNext():
+            status = files.next()
+            rel = status.getPath().toUri().getPath()[len(base) + 1:]
+            name = rel.rsplit("/", 1)[-1]
+            if name.endswith(".crc") or name == "_SUCCESS":  # load() needs neither
+                continue
+            stream = fs.open(status.getPath())
+            try:
+                data = bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+            finally:
+                stream.close()
+            storage.write_bytes(storage.join(dest, rel), data, opts)
+            published.append(rel)
+        if not any(rel.startswith("metadata/") for rel in published):
+            raise OutputError(f"the Spark ML model written to {fs.makeQualified(path).toString()} cannot be read back "
+                              "by the driver: on a cluster whose default filesystem is each node's own disk, set "
+                              "spark.hadoop.fs.defaultFS to one they share (HDFS)")
+    finally:
+        try:
+            fs.delete(path.getParent(), True)
+        finally:
+            if local_dir:
+                shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def default_parallelism(spark: pyspark.sql.SparkSession) -> int:  # type: ignore[name-defined]  # noqa: F821

@@ -98,13 +98,36 @@ def node_extras(run_args: tuple[str, ...]) -> tuple[str, ...]:
     return ("int8",) if opts.precision == "int8" or opts.config else ()
 
 
-def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
-    """fruitpipe's runtime dependencies (and those of `extras`) for the nodes' Python, whatever Python runs this:
-    markers are evaluated for the nodes; each is pinned to the version installed here (the one tested) when there
-    is one, else kept with its own range. pyspark is left out: the nodes use EMR's own Spark."""
-    from packaging.requirements import Requirement
+#: The nodes' packages, every one pinned, their dependencies too (package data; its header says how it was chosen).
+NODES_LOCK = "nodes.txt"
 
-    reqs = []
+
+def node_lock() -> dict[str, str]:
+    """The pins of cloud/nodes.txt: {canonical name: 'name==version'}."""
+    from importlib import resources
+
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in resources.files("fruitpipe.cloud").joinpath(NODES_LOCK).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            if not sep or not version:
+                raise EmrError(f"cloud/{NODES_LOCK}: {line!r} is not pinned as name==version")
+            pins[canonicalize_name(name)] = f"{name.strip()}=={version.strip()}"
+    return pins
+
+
+def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """What the nodes install: the whole of cloud/nodes.txt (fruitpipe's runtime dependencies and theirs, pinned
+    for EMR's PySpark 3.5, which needs numpy 1.x), whatever Python or numpy runs this. fruitpipe's requirements are
+    evaluated for the nodes (their markers, `extras`); one the lock does not pin is an error, not an unpinned
+    install: the lock is stale. pyspark is left out: the nodes use EMR's own Spark."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = node_lock()
     for text in importlib.metadata.requires("fruitpipe") or []:
         req = Requirement(text)
         if req.name.lower() == "pyspark":
@@ -112,11 +135,10 @@ def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
         if req.marker is not None and not any(req.marker.evaluate({**NODE_MARKERS, "extra": extra})
                                               for extra in ("", *extras)):
             continue
-        try:
-            reqs.append(f"{req.name}=={importlib.metadata.version(req.name)}")
-        except importlib.metadata.PackageNotFoundError:  # not for this machine (a marker), but for the nodes
-            reqs.append(f"{req.name}{req.specifier}")
-    return sorted(set(reqs))
+        if canonicalize_name(req.name) not in pins:
+            raise EmrError(f"the nodes need {req} but cloud/{NODES_LOCK} does not pin it: run "
+                           "scripts/nodes-env.sh --lock in a source checkout, then the nodes' tests (make test-nodes)")
+    return sorted(pins.values(), key=str.lower)
 
 
 def build_wheelhouse(requirements: list[str], dest: Path, find_links: str | None = None) -> list[Path]:

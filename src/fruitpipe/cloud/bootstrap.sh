@@ -6,26 +6,31 @@
 #   $2  the wheel's file name under that prefix
 #   $3  s3:// prefix of the wheelhouse: wheelhouse.tar (every dependency as a manylinux wheel for Python 3.11) and
 #       requirements.txt
+#   $4  the region of the buckets (the cluster's): no region look-up, no redirect
 # The node's Spark (EMR's own build) is used: pyspark is not installed, requirements.txt pins the other
 # dependencies to the versions fruitpipe was tested with.
 set -euo pipefail
-USAGE="usage: bootstrap.sh s3://code-prefix WHEEL s3://wheelhouse-prefix"
+USAGE="usage: bootstrap.sh s3://code-prefix WHEEL s3://wheelhouse-prefix REGION"
 ARTIFACTS="${1:?$USAGE}"
 WHEEL="${2:?$USAGE}"
 WHEELHOUSE="${3:?$USAGE}"
+REGION="${4:?$USAGE}"
 VENV=/opt/fruitpipe/venv
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# Amazon Linux 2023's package repositories are served from S3 in the region, reachable through the gateway endpoint.
-sudo dnf install -y -q python3.11
+# EMR 7.1 and later ship Python 3.11 (fruitpipe refuses older releases). dnf runs only where it is missing: it needs
+# Amazon Linux's repositories, which a locked-down subnet may not reach.
+if ! command -v python3.11 >/dev/null; then
+  sudo dnf install -y -q python3.11
+fi
 sudo mkdir -p /opt/fruitpipe
 sudo python3.11 -m venv "$VENV"
 # One object each, no listing: the instance role may read the artifacts prefix, not list it.
 mkdir -p "$WORK/wheelhouse"
-aws s3 cp --only-show-errors "$WHEELHOUSE/wheelhouse.tar" - | tar -x -C "$WORK/wheelhouse"
-aws s3 cp --only-show-errors "$WHEELHOUSE/requirements.txt" "$WORK/wheelhouse/requirements.txt"
-aws s3 cp --only-show-errors "$ARTIFACTS/$WHEEL" "$WORK/$WHEEL"
+aws s3 cp --only-show-errors --region "$REGION" "$WHEELHOUSE/wheelhouse.tar" - | tar -x -C "$WORK/wheelhouse"
+aws s3 cp --only-show-errors --region "$REGION" "$WHEELHOUSE/requirements.txt" "$WORK/wheelhouse/requirements.txt"
+aws s3 cp --only-show-errors --region "$REGION" "$ARTIFACTS/$WHEEL" "$WORK/$WHEEL"
 # --no-index: nothing comes from PyPI; a wheel missing from the wheelhouse fails here, in seconds, with its name.
 sudo "$VENV/bin/pip" install --quiet --no-cache-dir --no-index --find-links "$WORK/wheelhouse" \
   -r "$WORK/wheelhouse/requirements.txt"

@@ -44,6 +44,14 @@ PYTHON_WORKER_MB = 512
 JVM_OVERHEAD_MB = 384
 #: The YARN scheduler's allocation unit on EMR (yarn.scheduler.minimum-allocation-mb): containers round up to it.
 YARN_ALLOCATION_MB = 32
+#: In client mode Spark still asks YARN for an ApplicationMaster container (spark.yarn.am.memory and its
+#: memoryOverhead, set explicitly below), and YARN places it on a core node: an executor sized to a whole node's
+#: YARN memory then never fits beside it (with one core node the step waited for an executor until its timeout).
+AM_MEMORY_MB = 512
+AM_OVERHEAD_MB = 384
+#: Left free on every node beyond the executor and the AM: only m5.xlarge's YARN memory (12,288 MB) was cross-checked
+#: against a running cluster; the other types' figures are the release guide's table.
+YARN_HEADROOM_MB = 512
 #: The derived step timeout: this many times the estimated step time (the estimate is +-30 % and unmeasured on
 #: EMR's vCPUs), and never under STEP_TIMEOUT_FLOOR_MIN.
 STEP_TIMEOUT_FACTOR = 3.0
@@ -95,18 +103,44 @@ def step_args(settings: EmrSettings) -> list[str]:
     ]
 
 
+def _round_up(mb: int) -> int:
+    return -(-mb // YARN_ALLOCATION_MB) * YARN_ALLOCATION_MB
+
+
+def am_container_mb() -> int:
+    """What YARN grants the ApplicationMaster: its memory and overhead, rounded up to the allocation unit."""
+    return _round_up(AM_MEMORY_MB + AM_OVERHEAD_MB)
+
+
 def executor_conf(instance_type: str) -> dict[str, str]:
-    """One executor per core node, sized so that YARN can grant it: all vCPUs as cores (one Python worker and one
-    ONNX session each), memoryOverhead for those workers, and the JVM heap from what is left of the node's YARN
-    memory. EMR's own spark-defaults (extraJavaOptions included) are kept: only these keys are set."""
+    """One executor per core node, sized so that YARN can grant it on every node, the one that also holds the
+    ApplicationMaster included: all vCPUs as cores (one Python worker and one ONNX session each), memoryOverhead for
+    those workers, and the JVM heap from what is left of the node's YARN memory after the AM's container and
+    YARN_HEADROOM_MB. EMR's own spark-defaults (extraJavaOptions included) are kept: only these keys are set. (EMR's
+    YARN schedules by memory alone, its default resource calculator: the AM's vcore does not compete.)"""
     kind = INSTANCE_TYPES[instance_type]
     overhead = JVM_OVERHEAD_MB + kind.vcpus * PYTHON_WORKER_MB
-    heap = (kind.yarn_mb - overhead) // YARN_ALLOCATION_MB * YARN_ALLOCATION_MB
+    room = kind.yarn_mb - am_container_mb() - YARN_HEADROOM_MB - overhead
+    heap = room // YARN_ALLOCATION_MB * YARN_ALLOCATION_MB
     if heap < 1024:
-        raise EmrError(f"{instance_type} gives YARN {kind.yarn_mb} MB: too little for {kind.vcpus} Python workers "
-                       "and a 1 GB executor heap; use a larger type")
+        raise EmrError(f"{instance_type} gives YARN {kind.yarn_mb} MB: too little for {kind.vcpus} Python workers, "
+                       "a 1 GB executor heap and the ApplicationMaster; use a larger type")
     return {"spark.executor.cores": str(kind.vcpus), "spark.executor.memory": f"{heap}m",
-            "spark.executor.memoryOverhead": f"{overhead}m"}
+            "spark.executor.memoryOverhead": f"{overhead}m",
+            "spark.yarn.am.memory": f"{AM_MEMORY_MB}m", "spark.yarn.am.memoryOverhead": f"{AM_OVERHEAD_MB}m"}
+
+
+def executors(settings: EmrSettings) -> dict[str, Any]:
+    """How YARN places the run's containers: executors per core node (the node with the AM included) and in all."""
+    kind = INSTANCE_TYPES[settings.core_type]
+    conf = executor_conf(settings.core_type)
+    container = _round_up(int(conf["spark.executor.memory"][:-1]) + int(conf["spark.executor.memoryOverhead"][:-1]))
+    per_node = kind.yarn_mb // container
+    with_am = (kind.yarn_mb - am_container_mb()) // container
+    total = per_node * (settings.core_nodes - 1) + with_am
+    return {"per_node": per_node, "on_the_node_with_the_application_master": with_am, "in_all": total,
+            "cores_in_all": total * kind.vcpus, "executor_container_mb": container,
+            "application_master_mb": am_container_mb(), "yarn_mb_per_node": kind.yarn_mb}
 
 
 def _tags(settings: EmrSettings) -> list[dict[str, str]]:
@@ -152,7 +186,8 @@ def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dic
         "BootstrapActions": [{
             "Name": "install fruitpipe",
             "ScriptBootstrapAction": {"Path": uris["bootstrap"],
-                                      "Args": [uris["prefix"], wheel_name(), uris["wheelhouse"]]},
+                                      "Args": [uris["prefix"], wheel_name(), uris["wheelhouse"],
+                                               settings.region]},
         }],
         "Steps": [{
             "Name": "fruitpipe run",
@@ -199,7 +234,7 @@ def security_configuration(kms_key_arn: str) -> dict[str, Any]:
 
 
 def _work_minutes(settings: EmrSettings) -> float:
-    vcpus = settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
+    vcpus = executors(settings)["cores_in_all"]  # the cores YARN grants the executors
     return settings.images / (vcpus * settings.img_per_vcpu_s) / 60
 
 
@@ -228,7 +263,7 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
 def estimate(settings: EmrSettings) -> dict[str, Any]:
     """Time and cost of the run from the measured per-vCPU throughput, the stated prices and the S3 requests."""
     nodes = 1 + settings.core_nodes
-    vcpus = settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
+    vcpus = executors(settings)["cores_in_all"]  # the cores YARN grants the executors
     img_s = vcpus * settings.img_per_vcpu_s
     work_min = _work_minutes(settings)
     minutes = work_min + sum(FIXED_MINUTES.values())
@@ -328,6 +363,7 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
         "quota": quota,
         "run_job_flow": job_flow_request(settings, subnet),
         "artifacts": artifact_uris(settings),
+        "executors": executors(settings),
         "setup": {"service_role": settings.service_role, "instance_profile": settings.instance_role,
                   "kms_alias": KMS_ALIAS, "security_configuration": SECURITY_CONFIGURATION},
         "estimate": estimate(settings),

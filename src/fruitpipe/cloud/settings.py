@@ -146,8 +146,10 @@ class EmrSettings:
             raise EmrError(f"--ebs-gb {self.ebs_gb} is below 16 GB: EMR nodes need room for Spark's local disk")
         if not re.fullmatch(r"emr-\d+\.\d+\.\d+", self.release_label):
             raise EmrError(f"--release-label {self.release_label!r} must look like {DEFAULT_RELEASE}")
-        if int(self.release_label.split("-")[1].split(".")[0]) < 7:
-            raise EmrError(f"--release-label {self.release_label} predates EMR 7, which first offers Python 3.11")
+        major, minor, _ = (int(x) for x in self.release_label.split("-")[1].split("."))
+        if (major, minor) < (7, 1):
+            raise EmrError(f"--release-label {self.release_label} predates emr-7.1.0, the first release whose nodes "
+                           f"ship Python 3.11; use {DEFAULT_RELEASE}")
         if self.node_price is None:
             for kind in (self.master_type, self.core_type):
                 if kind not in NODE_PRICES_EU_WEST_3:

@@ -51,6 +51,14 @@ def file_tasks(spark: Any, files: int) -> int:
     return max(1, min(files, max(default_parallelism(spark), math.ceil(files / FILES_PER_TASK))))
 
 
+def output_error_text(exc: BaseException) -> str | None:
+    """The message of an OutputError a task hit (raised as such, or as task_error's RuntimeError); None for others."""
+    if isinstance(exc, OutputError):
+        return str(exc)
+    text = str(exc)
+    return text.split(_MARK, 1)[1].splitlines()[0].strip() if _MARK in text else None
+
+
 def task_error(exc: OutputError) -> RuntimeError:
     """What a task raises for an OutputError; output_errors() on the driver turns it back into the same error."""
     return RuntimeError(f"{_MARK} {exc}")

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe.errors import OutputError
-from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files
+from fruitpipe.pipeline.frames import file_tasks, output_error_text, output_errors, over_files
 
 #: Up to this many tasks' sums are collected and added by the driver; beyond it Spark combines them in a tree
 #: (treeReduce), so the driver receives a few whatever the number of tasks.
@@ -20,6 +20,9 @@ FEW_PARTIALS = 4
 #: one value, the driver JVM pickled it into a doubling buffer and ran out of its 1 GiB heap in CI, and the Python
 #: side then received the other tasks' rows without an error (a sum silently missing half the photos).
 CHUNK = 1 << 19
+
+#: The chunk number of a row that carries a task's OutputError (its message) instead of its sum.
+ERROR_CHUNK = -1
 
 _SCHEMA = pa.schema([("task", pa.int32()), ("chunk", pa.int32()), ("data", pa.binary())])
 
@@ -73,30 +76,62 @@ def sum_per_task(spark: Any, files: list[str], size: int, task: Any) -> np.ndarr
 
         context = TaskContext.get()
         assert context is not None  # always set inside a task
-        total = np.asarray(task(items), dtype=np.float64)
+        try:
+            total = np.asarray(task(items), dtype=np.float64)
+        except Exception as exc:
+            message = output_error_text(exc)
+            if message is None:
+                raise
+            # A bad part file is an answer, not a failed job: failing it killed the other tasks, whose Python
+            # workers then printed a BrokenPipeError after the CLI's one-line error (seen in the tests, not always).
+            yield pa.RecordBatch.from_pydict({"task": [context.partitionId()], "chunk": [ERROR_CHUNK],
+                                              "data": [message.encode()]}, schema=_SCHEMA)
+            return
         yield from _chunks(context.partitionId(), np.concatenate([total, [1.0]]))
 
     partials = over_files(spark, files, tasks, run, "task int, chunk int, data binary")
     with output_errors():
         if tasks <= FEW_PARTIALS:
             table = to_arrow(partials)
-            rows = zip(table.column("task").to_pylist(), table.column("chunk").to_pylist(),
-                       table.column("data").to_pylist(), strict=True)
-            total = assemble(list(rows), tasks, size + 1)
+            rows = list(zip(table.column("task").to_pylist(), table.column("chunk").to_pylist(),
+                            table.column("data").to_pylist(), strict=True))
+            _raise_first([(t, d.decode()) for t, c, d in rows if c == ERROR_CHUNK])
+            total = assemble(rows, tasks, size + 1)
         else:
-            total = partials.rdd.mapPartitions(lambda it: _per_partition(it, size + 1)).treeReduce(np.add, depth=2)
+            total, errors = partials.rdd.mapPartitions(lambda it: _per_partition(it, size + 1)).treeReduce(
+                _combine, depth=2)
+            _raise_first(errors)
     if round(total[-1]) != tasks:
         raise OutputError(f"the sum holds the results of {round(total[-1])} of {tasks} task(s); run the command again")
     return total[:-1]
 
 
-def _per_partition(rows: Iterator[Any], size: int) -> Iterator[np.ndarray]:
-    """The vectors of the tasks whose chunks a partition holds, each put back together whole."""
+def _raise_first(errors: list[tuple[int, str]]) -> None:
+    if errors:
+        raise OutputError(min(errors)[1])  # the first task's: the same message whatever the order of arrival
+
+
+def _per_partition(rows: Iterator[Any], size: int) -> Iterator[tuple[np.ndarray | None, list[tuple[int, str]]]]:
+    """(vector, errors) of each task whose rows a partition holds, its vector put back together whole."""
     by_task: dict[int, dict[int, bytes]] = {}
+    errors = []
     for row in rows:
-        by_task.setdefault(row[0], {})[row[1]] = bytes(row[2])
+        if row[1] == ERROR_CHUNK:
+            errors.append((row[0], bytes(row[2]).decode()))
+        else:
+            by_task.setdefault(row[0], {})[row[1]] = bytes(row[2])
     for task, parts in by_task.items():
-        yield _whole(parts, size, f"task {task}").copy()
+        yield _whole(parts, size, f"task {task}").copy(), []
+    if errors:
+        yield None, errors
+
+
+def _combine(a: tuple[np.ndarray | None, list[tuple[int, str]]], b: tuple[np.ndarray | None, list[tuple[int, str]]]
+             ) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
+    errors = a[1] + b[1]
+    if errors or a[0] is None or b[0] is None:
+        return None, errors
+    return a[0] + b[0], []
 
 
 def sum_over_parts(spark: Any, files: list[str], size: int, fn: Any) -> np.ndarray:
