@@ -11,7 +11,7 @@ OUTPUT = "s3://fruits-out/runs/emr"
 
 
 def emr_settings(**changes) -> emr.EmrSettings:
-    return emr.EmrSettings(input=INPUT, output=OUTPUT, **changes).validate()
+    return emr.EmrSettings(**{"input": INPUT, "output": OUTPUT, **changes}).validate()
 
 
 def fake_wheel(folder: Path, name: str, version: str, tag: str = "py3-none-any", requires: tuple = ()) -> Path:

@@ -187,3 +187,24 @@ def test_onnx_threads_follow_spark_task_cpus(tmp_path: Path) -> None:
     assert report["config"]["task_cpus"] == 2
     assert report["counts"]["inference"]["threads_per_task"] == 2
     assert report["counts"]["embedded"] == 16 and report["pca"] is None
+
+
+def test_no_module_below_the_cli_imports_it() -> None:
+    """Lower floors never import the command line (cloud/artifacts.py once did, to parse a step's flags: the
+    package's one import cycle): only the cli* modules import the CLI's modules, and `run`'s flags live below them
+    (run_args)."""
+    import ast
+
+    root = Path(fruitpipe.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent == root and path.name.startswith("cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[:2] in (["fruitpipe", "cli"], ["fruitpipe", "cli_emr"], ["fruitpipe", "cli_apps"])
+                   for n in names):  # cli_args (parser helpers, importing nothing of the CLI) is below it
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

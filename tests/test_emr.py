@@ -44,8 +44,25 @@ def aws(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
     # network tests below use their own VPC, untagged, to see setup tag it and up refuse it).
     aws = emr.Emr(REGION)
     aws.tag_network(aws.network(emr_settings()))
+    # AWS's default VPC reaches the internet (and S3) through an internet gateway; moto's has no such route.
+    ec2 = boto3.client("ec2", endpoint_url=s3_endpoint, region_name=REGION)
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    igw = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=vpc)
+    main_table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]},
+                                                    {"Name": "association.main", "Values": ["true"]}])
+    ec2.create_route(RouteTableId=main_table["RouteTables"][0]["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
+                     GatewayId=igw)
     yield {"endpoint": s3_endpoint, "wheel": str(wheel), "index": str(index)}
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runs_granted(aws) -> None:
+    """The README's dated outputs: one setup grants the instance role every run below s3://fruits-out/runs."""
+    assert main(["emr", "setup", INPUT, "s3://fruits-out/runs/first", "--output-root", "s3://fruits-out/runs",
+                 "-q"]) == 0
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (below)
 
 
 def _client(name: str, endpoint: str):
@@ -56,9 +73,12 @@ def test_setup_creates_roles_key_and_hardened_buckets(aws, capsys) -> None:
     assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0
     done = json.loads(capsys.readouterr().out)
     iam = _client("iam", aws["endpoint"])
-    inline = iam.get_role_policy(RoleName="fruitpipe-emr-ec2", PolicyName="fruitpipe")["PolicyDocument"]
+    inline = iam.get_role_policy(RoleName="fruitpipe-emr-ec2",
+                                 PolicyName=emr.pair_policy_name(emr_settings()))["PolicyDocument"]
     assert {st["Sid"] for st in inline["Statement"]} >= {"ReadInputPrefixOnly", "ReadWriteOutputPrefixOnly"}
     assert "arn:aws:s3:::fruits-in/fruits360/*" in json.dumps(inline)
+    linked = iam.list_roles(PathPrefix="/aws-service-role/elasticmapreduce.amazonaws.com/")["Roles"]
+    assert len(linked) == 1 and any("service-linked role" in c for c in done["changed"])
     attached = iam.list_attached_role_policies(RoleName="fruitpipe-emr-service")["AttachedPolicies"]
     assert [p["PolicyArn"] for p in attached] == [emr.EMR_MANAGED_POLICY]
     profile = iam.get_instance_profile(InstanceProfileName="fruitpipe-emr-ec2")["InstanceProfile"]
@@ -88,6 +108,8 @@ def test_setup_creates_roles_key_and_hardened_buckets(aws, capsys) -> None:
 def test_setup_never_weakens_existing_bucket_settings_and_says_what_it_changed(aws, capsys) -> None:
     s3 = _client("s3", aws["endpoint"])
     s3.create_bucket(Bucket="fruits-kms", CreateBucketConfiguration={"LocationConstraint": REGION})
+    mine = _client("kms", aws["endpoint"]).create_key(Description="the bucket's own key")["KeyMetadata"]["Arn"]
+    _client("kms", aws["endpoint"]).create_alias(AliasName="alias/mine", TargetKeyId=mine)
     kms_rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": "alias/mine"},
                 "BucketKeyEnabled": True}
     s3.put_bucket_encryption(Bucket="fruits-kms", ServerSideEncryptionConfiguration={"Rules": [kms_rule]})
@@ -109,6 +131,10 @@ def test_setup_never_weakens_existing_bucket_settings_and_says_what_it_changed(a
     service = json.dumps(_client("iam", aws["endpoint"]).get_role_policy(
         RoleName="fruitpipe-emr-service", PolicyName="fruitpipe")["PolicyDocument"])
     assert '"kms:GrantIsForAWSResource": "true"' in service
+    pair = emr.pair_policy_name(emr_settings(output="s3://fruits-kms/runs/1"))
+    instance = _client("iam", aws["endpoint"]).get_role_policy(RoleName="fruitpipe-emr-ec2", PolicyName=pair)
+    keys = [st for st in instance["PolicyDocument"]["Statement"] if st["Sid"] == "UseTheBucketKeysThroughS3Only"]
+    assert keys and keys[0]["Resource"] == [mine]  # the alias resolved to its key: writes under SSE-KMS work
 
 
 def test_buckets_outside_the_chosen_region_are_refused(aws, capsys) -> None:
@@ -147,7 +173,8 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
 
     tar = tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket="fruits-out", Key=f"{wheelhouse}/wheelhouse.tar")[
         "Body"].read()))
-    assert sorted(tar.getnames()) == sorted(f"{line.replace('==', '-')}-py3-none-any.whl" for line in reqs.split())
+    assert sorted(tar.getnames()) == sorted(f"{line.replace('-', '_').replace('==', '-')}-py3-none-any.whl"
+                                            for line in reqs.split())  # a wheel's file name spells - as _
     assert keys["fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"] == Path(
         __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
     assert "onnxruntime==" in reqs and "pyspark" not in reqs  # the nodes use EMR's own Spark
@@ -210,6 +237,15 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     assert "[... 100 earlier lines; --tail 0 shows all]\nline 100\n" in out and "state.log" not in out
     assert main(["emr", "logs", cluster_id, "--tail", "0"]) == 0
     assert "line 0\n" in capsys.readouterr().out
+    # ListSteps answers newest first (AWS and moto): status lists oldest first, so the latest step is the last.
+    later = api.add_job_flow_steps(JobFlowId=cluster_id, Steps=[{
+        "Name": "a later step", "ActionOnFailure": "CONTINUE",
+        "HadoopJarStep": {"Jar": "command-runner.jar", "Args": ["true"]}}])["StepIds"][0]
+    assert api.list_steps(ClusterId=cluster_id)["Steps"][0]["Id"] == later
+    assert main(["emr", "status", cluster_id]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert [st["id"] for st in steps] == [started["step_id"], later]
+    assert set(steps[0]) == {"id", "name", "state", "reason", "message", "log_file"}
 
     assert main(["emr", "down", cluster_id]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "TERMINATED"
@@ -234,6 +270,7 @@ def test_network_is_tagged_by_setup_and_an_untagged_one_refused_by_up(aws, capsy
     assert plan["network"]["checked"] is True and plan["network"]["vpc_id"] == vpc
     assert plan["network"]["untagged"] == [subnet, vpc, group["GroupId"]] and "emr setup" in plan["network"]["advice"]
     assert plan["run_job_flow"]["Instances"]["Ec2SubnetId"] == subnet
+    assert plan["network"]["s3_route"].startswith("none: the nodes cannot reach S3")
     api = _client("emr", aws["endpoint"])
     before = len(api.list_clusters()["Clusters"])
     assert main(["emr", "upload", INPUT, OUTPUT, "--wheel", aws["wheel"], "-q"]) == 0
@@ -249,6 +286,17 @@ def test_network_is_tagged_by_setup_and_an_untagged_one_refused_by_up(aws, capsy
     tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [subnet, vpc, group["GroupId"]]}])["Tags"]
     assert {(t["ResourceId"], t["Key"], t["Value"]) for t in tags} == {
         (r, emr.EMR_MANAGED_TAG, "true") for r in (subnet, vpc, group["GroupId"])}
+    # Tagged, but this subnet has no route to S3: the bootstrap could not read the wheelhouse.
+    assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"subnet {subnet} has no route to S3" in err and "gateway endpoint" in err
+    assert len(api.list_clusters()["Clusters"]) == before
+    table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
+    endpoint_id = ec2.create_vpc_endpoint(VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.s3",
+                                          VpcEndpointType="Gateway", RouteTableIds=[table["RouteTableId"]]
+                                          )["VpcEndpoint"]["VpcEndpointId"]
+    assert main(["emr", "plan", INPUT, OUTPUT, *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["network"]["s3_route"] == f"S3 gateway endpoint {endpoint_id} (free)"
     assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 0
     cluster_id = json.loads(capsys.readouterr().out)["cluster_id"]
     attrs = api.describe_cluster(ClusterId=cluster_id)["Cluster"]["Ec2InstanceAttributes"]
@@ -429,7 +477,7 @@ def _play_the_cluster(endpoint: str, errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
-def test_emr_run_executes_its_step_and_fetches_run_json(aws, spark, capsys) -> None:
+def test_emr_run_executes_its_step_and_fetches_run_json(aws, runs_granted, spark, capsys) -> None:
     """`emr run`: upload, up, wait with progress, fetch run.json, down. The step's own arguments are executed
     (against the same S3 API, the model read from the artifacts), so a wrong argument fails here."""
     errors: list[BaseException] = []
@@ -457,7 +505,7 @@ def test_emr_run_executes_its_step_and_fetches_run_json(aws, spark, capsys) -> N
     assert len(reduced.column("pca")[0].as_py()) == 4
 
 
-def test_emr_run_reports_a_failed_step(aws, capsys) -> None:
+def test_emr_run_reports_a_failed_step(aws, runs_granted, capsys) -> None:
     """A cluster that terminates without publishing (_SUCCESS missing) is a failure that points at the logs."""
     def fail_the_cluster() -> None:
         api = _client("emr", aws["endpoint"])
@@ -479,7 +527,7 @@ def test_emr_run_reports_a_failed_step(aws, capsys) -> None:
     assert code == 2 and "did not complete" in err and "fruitpipe emr logs j-" in err and err.count("\n") == 1
 
 
-def test_a_failed_bootstrap_is_explained(aws, capsys) -> None:
+def test_a_failed_bootstrap_is_explained(aws, runs_granted, capsys) -> None:
     """EMR ends a cluster whose bootstrap action failed in TERMINATED_WITH_ERRORS with a reason; the user sees it
     (moto runs in this process, so the test sets that state on its cluster, as EMR would)."""
     from moto.emr.models import emr_backends
@@ -509,7 +557,7 @@ def test_a_failed_bootstrap_is_explained(aws, capsys) -> None:
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_emr_run_terminates_its_cluster_on_a_signal(aws, sig: str) -> None:
+def test_emr_run_terminates_its_cluster_on_a_signal(aws, runs_granted, sig: str) -> None:
     """A session closed (SIGHUP), a scheduler's kill (SIGTERM) or Ctrl-C while `emr run` waits: the cluster it
     started is terminated, and the command exits 130 with one line."""
     import os
@@ -600,3 +648,106 @@ def test_pipeline_runs_with_only_the_instance_role_policy(aws, tmp_path: Path) -
     rejects = pq.read_table(io.BytesIO(s3.get_object(Bucket="fruits-out", Key=rejects_key)["Body"].read()))
     assert rejects.column("uri").to_pylist() == [f"s3://fruits-in/{denied_key}"]
     assert "AccessDenied" in rejects.column("detail")[0].as_py()
+
+
+def _enforce_iam(endpoint: str, count: str) -> None:
+    """moto's switch: IAM is enforced after `count` more requests (0: now; inf: never)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(),
+                                                  headers={"Content-Type": "text/plain"}, method="POST"),
+                           timeout=10).close()
+
+
+def test_setup_that_cannot_read_a_bucket_setting_changes_nothing(aws, monkeypatch) -> None:
+    """A refused read (AccessDenied) is not "not set": setup would have replaced the bucket's own policy. It stops
+    in one line naming the permission, before any write; the "not found" answers alone mean absent."""
+    endpoint = aws["endpoint"]
+    iam, s3 = _client("iam", endpoint), _client("s3", endpoint)
+    s3.create_bucket(Bucket="fruits-guarded", CreateBucketConfiguration={"LocationConstraint": REGION})
+    theirs = {"Version": "2012-10-17", "Statement": [{"Sid": "Theirs", "Effect": "Deny", "Principal": "*",
+                                                       "Action": "s3:DeleteBucket",
+                                                       "Resource": "arn:aws:s3:::fruits-guarded"}]}
+    s3.put_bucket_policy(Bucket="fruits-guarded", Policy=json.dumps(theirs))
+    iam.create_user(UserName="half-admin")
+    iam.put_user_policy(UserName="half-admin", PolicyName="s3", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::fruits-guarded",
+                                                             "arn:aws:s3:::fruits-guarded/*"]},
+            {"Effect": "Deny", "Action": "s3:GetBucketPolicy", "Resource": "arn:aws:s3:::fruits-guarded"}]}))
+    key = iam.create_access_key(UserName="half-admin")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    _enforce_iam(endpoint, "0")
+    try:
+        with pytest.raises(emr.EmrError, match=r"^s3://fruits-guarded: reading its settings was refused "
+                                               r"\(AccessDenied\): .* needs s3:GetBucketPolicy on the bucket; "
+                                               r"nothing was changed$"):
+            emr.Emr(REGION).ensure_bucket("fruits-guarded")
+    finally:
+        _enforce_iam(endpoint, "inf")
+    assert json.loads(s3.get_bucket_policy(Bucket="fruits-guarded")["Policy"]) == theirs
+    with pytest.raises(s3.exceptions.ClientError, match="NoSuchPublicAccessBlockConfiguration"):
+        s3.get_public_access_block(Bucket="fruits-guarded")  # nothing written before the refused read either
+    monkeypatch.undo()
+    # With the reads allowed, the same bucket is hardened and its own statement kept.
+    changed = emr.Emr(REGION).ensure_bucket("fruits-guarded")
+    assert any("DenyInsecureTransport" in c for c in changed)
+    sids = [st["Sid"] for st in json.loads(s3.get_bucket_policy(Bucket="fruits-guarded")["Policy"])["Statement"]]
+    assert sids == ["Theirs", "DenyInsecureTransport"]
+
+
+def test_each_input_output_pair_keeps_its_grant_and_up_checks_the_role_first(aws, capsys) -> None:
+    """`setup` for another pair adds a policy beside the first (a run in progress keeps its access); --output-root
+    grants every run below it once (the README's dated outputs); `up` refuses an OUTPUT the role may not write, in
+    one line that says which setup to run, before anything is launched."""
+    iam, api = _client("iam", aws["endpoint"]), _client("emr", aws["endpoint"])
+    assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0
+    assert main(["emr", "setup", INPUT, "s3://fruits-out/runs/2026-12-01", "--output-root", "s3://fruits-out/runs",
+                 "-q"]) == 0
+    capsys.readouterr()
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    names = set(iam.list_role_policies(RoleName="fruitpipe-emr-ec2")["PolicyNames"])
+    first = emr.pair_policy_name(emr_settings())
+    rooted = emr.pair_policy_name(emr_settings(output="s3://fruits-out/runs/x", output_root="s3://fruits-out/runs"))
+    assert {first, rooted} <= names and first != rooted
+    aws_client = emr.Emr(REGION)
+    aws_client.check_role_grants(emr_settings())  # the first pair is still granted
+    aws_client.check_role_grants(emr_settings(output="s3://fruits-out/runs/2026-12-24"))  # any run below the root
+    clusters = len(api.list_clusters()["Clusters"])
+    assert main(["emr", "up", INPUT, "s3://fruits-out/elsewhere/1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "may not write OUTPUT" in err
+    assert "run `fruitpipe emr setup s3://fruits-in/fruits360 s3://fruits-out/elsewhere/1`" in err
+    assert len(api.list_clusters()["Clusters"]) == clusters  # nothing launched, nothing billed
+    with pytest.raises(emr.EmrError, match="not under --output-root"):
+        emr_settings(output="s3://fruits-out/other", output_root="s3://fruits-out/runs")
+
+
+def test_setup_grants_the_buckets_own_kms_keys_through_s3_only_and_up_warns_of_others(aws, capsys, caplog) -> None:
+    """A bucket whose default encryption is a customer KMS key: setup grants the instance role kms:Decrypt and
+    kms:GenerateDataKey on exactly that key, only via S3 in the region; up warns when INPUT's objects use a key
+    the role cannot use (each image would be rejected as unreadable)."""
+    import logging
+
+    kms, s3 = _client("kms", aws["endpoint"]), _client("s3", aws["endpoint"])
+    theirs = kms.create_key(Description="the input bucket's key")["KeyMetadata"]["Arn"]
+    other = kms.create_key(Description="a key the role never gets")["KeyMetadata"]["Arn"]
+    s3.create_bucket(Bucket="fruits-kms-in", CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_encryption(Bucket="fruits-kms-in", ServerSideEncryptionConfiguration={"Rules": [
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": theirs}}]})
+    s3.put_object(Bucket="fruits-kms-in", Key="photos/Apple/1.jpg", Body=b"x", ServerSideEncryption="aws:kms",
+                  SSEKMSKeyId=other)
+    settings = emr_settings(input="s3://fruits-kms-in/photos")
+    assert main(["emr", "setup", "s3://fruits-kms-in/photos", OUTPUT, "-q"]) == 0
+    capsys.readouterr()
+    s3.delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    document = _client("iam", aws["endpoint"]).get_role_policy(
+        RoleName="fruitpipe-emr-ec2", PolicyName=emr.pair_policy_name(settings))["PolicyDocument"]
+    granted = [st for st in document["Statement"] if st["Sid"] == "UseTheBucketKeysThroughS3Only"]
+    assert granted == [{"Sid": "UseTheBucketKeysThroughS3Only", "Effect": "Allow",
+                        "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": [theirs],
+                        "Condition": {"StringEquals": {"kms:ViaService": f"s3.{REGION}.amazonaws.com"}}}]
+    with caplog.at_level(logging.WARNING, logger="fruitpipe"):
+        emr.Emr(REGION).check_role_grants(settings)
+    assert any(other in r.getMessage() and "rejected as unreadable" in r.getMessage() for r in caplog.records)

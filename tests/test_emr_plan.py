@@ -36,7 +36,7 @@ def test_shipped_policies_are_least_privilege() -> None:
 
     folder = resources.files("fruitpipe.cloud").joinpath("policies")
     names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
-    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust"]
+    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust", "operator"]
     for name in names:
         json.loads(folder.joinpath(f"{name}.json").read_text())  # the templates themselves are valid JSON
     values = emr.policy_values(emr_settings(), "123456789012", "arn:aws:kms:eu-west-3:123456789012:key/k1")
@@ -90,7 +90,8 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
     assert art["wheel"] == f"s3://fruits-out/fruitpipe-artifacts/{emr._version()}/{emr.wheel_name()}"
     assert art["model"].startswith("s3://fruits-out/fruitpipe-artifacts/models/ad116e43570b0c58/")
     bootstrap = req["BootstrapActions"][0]["ScriptBootstrapAction"]
-    assert bootstrap == {"Path": art["bootstrap"], "Args": [art["prefix"], emr.wheel_name(), art["wheelhouse"]]}
+    assert bootstrap == {"Path": art["bootstrap"], "Args": [art["prefix"], emr.wheel_name(), art["wheelhouse"],
+                                                     "eu-west-3"]}
     assert art["wheelhouse"].startswith("s3://fruits-out/fruitpipe-artifacts/wheelhouse/py3.11-")
     step = req["Steps"][0]
     assert step["ActionOnFailure"] == "TERMINATE_CLUSTER" and step["HadoopJarStep"]["Jar"] == "command-runner.jar"
@@ -104,10 +105,13 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
     assert req["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION  # EBS encrypted with the setup's KMS key
     assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in req["Tags"]
     spark_defaults = req["Configurations"][0]["Properties"]
-    # m5.xlarge: YARN has 12,288 MB; 4 Python workers + Spark's 384 MB outside the heap, the rest is heap.
+    # m5.xlarge: YARN has 12,288 MB; 4 Python workers + Spark's 384 MB outside the heap, the AM's 896 MB and 512 MB
+    # of headroom; the rest is heap.
     assert {k: spark_defaults[k] for k in ("spark.executor.cores", "spark.executor.memory",
-                                           "spark.executor.memoryOverhead")} == {
-        "spark.executor.cores": "4", "spark.executor.memory": "9856m", "spark.executor.memoryOverhead": "2432m"}
+                                           "spark.executor.memoryOverhead", "spark.yarn.am.memory",
+                                           "spark.yarn.am.memoryOverhead")} == {
+        "spark.executor.cores": "4", "spark.executor.memory": "8448m", "spark.executor.memoryOverhead": "2432m",
+        "spark.yarn.am.memory": "512m", "spark.yarn.am.memoryOverhead": "384m"}
     assert not any("extraJavaOptions" in k for k in spark_defaults)  # EMR's own stay in place
     assert plan["network"] == {"checked": False, "why": plan["network"]["why"],
                                "subnet_id": "a default subnet of the default VPC"}
@@ -173,7 +177,7 @@ def test_executors_fit_the_yarn_memory_of_each_instance_type_beside_the_applicat
     assert overhead == 384 + 512 * INSTANCE_TYPES[kind].vcpus
     assert yarn - (heap + overhead + am + 512) < 32  # nothing more left on the table than rounding
     for nodes in (1, 2, 5):
-        placed = executors(emr_settings(core_type=kind, core_nodes=nodes))
+        placed = executors(emr_settings(core_type=kind, core_nodes=nodes, node_price=1.0))
         assert placed["per_node"] == 1 and placed["on_the_node_with_the_application_master"] == 1
         assert placed["in_all"] == nodes and placed["cores_in_all"] == nodes * INSTANCE_TYPES[kind].vcpus
 
@@ -219,6 +223,26 @@ def test_wheelhouse_is_resolved_for_the_nodes_python_not_this_one(tmp_path: Path
         build_wheelhouse(["only312==1.0"], tmp_path / "out2" / "wheelhouse", find_links=str(index))
 
 
+def test_the_operator_policy_covers_every_call_of_the_operator_commands() -> None:
+    """policies/operator.json (in every plan, filled in) allows each AWS action plan, upload, up, run, status, logs
+    and down make, with no wildcard action, and passes only the two fruitpipe roles."""
+    from fruitpipe.cloud.plan import policy_values, render_policy
+
+    policy = render_policy("operator", **policy_values(emr_settings(), "123456789012", "arn:aws:kms:k"))
+    allowed = {a for st in policy["Statement"] if st["Effect"] == "Allow"
+               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    needed = {"ec2:DescribeVpcs", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups", "ec2:DescribeRouteTables",
+              "ec2:DescribeInstances", "servicequotas:GetServiceQuota", "servicequotas:GetAWSDefaultServiceQuota",
+              "s3:GetBucketLocation", "s3:PutObject", "s3:GetObject", "s3:ListBucket",
+              "elasticmapreduce:RunJobFlow", "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
+              "elasticmapreduce:TerminateJobFlows", "iam:PassRole", "iam:ListRolePolicies", "iam:GetRolePolicy"}
+    assert needed <= allowed and not any("*" in a for a in allowed)
+    passed = [st for st in policy["Statement"] if st["Action"] == "iam:PassRole"][0]
+    assert passed["Resource"] == ["arn:aws:iam::123456789012:role/fruitpipe-emr-service",
+                                  "arn:aws:iam::123456789012:role/fruitpipe-emr-ec2"]
+    assert "${" not in json.dumps(policy)
+
+
 def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_onnx(monkeypatch) -> None:
     """The nodes install cloud/nodes.txt whole, whatever numpy runs here (EMR's PySpark 3.5 needs 1.x); markers are
     evaluated for the nodes (Python 3.11, Linux), not for the uploader, so a requirement the nodes need and the
@@ -261,3 +285,23 @@ def test_the_nodes_lock_pins_every_runtime_requirement_within_its_range() -> Non
         if req.marker is None and req.name != "pyspark":
             assert req.specifier.contains(pins[canonicalize_name(req.name)]), (req, pins.get(req.name))
     assert int(pins["numpy"].split(".")[0]) == 1
+
+
+def test_the_subnets_way_to_s3_is_read_from_its_route_table() -> None:
+    """The subnet's own table, else the VPC's main one; a gateway endpoint beats a NAT gateway, which beats an
+    internet gateway; a blackhole route or a table with the local route only is no way at all."""
+    from fruitpipe.cloud.preflight import _route_words, s3_route
+
+    local = {"DestinationCidrBlock": "10.0.0.0/16", "GatewayId": "local", "State": "active"}
+    nat = {"DestinationCidrBlock": "0.0.0.0/0", "NatGatewayId": "nat-1", "State": "active"}
+    vpce = {"DestinationPrefixListId": "pl-1", "GatewayId": "vpce-1", "State": "active"}
+    igw = {"DestinationCidrBlock": "0.0.0.0/0", "GatewayId": "igw-1", "State": "active"}
+    main_table = {"Associations": [{"Main": True}], "Routes": [local, igw]}
+    own = {"Associations": [{"SubnetId": "subnet-a"}], "Routes": [local, nat]}
+    assert s3_route([main_table, own], "subnet-a") == ("NAT gateway", "nat-1")
+    assert s3_route([main_table, own], "subnet-b") == ("internet gateway", "igw-1")
+    own["Routes"].append(vpce)
+    assert s3_route([main_table, own], "subnet-a") == ("gateway endpoint", "vpce-1")
+    assert s3_route([{"Associations": [{"Main": True}], "Routes": [local, {**nat, "State": "blackhole"}]}],
+                    "subnet-a") == ("", "")
+    assert "billed per GB" in _route_words("NAT gateway", "nat-1")

@@ -10,70 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from fruitpipe import cli_apps, cli_args, cli_emr
-from fruitpipe.cli_args import EPILOG, Parser, add_log_format, add_metrics, key_values, share, whole_number
+from fruitpipe.cli_args import EPILOG, Parser, add_log_format, key_values
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.monitor.logs import error_line, setup_logging
+from fruitpipe.run_args import add_common, add_embed, add_reduce
 
 log = logging.getLogger("fruitpipe")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="TOML", help="read settings from a TOML file (table [fruitpipe])")
-    p.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bar, warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    p.add_argument("--master", help="Spark master URL (default local[*]; spark://host:7077, yarn)")
-    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Spark setting, repeatable (e.g. spark.executor.memory=4g)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
-    add_metrics(p)
-
-
-def _add_embed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", nargs="?",
-                   help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
-    p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
-    p.add_argument("--input-list", metavar="FILE",
-                   help="instead of INPUT: a Parquet or CSV file (or a folder of them, e.g. an S3 Inventory) "
-                        "with a uri column (or bucket and key) and optional label, split, size, mtime_ns")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list INPUT, compare it with OUTPUT and print the plan (to embed, to drop, tasks); "
-                        "write nothing")
-    p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
-    p.add_argument("--model-path", metavar="FILE",
-                   help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
-    p.add_argument("--input-size", type=whole_number, metavar="N",
-                   help="with --model-path: the model's square input size (default: the file's, else 224)")
-    p.add_argument("--preprocess", choices=["tf", "torch", "raw"],
-                   help="with --model-path: pixel scaling, tf = pixel/127.5-1 (default), torch = ImageNet mean/std, "
-                        "raw = 0..255")
-    p.add_argument("--layout", choices=["nhwc", "nchw"],
-                   help="with --model-path: input layout (default: from the file's input shape, else nhwc)")
-    p.add_argument("--output", dest="output_name", metavar="NAME",
-                   help="with --model-path: the output tensor holding the embedding (default: the only output)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
-    p.add_argument("--precision", choices=["fp32", "int8"],
-                   help="fp32 (default) or int8: embedding 1.7x faster, slightly less accurate")
-    p.add_argument("--task-cpus", type=whole_number, help="onnxruntime threads per Spark task (default 1)")
-    p.add_argument("--batch-size", type=whole_number, help="images per onnxruntime call (default 32)")
-    p.add_argument("--partition-size", type=whole_number, help="images per Spark task (default 512)")
-    p.add_argument("--read-ahead", type=whole_number, help="inputs read concurrently per task (default 8)")
-    p.add_argument("--list-threads", type=whole_number,
-                   help="threads listing an s3:// INPUT (default 1: flat; e.g. 16 for millions of objects)")
-    p.add_argument("--max-pixels", type=whole_number, help="reject images larger than this (default 64000000)")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an OUTPUT made with another input or model")
-
-
-def _add_reduce(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--k", type=whole_number, help="number of PCA components (default 20)")
-    group.add_argument("--variance", type=share,
-                       help="keep the fewest components reaching this explained-variance share, e.g. 0.95")
-    p.add_argument("--pca-from", metavar="OTHER_OUTPUT",
-                   help="project with the PCA already fitted in OTHER_OUTPUT (same model) instead of refitting: "
-                        "a stable basis across runs; k is that basis's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,18 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p_run = sub.add_parser("run", help="list, embed and reduce: the whole pipeline", epilog=EPILOG,
                            description="List INPUT, embed new images, fit PCA, write everything under OUTPUT.")
-    _add_embed(p_run)
-    _add_reduce(p_run)
-    _add_common(p_run)
+    add_embed(p_run)
+    add_reduce(p_run)
+    add_common(p_run)
     p_embed = sub.add_parser("embed", help="list and embed only (embeddings/, rejects/)", epilog=EPILOG,
                              description="List INPUT and embed the images no earlier run has handled.")
-    _add_embed(p_embed)
-    _add_common(p_embed)
+    add_embed(p_embed)
+    add_common(p_embed)
     p_reduce = sub.add_parser("reduce", help="PCA on the embeddings of an OUTPUT (pca/, reduced/)", epilog=EPILOG,
                               description="Fit PCA on OUTPUT/embeddings and write OUTPUT/pca and OUTPUT/reduced.")
     p_reduce.add_argument("output", metavar="OUTPUT", help="an OUTPUT written by `fruitpipe embed` or `run`")
-    _add_reduce(p_reduce)
-    _add_common(p_reduce)
+    add_reduce(p_reduce)
+    add_common(p_reduce)
     cli_apps.add_train(sub)
     cli_apps.add_evaluate(sub)
     cli_apps.add_serve(sub)

@@ -28,6 +28,9 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
                    help="where the wheel, bootstrap script and model go "
                         "(default s3://<OUTPUT bucket>/fruitpipe-artifacts)")
     p.add_argument("--logs", metavar="S3_PREFIX", help="EMR log prefix (default s3://<OUTPUT bucket>/fruitpipe-logs)")
+    p.add_argument("--output-root", metavar="S3_PREFIX",
+                   help="with setup: let the instance role write every run below this prefix (e.g. s3://b/runs "
+                        "for dated outputs), granted once; up checks OUTPUT is inside what was granted")
     p.add_argument("--release-label", default=DEFAULT_RELEASE, help=f"EMR release (default {DEFAULT_RELEASE})")
     p.add_argument("--master-type", default="m5.xlarge", help="master instance type (default m5.xlarge)")
     p.add_argument("--core-type", default="m5.xlarge", help="core instance type (default m5.xlarge)")
@@ -109,7 +112,8 @@ def _emr_settings(args: argparse.Namespace) -> Any:
     tags = key_values(args.tag, "--tag", "team=vision")
     return EmrSettings(
         input=args.input, output=args.output, region=args.region, allow_non_eu=args.allow_non_eu,
-        artifacts=args.artifacts, logs=args.logs, release_label=args.release_label, master_type=args.master_type,
+        artifacts=args.artifacts, logs=args.logs, output_root=args.output_root, release_label=args.release_label,
+        master_type=args.master_type,
         core_type=args.core_type, core_nodes=args.core_nodes, ebs_gb=args.ebs_gb, name=args.name,
         service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
         model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,

@@ -21,6 +21,78 @@ from fruitpipe.cloud.settings import (
 log = logging.getLogger(__name__)
 
 
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _read_or_absent(read: Any, bucket: str, permission: str, absent: str) -> Any:
+    """read()'s answer, or None when S3 answers that the setting is not there (`absent`, its only "not found"
+    code); any other refusal (AccessDenied above all) is one line naming the permission, before anything is written."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return read()
+    except ClientError as exc:
+        if _code(exc) == absent:
+            return None
+        raise EmrError(f"s3://{bucket}: reading its settings was refused ({_code(exc)}): the identity running setup "
+                       f"needs {permission} on the bucket; nothing was changed") from None
+
+
+#: The service-linked role EMR creates for itself once per account (iam:CreateServiceLinkedRole).
+EMR_CLEANUP_ROLE = "AWSServiceRoleForEMRCleanup"
+#: IAM's limit on the inline policies of one role, all together (characters, whitespace not counted).
+ROLE_INLINE_LIMIT = 10_240
+
+
+def pair_policy_name(settings: EmrSettings) -> str:
+    """The instance role's inline policy for one (INPUT, output grant) pair: named by their hash, so that a second
+    setup for the same pair replaces it and one for another pair adds its own."""
+    import hashlib
+
+    pair = f"{settings.input.rstrip('/')}|{settings.output_grant}"
+    return f"fruitpipe-{hashlib.sha256(pair.encode()).hexdigest()[:12]}"
+
+
+def _granted_prefixes(document: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(s3://bucket/prefix the document lets list and read as input, ... lets write as output), from the statements
+    fruitpipe's own policy names (ec2-instance-role.json)."""
+    inputs, outputs = set(), set()
+    for st in document.get("Statement", []):
+        if st.get("Effect") != "Allow":
+            continue
+        resources = st.get("Resource", [])
+        for res in [resources] if isinstance(resources, str) else resources:
+            if not res.startswith("arn:aws:s3:::") or res.endswith("/*"):
+                continue
+            if st.get("Sid") == "ReadInputPrefixOnly":
+                inputs.add("s3://" + res[len("arn:aws:s3:::"):])
+            elif st.get("Sid") == "ReadWriteOutputPrefixOnly":
+                outputs.add("s3://" + res[len("arn:aws:s3:::"):])
+    return inputs, outputs
+
+
+def bucket_key_statement(key_arns: list[str], region: str) -> dict[str, Any]:
+    """The instance role's use of the buckets' own KMS keys: only through S3 in the region (kms:ViaService), only
+    what SSE-KMS reads and writes need."""
+    return {"Sid": "UseTheBucketKeysThroughS3Only", "Effect": "Allow",
+            "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": key_arns,
+            "Condition": {"StringEquals": {"kms:ViaService": f"s3.{region}.amazonaws.com"}}}
+
+
+def _granted_keys(document: dict[str, Any]) -> set[str]:
+    keys: set[str] = set()
+    for st in document.get("Statement", []):
+        if st.get("Effect") == "Allow" and st.get("Sid") == "UseTheBucketKeysThroughS3Only":
+            keys |= set([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])
+    return keys
+
+
+def _within(uri: str, prefixes: set[str]) -> bool:
+    uri = uri.rstrip("/")
+    return any(uri == p or uri.startswith(p + "/") for p in prefixes)
+
+
 class AccountSetup(Preflight):
     """The setup half of the EMR client: needs `region`, `s3`, `emr` and `client(name)` from its subclass."""
 
@@ -36,23 +108,29 @@ class AccountSetup(Preflight):
         changed: list[str] = []
         try:
             self.s3.head_bucket(Bucket=bucket)
-        except ClientError:
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise EmrError(f"s3://{bucket}: HeadBucket was refused ({_code(exc)}): the identity running setup "
+                               "needs s3:ListBucket on it; nothing was changed") from None
             log.info("creating bucket s3://%s in %s", bucket, self.region)
             self.s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
             changed.append(f"s3://{bucket}: created in {self.region}")
-        try:
-            block = self.s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
-        except ClientError:
-            block = {}
+        # Everything is read before anything is written: a setting that cannot be read is an error, never "not set"
+        # (which would replace a bucket policy or a KMS default that is there).
+        block = _read_or_absent(lambda: self.s3.get_public_access_block(Bucket=bucket)[
+            "PublicAccessBlockConfiguration"], bucket, "s3:GetBucketPublicAccessBlock",
+            "NoSuchPublicAccessBlockConfiguration") or {}
+        encryption = _read_or_absent(lambda: self.s3.get_bucket_encryption(Bucket=bucket)[
+            "ServerSideEncryptionConfiguration"], bucket, "s3:GetEncryptionConfiguration",
+            "ServerSideEncryptionConfigurationNotFoundError")
+        found = _read_or_absent(lambda: self.s3.get_bucket_policy(Bucket=bucket)["Policy"], bucket,
+                                "s3:GetBucketPolicy", "NoSuchBucketPolicy")
         flags = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")
         off = [f for f in flags if not block.get(f)]
         if off:  # only ever turned on, never off
             self.s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={f: True for f in flags})
             changed.append(f"s3://{bucket}: public access block turned on ({', '.join(off)})")
-        try:
-            rules = self.s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
-        except ClientError:
-            rules = []
+        rules = (encryption or {}).get("Rules", [])
         algorithms = {r.get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm") for r in rules}
         if not algorithms & {"AES256", "aws:kms", "aws:kms:dsse"}:  # an existing default (SSE-KMS above all) stays
             self.s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [
@@ -61,15 +139,134 @@ class AccountSetup(Preflight):
         deny_http = {"Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
                      "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
                      "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
-        try:
-            policy = json.loads(self.s3.get_bucket_policy(Bucket=bucket)["Policy"])
-        except ClientError:
-            policy = {"Version": "2012-10-17", "Statement": []}
+        policy: dict[str, Any] = json.loads(found) if found else {"Version": "2012-10-17", "Statement": []}
         if not any(s.get("Sid") == deny_http["Sid"] for s in policy["Statement"]):
             policy["Statement"].append(deny_http)  # merged: the bucket's other statements are kept
             self.s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
             changed.append(f"s3://{bucket}: bucket policy statement DenyInsecureTransport added")
         return changed
+
+    def _ensure_cleanup_role(self, iam: Any) -> list[str]:
+        """EMR's service-linked role (AWSServiceRoleForEMRCleanup), which an account that never ran EMR lacks: EMR
+        uses it to clean up instances if the service role cannot. Created once (found by its path: the only role
+        EMR links there); a second setup leaves it."""
+        path = "/aws-service-role/elasticmapreduce.amazonaws.com/"
+        if iam.list_roles(PathPrefix=path)["Roles"]:
+            return []
+        try:
+            iam.create_service_linked_role(AWSServiceName="elasticmapreduce.amazonaws.com")
+        except (iam.exceptions.InvalidInputException, iam.exceptions.EntityAlreadyExistsException) as exc:
+            log.debug("EMR's service-linked role exists already: %s", exc)  # created meanwhile
+            return []
+        return [f"EMR's service-linked role {EMR_CLEANUP_ROLE} created (once per account)"]
+
+    def bucket_keys(self, settings: EmrSettings) -> set[str]:
+        """The ARNs of the customer KMS keys that INPUT's, OUTPUT's, the artifacts' and the logs' buckets encrypt new
+        objects with by default (SSE-KMS): the instance role must be able to use them, or every write fails and
+        every image of an encrypted INPUT becomes `unreadable`. AWS's own aws/s3 key needs no grant."""
+        from botocore.exceptions import ClientError
+
+        keys: set[str] = set()
+        buckets = dict.fromkeys(split_s3(u, "URI")[0] for u in (settings.input, settings.output,
+                                                                 settings.artifacts_uri, settings.logs_uri))
+        kms = self.client("kms")
+        for bucket in buckets:
+            try:
+                self.s3.head_bucket(Bucket=bucket)
+            except ClientError:
+                continue  # created below, with SSE-S3
+            found = _read_or_absent(lambda b=bucket: self.s3.get_bucket_encryption(Bucket=b)[
+                "ServerSideEncryptionConfiguration"], bucket, "s3:GetEncryptionConfiguration",
+                "ServerSideEncryptionConfigurationNotFoundError") or {}
+            for rule in found.get("Rules", []):
+                default = rule.get("ApplyServerSideEncryptionByDefault", {})
+                key = default.get("KMSMasterKeyID")
+                if default.get("SSEAlgorithm", "").startswith("aws:kms") and key:
+                    try:
+                        meta = kms.describe_key(KeyId=key)["KeyMetadata"]
+                    except ClientError as exc:
+                        if key.startswith("arn:aws:kms:"):
+                            keys.add(key)  # another account's key: granted by its ARN, its policy must allow us
+                            continue
+                        raise EmrError(f"s3://{bucket} encrypts with KMS key {key}, which cannot be described "
+                                       f"({_code(exc)}): the identity running setup needs kms:DescribeKey on "
+                                       "it") from None
+                    if meta.get("KeyManager") == "CUSTOMER":
+                        keys.add(meta["Arn"])
+        return keys
+
+    def _check_inline_room(self, iam: Any, role: str, name: str, document: str) -> None:
+        """Refuse, before writing, a pair policy that would pass IAM's size limit on the role's inline policies."""
+        import urllib.parse
+
+        used = 0
+        for other in iam.list_role_policies(RoleName=role)["PolicyNames"]:
+            if other != name:
+                body = iam.get_role_policy(RoleName=role, PolicyName=other)["PolicyDocument"]
+                text = urllib.parse.unquote(body) if isinstance(body, str) else json.dumps(body)
+                used += len("".join(text.split()))
+        if used + len(document) > ROLE_INLINE_LIMIT:
+            raise EmrError(f"the role {role} has {used} characters of inline policies and this pair needs "
+                           f"{len(document)} more, past IAM's {ROLE_INLINE_LIMIT}: grant a common prefix once with "
+                           "--output-root, or delete a pair you no longer run (aws iam delete-role-policy "
+                           f"--role-name {role} --policy-name fruitpipe-...)")
+
+    def check_role_grants(self, settings: EmrSettings) -> None:
+        """Before a billed launch: the instance role's policies (any of them) let it read INPUT and write OUTPUT;
+        else one line naming the `setup` to run. When this identity may not read IAM, say so and go on."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        iam = self.client("iam")
+        inputs: set[str] = set()
+        outputs: set[str] = set()
+        keys: set[str] = set()
+        try:
+            for name in iam.list_role_policies(RoleName=settings.instance_role)["PolicyNames"]:
+                body = iam.get_role_policy(RoleName=settings.instance_role, PolicyName=name)["PolicyDocument"]
+                document = json.loads(body) if isinstance(body, str) else body
+                found_in, found_out = _granted_prefixes(document)
+                inputs |= found_in
+                outputs |= found_out
+                keys |= _granted_keys(document)
+        except (ClientError, BotoCoreError) as exc:
+            code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else type(exc).__name__
+            if code == "NoSuchEntity":
+                raise EmrError(f"the instance role {settings.instance_role} does not exist: run `fruitpipe emr setup "
+                               f"{settings.input} {settings.output}` first") from None
+            log.warning("could not check what the instance role %s may read and write (%s): iam:ListRolePolicies "
+                        "and iam:GetRolePolicy on it let `up` check before launching (policies/operator.json)",
+                        settings.instance_role, code)
+            return
+        missing = [what for what, uri, granted in (("read INPUT", settings.input, inputs),
+                                                   ("write OUTPUT", settings.output, outputs))
+                   if not _within(uri, granted)]
+        self._warn_input_key(settings, keys)
+        if missing:
+            root = f" --output-root {settings.output_root}" if settings.output_root else ""
+            raise EmrError(f"the instance role {settings.instance_role} may not {' or '.join(missing)} "
+                           f"({settings.input} -> {settings.output}): run `fruitpipe emr setup {settings.input} "
+                           f"{settings.output}{root}` (or with --output-root for a prefix above OUTPUT) before `up`")
+
+    def _warn_input_key(self, settings: EmrSettings, granted: set[str]) -> None:
+        """Warn when INPUT's first object is encrypted with a customer KMS key the instance role may not use: each
+        such image would be rejected as unreadable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = split_s3(settings.input, "INPUT")
+        try:
+            first = self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+            if not first.get("Contents"):
+                return
+            head = self.s3.head_object(Bucket=bucket, Key=first["Contents"][0]["Key"])
+            key = head.get("SSEKMSKeyId")
+            if head.get("ServerSideEncryption", "").startswith("aws:kms") and key:
+                arn = self.client("kms").describe_key(KeyId=key)["KeyMetadata"]
+                if arn.get("KeyManager") == "CUSTOMER" and arn["Arn"] not in granted:
+                    log.warning("INPUT's objects are encrypted with KMS key %s, which the instance role may not use: "
+                                "every image would be rejected as unreadable; run `fruitpipe emr setup` again (it "
+                                "grants the buckets' default keys) or grant kms:Decrypt on it", arn["Arn"])
+        except (ClientError, BotoCoreError) as exc:
+            log.debug("INPUT's encryption not checked: %s", exc)
 
     def bucket_region(self, bucket: str) -> str:
         """The region a bucket lives in (GetBucketLocation; us-east-1 answers with no constraint)."""
@@ -136,6 +333,7 @@ class AccountSetup(Preflight):
                 raise EmrError(f"security configuration {SECURITY_CONFIGURATION} exists with other settings: "
                                "delete it (aws emr delete-security-configuration) and run setup again")
         values = policy_values(settings, account, key_arn)
+        bucket_keys = self.bucket_keys(settings)
         iam = self.client("iam")
         roles = ((settings.service_role, "emr-service-trust", "emr-service-role"),
                  (settings.instance_role, "ec2-trust", "ec2-instance-role"))
@@ -146,9 +344,18 @@ class AccountSetup(Preflight):
             except iam.exceptions.EntityAlreadyExistsException:
                 iam.update_assume_role_policy(RoleName=role,
                                               PolicyDocument=json.dumps(render_policy(trust, **values)))
-            iam.put_role_policy(RoleName=role, PolicyName="fruitpipe",
-                                PolicyDocument=json.dumps(render_policy(inline, **values)))
+            # The instance role gets one policy per (INPUT, output grant) pair, added beside the others: a setup for
+            # run B never revokes run A's access mid-run. The service role's one policy is the same for every run.
+            name = pair_policy_name(settings) if role == settings.instance_role else "fruitpipe"
+            rendered = render_policy(inline, **values)
+            if role == settings.instance_role and bucket_keys:
+                rendered["Statement"].append(bucket_key_statement(sorted(bucket_keys), self.region))
+            document = json.dumps(rendered, separators=(",", ":"))
+            if role == settings.instance_role:
+                self._check_inline_room(iam, role, name, document)
+            iam.put_role_policy(RoleName=role, PolicyName=name, PolicyDocument=document)
         iam.attach_role_policy(RoleName=settings.service_role, PolicyArn=EMR_MANAGED_POLICY)
+        linked = self._ensure_cleanup_role(iam)
         try:
             iam.create_instance_profile(InstanceProfileName=settings.instance_role)
         except iam.exceptions.EntityAlreadyExistsException:
@@ -157,7 +364,7 @@ class AccountSetup(Preflight):
         if not any(r["RoleName"] == settings.instance_role for r in profile["Roles"]):
             iam.add_role_to_instance_profile(InstanceProfileName=settings.instance_role,
                                              RoleName=settings.instance_role)
-        changed: list[str] = self.tag_network(self.network(settings))
+        changed: list[str] = linked + self.tag_network(self.network(settings))
         for bucket in dict.fromkeys(split_s3(uri, "URI")[0] for uri in (settings.artifacts_uri, settings.logs_uri)):
             changed += self.ensure_bucket(bucket)
         self.check_data_regions(settings)

@@ -80,12 +80,12 @@ NODE_MARKERS = {"python_version": NODE_PYTHON, "python_full_version": f"{NODE_PY
 def run_options(run_args: tuple[str, ...]) -> argparse.Namespace:
     """The step's `fruitpipe run` flags as `run` itself parses them (abbreviations and --flag=value included);
     a flag `run` would refuse is refused here, before anything is uploaded or billed."""
-    from fruitpipe.cli import build_parser
+    from fruitpipe.run_args import run_parser
 
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(["run", "s3://input/x", "s3://output/x", *run_args])
+            return run_parser().parse_args(["s3://input/x", "s3://output/x", *run_args])
     except SystemExit:
         why = (err.getvalue().strip().splitlines() or ["not accepted"])[-1].replace("fruitpipe run: error: ", "")
         raise EmrError(f"--run-arg {' '.join(run_args)}: `fruitpipe run` would refuse it: {why}") from None

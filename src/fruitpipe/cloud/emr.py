@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fruitpipe.cloud.account import AccountSetup
+from fruitpipe.cloud.account import AccountSetup, pair_policy_name
 from fruitpipe.cloud.artifacts import (
     WHEELHOUSE_TAR,
     _version,
@@ -76,6 +76,7 @@ __all__ = [
     "build_wheel",
     "estimate",
     "job_flow_request",
+    "pair_policy_name",
     "plan",
     "policy_values",
     "render_policy",
@@ -249,6 +250,7 @@ class Emr(AccountSetup):
         missing = [k for k in ("wheel", "bootstrap", "requirements", "model") if not self._exists(uris[k])]
         if missing:
             raise EmrError(f"missing in S3: {', '.join(uris[k] for k in missing)}; run `fruitpipe emr upload` first")
+        self.check_role_grants(settings)
         from botocore.exceptions import ClientError
 
         try:
@@ -271,7 +273,8 @@ class Emr(AccountSetup):
         return {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}
 
     def status(self, cluster_id: str) -> dict[str, Any]:
-        """Cluster state, its reason, and each step's state."""
+        """Cluster state, its reason, and each step's state, oldest first, with EMR's failure reason, message and
+        log file when it failed."""
         from botocore.exceptions import ClientError
 
         try:
@@ -286,8 +289,12 @@ class Emr(AccountSetup):
             "reason_code": c["Status"].get("StateChangeReason", {}).get("Code") or "",
             "log_uri": c.get("LogUri", ""), "ended_at": _iso(c["Status"].get("Timeline", {}).get("EndDateTime")),
             "normalized_instance_hours": c.get("NormalizedInstanceHours", 0),
+            # ListSteps answers newest first: listed oldest first here, so that steps[-1] is the latest.
             "steps": [{"id": s["Id"], "name": s["Name"], "state": s["Status"]["State"],
-                       "reason": s["Status"].get("FailureDetails", {}).get("Reason", "")} for s in steps],
+                       "reason": s["Status"].get("FailureDetails", {}).get("Reason", ""),
+                       "message": s["Status"].get("FailureDetails", {}).get("Message", ""),
+                       "log_file": s["Status"].get("FailureDetails", {}).get("LogFile", "")}
+                      for s in reversed(steps)],
         }
 
     def logs(self, cluster_id: str, step_id: str | None = None, tail: int = 200) -> dict[str, str]:
@@ -382,6 +389,8 @@ class Emr(AccountSetup):
             raise EmrError(f"the run did not complete (cluster {st['state']}"
                            + (f": {cluster_why}" if cluster_why else "")
                            + f"; step {step['state']} {step.get('reason', '')}".rstrip()
+                           + (f": {step['message']}" if step.get("message") else "")
+                           + (f", log {step['log_file']}" if step.get("log_file") else "")
                            + f"; _SUCCESS {'present' if success else 'missing'}): read "
                            f"`fruitpipe emr logs {cluster_id}`; re-running resumes where it stopped")
         report_json = json.loads(run_json)

@@ -318,7 +318,7 @@ def render_policy(name: str, **values: str) -> dict[str, Any]:
 def policy_values(settings: EmrSettings, account_id: str, kms_key_arn: str) -> dict[str, str]:
     """Placeholder values of the shipped policies for one run."""
     in_b, in_p = split_s3(settings.input, "INPUT")
-    out_b, out_p = split_s3(settings.output, "OUTPUT")
+    out_b, out_p = split_s3(settings.output_grant, "--output-root" if settings.output_root else "OUTPUT")
     art_b, art_p = split_s3(settings.artifacts_uri, "--artifacts")
     log_b, log_p = split_s3(settings.logs_uri, "--logs")
     for what, prefix in (("INPUT", in_p), ("OUTPUT", out_p), ("--artifacts", art_p), ("--logs", log_p)):
@@ -328,6 +328,7 @@ def policy_values(settings: EmrSettings, account_id: str, kms_key_arn: str) -> d
     return {"input_bucket": in_b, "input_prefix": in_p, "output_bucket": out_b, "output_prefix": out_p,
             "artifacts_bucket": art_b, "artifacts_prefix": art_p, "logs_bucket": log_b, "logs_prefix": log_p,
             "account_id": account_id, "region": settings.region, "instance_role": settings.instance_role,
+            "service_role": settings.service_role,
             "kms_key_arn": kms_key_arn}
 
 
@@ -364,6 +365,8 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
         "run_job_flow": job_flow_request(settings, subnet),
         "artifacts": artifact_uris(settings),
         "executors": executors(settings),
+        # What the identity running plan/upload/up/run/status/logs/down needs (setup needs IAM admin rights, once).
+        "operator_policy": render_policy("operator", **policy_values(settings, "ACCOUNT_ID", "KMS_KEY_ARN")),
         "setup": {"service_role": settings.service_role, "instance_profile": settings.instance_role,
                   "kms_alias": KMS_ALIAS, "security_configuration": SECURITY_CONFIGURATION},
         "estimate": estimate(settings),

@@ -24,13 +24,53 @@ class Network:
     default_vpc: bool
     security_groups: list[str] = field(default_factory=list)
     untagged: list[str] = field(default_factory=list)
+    #: How the nodes reach S3 (the bootstrap reads the wheelhouse there): "gateway endpoint", "NAT gateway",
+    #: "internet gateway", or "" when the subnet's route table has none of them.
+    s3_route: str = ""
+    s3_route_via: str = ""
 
     def describe(self) -> dict[str, Any]:
         """The plan's view of it."""
-        return {"subnet_id": self.subnet_id, "vpc_id": self.vpc_id,
-                "chosen": "the default VPC's subnet" if self.default_vpc else "--subnet-id",
-                "emr_security_groups": self.security_groups, "tag": f"{EMR_MANAGED_TAG}=true",
-                "untagged": self.untagged}
+        out = {"subnet_id": self.subnet_id, "vpc_id": self.vpc_id,
+               "chosen": "the default VPC's subnet" if self.default_vpc else "--subnet-id",
+               "emr_security_groups": self.security_groups, "tag": f"{EMR_MANAGED_TAG}=true",
+               "untagged": self.untagged, "s3_route": _route_words(self.s3_route, self.s3_route_via)}
+        return out
+
+
+def _route_words(kind: str, via: str) -> str:
+    if kind == "gateway endpoint":
+        return f"S3 gateway endpoint {via} (free)"
+    if kind == "NAT gateway":
+        return (f"NAT gateway {via}: S3 traffic through it is billed per GB (NAT data processing); an S3 gateway "
+                "endpoint in the VPC is free")
+    if kind == "internet gateway":
+        return f"internet gateway {via} (the nodes get public addresses)"
+    return "none: the nodes cannot reach S3 (no S3 gateway endpoint, NAT or internet gateway route)"
+
+
+def s3_route(route_tables: list[dict[str, Any]], subnet_id: str) -> tuple[str, str]:
+    """(kind, id) of the best way the subnet reaches S3: its route table (an explicit association, else the VPC's
+    main table) with a route to a gateway endpoint (vpce-, to S3's prefix list), else 0.0.0.0/0 through a NAT
+    gateway or an internet gateway."""
+    own = [t for t in route_tables if any(a.get("SubnetId") == subnet_id for a in t.get("Associations", []))]
+    main = [t for t in route_tables if any(a.get("Main") for a in t.get("Associations", []))]
+    table = (own or main or [{}])[0]
+    found: dict[str, str] = {}
+    for r in table.get("Routes", []):
+        if r.get("State", "active") != "active":
+            continue
+        gateway = r.get("GatewayId", "") or ""
+        if gateway.startswith("vpce-") and r.get("DestinationPrefixListId"):
+            found.setdefault("gateway endpoint", gateway)
+        elif r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("NatGatewayId"):
+            found.setdefault("NAT gateway", r["NatGatewayId"])
+        elif r.get("DestinationCidrBlock") == "0.0.0.0/0" and gateway.startswith("igw-"):
+            found.setdefault("internet gateway", gateway)
+    for kind in ("gateway endpoint", "NAT gateway", "internet gateway"):
+        if kind in found:
+            return kind, found[kind]
+    return "", ""
 
 
 def _tagged(resource: dict[str, Any]) -> bool:
@@ -78,7 +118,10 @@ class Preflight:
             {"Name": "group-name", "Values": list(EMR_MANAGED_GROUPS)}])["SecurityGroups"]
         untagged = [r[key] for r, key in ((subnet, "SubnetId"), (vpc, "VpcId")) if not _tagged(r)]
         untagged += [g["GroupId"] for g in groups if not _tagged(g)]
-        return Network(subnet["SubnetId"], vpc["VpcId"], default, sorted(g["GroupId"] for g in groups), untagged)
+        tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])["RouteTables"]
+        kind, via = s3_route(tables, subnet["SubnetId"])
+        return Network(subnet["SubnetId"], vpc["VpcId"], default, sorted(g["GroupId"] for g in groups), untagged,
+                       kind, via)
 
     def tag_network(self, net: Network) -> list[str]:
         """Tag what lacks the tag; returns what was changed, in words (setup's report)."""
@@ -97,6 +140,14 @@ class Preflight:
                            "TERMINATED_WITH_ERRORS): run `fruitpipe emr setup` with the same flags (it tags them), or "
                            f"`aws ec2 create-tags --resources {' '.join(net.untagged)} "
                            f"--tags Key={EMR_MANAGED_TAG},Value=true`")
+        if not net.s3_route:
+            raise EmrError(f"subnet {net.subnet_id} has no route to S3, so the bootstrap could not read the "
+                           "wheelhouse (the cluster would fail after being billed): add an S3 gateway endpoint to "
+                           f"VPC {net.vpc_id} (aws ec2 create-vpc-endpoint --service-name com.amazonaws."
+                           f"{self.region}.s3 --route-table-ids ...), or a NAT gateway route")
+        if net.s3_route == "NAT gateway":
+            log.warning("subnet %s reaches S3 through %s", net.subnet_id, _route_words(net.s3_route,
+                                                                                     net.s3_route_via))
         return net
 
     def quota(self, settings: EmrSettings) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class EmrSettings:
     artifacts: str | None = None
     #: s3:// prefix for EMR's logs (default: s3://<output bucket>/fruitpipe-logs).
     logs: str | None = None
+    #: s3:// prefix the instance role may write (OUTPUT inside it): granted once by `setup`, for every run below it
+    #: (dated outputs). Default: OUTPUT itself.
+    output_root: str | None = None
     release_label: str = DEFAULT_RELEASE
     master_type: str = "m5.xlarge"
     core_type: str = "m5.xlarge"
@@ -135,6 +138,12 @@ class EmrSettings:
                            "use eu-west-3, or pass --allow-non-eu if this data may leave it")
         split_s3(self.input, "INPUT")
         split_s3(self.output, "OUTPUT")
+        if self.output_root is not None:
+            root = self.output_root.rstrip("/")
+            split_s3(root, "--output-root")
+            if not (self.output.rstrip("/") == root or self.output.startswith(root + "/")):
+                raise EmrError(f"OUTPUT {self.output} is not under --output-root {self.output_root}: put the run "
+                               "below the root, or grant its own prefix with `fruitpipe emr setup INPUT OUTPUT`")
         split_s3(self.artifacts_uri, "--artifacts")
         split_s3(self.logs_uri, "--logs")
         if self.notebook_idle_min is not None and not 1 <= self.notebook_idle_min <= 7 * 24 * 60:
@@ -169,6 +178,11 @@ class EmrSettings:
     def artifacts_uri(self) -> str:
         """s3:// prefix of the artifacts."""
         return (self.artifacts or f"s3://{split_s3(self.output, 'OUTPUT')[0]}/fruitpipe-artifacts").rstrip("/")
+
+    @property
+    def output_grant(self) -> str:
+        """The s3:// prefix the instance role may write for this run: --output-root, else OUTPUT."""
+        return (self.output_root or self.output).rstrip("/")
 
     @property
     def logs_uri(self) -> str:
