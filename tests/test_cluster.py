@@ -113,6 +113,8 @@ def _download(endpoint: str, bucket: str, prefix: str, dest: Path) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) + 1:]
+            if not rel or rel.endswith("/"):  # a folder marker (pyarrow's create_dir), not a file
+                continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(dest / rel))
             names.append(rel)
