@@ -751,3 +751,53 @@ def test_setup_grants_the_buckets_own_kms_keys_through_s3_only_and_up_warns_of_o
     with caplog.at_level(logging.WARNING, logger="fruitpipe"):
         emr.Emr(REGION).check_role_grants(settings)
     assert any(other in r.getMessage() and "rejected as unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_ctrl_c_cannot_cut_the_termination_short_and_expired_credentials_say_what_runs(
+        aws, runs_granted, monkeypatch) -> None:
+    """Ctrl-C while `emr run` waits, and a second one while it terminates the cluster (sent from inside the
+    termination: an observable point): the second is ignored and the cluster ends. Credentials that expire
+    during the wait (the termination refused too): the error names the cluster still running, when it ends by
+    itself, and the `emr down` to run."""
+    import os
+    import signal
+
+    from botocore.exceptions import ClientError
+
+    api = _client("emr", aws["endpoint"])
+    client = emr.Emr(REGION)
+    real_down = client.down
+
+    def interrupted_wait(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    def down_with_a_second_ctrl_c(cluster_id: str) -> str:
+        os.kill(os.getpid(), signal.SIGINT)  # ignored while terminating; else KeyboardInterrupt right here
+        return real_down(cluster_id)
+
+    monkeypatch.setattr(client, "wait", interrupted_wait)
+    monkeypatch.setattr(client, "down", down_with_a_second_ctrl_c)
+    settings = emr_settings(output="s3://fruits-out/runs/ctrl-c", name="fruitpipe-ctrl-c")
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        client.run(settings, 60, wheel=aws["wheel"])
+    cluster = [c for c in api.list_clusters()["Clusters"] if c["Name"] == "fruitpipe-ctrl-c"][0]
+    assert cluster["Status"]["State"] in ("TERMINATING", "TERMINATED")
+    assert signal.getsignal(signal.SIGINT) is handler  # restored afterwards
+
+    expired = ClientError({"Error": {"Code": "ExpiredTokenException", "Message": "The security token included in "
+                                     "the request is expired"}}, "DescribeCluster")
+
+    def fails(*_args, **_kwargs):
+        raise expired
+
+    monkeypatch.setattr(client, "wait", fails)
+    monkeypatch.setattr(client, "down", fails)
+    settings = emr_settings(output="s3://fruits-out/runs/expired", name="fruitpipe-expired")
+    with pytest.raises(emr.EmrError) as caught:
+        client.run(settings, 60, wheel=aws["wheel"])
+    cluster_id = [c for c in api.list_clusters()["Clusters"] if c["Name"] == "fruitpipe-expired"][0]["Id"]
+    message = str(caught.value)
+    assert f"cluster {cluster_id} could not be terminated" in message and "is still running" in message
+    assert f"`fruitpipe emr down {cluster_id} --region {REGION}`" in message and "UTC" in message
+    api.terminate_job_flows(JobFlowIds=[cluster_id])

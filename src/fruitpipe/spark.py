@@ -194,7 +194,10 @@ def from_arrow(spark: pyspark.sql.SparkSession, table: pa.Table) -> pyspark.sql.
     Spark 3.5, which EMR 7 ships and whose createDataFrame takes no Arrow table."""
     if int(spark.version.split(".")[0]) >= 4:
         return spark.createDataFrame(table)
-    return spark.createDataFrame(table.to_pandas())
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    # With its schema: Spark 3.5 cannot infer one from an empty frame (CANNOT_INFER_EMPTY_SCHEMA).
+    return spark.createDataFrame(table.to_pandas(), schema=from_arrow_schema(table.schema))
 
 
 def to_arrow(df: pyspark.sql.DataFrame) -> pa.Table:  # type: ignore[name-defined]  # noqa: F821

@@ -45,6 +45,7 @@ from fruitpipe.cloud.settings import (
     DEFAULT_RELEASE,
     EMR_MANAGED_POLICY,
     EMR_MANAGED_TAG,
+    FIXED_MINUTES,
     KMS_ALIAS,
     MEASURED_IMG_PER_VCPU_S,
     NODE_PRICES_EU_WEST_3,
@@ -103,6 +104,24 @@ def _signals_interrupt() -> Iterator[None]:
 
     for sig in previous:
         signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP are ignored (main thread only): a second Ctrl-C must not cut
+    the termination of a billing cluster short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         yield
     finally:
@@ -331,6 +350,27 @@ class Emr(AccountSetup):
             raise EmrError(f"no logs yet under {base}/{cluster_id}/: {_when_logs_come(st)}")
         return found
 
+    def _terminate(self, cluster_id: str, settings: EmrSettings, started_at: float) -> EmrError | None:
+        """Terminate a cluster `run` started, deaf to a second Ctrl-C, SIGTERM or SIGHUP meanwhile. When AWS refuses
+        (credentials expired during a long wait: SSO sessions last an hour), the error says the cluster still runs,
+        when it ends by itself and the command that stops it sooner; None once terminated."""
+        import datetime as dt
+
+        log.warning("terminating cluster %s", cluster_id)
+        with _signals_ignored():
+            try:
+                self.down(cluster_id)
+                return None
+            except Exception as exc:
+                step_min = step_timeout_minutes(settings)
+                ends = dt.datetime.fromtimestamp(started_at + 60 * (FIXED_MINUTES["provisioning_and_bootstrap"]
+                                                                    + step_min + 2), dt.UTC)
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                return EmrError(f"cluster {cluster_id} could not be terminated ({why}) and is still running: its "
+                                f"step is killed {step_min} minutes after it starts (about {ends:%H:%M} UTC) and the "
+                                "cluster then ends by itself; stop it sooner with `fruitpipe emr down "
+                                f"{cluster_id} --region {self.region}` once AWS accepts your credentials again")
+
     def down(self, cluster_id: str) -> str:
         """Terminate the cluster; returns its state after the request."""
         self.emr.terminate_job_flows(JobFlowIds=[cluster_id])
@@ -368,14 +408,16 @@ class Emr(AccountSetup):
         """upload + up + wait + fetch run.json + down; the cluster is terminated whatever happens."""
         self.upload(settings, wheel, wheelhouse_from)
         ids: list[str] = []
+        started_at = time.time()
         with _signals_interrupt():  # SIGTERM and SIGHUP too, so a killed session never leaves a cluster billing
             try:
                 self.up(settings, started=ids.append)
                 st = self.wait(ids[0], timeout_s, poll_s, report, terminate_on_timeout=True)
-            except BaseException:
+            except BaseException as exc:
                 for cluster_id in ids:  # started, even if the interruption came before up() returned
-                    log.warning("terminating cluster %s", cluster_id)
-                    self.down(cluster_id)
+                    failed = self._terminate(cluster_id, settings, started_at)
+                    if failed is not None:
+                        raise failed from exc
                 raise
         cluster_id = ids[0]
         if st["state"] not in _CLUSTER_DONE:
