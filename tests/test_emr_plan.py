@@ -120,8 +120,10 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
     assert est["s3_requests"]["get_images"] == 138_704 and est["s3_requests"]["head_images"] == 0
     assert est["usd"]["s3_requests"] > 138_704 / 1000 * S3_GET_PER_1000
     assert est["core_vcpus"] == 12 and est["prices"]["stated_on"] == emr.PRICES_DATE
-    expected_min = 138_704 / (12 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 12.0
+    listing_min = 139 * 0.1 / 60  # 139 LIST pages of 1,000 keys, 100 ms each, on the driver before the embedding
+    expected_min = listing_min + 138_704 / (12 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 12.0
     assert est["total_minutes"] == pytest.approx(expected_min, abs=0.1)
+    assert est["listing_minutes"] == pytest.approx(listing_min, abs=0.05)
     expected_usd = expected_min / 60 * 4 * sum(emr.NODE_PRICES_EU_WEST_3["m5.xlarge"])
     assert est["usd"]["nodes"] == pytest.approx(expected_usd, abs=1e-3)
 
@@ -192,8 +194,11 @@ def test_plan_prints_the_executors_and_with_one_core_node_one_is_granted(no_cred
 
 def test_step_timeout_follows_the_estimate_or_the_flag(no_credentials, capsys) -> None:
     settings = emr_settings(images=5_000_000)
-    step_min = 5_000_000 / (8 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 2.0  # 2 m5.xlarge core nodes
+    listing_min = 5_000 * 0.1 / 60  # 5,000 sequential LIST pages
+    step_min = listing_min + 5_000_000 / (8 * emr.MEASURED_IMG_PER_VCPU_S) / 60 + 2.0  # 2 m5.xlarge core nodes
     assert emr.step_timeout_minutes(settings) == int(-(-3 * step_min // 1)) > 30
+    fanned = emr_settings(images=5_000_000, run_args=("--list-threads", "16"))  # the fan-out, as run parses it
+    assert emr.estimate(fanned)["listing_minutes"] == pytest.approx(listing_min / 16, abs=0.05)
     assert emr.step_args(settings)[3] == f"{emr.step_timeout_minutes(settings)}m"
     assert emr.step_args(emr_settings(step_timeout_min=45))[3] == "45m"
     assert main(["emr", "plan", INPUT, OUTPUT, "--step-timeout", "90"]) == 0

@@ -233,9 +233,27 @@ def security_configuration(kms_key_arn: str) -> dict[str, Any]:
     }}
 
 
-def _work_minutes(settings: EmrSettings) -> float:
+def _embed_minutes(settings: EmrSettings) -> float:
     vcpus = executors(settings)["cores_in_all"]  # the cores YARN grants the executors
     return settings.images / (vcpus * settings.img_per_vcpu_s) / 60
+
+
+def _work_minutes(settings: EmrSettings) -> float:
+    """The step's variable part: listing INPUT on the driver, then embedding on the executors."""
+    return listing_minutes(settings) + _embed_minutes(settings)
+
+
+#: Seconds per LIST page of 1,000 keys on the driver: the top of the 30-100 ms a round trip to S3 takes in the
+#: region (docs/performance.md, "S3 listing"); the listing runs before any image is embedded. 10^7 images are
+#: 10,000 sequential pages: about 17 minutes flat. `--list-threads N` fans the listing out by class prefix,
+#: counted here as N times faster (an assumption: unmeasured on S3).
+LIST_PAGE_S = 0.1
+
+
+def listing_minutes(settings: EmrSettings) -> float:
+    """Minutes the driver spends listing INPUT before the embedding starts."""
+    threads = max(1, run_options(settings.run_args).list_threads or 1)
+    return math.ceil(settings.images / 1000) * LIST_PAGE_S / threads / 60
 
 
 def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, int]:
@@ -283,6 +301,8 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
         "core_vcpus": vcpus,
         "img_per_vcpu_s": settings.img_per_vcpu_s,
         "expected_img_s": round(img_s, 1),
+        "listing_minutes": round(listing_minutes(settings), 1),
+        "embed_minutes": round(_embed_minutes(settings), 1),
         "work_minutes": round(work_min, 1),
         "fixed_minutes": FIXED_MINUTES,
         "total_minutes": round(minutes, 1),
