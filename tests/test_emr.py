@@ -151,6 +151,14 @@ def test_buckets_outside_the_chosen_region_are_refused(aws, capsys) -> None:
     assert "run `fruitpipe emr upload` first" in capsys.readouterr().err
 
 
+def test_upload_to_a_missing_bucket_says_to_run_setup(aws, capsys) -> None:
+    """Checked with GetBucketLocation (the operator policy's s3:ListBucket is prefix-scoped, so HeadBucket would be
+    refused to the operator even on a bucket that exists)."""
+    assert main(["emr", "upload", INPUT, "s3://fruits-nowhere/runs/1", "--wheel", aws["wheel"], "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bucket fruits-nowhere does not exist: run `fruitpipe emr setup` first" in err
+
+
 def test_up_refuses_without_artifacts(aws, capsys) -> None:
     assert main(["emr", "up", INPUT, "s3://fruits-out/other", "--artifacts", "s3://fruits-out/empty-prefix"]) == 2
     assert "run `fruitpipe emr upload` first" in capsys.readouterr().err

@@ -265,8 +265,10 @@ class AccountSetup(Preflight):
                     log.warning("INPUT's objects are encrypted with KMS key %s, which the instance role may not use: "
                                 "every image would be rejected as unreadable; run `fruitpipe emr setup` again (it "
                                 "grants the buckets' default keys) or grant kms:Decrypt on it", arn["Arn"])
-        except (ClientError, BotoCoreError) as exc:
-            log.debug("INPUT's encryption not checked: %s", exc)
+        except (ClientError, BotoCoreError) as exc:  # the operator may not list INPUT (operator.json does not grant it)
+            log.info("INPUT's encryption not checked (%s): s3:ListBucket and s3:GetObject on INPUT and "
+                     "kms:DescribeKey let `up` warn of a KMS key the instance role cannot use",
+                     str(exc).splitlines()[0][:120])
 
     def bucket_region(self, bucket: str) -> str:
         """The region a bucket lives in (GetBucketLocation; us-east-1 answers with no constraint)."""

@@ -225,11 +225,15 @@ class Emr(AccountSetup):
         settings.validate()
         uris = artifact_uris(settings)
         bucket = split_s3(uris["wheel"], "URI")[0]
-        try:
-            self.s3.head_bucket(Bucket=bucket)
-        except ClientError:
-            raise EmrError(f"bucket {bucket} does not exist: run `fruitpipe emr setup` first (it creates and "
-                           "hardens it)") from None
+        try:  # GetBucketLocation, not HeadBucket: the operator's s3:ListBucket is prefix-scoped (operator.json)
+            self.s3.get_bucket_location(Bucket=bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket", "404"):
+                raise EmrError(f"bucket {bucket} does not exist: run `fruitpipe emr setup` first (it creates and "
+                               "hardens it)") from None
+            raise EmrError(f"bucket {bucket} cannot be read ({code}): the identity running upload needs "
+                           "s3:GetBucketLocation on it (policies/operator.json)") from None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(wheel) if wheel else build_wheel(Path(tmp))
             if path.name != wheel_name():
