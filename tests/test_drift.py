@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,28 @@ def test_a_report_dir_elsewhere_and_errors_in_one_line(outputs, tmp_path: Path, 
     assert "has no _SUCCESS" in capsys.readouterr().err
     assert main(["drift", str(outputs["reference"]), str(outputs["test"]), "--alpha", "2"]) == 2
     assert "--alpha 2.0 must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_non_finite_features_in_current_are_a_finding_not_a_crash(outputs, tmp_path: Path, capsys) -> None:
+    """An output embedded by a model that overflowed (before `not_finite` existed, or written by hand): its NaN rows
+    are counted, left out of every test, and an alert, where SciPy used to crash with a traceback."""
+    import pyarrow as pa
+
+    broken = tmp_path / "out-broken"
+    shutil.copytree(outputs["test"], broken)
+    part = sorted((broken / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    feats = [list(v) for v in table.column("features").to_pylist()]
+    for row in (0, 1, 2):
+        feats[row][5] = float("nan")
+    pq.write_table(table.set_column(table.schema.get_field_index("features"), "features",
+                                    pa.array(feats, table.schema.field("features").type)), part)
+    rc = main(["drift", str(outputs["reference"]), str(broken)])
+    result = json.loads((broken / "drift" / "drift.json").read_text())
+    assert rc == DRIFT_EXIT_CODE and result["drift"] is True
+    assert result["non_finite_rows"]["current"] == 3 and result["non_finite_rows"]["reference"] == 0
+    assert result["current"]["sampled"] == 97 and not result["drifted_tests"]  # the rest is the same data
+    assert "3 current sampled rows hold NaN or infinite features" in capsys.readouterr().out
 
 
 def test_the_tests_keep_their_false_alarm_budget_on_identical_distributions() -> None:

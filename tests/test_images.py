@@ -159,8 +159,9 @@ def test_overlapped_inference_gives_the_same_tables(tmp_path) -> None:
 
     import pyarrow as pa
 
-    from fruitpipe.pipeline.embed import EmbedSettings, embed_rows
+    from fruitpipe.pipeline.embed import EmbedSettings, embed_rows, prepared
     from fruitpipe.storage import StorageOptions
+    from fruitpipe.vectors import to_matrix
 
     good = sorted((SAMPLE / "Training").glob("*/*.jpg"))[:37]
     bad = {"empty.jpg": b"", "text.jpg": b"not an image", "trunc.jpg": JPEG[: len(JPEG) // 2],
@@ -196,6 +197,23 @@ def test_overlapped_inference_gives_the_same_tables(tmp_path) -> None:
 
     with pytest.raises(RuntimeError, match="CUDA error"):  # a failed inference fails the task (Spark retries it)
         embed_rows(rows, failing, settings, overlap=True)
+
+    overflow = {str(good[2]), str(good[20])}  # the model overflows on two photos (an fp16 export, say)
+
+    def overflowing(batch: np.ndarray) -> np.ndarray:
+        out = batch.mean(axis=(1, 2)).astype(np.float32)
+        for i, x in enumerate(batch):
+            if any(np.array_equal(x, y) for y in marked):
+                out[i, 1] = np.inf if i % 2 else np.nan
+        return out
+
+    marked = [x for cid, x in prepared(sorted(overflow), settings)]
+    emb, rej = embed_rows(rows, overflowing, settings)
+    assert emb.num_rows == 35 and not set(emb.column("uri").to_pylist()) & overflow
+    not_finite = {u: d for u, r, d in zip(rej.column("uri").to_pylist(), rej.column("reason").to_pylist(),
+                                          rej.column("detail").to_pylist()) if r == "not_finite"}
+    assert not_finite == {u: "1 of 3 features are NaN or infinite" for u in overflow}
+    assert np.isfinite(to_matrix(emb.column("features"))).all()
 
 
 def test_a_huge_sixteen_bit_png_decodes_without_full_size_float_copies() -> None:

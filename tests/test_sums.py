@@ -76,3 +76,25 @@ def test_a_bad_part_is_the_sums_one_error_and_fails_no_task(spark, parts: int, m
     tracker = spark.sparkContext.statusTracker()
     ours = sorted(tracker.getJobIdsForGroup(None))[jobs_before:]
     assert ours and all(tracker.getJobInfo(j).status == "SUCCEEDED" for j in ours)
+
+
+def test_the_pca_refuses_non_finite_embeddings_and_says_how_many(spark, tmp_path) -> None:
+    """An output embedded before `not_finite` existed (or by hand) may hold NaN rows: the Gramian counts them and
+    the PCA stops in one line that says how many, instead of publishing NaN components (or blaming numpy)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fruitpipe.pipeline import reduce
+    from fruitpipe.storage import StorageOptions
+
+    x = np.random.default_rng(0).random((10, 4)).astype(np.float32)
+    x[3, 1], x[7, 0] = np.nan, np.inf
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"features": pa.array(list(x), pa.list_(pa.float32()))}), path)
+    with pytest.raises(OutputError, match=r"^2 of 10 embeddings hold NaN or infinite features"):
+        reduce.gramian(spark, [str(path)], 4, StorageOptions())
+    pq.write_table(pa.table({"features": pa.array(list(np.delete(x, [3, 7], axis=0)), pa.list_(pa.float32()))}),
+                   path)
+    n, sums, gram = reduce.gramian(spark, [str(path)], 4, StorageOptions())
+    good = np.delete(x, [3, 7], axis=0).astype(np.float64)
+    assert n == 8 and np.allclose(sums, good.sum(0)) and np.allclose(gram, good.T @ good)

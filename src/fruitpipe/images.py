@@ -25,6 +25,7 @@ REASONS = {
     "duplicate": "same bytes as another input, which was embedded instead",
     "bad_name": "the file name is not valid UTF-8 (stored with \\x escapes): rename the file",
     "too_small": "the image is smaller than MIN_SIDE pixels on a side: nothing in it can be recognised",
+    "not_finite": "the model gave NaN or infinite features for it (an fp16 or badly quantised export overflowing)",
 }
 #: The smallest side `run` and `serve` accept (a 1x1 image once got "Apple Red 1, probability 1.0"): below 32
 #: pixels the model sees a 7x blow-up of a few pixels. Unit-level decoding (decode_rgb's default) has no minimum.

@@ -100,8 +100,12 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
     ref_dir = RunDir(basis.source, opts)
     ref_report = ref_dir.previous_report()
     sides = []
+    non_finite = []
     for rundir, report in ((ref_dir, ref_report), (cur_dir, cur_report)):
         x, total = sample_rows(rundir, settings.sample)
+        finite = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), bool)
+        non_finite.append(int((~finite).sum()))  # broken data is a finding, not a SciPy traceback
+        x = x[finite]
         if len(x) < 10:
             raise DriftError(f"{rundir.uri} has {len(x)} embeddings: drift needs at least 10 on each side")
         sides.append(Side(rundir.uri, x, x @ components, total, dict(report.get("counts") or {})))
@@ -115,7 +119,10 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
     result = detect(ref.projected, cur.projected, settings, ref.counts, cur.counts, ref.probabilities,
                     cur.probabilities, classes)
     return {
-        "drift": result["drift"],
+        # Non-finite features in CURRENT (a model that overflows) are an alert by themselves.
+        "drift": bool(result["drift"] or non_finite[1]),
+        "non_finite_rows": {"reference": non_finite[0], "current": non_finite[1],
+                            "note": "sampled rows with NaN or infinite features, left out of every test"},
         "reference": {"output": ref.uri, "rows": ref.n_rows, "sampled": len(ref.projected),
                       "run_id": ref_report.get("run_id")},
         "current": {"output": cur.uri, "rows": cur.n_rows, "sampled": len(cur.projected),
@@ -139,6 +146,10 @@ def summary(result: dict[str, Any]) -> str:
              f"{result['reference']['sampled']} of {result['reference']['rows']} rows; current "
              f"{result['current']['output']}, {result['current']['sampled']} of {result['current']['rows']} rows; "
              f"PCA k={result['basis']['k']}; each test at alpha {result['alpha_per_test']:.4g})"]
+    bad = result.get("non_finite_rows") or {}
+    if bad.get("reference") or bad.get("current"):
+        lines.append(f"  non-finite    {'DRIFT' if bad.get('current') else 'ok':<6} {bad['reference']} reference and "
+                     f"{bad['current']} current sampled rows hold NaN or infinite features (left out of the tests)")
     for name, test in result["tests"].items():
         extra = ""
         if name == "components":

@@ -143,7 +143,14 @@ def embed_rows(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fruitpipe-infer") if overlap else None
 
     def append(feats: np.ndarray, meta: list) -> None:
-        for (cid, uri, label, split, size, mtime), vec in zip(meta, feats):
+        finite = np.isfinite(feats).all(axis=1) if len(feats) else np.zeros(0, bool)
+        for (cid, uri, label, split, size, mtime), vec, ok in zip(meta, feats, finite):
+            if not ok:  # never published: NaN rows would poison the PCA, train and drift of the whole output
+                bad = int((~np.isfinite(vec)).sum())
+                detail = f"{bad} of {len(vec)} features are NaN or infinite"
+                for key, value in zip(rej, (cid, uri, label, split, "not_finite", detail, size, mtime)):
+                    rej[key].append(value)
+                continue
             for key, value in (("id", cid), ("uri", uri), ("label", label), ("split", split), ("features", vec),
                                ("size", size), ("mtime_ns", mtime)):
                 emb[key].append(value)

@@ -78,17 +78,26 @@ def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tup
     on the sample."""
 
     def partial(_pos: int, uri: str) -> np.ndarray:
-        n, sums, gram = 0, np.zeros(dim), np.zeros((dim, dim))
+        n, bad, sums, gram = 0, 0, np.zeros(dim), np.zeros((dim, dim))
         for batch in part_batches(uri, opts, ["features"]):
             x = to_matrix(batch.column(0)).astype(np.float64)
+            finite = np.isfinite(x).all(axis=1)
+            bad += int((~finite).sum())
+            x = x[finite]
             if len(x):
                 n += len(x)
                 sums += x.sum(axis=0)
                 gram += x.T @ x
-        return np.concatenate([[float(n)], sums, gram.ravel()])
+        return np.concatenate([[float(n), float(bad)], sums, gram.ravel()])
 
-    total = sum_over_parts(spark, files, 1 + dim + dim * dim, partial)
-    return int(total[0]), total[1:dim + 1], total[dim + 1:].reshape(dim, dim)
+    total = sum_over_parts(spark, files, 2 + dim + dim * dim, partial)
+    n, bad = int(total[0]), int(total[1])
+    if bad:
+        raise OutputError(f"{bad} of {n + bad} embeddings hold NaN or infinite features (the model overflowed on "
+                          "them: an fp16 or badly quantised --model-path export?); nothing was fitted. `fruitpipe "
+                          "run` rejects such images as not_finite: re-embed them with a model that gives finite "
+                          "outputs, or drop them from the output")
+    return n, total[2:dim + 2], total[dim + 2:].reshape(dim, dim)
 
 
 def pca_from_gramian(n: int, sums: np.ndarray, gram: np.ndarray, blas_threads: int | None = None
