@@ -27,7 +27,11 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Credentials for the loopback S3 server only, set before Spark starts so its Python workers inherit them;
     # no instance-metadata look-ups.
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
+                       "AWS_EC2_METADATA_DISABLED": "true",
+                       # AWS's managed policies, as a real account has them. moto's backends live in this process
+                       # for the whole session and IAM's reads this when first built, which the first S3 request
+                       # of any module does: set per module (test_emr), it came too late once test_cluster used S3.
+                       "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"})
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         os.environ.pop(var, None)
 
