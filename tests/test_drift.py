@@ -102,6 +102,22 @@ def test_a_report_dir_elsewhere_and_errors_in_one_line(outputs, tmp_path: Path, 
     assert "--alpha 2.0 must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_an_unwritable_report_dir_is_one_line_before_the_comparison(outputs, tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
+    from fruitpipe.monitor import drift
+
+    (tmp_path / "a-file").write_text("not a folder")  # root may write anywhere: a file in the way stops anyone
+
+    def not_reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compared before checking the report folder")
+
+    monkeypatch.setattr(drift, "compare", not_reached)
+    target = tmp_path / "a-file" / "reports"
+    assert main(["drift", str(outputs["reference"]), str(outputs["test"]), "--report-dir", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--report-dir {target} cannot be written" in err
+
+
 def test_non_finite_features_in_current_are_a_finding_not_a_crash(outputs, tmp_path: Path, capsys) -> None:
     """An output embedded by a model that overflowed (before `not_finite` existed, or written by hand): its NaN rows
     are counted, left out of every test, and an alert, where SciPy used to crash with a traceback."""

@@ -173,6 +173,15 @@ def test_a_damaged_classifier_is_one_line(trained, tmp_path: Path, capsys) -> No
     assert len(err) == 1 and "not a usable classifier" in err[0]
 
 
+def test_an_s3_endpoint_that_does_not_answer_is_one_line(capsys) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "s3://bucket/out", "--s3-endpoint", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not read s3://bucket/out/classifier/fruit_classifier.onnx" in err[0]
+
+
 def test_api_docs_on_request(trained) -> None:
     srv = _Server(create_app(ServeSettings(output=str(trained["out"]), api_docs=True)))
     try:

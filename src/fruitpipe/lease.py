@@ -38,6 +38,40 @@ class LeaseLostError(OutputError):
     """This run's lease was taken over (it stalled past the TTL): it must not publish."""
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]": one per container
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): tells a reused pid apart."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])  # the command name, in parentheses, may hold spaces
+    except (IndexError, ValueError):
+        return None
+
+
+def identity(pid: int | None = None) -> dict[str, Any]:
+    """What names a process uniquely on a machine: host name, boot id, PID namespace, pid and its start time.
+    Two containers may share a host name (host networking, a fixed `hostname:`) but never all of these."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": _pid_namespace(), "pid": pid, "pid_start": start_time(pid)}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -46,6 +80,35 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owner_dead(doc: dict[str, Any], me: dict[str, Any]) -> bool:
+    """True only when `doc`'s owner is provably gone: same host, boot and PID namespace as this process (so its
+    pid means the same process here), and that pid is not running or now belongs to a later process. Anything
+    else (another container, another boot, an older lease without these fields) waits for the heartbeat's TTL."""
+    if not isinstance(doc.get("pid"), int) or me["boot_id"] is None or me["pid_ns"] is None:
+        return False
+    if any(doc.get(k) != me[k] for k in ("host", "boot_id", "pid_ns")):
+        return False
+    if not _pid_alive(doc["pid"]):
+        return True
+    return doc.get("pid_start") is not None and start_time(doc["pid"]) not in (None, doc["pid_start"])
+
+
+def _store_error(uri: str, action: str, exc: Exception) -> OutputError:
+    """One line for a failed request to the lease's store (no credentials, unreachable endpoint, AccessDenied,
+    an expired token), naming what to check."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        why = "no AWS credentials found (the default chain: environment, ~/.aws, instance or container role)"
+    elif isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        why = f"S3 answered {err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": ")
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    return OutputError(f"could not {action} the writer's lease {uri}: {why}; check the credentials, --s3-endpoint "
+                       "and s3:GetObject/PutObject/DeleteObject on OUTPUT/_lease.json, then re-run")
 
 
 @dataclass
@@ -59,6 +122,7 @@ class Lease:
     _etag: str | None = None
     _lost: bool = False
     _fd: int | None = None
+    _client: Any = None
 
     @property
     def uri(self) -> str:
@@ -87,18 +151,24 @@ class Lease:
         import boto3
 
         bucket, _, key = self.uri[len("s3://"):].partition("/")
-        client = boto3.client("s3", region_name=self.opts.region, endpoint_url=self.opts.s3_endpoint)
-        return client, bucket, key
+        if self._client is None:  # its own session: the heartbeat thread shares no boto3 state with the caller
+            self._client = boto3.session.Session().client("s3", region_name=self.opts.region,
+                                                          endpoint_url=self.opts.s3_endpoint)
+        return self._client, bucket, key
 
     def _read(self) -> tuple[dict[str, Any] | None, str | None]:
         """(current lease, its ETag on S3), or (None, None) when there is none."""
         if storage.is_s3(self.uri):
+            from botocore.exceptions import BotoCoreError, ClientError
+
             client, bucket, key = self._s3()
             try:
                 obj = client.get_object(Bucket=bucket, Key=key)
+                body = obj["Body"].read()
             except client.exceptions.NoSuchKey:
                 return None, None
-            body = obj["Body"].read()
+            except (BotoCoreError, ClientError) as exc:
+                raise _store_error(self.uri, "read", exc) from None
             etag = obj["ETag"]
         else:
             assert self._fd is not None, "local lease read outside its lock"
@@ -116,7 +186,7 @@ class Lease:
         """Write (or delete, doc=None) the lease if it is still what was read; False if someone changed it."""
         if storage.is_s3(self.uri):
             client, bucket, key = self._s3()
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import BotoCoreError, ClientError
 
             try:
                 if doc is None:
@@ -130,7 +200,9 @@ class Lease:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     return False
-                raise
+                raise _store_error(self.uri, "write", exc) from None
+            except BotoCoreError as exc:
+                raise _store_error(self.uri, "write", exc) from None
         assert self._fd is not None, "local lease written outside its lock"
         body = json.dumps({"released": True, "released_at": time.time()} if doc is None else doc).encode()
         os.ftruncate(self._fd, 0)
@@ -143,7 +215,7 @@ class Lease:
     def _stale(self, doc: dict[str, Any]) -> str | None:
         """Why `doc` (another owner's lease) may be taken over, or None if its owner looks alive."""
         age = time.time() - float(doc.get("heartbeat_at", 0))
-        if doc.get("host") == self.owner["host"] and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"]):
+        if owner_dead(doc, self.owner):
             return f"its owner (pid {doc['pid']} on this host) is dead"
         if age > float(doc.get("ttl_s", self.ttl_s)):
             return f"its heartbeat is {age:.0f} s old (TTL {doc.get('ttl_s', self.ttl_s):.0f} s)"
@@ -204,7 +276,7 @@ class Lease:
 @contextlib.contextmanager
 def hold(out: str, token: str, opts: StorageOptions, ttl_s: float = TTL_S) -> Iterator[Lease]:
     """Hold the lease of `out` for the block, renewing it every ttl_s / 4 from a daemon thread."""
-    owner = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
+    owner = {"token": token, **identity()}
     lease = Lease(storage.normalize(out), owner, opts, ttl_s)
     lease.acquire()
     stop = threading.Event()

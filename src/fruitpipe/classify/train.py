@@ -338,9 +338,12 @@ def read_classifier(output: str, opts: StorageOptions) -> bytes:
     uri = rundir.join(CLASSIFIER_DIR, ONNX_NAME)
     try:
         data = storage.read_bytes(uri, opts)
+        want = rundir.classifier_sha256(ONNX_NAME)
     except FileNotFoundError:
         raise TrainError(f"{uri} does not exist: run `fruitpipe train {output}` first") from None
-    want = rundir.classifier_sha256(ONNX_NAME)
+    except OSError as exc:  # an endpoint that does not answer, refused credentials: pyarrow's message, one line
+        raise TrainError(f"could not read {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         "; check the credentials and --s3-endpoint") from None
     if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise TrainError(f"{uri} is not the classifier the commit record names (a train was interrupted while "
                          f"publishing, or the file was replaced): run `fruitpipe train {output}` again")

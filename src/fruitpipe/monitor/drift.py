@@ -165,15 +165,29 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_writable(target: str, opts: StorageOptions) -> None:
+    """Write and delete a probe file in `target`: a report directory that cannot take the report is one line."""
+    probe = storage.join(target, f".fruitpipe-write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_bytes(probe, b"", opts)
+        storage.delete(probe, opts)
+    except OSError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DriftError(f"--report-dir {target} cannot be written ({detail}): pass a folder you may write to") \
+            from None
+
+
 def run_drift(reference: str, current: str, settings: DriftSettings, opts: StorageOptions,
               report_dir: str | None = None) -> dict[str, Any]:
     """compare(), then drift.json and drift.html under `report_dir` (default CURRENT_OUT/drift/, written under
     CURRENT_OUT's lease); returns drift.json's content plus the URIs written."""
     from fruitpipe.monitor.drift_html import drift_html
 
+    target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
+    if report_dir:
+        _check_writable(target, opts)  # before the comparison, not after it
     result = compare(reference, current, settings, opts)
     plot = result.pop("_plot")
-    target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
     body = json.dumps(result, indent=2).encode()
     page = drift_html(result, plot).encode()
 
