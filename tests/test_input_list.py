@@ -139,3 +139,125 @@ def test_a_list_broken_far_into_the_file_is_one_line(spark, tmp_path: Path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "cannot be read" in err[0] and "list.csv" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+# -- S3 Inventory as AWS writes it: manifest.json, headerless CSV with URL-encoded keys, ORC, Parquet ------------
+
+_CSV_SCHEMA = ("Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass, "
+               "IsMultipartUploaded, ReplicationStatus, EncryptionStatus")
+_REPORT = "inventory/inv/daily"  # destination-prefix/source-bucket/config-ID
+
+
+def _inventory_rows(photos: Path, bucket: str = "inv") -> list[dict]:
+    """What an inventory of `bucket` lists: every photo (latest version), plus an older version and a delete
+    marker that are no objects to read."""
+    rows = [{"bucket": bucket, "key": f"fruits/{p.relative_to(photos).as_posix()}", "version_id": "v2",
+             "is_latest": True, "is_delete_marker": False, "size": p.stat().st_size,
+             "last_modified_date": "2026-11-06T21:32:00.000Z", "e_tag": "0" * 32} for p in _photos(photos)]
+    first = rows[0]["key"]
+    rows.append({**rows[0], "version_id": "v1", "is_latest": False})
+    rows.append({**rows[0], "key": first.rsplit("/", 1)[0] + "/deleted.jpg", "is_delete_marker": True,
+                 "size": None})
+    return rows
+
+
+def _manifest(fmt: str, schema: str, keys: list[str], bucket: str = "inv") -> bytes:
+    return json.dumps({"sourceBucket": bucket, "destinationBucket": f"arn:aws:s3:::{bucket}", "version": "2016-11-30",
+                       "creationTimestamp": "1762464720000", "fileFormat": fmt, "fileSchema": schema,
+                       "files": [{"key": k, "size": 1, "MD5checksum": "0" * 32} for k in keys]}).encode()
+
+
+def _csv_gz(rows: list[dict]) -> bytes:
+    import csv
+    import gzip
+    import io
+    from urllib.parse import quote
+
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL)
+    for r in rows:  # no header; keys URL-encoded, as AWS writes CSV inventories
+        w.writerow([r["bucket"], quote(r["key"]), r["version_id"], str(r["is_latest"]).lower(),
+                    str(r["is_delete_marker"]).lower(), "" if r["size"] is None else r["size"],
+                    r["last_modified_date"], r["e_tag"], "STANDARD", "false", "", "SSE-S3"])
+    return gzip.compress(buf.getvalue().encode())
+
+
+def test_s3_inventory_csv_report_on_s3_as_aws_writes_it(spark, s3_endpoint: str, photos: Path) -> None:
+    import boto3
+
+    upload_folder(photos, s3_endpoint, "invcsv", "fruits")
+    rows = _inventory_rows(photos, "invcsv")
+    assert any(" " in r["key"] for r in rows)  # every Fruits-360 class folder has a space
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    report = "inventory/invcsv/daily"  # in the source bucket itself: a destination may be any bucket
+    half = len(rows) // 2
+    keys = [f"{report}/data/{name}.csv.gz" for name in ("a1b2", "c3d4")]
+    for key, part in zip(keys, (rows[:half], rows[half:])):
+        s3.put_object(Bucket="invcsv", Key=key, Body=_csv_gz(part))
+    s3.put_object(Bucket="invcsv", Key=f"{report}/2026-11-06T21-32Z/manifest.json",
+                  Body=_manifest("CSV", _CSV_SCHEMA, keys, "invcsv"))
+    n = len(_photos(photos))
+    folder = f"s3://invcsv/{report}/2026-11-06T21-32Z"
+    for i, listing in enumerate((f"{folder}/manifest.json", folder)):
+        counts = fruitpipe.run(_config(listing, f"s3://invcsv/runs/{i}", s3_endpoint=s3_endpoint,
+                                       region=REGION)).counts
+        assert counts["listed"] == n and counts["embedded"] == n and counts["accounted"]
+    table = pq.read_table("invcsv/runs/0/embeddings", filesystem=_s3fs(s3_endpoint), columns=["uri", "label"])
+    assert set(table.column("label").to_pylist()) == set(CLASSES)  # decoded: "Apple 10", not "Apple%2010"
+    assert all(u.startswith("s3://invcsv/fruits/") and "%" not in u for u in table.column("uri").to_pylist())
+
+
+def _s3fs(endpoint: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=REGION, scheme="http")
+
+
+def test_a_downloaded_parquet_or_orc_inventory_reads_its_data_files_beside_it(photos: Path, tmp_path: Path) -> None:
+    from pyarrow import orc
+
+    from fruitpipe.pipeline import manifest
+    from fruitpipe.storage import StorageOptions
+
+    rows = _inventory_rows(photos)
+    table = pa.Table.from_pylist(rows).set_column(
+        6, "last_modified_date", pa.array([1762464720000] * len(rows), pa.timestamp("ms", "UTC")))
+    for fmt, schema in (("Parquet", "message s3.inventory { required binary bucket (UTF8); required binary key "
+                                    "(UTF8); optional int64 size; }"),
+                        ("ORC", "struct<bucket:string,key:string,size:bigint>")):
+        report = tmp_path / fmt / "inv" / "daily"
+        (report / "data").mkdir(parents=True)
+        (report / "2026-11-06T21-32Z").mkdir()
+        name = f"data/9f1e.{fmt.lower()}"
+        (pq.write_table if fmt == "Parquet" else orc.write_table)(table, str(report / name))
+        (report / "2026-11-06T21-32Z" / "manifest.json").write_bytes(
+            _manifest(fmt, schema, [f"{_REPORT}/{name}"]))
+        source = manifest.list_files(str(report / "2026-11-06T21-32Z"), StorageOptions())
+        assert source.files == (str(report / name),) and not source.url_encoded_keys
+        manifest.check(source, StorageOptions())
+        got = pa.concat_tables(manifest.to_manifest(b, source)
+                               for b in manifest._batches(source.files[0], StorageOptions(), source))
+        assert got.column("uri").to_pylist() == [f"s3://inv/{r['key']}" for r in rows[:-2]]
+        assert got.column("mtime_ns").to_pylist() == [1762464720000 * 1_000_000] * (len(rows) - 2)
+        assert set(got.column("label").to_pylist()) == set(CLASSES)
+
+
+def test_a_run_in_which_nothing_could_be_read_fails_in_one_line(spark, tmp_path: Path, capsys) -> None:
+    gone = [f"/nowhere/Training/Apple/{i}.jpg" for i in range(5)]
+    pq.write_table(pa.table({"uri": gone}), tmp_path / "list.parquet")
+    out = tmp_path / "out"
+    assert main(["embed", "--input-list", str(tmp_path / "list.parquet"), str(out), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "none of the 5 listed input(s) could be embedded: 5 unreadable" in err[0]
+    assert any(f"e.g. {g} " in err[0] for g in gone) and not (out / "_SUCCESS").exists()
+
+
+def test_relative_paths_in_a_list_are_stored_absolute(spark, photos: Path, tmp_path: Path, monkeypatch) -> None:
+    files = _photos(photos)[:4]
+    monkeypatch.chdir(photos.parent)
+    relative = [f"./{p.relative_to(photos.parent).as_posix()}" for p in files]
+    pacsv.write_csv(pa.table({"uri": relative}), tmp_path / "list.csv")
+    fruitpipe.run(_config(tmp_path / "list.csv", tmp_path / "out", k=2))
+    monkeypatch.chdir(tmp_path)  # another working directory: the output alone says where the photos are
+    stored = pq.read_table(tmp_path / "out" / "embeddings", columns=["uri"]).column("uri").to_pylist()
+    assert sorted(stored) == sorted(str(p) for p in files) and all(Path(u).is_file() for u in stored)

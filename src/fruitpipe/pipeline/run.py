@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import platform
 import time
@@ -110,6 +111,26 @@ def _background(spark: LazySpark) -> Iterator[concurrent.futures.ThreadPoolExecu
             raise
 
 
+def _refuse_if_nothing_read(rundir: RunDir, counts: dict[str, Any]) -> None:
+    """A run in which no listed input could be embedded is a failure, never a complete output: one line naming
+    the commonest reason and a URI that has it (the rejects stay committed, so the re-run after a fix redoes only
+    them)."""
+    if counts.get("embedded") or not counts.get("listed"):
+        return
+    by_reason = counts.get("rejects_by_reason") or {}
+    reason = max(by_reason, key=lambda r: by_reason[r]) if by_reason else "unknown"
+    example = ""
+    for uri in rundir.files("rejects"):
+        t = storage.read_parquet(uri, rundir.opts, columns=["uri", "reason"])
+        hits = [u for u, r in zip(t.column("uri").to_pylist(), t.column("reason").to_pylist()) if r == reason]
+        if hits:
+            example = f", e.g. {min(hits)}"
+            break
+    raise OutputError(f"none of the {counts['listed']} listed input(s) could be embedded: {by_reason.get(reason, 0)} "
+                      f"{reason}{example} (all reasons: {json.dumps(by_reason)}); check the input and its access "
+                      "rights, then re-run")
+
+
 def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: Listing | None = None,
         session: Any = None, dry_run: bool = False) -> RunResult:
     """Run the given stages on `config`, commit the outputs and return what run.json records.
@@ -198,6 +219,8 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 # The accounting's jobs run while the PCA is fitted; the reduce stage waits for its digest only
                 # to commit, and _SUCCESS for its verdict.
                 accounting = background.submit(outcome.account)
+                if counts["embedded_this_run"] == 0:  # nothing new: is there anything at all?
+                    _refuse_if_nothing_read(rundir, accounting.result())
             else:
                 counts = dict(previous.get("counts") or {})
                 entry = rundir.reduce_entry()
