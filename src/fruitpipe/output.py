@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fruitpipe import storage
+from fruitpipe import jsonio, storage
 from fruitpipe.errors import OutputError
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA, REJECTS_SCHEMA, conform
 from fruitpipe.storage import StorageOptions
@@ -162,7 +162,7 @@ class RunDir:
             log.warning("--overwrite: deleting what fruitpipe wrote in %s (made with another configuration)",
                         self.uri)
             self.delete_own_entries()
-        storage.write_bytes(self.join(MARKER), json.dumps(fingerprint, indent=2).encode(), self.opts)
+        storage.write_bytes(self.join(MARKER), jsonio.dumps(fingerprint, indent=2).encode(), self.opts)
 
     def has_foreign_files(self) -> bool:
         """Whether the folder holds files and is not a fruitpipe output (no marker): never to be written over."""
@@ -199,7 +199,7 @@ class RunDir:
             self.guard()
         rec = {**rec, "version": int(rec.get("version", 0)) + 1, "token": token,
                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        storage.write_bytes(self.join(RECORD), json.dumps(rec, indent=1).encode(), self.opts)
+        storage.write_bytes(self.join(RECORD), jsonio.dumps(rec, indent=1).encode(), self.opts)
         self._record = rec
 
     def commit_classifier(self, staged: dict[str, str], files: dict[str, str], token: str) -> None:
@@ -439,7 +439,7 @@ class RunDir:
     def publish(self, report: dict[str, Any], complete: bool, why_not: str = "") -> None:
         """Write run.json; write _SUCCESS only when `complete` and the directories match the record."""
         storage.delete(self.join(STAGING), self.opts)
-        storage.write_bytes(self.join(RUN_JSON), json.dumps(report, indent=2).encode(), self.opts)
+        storage.write_bytes(self.join(RUN_JSON), jsonio.dumps(report, indent=2).encode(), self.opts)
         if not complete:
             raise OutputError(f"{why_not}; {self.uri}/_SUCCESS was not written: re-run the same command to repair")
         problems = self.consistency_problems()

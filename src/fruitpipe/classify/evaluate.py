@@ -6,7 +6,6 @@ threshold, bad photos counted by reason."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe import images, storage
+from fruitpipe import images, jsonio, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
@@ -204,7 +203,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 1)}
     assert result["photos_scored"] + sum(rejected.values()) == result["listed"], "every photo is accounted for"
     dest = storage.join(settings.output, CLASSIFIER_DIR, EVALUATIONS_DIR, f"{result['name']}.json")
-    storage.write_bytes(dest, json.dumps(result, indent=2).encode(), settings.storage)
+    storage.write_bytes(dest, jsonio.dumps(result, indent=2).encode(), settings.storage)
     result["written_to"] = dest
     from fruitpipe.output import RunDir
     from fruitpipe.report import write_report

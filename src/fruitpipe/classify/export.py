@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fruitpipe import jsonio
 from fruitpipe.classify.openset import species_proba
 
 #: Output tensor of the exported graph: (N, classes) probabilities.
@@ -94,6 +95,9 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
 
         raise FruitpipeError("exporting the classifier needs onnx: pip install onnx") from None
 
+    outputs, classes = int(head.layers[-1][0].shape[1]), len(metadata.get("classes", []))
+    if outputs != classes:  # a class the model cannot answer, or an answer without a name
+        raise ValueError(f"the classifier has {outputs} outputs for {classes} listed classes")
     model = onnx.load_model_from_string(backbone)
     graph = model.graph
     x = feature_output
@@ -139,7 +143,7 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+        entry.key, entry.value = key, value if isinstance(value, str) else jsonio.dumps(value)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

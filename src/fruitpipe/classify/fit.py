@@ -30,7 +30,10 @@ def labelled(df: Any, classes: list[str]) -> Any:
     from pyspark.sql import functions as F
 
     index = F.array_position(F.array(*[F.lit(c) for c in classes]), F.col("label")) - 1
-    return df.select("uri", "split", "label", index.cast("double").alias("y"),
+    # The class count given explicitly (Spark ML reads it from the label's metadata): otherwise it is inferred
+    # from the largest label present, one fewer when the last class has no Training row.
+    nominal = {"ml_attr": {"name": "y", "type": "nominal", "vals": list(classes)}}
+    return df.select("id", "uri", "split", "label", index.cast("double").alias("y", metadata=nominal),
                      array_to_vector(F.col("features")).alias("features"))
 
 

@@ -58,7 +58,7 @@ class OnePassError(FruitpipeError):
 
 
 def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
-                fmap: stats.FeatureMap, dim: int, holdout: float | None, stats_uri: str, key: str,
+                fmap: stats.FeatureMap, dim: int, holdout: stats.Holdout | None, stats_uri: str, key: str,
                 relabel: Relabel) -> tuple[stats.Stats, dict[str, Any]]:
     """The statistics of `files`: the kept ones plus the new parts' when the kept ones still apply, else one full
     pass (and why)."""
@@ -109,6 +109,20 @@ def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
                                "rows": int(n), "rows_of_classes_absent_from_their_fold_fit": int(cv["skipped"][0])}
 
 
+def cap_folds(folds: int, training: dict[str, int]) -> int:
+    """--folds, lowered (with a warning) to the smallest class's Training photo count, 2 at least: more folds
+    than photos leave folds without the class, whose scores are then undefined."""
+    if not training:
+        return folds
+    smallest = min(training, key=lambda c: training[c])
+    if training[smallest] >= folds:
+        return folds
+    capped = max(2, training[smallest])
+    log.warning("--folds %d: class %r has %d Training photo(s); cross-validating with %d folds", folds, smallest,
+                training[smallest], capped)
+    return capped
+
+
 def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
         fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
         relabel: Relabel | None = None, guard: Callable[[], None] | None = None) -> OnePass:
@@ -120,11 +134,13 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pairs = scoring.labels(spark, files, opts, relabel)
-    has_test = any(sp == "Test" for _, sp in pairs)
-    held = None if has_test else holdout
-    labels = sorted({lb for lb, sp in pairs if sp == "Training" and lb is not None})
-    key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds, "holdout": held,
+    seen = scoring.survey(spark, files, opts, relabel)
+    has_test = any(sp == "Test" for _, sp in seen.pairs)
+    held = None if has_test else stats.Holdout.of(holdout, seen.last_held)
+    labels = sorted({lb for lb, sp in seen.pairs if sp == "Training" and lb is not None})
+    folds = cap_folds(folds, seen.training)
+    key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds,
+                             "holdout": held and held.key(),
                              "groups": openset.GROUPS, **({"sources": relabel.key()} if relabel.sources else {}),
                              "model": model_sha256, "projection": None if fmap.projection is None else
                              hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
@@ -191,8 +207,9 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
         for j, (k, why) in enumerate(ks):
             table.append({"features": why, "k": k, "explained_variance": round(float(explained[:k].sum()), 4),
                           "top1": round(float(np.mean(picks[known, j] == y)), 5) if len(y) else None})
-    source = "the Test split" if has_test else (f"no Test split: {holdout:.0%} of Training held out by content id "
-                                                "(the same photos on every train)")
+    source = "the Test split" if has_test else (f"no Test split: {holdout:.0%} of Training held out by content id, "
+                                                "each class keeping at least one Training photo (the same photos "
+                                                "on every train)")
     unseen_conf = openset.confidence(linear.softmax(logits[~known] / temperature), species, len(species_names))
     open_set["test"] = openset.test_rates(open_set["threshold"],
                                           openset.confidence(proba, species, len(species_names)),

@@ -13,28 +13,61 @@ import pyarrow as pa
 from fruitpipe.classify import openset
 from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
 from fruitpipe.classify.sources import Relabel
-from fruitpipe.classify.stats import FeatureMap, fold_of, heldout_of, training_rows
+from fruitpipe.classify.stats import FeatureMap, Holdout, fold_of, holdout_order, training_rows
 from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 
-def labels(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None
-           ) -> set[tuple[str, str | None]]:
-    """The distinct (label, split) pairs of the parts, read on the executors (two string columns only)."""
+@dataclass(frozen=True)
+class Survey:
+    """What one pass over the parts' label columns tells: the distinct (label, split) pairs, each label's Training
+    photo count and its Training photo that a hold-out takes last (stats.Holdout)."""
+
+    pairs: set[tuple[str, str | None]]
+    training: dict[str, int]
+    last_held: dict[str, str]
+
+
+def survey(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None) -> Survey:
+    """The Survey of the parts, read on the executors (the id, label and split columns only)."""
 
     rl = relabel or Relabel()
 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         seen: set[tuple[str, str | None]] = set()
+        count: dict[str, int] = {}
+        top: dict[str, str] = {}
         for _pos, uri in items:
-            for batch in rl.batches(uri, opts, ["label", "split"]):
-                seen.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-        yield pa.RecordBatch.from_pydict({"label": [p[0] for p in seen], "split": [p[1] for p in seen]})
+            for batch in rl.batches(uri, opts, ["id", "label", "split"]):
+                ids, lbs, sps = (batch.column(i).to_pylist() for i in range(3))
+                seen.update(zip(lbs, sps))
+                for i, lb, sp in zip(ids, lbs, sps):
+                    if sp == "Training" and lb is not None:
+                        count[lb] = count.get(lb, 0) + 1
+                        if lb not in top or holdout_order(i) > holdout_order(top[lb]):
+                            top[lb] = i
+        yield pa.RecordBatch.from_pydict({"label": [p[0] for p in seen], "split": [p[1] for p in seen],
+                                          "n": [count.get(p[0], 0) if p[1] == "Training" else 0 for p in seen],
+                                          "top": [top.get(p[0]) if p[1] == "Training" else None for p in seen]})
 
     with output_errors():  # a few rows per task: deduplicated here rather than by a shuffle
-        rows = over_files(spark, files, file_tasks(spark, len(files)), read, "label string, split string").collect()
-    return {(r[0], r[1]) for r in rows}
+        rows = over_files(spark, files, file_tasks(spark, len(files)), read,
+                          "label string, split string, n long, top string").collect()
+    training: dict[str, int] = {}
+    last: dict[str, str] = {}
+    for lb, sp, n, top in rows:
+        if sp == "Training" and lb is not None and top is not None:
+            training[lb] = training.get(lb, 0) + int(n)
+            if lb not in last or holdout_order(top) > holdout_order(last[lb]):
+                last[lb] = top
+    return Survey({(r[0], r[1]) for r in rows}, training, last)
+
+
+def labels(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None
+           ) -> set[tuple[str, str | None]]:
+    """The distinct (label, split) pairs of the parts."""
+    return survey(spark, files, opts, relabel).pairs
 
 
 @dataclass(frozen=True)
@@ -44,14 +77,14 @@ class Rows:
 
     classes: list[str]
     fmap: FeatureMap
-    holdout: float | None
+    holdout: Holdout | None
     relabel: Relabel = field(default_factory=Relabel)
 
 
 def _test_mask(ids: list[str], splits: list[str], rows: Rows) -> np.ndarray:
     if rows.holdout is None:
         return np.array([sp == "Test" for sp in splits], dtype=bool)
-    return np.array([sp == "Training" for sp in splits], dtype=bool) & heldout_of(ids, rows.holdout)
+    return np.array([sp == "Training" for sp in splits], dtype=bool) & rows.holdout.mask(ids)
 
 
 def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, folds: int,

@@ -57,18 +57,49 @@ def fold_of(ids: list[str], folds: int) -> np.ndarray:
     return np.fromiter((int(i[:8], 16) % folds for i in ids), dtype=np.int64, count=len(ids))
 
 
+def holdout_order(content_id: str) -> float:
+    """A row's place in the hold-out, in [0, 1): its id read as a fraction (another 8 hex digits than the fold's,
+    so folds and hold-out are independent)."""
+    return int(content_id[8:16], 16) / 16**8
+
+
 def heldout_of(ids: list[str], share: float) -> np.ndarray:
-    """True for the rows held out as the test set when an output has no Test split: those whose id, read as a
-    fraction, falls under `share` (another 8 hex digits than the fold's, so folds and hold-out are independent)."""
-    return np.fromiter((int(i[8:16], 16) / 16**8 < share for i in ids), dtype=bool, count=len(ids))
+    """True for the rows whose hold-out order falls under `share`."""
+    return np.fromiter((holdout_order(i) < share for i in ids), dtype=bool, count=len(ids))
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The test rows of an output without a Test split, by a deterministic rule per class: the Training rows whose
+    hold-out order falls under `share`, except each class's last photo in that order when every photo of the class
+    would go (so each class keeps at least one Training photo and stays learnable)."""
+
+    share: float
+    kept: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, share: float, last_held: dict[str, str]) -> Holdout:
+        """The rule for the classes whose last photo (scoring.Survey.last_held) is given."""
+        return cls(share, frozenset(i for i in last_held.values() if holdout_order(i) < share))
+
+    def mask(self, ids: list[str]) -> np.ndarray:
+        """True for the held-out rows among `ids` (Training rows)."""
+        out = heldout_of(ids, self.share)
+        if self.kept and out.any():
+            out &= np.fromiter((i not in self.kept for i in ids), dtype=bool, count=len(ids))
+        return out
+
+    def key(self) -> dict[str, Any]:
+        """What the kept statistics' fingerprint records of the rule."""
+        return {"share": self.share, "kept": sorted(self.kept)}
 
 
 def training_rows(ids: list[str], labels: list[str], splits: list[str], classes: set[str] | dict[str, int],
-                  holdout: float | None) -> np.ndarray:
+                  holdout: Holdout | None) -> np.ndarray:
     """The rows a fit learns from: Training rows of a known class, minus the hold-out when there is one."""
     keep = np.array([sp == "Training" and lb in classes for sp, lb in zip(splits, labels)], dtype=bool)
     if holdout is not None and len(ids):
-        keep &= ~heldout_of(ids, holdout)
+        keep &= ~holdout.mask(ids)
     return keep
 
 
@@ -132,7 +163,7 @@ def reindex(stats: Stats, old: list[str], new: list[str]) -> Stats:
 
 
 def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], fmap: FeatureMap,
-             holdout: float | None, group_of_class: np.ndarray, relabel: Relabel | None = None) -> None:
+             holdout: Holdout | None, group_of_class: np.ndarray, relabel: Relabel | None = None) -> None:
     """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor). Each (fold,
     group) cell's Gramian is computed once and added to both its fold's and its group's."""
     for batch in (relabel or Relabel()).batches(uri, opts, ["id", "label", "split", "features"]):
@@ -179,7 +210,7 @@ def _unpack(v: np.ndarray, folds: int, classes: int, dim: int, groups: int) -> S
 
 
 def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
-              fmap: FeatureMap, dim: int, holdout: float | None, group_of_class: np.ndarray, groups: int,
+              fmap: FeatureMap, dim: int, holdout: Holdout | None, group_of_class: np.ndarray, groups: int,
               relabel: Relabel | None = None) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
     packed; the driver (or a tree, when many tasks) adds them (pipeline.sums.sum_per_task)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import time
 import uuid
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fruitpipe import lease, storage
+from fruitpipe import jsonio, lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.classify.fruits import species_name
@@ -103,9 +102,19 @@ def _test_frame(spark: Any, data: Any, classes: list[str], holdout: float, seed:
     test = data.filter("split = 'Test' AND y >= 0")
     if test.limit(1).count():
         return train, test, "the Test split"
-    kept = train.stat.sampleBy("label", {c: 1.0 - holdout for c in classes}, seed)
-    held = train.join(kept.select("uri"), "uri", "left_anti")
-    return kept, held, f"no Test split: a stratified hold-out of {holdout:.0%} of Training (seed {seed})"
+    from pyspark.sql import functions as F
+
+    # The one-pass classifier's rule (stats.Holdout), per class: by content id, each class keeping its last photo
+    # in hold-out order when all of them would go.
+    order = F.conv(F.substring("id", 9, 8), 16, 10).cast("double") / float(16**8)
+    ranked = train.withColumn("_order", order)
+    last = ranked.groupBy("label").agg(F.max("_order").alias("_last"))
+    ranked = ranked.join(F.broadcast(last), "label")
+    is_held = (F.col("_order") < holdout) & ~((F.col("_last") < holdout) & (F.col("_order") == F.col("_last")))
+    kept = ranked.filter(~is_held).drop("_order", "_last")
+    held = ranked.filter(is_held).drop("_order", "_last")
+    return kept, held, (f"no Test split: {holdout:.0%} of Training held out by content id, each class keeping at "
+                        "least one Training photo (the same photos on every train)")
 
 
 @dataclass
@@ -183,7 +192,11 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
     opts = rundir.opts
     t0 = time.perf_counter()
     emb = embeddings_df(spark, files, opts)
-    classes = sorted(r[0] for r in emb.filter("split = 'Training'").select("label").distinct().collect())
+    from fruitpipe.classify import onepass, scoring
+
+    training = scoring.survey(spark, files, opts).training
+    classes = sorted(training)
+    folds = onepass.cap_folds(settings.folds, training)
     if len(classes) < 2:
         raise TrainError(f"{settings.output} has {len(classes)} class in Training: a classifier needs two or more")
     data_emb = fit.labelled(emb, classes).persist()
@@ -205,7 +218,7 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
     dim = int(components.shape[1]) if components is not None else emb_dim
     timings["prepare"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), settings.folds, settings.seed)
+    model, cv = fit.cross_validate(settings.classifier, train, dim, len(classes), folds, settings.seed)
     timings["cross_validate"] = time.perf_counter() - t1
     uris, y, proba = fit.predict(model, test)
     table = []
@@ -215,6 +228,7 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
         table = fit.pca_table(settings.classifier, cv["chosen"], train_emb, test_emb, emb_dim, len(classes),
                               settings.seed, full)
         timings["pca_table"] = time.perf_counter() - t2
+    cv["folds"] = folds
     if settings.classifier == "logreg":
         head = export_mod.logistic_head(model.coefficientMatrix.toArray(), model.interceptVector.toArray(),
                                         components)
@@ -284,6 +298,10 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
                  # classes learned from other sources' photos -> the Fruits-360 classes they stand for (evaluate)
                  **({"maps_to": got.extra.pop("maps_to")} if "maps_to" in got.extra else {}),
                  **export_mod.input_metadata(spec)}
+    untested = [c for i, c in enumerate(classes) if not np.any(y == i)]
+    if untested:
+        log.warning("%d class(es) have no test photo (too few photos for the hold-out, or none in Test): %s",
+                    len(untested), ", ".join(untested[:10]) + (" ..." if len(untested) > 10 else ""))
     onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
     agreement = _check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
@@ -291,6 +309,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         **result,
         "test_source": got.test_source, "n_train": got.n_train, "n_test": int(len(y)),
         "test_rows_of_unseen_classes": got.unseen, "n_classes": len(classes), "classes": classes,
+        "classes_without_test_photos": untested,
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
                      "seed": settings.seed, "feature_dim": got.dim, "also": list(settings.also),
                      "also_families": settings.also_families},
@@ -311,7 +330,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     buf = io.BytesIO()
     pq.write_table(table_out, buf)
     blobs["test_predictions.parquet"] = buf.getvalue()
-    blobs["metrics.json"] = (json.dumps(out, indent=1, allow_nan=False) + "\n").encode()
+    blobs["metrics.json"] = (jsonio.dumps(out, indent=1) + "\n").encode()
     staging = rundir.join(CLASSIFIER_DIR, f"_staging-{token}")
     for uri, _ in list(storage.list_files(rundir.join(CLASSIFIER_DIR), opts)):
         if "/_staging-" in uri:  # what a killed train staged (this one holds the lease: nobody else writes here)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fruitpipe import images, storage
+from fruitpipe import images, jsonio, storage
 from fruitpipe.errors import ModelError
 from fruitpipe.models.fetch import ResolvedModel, cache_bytes
 
@@ -181,7 +181,7 @@ class Int8Model:
     def store(self, out: str, opts: StorageOptions) -> None:
         """Keep a newly made model in OUTPUT/model/ (int8.json first: the model file's presence means both)."""
         name = self.model.spec.filename.replace(".onnx", ".int8.onnx")
-        storage.write_bytes(storage.join(out, "model", "int8.json"), json.dumps(self.meta, indent=2).encode(), opts)
+        storage.write_bytes(storage.join(out, "model", "int8.json"), jsonio.dumps(self.meta, indent=2).encode(), opts)
         if self.new_bytes is not None:
             storage.write_bytes(storage.join(out, "model", name), self.new_bytes, opts)
 

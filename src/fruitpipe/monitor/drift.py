@@ -3,7 +3,6 @@ drift.json and drift.html, and say whether drift passed the thresholds (a distin
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -14,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fruitpipe import lease, storage
+from fruitpipe import jsonio, lease, storage
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.monitor.drift_stats import DriftSettings, detect
 from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, index_columns, read_part_index
@@ -188,7 +187,7 @@ def run_drift(reference: str, current: str, settings: DriftSettings, opts: Stora
         _check_writable(target, opts)  # before the comparison, not after it
     result = compare(reference, current, settings, opts)
     plot = result.pop("_plot")
-    body = json.dumps(result, indent=2).encode()
+    body = jsonio.dumps(result, indent=2).encode()
     page = drift_html(result, plot).encode()
 
     def write() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe import storage
+from fruitpipe import jsonio, storage
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.pipeline.reduce import PcaFit
 from fruitpipe.storage import StorageOptions
@@ -85,7 +85,7 @@ def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | Non
     # The basis's fingerprint is the sha256 of components.npy: what --pca-from of a later run records.
     report["basis"] = {"from": "fitted on this output", "fingerprint": hashlib.sha256(raw).hexdigest()}
     storage.write_bytes(storage.join(pca_uri, "explained_variance.json"),
-                        json.dumps(report, indent=2).encode(), opts)
+                        jsonio.dumps(report, indent=2).encode(), opts)
     storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit.explained, fit.n_samples, k), opts)
     storage.write_bytes(storage.join(pca_uri, "components.npy"), raw, opts)
     return report
@@ -145,7 +145,7 @@ def write_basis_artifacts(pca_uri: str, basis: Basis, n_samples: int, measured: 
                                     "explained_at_k": float(np.sum(measured))},
         "fingerprint": fingerprint,
     })
-    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"), json.dumps(report, indent=2).encode(), opts)
+    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"), jsonio.dumps(report, indent=2).encode(), opts)
     explained = np.asarray(basis.report.get("per_component") or measured, dtype=np.float64)
     storage.write_bytes(storage.join(pca_uri, "scree.png"),
                         scree_png(explained, int(basis.report.get("n_samples") or n_samples), k), opts)
