@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
 import socket
 import threading
 import uuid
@@ -186,5 +187,185 @@ def test_api_docs_on_request(trained) -> None:
     srv = _Server(create_app(ServeSettings(output=str(trained["out"]), api_docs=True)))
     try:
         assert srv.request("GET", "/openapi.json")[0] == 200
+    finally:
+        srv.stop()
+
+
+# -- the connection layer: headers on time, a cap on connections, one budget for buffered uploads --------------
+
+class _Bounded(_Server):
+    """_Server with fruitpipe's bounded protocol (serve/server.py) instead of uvicorn's own."""
+
+    def __init__(self, app, protocol, header_timeout: float = 1.0, max_connections: int = 64) -> None:
+        import time
+
+        import uvicorn
+
+        from fruitpipe.serve.server import config
+
+        self.server = uvicorn.Server(config(app, host="127.0.0.1", port=0, header_timeout=header_timeout,
+                                            max_connections=max_connections, protocol=protocol,
+                                            log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+
+def _protocols() -> list:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    return [H11Protocol, HttpToolsProtocol]
+
+
+def _closed_after(sock: socket.socket) -> tuple[int, bytes]:
+    """The answer, then the server's close (recv gives b'')."""
+    status, raw = _status(sock)
+    sock.settimeout(60)
+    assert sock.recv(1) == b""
+    return status, raw
+
+
+@pytest.mark.parametrize("protocol", _protocols(), ids=lambda p: p.__name__)
+def test_half_sent_headers_get_408_and_the_connection_closes(trained, protocol) -> None:
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), protocol, header_timeout=1.0)
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data")  # and no more
+        assert _closed_after(sock)[0] == 408
+        sock.close()
+        # On a kept-alive connection: the first request answered, the next one's headers never complete.
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(sock)[0] == 200
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost:")
+        assert _closed_after(sock)[0] == 408
+        sock.close()
+        # A request whose body is slow but whose headers were on time is the body timeout's business: answered.
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_connections_past_the_cap_are_refused_at_once(trained) -> None:
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), _protocols()[1], header_timeout=30.0,
+                   max_connections=4)
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+    try:
+        for s in idle:  # each known to the server: it answered a request on it
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _status(s)[0] == 200
+        extra = socket.create_connection(("127.0.0.1", srv.port))
+        status, raw = _closed_after(extra)
+        assert status == 503 and b"Retry-After: 1" in raw
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:  # the server sees the closes as events; poll for them, not a fixed wait
+            try:
+                if srv.request("GET", "/health")[0] == 200:
+                    break
+            except (ConnectionError, OSError):
+                pass
+            assert time.monotonic() < deadline, "the server did not take connections again"
+            time.sleep(0.05)
+    finally:
+        srv.stop()
+
+
+def _buffered(srv) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, raw = srv.request("GET", "/metrics")
+    return next(s.value for f in text_string_to_metric_families(raw.decode()) for s in f.samples
+                if s.name == "fruitpipe_upload_bytes_buffered")
+
+
+def test_stalled_uploads_share_one_memory_budget(trained, photo: bytes) -> None:
+    import time
+
+    srv = _Server(create_app(ServeSettings(output=str(trained["out"]), max_bytes=LIMIT, body_timeout=60.0,
+                                           max_buffered=2_802_000)))  # room for the two, not a photo more
+    stalled = []
+    try:
+        for _ in range(2):  # two uploads that send 1.4 MB of a 1.9 MB body, then stop
+            body, ctype = _multipart(b"\xff" * 1_900_000)
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1_400_000])
+            stalled.append(s)
+        deadline = time.monotonic() + 60
+        while _buffered(srv) < 2_800_000:  # observable: the server holds both
+            assert time.monotonic() < deadline, f"the server holds {_buffered(srv)} bytes"
+            time.sleep(0.05)
+        status, raw = srv.request("POST", "/predict", *_form(photo))
+        assert status == 503 and b"busy" in raw
+        for s in stalled:
+            s.close()
+        while _buffered(srv) > 0:  # the stalled requests end with their connections and free their bytes
+            assert time.monotonic() < deadline, f"still {_buffered(srv)} bytes held"
+            time.sleep(0.05)
+        assert srv.predict(photo)[0] == 200
+    finally:
+        for s in stalled:
+            s.close()
+        srv.stop()
+
+
+def _form(data: bytes) -> tuple[bytes, dict[str, str]]:
+    body, ctype = _multipart(data)
+    return body, {"Content-Type": ctype}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_stopped_by_a_signal_exits_130_like_every_command(trained, sig) -> None:
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "serve", str(trained["out"]), "--port",
+                             str(port), "-q"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # ready when /health answers (an event, polled)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_model_that_overflows_on_a_photo_gets_no_answer(trained, photo: bytes) -> None:
+    import numpy as np
+
+    app = create_app(ServeSettings(output=str(trained["out"])))
+    clf = app.state.classifier
+    real = clf.photo_probabilities
+    clf.photo_probabilities = lambda data, max_pixels: np.full_like(real(data, max_pixels), np.nan)
+    srv = _Server(app)
+    try:
+        status, body = srv.predict(photo)
+        assert (status, body["error"]) == (422, "not_finite")
     finally:
         srv.stop()

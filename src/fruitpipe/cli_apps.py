@@ -7,7 +7,16 @@ import logging
 import sys
 from typing import Any
 
-from fruitpipe.cli_args import EPILOG, add_metrics, export_metrics, key_values, share, storage_options, whole_number
+from fruitpipe.cli_args import (
+    EPILOG,
+    add_metrics,
+    export_metrics,
+    key_values,
+    positive_float,
+    share,
+    storage_options,
+    whole_number,
+)
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.monitor.logs import error_line, json_mode
 
@@ -133,10 +142,15 @@ def add_serve(sub: Any) -> None:
                    help="photos decoded and identified at once (default: one per core); bounds memory")
     p.add_argument("--queue", type=whole_number, default=32,
                    help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
-    p.add_argument("--body-timeout", type=float, default=10.0,
+    p.add_argument("--body-timeout", type=positive_float, default=10.0,
                    help="seconds an upload may send nothing before it gets 408 (default 10)")
+    p.add_argument("--header-timeout", type=positive_float, default=5.0,
+                   help="seconds a request's headers may take to arrive before 408 and a closed connection "
+                   "(default 5)")
     p.add_argument("--max-connections", type=whole_number, default=256,
                    help="open connections and requests at once; beyond, 503 (default 256)")
+    p.add_argument("--max-buffered-mb", type=whole_number, default=256,
+                   help="upload bytes held in memory by all requests together, MiB (default 256); beyond, 503")
     p.add_argument("--api-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
@@ -238,22 +252,21 @@ def _drift_main(args: argparse.Namespace, started: float) -> int:
 
 def _serve_main(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from fruitpipe.serve import ServeSettings, create_app
+        from fruitpipe.serve.server import serve
     except ImportError:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
                                    max_pixels=args.max_pixels, threads=args.threads, crop=args.crop,
                                    decoders=args.decoders, queue=args.queue, body_timeout=args.body_timeout,
-                                   api_docs=args.api_docs))
+                                   max_buffered=args.max_buffered_mb * 1024 * 1024, api_docs=args.api_docs))
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}
-    # limit_concurrency: past it uvicorn answers 503 instead of holding more sockets; keep-alive connections that
-    # send nothing close after 5 s.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                access_log=not args.quiet, limit_concurrency=args.max_connections, timeout_keep_alive=5, **extra)
-    return 0
+    # Past --max-connections a new connection gets 503; headers must be complete within --header-timeout; kept-alive
+    # connections that send nothing close after 5 s.
+    return serve(app, host=args.host, port=args.port, header_timeout=args.header_timeout,
+                 max_connections=args.max_connections, log_level="warning" if args.quiet else "info",
+                 access_log=not args.quiet, timeout_keep_alive=5, **extra)
 
 
 def _train_main(args: argparse.Namespace, started: float) -> int:
