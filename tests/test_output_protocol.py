@@ -339,3 +339,107 @@ def test_a_writer_stopped_at_any_step_of_the_commit_leaves_no_visible_rows(spark
     _check_complete(out, 40)
     assert not list((out / "embeddings").glob(".pending-*"))
     assert result.counts["embedded_this_run"] == (20 if stop_at == "naming" else 0)
+
+
+def _s3_rows(endpoint: str, uri: str) -> list[dict]:
+    """What a folder reader sees of an S3 dataset (pyarrow, like pandas and Spark, skips names starting with '.')."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, region="eu-west-3", scheme="http")
+    return pq.read_table(uri[len("s3://"):], filesystem=fs).to_pylist()
+
+
+@pytest.mark.parametrize("stop_at", ["naming", "renaming"])
+def test_a_writer_stopped_at_any_step_of_the_commit_on_s3_leaves_no_visible_rows(spark, s3_endpoint: str,
+                                                                                   tmp_path: Path, monkeypatch,
+                                                                                   stop_at: str) -> None:
+    """The S3 variant: moves are copies and deletes there, the record a conditional PUT."""
+    import boto3
+
+    from fruitpipe import output as output_mod
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3")
+    bucket = f"commit-stop-{stop_at}"
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=5)
+    out = f"s3://{bucket}/out"
+
+    def config() -> fruitpipe.Config:
+        return fruitpipe.Config(input=str(data), output=out, k=3, quiet=True, s3_endpoint=s3_endpoint,
+                                region="eu-west-3")
+
+    fruitpipe.run(config())
+    before = sorted(r["uri"] for r in _s3_rows(s3_endpoint, f"{out}/embeddings"))
+    copy_classes(data, sample_classes(4)[2:], per_split=5)
+    real_write, real_move = RunDir._write_record, storage.move
+
+    def lost_when_naming(self, rec, token):
+        if rec.get("pending") and any(rec["pending"].values()):
+            raise lease.LeaseLostError(f"{out}: lease lost (test)")
+        real_write(self, rec, token)
+
+    def dies_while_renaming(src, dst, opts):
+        if "/.pending-" in src and "/embeddings/" in src and dies_while_renaming.moved:
+            raise _Crash("killed")
+        dies_while_renaming.moved += "/.pending-" in src and "/embeddings/" in src
+        real_move(src, dst, opts)
+
+    dies_while_renaming.moved = 0
+    if stop_at == "naming":
+        monkeypatch.setattr(RunDir, "_write_record", lost_when_naming)
+    else:
+        monkeypatch.setattr(output_mod.storage, "move", dies_while_renaming)
+    with pytest.raises((OutputError, _Crash)):
+        fruitpipe.run(config())
+    monkeypatch.undo()
+    visible = [r["uri"] for r in _s3_rows(s3_endpoint, f"{out}/embeddings")]
+    assert len(visible) == len(set(visible))
+    if stop_at == "naming":
+        assert sorted(visible) == before
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/embeddings/")["Contents"]]
+    assert any("/.pending-" in k for k in keys)
+    result = fruitpipe.run(config())
+    visible = [r["uri"] for r in _s3_rows(s3_endpoint, f"{out}/embeddings")]
+    assert sorted(visible) == sorted(set(visible)) and len(visible) == 40 and result.counts["accounted"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
+    assert "out/_SUCCESS" in keys and not any("/.pending-" in k for k in keys)
+
+
+def test_a_record_write_cannot_follow_a_takeover(s3_endpoint: str, tmp_path: Path) -> None:
+    """A writer that stalls between its lease check and its record write: on S3 the write is conditional on the
+    record it read, so the run that took over keeps its record; locally the check and the write hold the lease's
+    lock, which a takeover must take too."""
+    import fcntl
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3").create_bucket(
+        Bucket="record-race", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    opts = StorageOptions(s3_endpoint, "eu-west-3")
+    stalled, took_over = RunDir("s3://record-race/out", opts), RunDir("s3://record-race/out", opts)
+    stalled._write_record(stalled.record(), "run-a")  # A's last write, then A stalls past the TTL
+    took_over._write_record({**took_over.record(), "settings": {"by": "b"}}, "run-b")  # B took over and committed
+    with pytest.raises(OutputError, match="changed by another run"):
+        stalled._write_record({**stalled.record(), "settings": {"by": "a"}}, "run-a")  # A resumes
+    fresh = RunDir("s3://record-race/out", opts).record()
+    assert fresh["token"] == "run-b" and fresh["settings"] == {"by": "b"}
+
+    out = tmp_path / "out"
+    with lease.hold(str(out), "run-a", StorageOptions()) as held:
+        seen = []
+
+        def write() -> None:  # inside the publish: nobody else can take the lease's lock now
+            fd = os.open(out / lease.LEASE, os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+            seen.append(True)
+
+        held.publish(write)
+        assert seen == [True]
+        (out / lease.LEASE).write_text(json.dumps({"token": "run-b", "host": "elsewhere", "pid": 1,
+                                                   "heartbeat_at": time.time(), "ttl_s": 120}))
+        with pytest.raises(lease.LeaseLostError):
+            held.publish(lambda: pytest.fail("written without the lease"))

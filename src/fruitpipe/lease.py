@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,8 +262,22 @@ class Lease:
                 current, _ = self._read()
             self._lost = current is None or current.get("token") != self.owner["token"]
         if self._lost:
-            raise LeaseLostError(f"this run lost its lease on {self.out} (it stalled longer than {self.ttl_s:.0f} s "
-                                 "and another run took over): nothing more was published; re-run the command")
+            raise self._lost_error()
+
+    def _lost_error(self) -> LeaseLostError:
+        return LeaseLostError(f"this run lost its lease on {self.out} (it stalled longer than {self.ttl_s:.0f} s "
+                              "and another run took over): nothing more was published; re-run the command")
+
+    def publish(self, write: Callable[[], None]) -> None:
+        """Check the lease is ours and run `write` in the same transaction: locally under the lease file's lock,
+        which a takeover must also take, so none can fall between the check and the write."""
+        with self._transaction():
+            if not self._lost:
+                current, _ = self._read()
+                self._lost = current is None or current.get("token") != self.owner["token"]
+            if self._lost:
+                raise self._lost_error()
+            write()
 
     def release(self) -> None:
         """Give the lease back if it is still ours."""

@@ -60,9 +60,14 @@ def _inside(child: str, parent: str) -> bool:
 _AFRESH = "re-run `fruitpipe run` or `embed` with --overwrite to start this output afresh"
 
 
-def _read_json(uri: str, opts: StorageOptions, what: str, fix: str = _AFRESH) -> dict[str, Any]:
+def _read_json(uri: str, opts: StorageOptions, what: str, fix: str = _AFRESH, etag_of: Any = None) -> dict[str, Any]:
+    """A JSON object; with `etag_of` (a RunDir), an S3 object's ETag is kept there for its conditional rewrite."""
     try:
-        doc = json.loads(storage.read_bytes(uri, opts))
+        if etag_of is not None and storage.is_s3(uri):
+            raw, etag_of._record_etag = storage.read_with_etag(uri, opts)
+        else:
+            raw = storage.read_bytes(uri, opts)
+        doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise OutputError(f"{uri} is corrupt ({what}: {str(exc)[:80]}): {fix}") from None
     if not isinstance(doc, dict):
@@ -105,6 +110,10 @@ class RunDir:
         #: Called before every write of the commit record (the lease's check): a run that lost its lease stops
         #: before it could publish anything over the run that took over.
         self.guard: Callable[[], None] | None = None
+        #: Runs a write with the lease checked in the same transaction (lease.Lease.publish): a takeover cannot
+        #: fall between the check and the record's write.
+        self.under_lease: Callable[[Callable[[], None]], None] | None = None
+        self._record_etag: str | None = None  # the S3 record's version this writer last read or wrote
 
     def join(self, *parts: str) -> str:
         """A URI inside the output."""
@@ -183,10 +192,11 @@ class RunDir:
         if self._record is None:
             uri = self.join(RECORD)
             if storage.exists(uri, self.opts):
-                rec = _read_json(uri, self.opts, "the commit record")
+                rec = _read_json(uri, self.opts, "the commit record", etag_of=self)
                 if not isinstance(rec.get("datasets"), dict):
                     raise OutputError(f"{uri} is corrupt (no datasets): re-run with --overwrite")
             else:
+                self._record_etag = None  # to be created: only if nobody else has meanwhile
                 rec = {"format": 1, "version": 0, "reduce": None, "settings": {},
                        "datasets": {name: [u.rsplit("/", 1)[1] for u in storage.parquet_files(self.join(name),
                                                                                                 self.opts)]
@@ -195,11 +205,30 @@ class RunDir:
         return self._record
 
     def _write_record(self, rec: dict[str, Any], token: str) -> None:
-        if self.guard is not None:
-            self.guard()
+        """Write the record, the lease checked first. Locally the check and the write share the lease's lock; on
+        S3 the write is conditional on the record being the version this writer read, so a writer that stalled
+        between its check and its write cannot overwrite the record of the run that took over."""
         rec = {**rec, "version": int(rec.get("version", 0)) + 1, "token": token,
                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        storage.write_bytes(self.join(RECORD), jsonio.dumps(rec, indent=1).encode(), self.opts)
+        body = jsonio.dumps(rec, indent=1).encode()
+        uri = self.join(RECORD)
+
+        def write() -> None:
+            if not storage.is_s3(uri):
+                storage.write_bytes(uri, body, self.opts)
+                return
+            etag = storage.put_if(uri, body, self.opts, self._record_etag)
+            if etag is None:
+                raise OutputError(f"{uri} was changed by another run since this one read it (this run stalled and "
+                                  "lost its lease): nothing more was published; re-run the command")
+            self._record_etag = etag
+
+        if self.under_lease is not None:
+            self.under_lease(write)
+        else:
+            if self.guard is not None:
+                self.guard()
+            write()
         self._record = rec
 
     def commit_classifier(self, staged: dict[str, str], files: dict[str, str], token: str) -> None:

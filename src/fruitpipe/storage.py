@@ -304,6 +304,41 @@ def read_object(uri: str, opts: StorageOptions) -> bytes:
         raise OSError(f"{uri}: {exc}") from None
 
 
+def read_with_etag(uri: str, opts: StorageOptions) -> tuple[bytes, str]:
+    """An S3 object's bytes and ETag, in one GET (what a later put_if compares against)."""
+    bucket, _, key = normalize(uri)[len("s3://"):].partition("/")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        obj = _s3_client(opts).get_object(Bucket=bucket, Key=key)
+        return obj["Body"].read(), obj["ETag"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404"):
+            raise FileNotFoundError(f"{uri}: {code}") from None
+        raise OSError(f"{uri}: S3 {code}: {exc}") from None
+    except BotoCoreError as exc:
+        raise OSError(f"{uri}: {exc}") from None
+
+
+def put_if(uri: str, data: bytes, opts: StorageOptions, etag: str | None) -> str | None:
+    """Write an S3 object only if it is still the version `etag` names (None: only if it does not exist), with
+    S3's conditional writes; returns the new ETag, or None when another writer changed it first."""
+    bucket, _, key = normalize(uri)[len("s3://"):].partition("/")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        return str(_s3_client(opts).put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"])
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return None
+        raise OSError(f"{uri}: S3 {code}: {exc}") from None
+    except BotoCoreError as exc:
+        raise OSError(f"{uri}: {exc}") from None
+
+
 def _tmp_sibling(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 

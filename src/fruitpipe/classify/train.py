@@ -270,6 +270,7 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     # The lease is held to the last write: a `run --overwrite` cannot start between the fit and the publish.
     with lease.hold(settings.output, token, opts) as held:
         rundir.guard = held.check
+        rundir.under_lease = held.publish
         # output_errors: a part the tasks cannot read is the one-line error `run` and `reduce` give.
         with (contextlib.nullcontext(spark) if spark is not None
               else spark_session(settings.master, "fruitpipe-train", conf=settings.spark_conf)) as spark, \

@@ -198,6 +198,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                                     input_list=bool(fingerprint.get("input_list")))
         with lease.hold(out, token, opts) as held:
             rundir.guard = held.check  # every commit-record write first checks the lease is still ours
+            rundir.under_lease = held.publish  # ...in the same transaction as the write
             if "embed" in stages:
                 rundir.claim(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
                 if int8 is not None:
