@@ -1,4 +1,5 @@
-"""RunDir: the output directory as an object: layout, claim, staging, the commit record, _SUCCESS, index reads.
+"""RunDir: the output directory as an object: claim, staging, the commit record, _SUCCESS, index reads (its commit
+operations are in fruitpipe.commits, its names in fruitpipe.layout).
 
 The commit record (`_commit.json`, replaced whole and atomically, as a table format's log) names every file that
 belongs to the output. Part files are written under unique names and are only part of the output once the record
@@ -14,7 +15,6 @@ import logging
 import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,35 +22,27 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe import jsonio, storage
+from fruitpipe.commits import Commits
 from fruitpipe.errors import OutputError
-from fruitpipe.schemas import EMBEDDINGS_SCHEMA, REJECTS_SCHEMA, conform
+from fruitpipe.layout import (  # noqa: F401  (re-exported: the output layout's names)
+    CLASSIFIER,
+    DATASETS,
+    DRIFT,
+    LEASE_ENTRY,
+    MARKER,
+    OWN_ENTRIES,
+    RECORD,
+    REDUCE_DIRS,
+    REPORT,
+    RUN_JSON,
+    STAGING,
+    SUCCESS,
+    hidden,
+)
+from fruitpipe.schemas import conform
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
-
-MARKER = "_fruitpipe.json"
-SUCCESS = "_SUCCESS"
-STAGING = "_staging"
-RECORD = "_commit.json"
-RUN_JSON = "run.json"
-DATASETS = {"embeddings": EMBEDDINGS_SCHEMA, "rejects": REJECTS_SCHEMA}
-REDUCE_DIRS = ("pca", "reduced")
-#: Everything fruitpipe writes in an output: --overwrite deletes these names and nothing else.
-#: Written beside the datasets: the classifier (`fruitpipe train`) and the run's visual report.
-CLASSIFIER = "classifier"
-REPORT = "report.html"
-#: `fruitpipe drift`'s drift.json and drift.html, by default in the current output.
-DRIFT = "drift"
-OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS, CLASSIFIER, REPORT,
-               DRIFT)
-#: The writer's lease (fruitpipe.lease): never deleted by --overwrite, which runs under it.
-LEASE_ENTRY = "_lease.json"
-
-
-def _hidden(uri: str) -> str:
-    """The name a part has until the commit record names it: a leading "." hides it from folder readers."""
-    head, _, name = uri.rpartition("/")
-    return f"{head}/.pending-{name}"
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -100,7 +92,7 @@ def read_part_index(uri: str, opts: StorageOptions, columns: list[str], schema: 
             .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
 
 
-class RunDir:
+class RunDir(Commits):
     """One output directory (local path or s3:// prefix) and the protocol every stage uses to change it."""
 
     def __init__(self, uri: str, opts: StorageOptions) -> None:
@@ -231,18 +223,6 @@ class RunDir:
             write()
         self._record = rec
 
-    def commit_classifier(self, staged: dict[str, str], files: dict[str, str], token: str) -> None:
-        """Publish a classifier staged under classifier/: each staged file (name -> staged URI) moved to its name,
-        then the record names them with their sha256 (`files`: name -> sha256) in one write (the lease checked
-        first). Until that write the record still names the previous files: `serve` refuses an ONNX that is not
-        the one it names."""
-        if self.guard is not None:
-            self.guard()
-        for name, src in staged.items():
-            storage.move(src, self.join(CLASSIFIER, name), self.opts)
-        self._record = None  # re-read: only this lease holder writes it, but the cache may predate the fit
-        self._write_record({**self.record(), "classifier": {"token": token, "files": files}}, token)
-
     def classifier_sha256(self, name: str) -> str | None:
         """The sha256 the record names for a classifier file (None: no record of it, an older output)."""
         uri = self.join(RECORD)
@@ -333,117 +313,6 @@ class RunDir:
         """This run's private staging prefix; a stage's own one (`stage`) when its files must outlive the other's
         cleanup (the reduce stage stages while the embed stage's accounting, which deletes its prefix, runs)."""
         return self.join(STAGING, f"{token}.{stage}" if stage else token)
-
-    def commit_parts(self, staging: str, token: str, settings: dict[str, Any] | None = None) -> int:
-        """Publish the part files staged under `staging`/<dataset>/: moved under unique names, then named in the
-        record in one write (which also drops the PCA, since the embeddings changed). Returns the files moved."""
-        rec = self.record()
-        added: dict[str, list[str]] = {}
-        moves = []
-        for name in DATASETS:
-            src_dir = storage.join(staging, name)
-            added[name] = []
-            for src in storage.parquet_files(src_dir, self.opts):  # [] when nothing was staged
-                dest = f"{token}-{src.rsplit('/', 1)[1]}"
-                moves.append((src, self.join(name, dest)))
-                added[name].append(dest)
-        # Moved in under hidden names (Parquet readers, pandas and Spark skip names starting with "."), named in
-        # the record (the lease checked first), then made visible: a writer that lost its lease at any instant
-        # leaves at most hidden files, never rows a folder reader would count twice.
-        storage.move_all([(src, _hidden(dst)) for src, dst in moves], self.opts)
-        n = sum(len(v) for v in added.values())
-        if n or {**self.settings(), **(settings or {})} != self.settings():  # a no-op run leaves the record as is
-            datasets = {name: rec["datasets"].get(name, []) + added.get(name, []) for name in DATASETS}
-            changed = bool(added["embeddings"])
-            pending = {name: files for name, files in added.items() if files}
-            self._write_record({**rec, "datasets": datasets, "reduce": None if changed else rec.get("reduce"),
-                                "settings": {**self.settings(), **(settings or {})}, "pending": pending}, token)
-            self._make_visible(self.record(), token)
-        return n
-
-    def _make_visible(self, rec: dict[str, Any], token: str) -> None:
-        """Rename the record's pending parts from their hidden names (those already renamed are skipped), then
-        drop the pending list from the record."""
-        pairs = []
-        for name, files in (rec.get("pending") or {}).items():
-            for f in files:
-                hidden = _hidden(self.join(name, f))
-                if storage.exists(hidden, self.opts):
-                    pairs.append((hidden, self.join(name, f)))
-        storage.move_all(pairs, self.opts)
-        self._write_record({k: v for k, v in rec.items() if k != "pending"}, token)
-
-    def drop_rows(self, rows: dict[str, pa.Table], token: str) -> int:
-        """Remove rows from committed parts: `rows[dataset]` has the _file and _row of each row to drop. Rewritten
-        parts get new hidden names, one record write swaps them in, the old files are deleted, then the new ones made
-        visible (a folder reader may miss rows for a moment, never count them twice). Returns rows."""
-        rec = self.record()
-        datasets = {name: list(rec["datasets"].get(name, [])) for name in DATASETS}
-        replaced: list[str] = []
-        pending: dict[str, list[str]] = {}
-        dropped = 0
-        emb_changed = False
-        for name, table in rows.items():
-            if table.num_rows == 0:
-                continue
-            by_file: dict[str, set[int]] = {}
-            for f, r in zip(table.column("_file").to_pylist(), table.column("_row").to_pylist()):
-                by_file.setdefault(f, set()).add(int(r))
-            for fname, drop in sorted(by_file.items()):
-                old = self.join(name, fname)
-                t = storage.read_parquet(old, self.opts)
-                mask = np.ones(t.num_rows, dtype=bool)
-                mask[sorted(drop)] = False
-                kept = t.filter(pa.array(mask))
-                idx = datasets[name].index(fname)
-                if kept.num_rows:
-                    new = f"{token}-{uuid.uuid4().hex[:12]}.parquet"
-                    storage.write_parquet(kept, _hidden(self.join(name, new)), self.opts)  # visible once named
-                    datasets[name][idx] = new
-                    pending.setdefault(name, []).append(new)
-                else:
-                    datasets[name][idx] = ""
-                replaced.append(old)
-                dropped += t.num_rows - kept.num_rows
-                emb_changed |= name == "embeddings"
-        if not replaced:
-            return 0
-        datasets = {name: [f for f in files if f] for name, files in datasets.items()}
-        self._write_record({**rec, "datasets": datasets, "reduce": None if emb_changed else rec.get("reduce"),
-                            "pending": pending}, token)
-        for old in replaced:  # before the new parts appear: a folder reader may miss rows, never count them twice
-            storage.delete(old, self.opts)
-        self._make_visible(self.record(), token)
-        return dropped
-
-    def commit_reduce(self, staging: str, fingerprint: dict[str, Any], token: str) -> None:
-        """Replace pca/ and reduced/ by the staged ones: the record first forgets the old PCA, the directories are
-        swapped, then the record names the new files. A crash at any point leaves a record that says 'no PCA',
-        so the next run fits it again instead of trusting half-replaced directories."""
-        rec = self.record()
-        if rec.get("reduce") is not None:
-            self._write_record({**rec, "reduce": None}, token)
-        entry: dict[str, Any] = {"fingerprint": fingerprint}
-        for name in REDUCE_DIRS:
-            storage.delete(self.join(name), self.opts)
-            src_dir = storage.join(staging, name)
-            names = [posixpath.relpath(src, src_dir) for src, _ in storage.list_files(src_dir, self.opts)]
-            storage.move_all([(storage.join(src_dir, rel), self.join(name, rel)) for rel in names], self.opts)
-            entry[name] = sorted(names)
-        self._write_record({**self.record(), "reduce": entry}, token)
-
-    def ensure_datasets(self, token: str) -> None:
-        """Readers always find both datasets with their schema: an empty part where a dataset has none."""
-        rec = self.record()
-        missing = [name for name in DATASETS if not rec["datasets"].get(name)]
-        if not missing:
-            return
-        datasets = dict(rec["datasets"])
-        for name in missing:
-            part = f"{token}-part-empty.parquet"
-            storage.write_parquet(DATASETS[name].empty_table(), self.join(name, part), self.opts)
-            datasets[name] = [part]
-        self._write_record({**rec, "datasets": datasets}, token)
 
     # -- publishing ----------------------------------------------------------------------------------------------
 
