@@ -263,8 +263,11 @@ def test_rows_follow_changed_moved_deleted_and_fixed_files(spark, tmp_path: Path
     os.chmod(data / "Training" / a / "locked.jpg", 0)
     out = tmp_path / "out"
     config = fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True)
-    first = fruitpipe.embed(config.replace(max_pixels=1))  # a mistake: every photo too_large
-    assert first.counts["rejects_by_reason"].get("too_large", 0) >= 12
+    with pytest.raises(OutputError, match="could be embedded: 1[2-4] too_large"):  # a mistake: all too_large,
+        fruitpipe.embed(config.replace(max_pixels=1))  # a failure rather than a complete output of nothing
+    assert not (out / "_SUCCESS").exists()
+    committed = pq.read_table(out / "rejects", columns=["reason"]).column("reason").to_pylist()
+    assert committed.count("too_large") >= 12  # kept: the fixed re-run retries exactly these
     second = fruitpipe.run(config)  # the limit changed: too_large rejects are retried
     reasons = second.counts["rejects_by_reason"]
     if os.geteuid() != 0:  # root reads a mode-000 file anyway
