@@ -210,6 +210,9 @@ class RunDir(Commits):
                 storage.write_bytes(uri, body, self.opts)
                 return
             etag = storage.put_if(uri, body, self.opts, self._record_etag)
+            if etag is None:  # a retried PUT whose first answer was lost finds its own write: that is success
+                current, current_etag = storage.read_with_etag(uri, self.opts)
+                etag = current_etag if current == body else None
             if etag is None:
                 raise OutputError(f"{uri} was changed by another run since this one read it (this run stalled and "
                                   "lost its lease): nothing more was published; re-run the command")
