@@ -8,11 +8,12 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from fruitpipe import s3_objects
 
 
 @dataclass(frozen=True)
@@ -262,81 +263,24 @@ def read_bytes(uri: str, opts: StorageOptions) -> bytes:
         return fh.read()
 
 
-_S3_CLIENTS: dict[tuple[str | None, str], Any] = {}
-
-
-def _s3_client(opts: StorageOptions) -> Any:
-    """One boto3 S3 client per process and endpoint (clients are thread-safe; sessions are not)."""
-    key = (opts.s3_endpoint, opts.region)
-    with _FS_LOCK:
-        client = _S3_CLIENTS.get(key)
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            # Standard retry mode: throttling (503 SlowDown) and connection resets are retried with backoff.
-            client = boto3.session.Session().client(
-                "s3", region_name=opts.region, endpoint_url=opts.s3_endpoint,
-                config=Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32))
-            _S3_CLIENTS[key] = client
-        return client
-
-
 def read_object(uri: str, opts: StorageOptions) -> bytes:
     """The whole object at `uri` in as few requests as possible: on S3 one GET (pyarrow's reader sends a HEAD
     first, for the size, then ranged GETs), locally one read. A missing object raises FileNotFoundError, a refused
     one PermissionError; other failures propagate as OSError so that the caller's task is retried."""
     if not is_s3(uri):
         return read_bytes(uri, opts)
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, _, key = normalize(uri)[len("s3://"):].partition("/")
-    try:
-        return _s3_client(opts).get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404", "NoSuchBucket"):
-            raise FileNotFoundError(f"{uri}: {code}") from None
-        if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidObjectState"):
-            raise PermissionError(f"{uri}: {code}") from None
-        raise OSError(f"{uri}: S3 {code}: {exc}") from None
-    except BotoCoreError as exc:
-        raise OSError(f"{uri}: {exc}") from None
+    return s3_objects.get(normalize(uri), opts)[0]
 
 
 def read_with_etag(uri: str, opts: StorageOptions) -> tuple[bytes, str]:
     """An S3 object's bytes and ETag, in one GET (what a later put_if compares against)."""
-    bucket, _, key = normalize(uri)[len("s3://"):].partition("/")
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        obj = _s3_client(opts).get_object(Bucket=bucket, Key=key)
-        return obj["Body"].read(), obj["ETag"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404"):
-            raise FileNotFoundError(f"{uri}: {code}") from None
-        raise OSError(f"{uri}: S3 {code}: {exc}") from None
-    except BotoCoreError as exc:
-        raise OSError(f"{uri}: {exc}") from None
+    return s3_objects.get(normalize(uri), opts)
 
 
 def put_if(uri: str, data: bytes, opts: StorageOptions, etag: str | None) -> str | None:
     """Write an S3 object only if it is still the version `etag` names (None: only if it does not exist), with
     S3's conditional writes; returns the new ETag, or None when another writer changed it first."""
-    bucket, _, key = normalize(uri)[len("s3://"):].partition("/")
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-    try:
-        return str(_s3_client(opts).put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"])
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-            return None
-        raise OSError(f"{uri}: S3 {code}: {exc}") from None
-    except BotoCoreError as exc:
-        raise OSError(f"{uri}: {exc}") from None
+    return s3_objects.put_if(normalize(uri), data, opts, etag)
 
 
 def _tmp_sibling(path: str) -> str:
