@@ -208,3 +208,20 @@ def test_no_module_below_the_cli_imports_it() -> None:
                    for n in names):  # cli_args (parser helpers, importing nothing of the CLI) is below it
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_sigterm_is_an_interruption_in_every_command() -> None:
+    """One convention: SIGTERM, as Ctrl-C, exits 130 (run: test_pipeline; serve: test_serve_limits). Here the
+    command's own work sends the signal, an observable point."""
+    code = ("import os, signal, sys, threading\n"
+            "import fruitpipe.cli_apps as apps\n"
+            "from fruitpipe.cli import main\n"
+            "def work(args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    threading.Event().wait(60)  # interrupted by the handler, never reached its end\n"
+            "    return 0\n"
+            "apps._sample_main = work\n"
+            "sys.exit(main(['sample', '--mini', 'unused']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "fruitpipe sample: interrupted" in proc.stderr and "Traceback" not in proc.stderr

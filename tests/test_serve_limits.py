@@ -326,7 +326,7 @@ def _form(data: bytes) -> tuple[bytes, dict[str, str]]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_serve_stopped_by_a_signal_exits_130_like_every_command(trained, sig) -> None:
+def test_serve_stopped_by_a_signal_exits_130_like_the_other_commands(trained, sig) -> None:
     import subprocess
     import sys
     import time

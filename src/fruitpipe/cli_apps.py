@@ -14,6 +14,7 @@ from fruitpipe.cli_args import (
     key_values,
     positive_float,
     share,
+    sigterm_as_interrupt,
     storage_options,
     whole_number,
 )
@@ -309,15 +310,16 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.time()
     try:
-        if args.command == "train":
-            return _train_main(args, started)
-        if args.command == "drift":
-            return _drift_main(args, started)
-        if args.command == "sample":
-            return _sample_main(args)
-        if args.command == "evaluate":
+        if args.command == "serve":  # uvicorn handles its signals: it finishes the requests in flight first
+            return _serve_main(args)
+        with sigterm_as_interrupt():  # SIGTERM exits 130 as Ctrl-C does, as in `run`
+            if args.command == "train":
+                return _train_main(args, started)
+            if args.command == "drift":
+                return _drift_main(args, started)
+            if args.command == "sample":
+                return _sample_main(args)
             return _evaluate_main(args)
-        return _serve_main(args)
     except FruitpipeError as exc:
         log.debug("the cause, in full:", exc_info=exc)
         error_line(f"fruitpipe {args.command}: error: {exc}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
@@ -94,3 +97,22 @@ def export_metrics(args: argparse.Namespace, command: str, started: float, repor
 
     registry = command_metrics(command, report is not None, started, report)
     export(registry, args.metrics_file, args.pushgateway, command, output)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled as Ctrl-C for the block (a KeyboardInterrupt, so the command cleans up and exits 130, as
+    `run` does); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -2,7 +2,7 @@
 (or of the previous response on a kept-alive one), else 408 and the connection is closed; past `max_connections`
 open connections a new one gets 503 and is closed at once. uvicorn has neither (its issue #157): without them,
 sockets that send half a header hold a file descriptor each, forever. Interrupted by SIGINT or SIGTERM, the server
-finishes the requests in flight and the command exits 130, as every fruitpipe command does."""
+finishes the requests in flight and the command exits 130, as the other fruitpipe commands do."""
 
 from __future__ import annotations
 
