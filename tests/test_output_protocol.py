@@ -299,19 +299,11 @@ def test_rows_follow_changed_moved_deleted_and_fixed_files(spark, tmp_path: Path
     assert json.loads((out / "pca" / "explained_variance.json").read_text())["n_samples"] == fresh.counts["embedded"]
 
 
-@pytest.mark.parametrize("stop_at", ["naming", "renaming"])
-def test_a_writer_stopped_at_any_step_of_the_commit_leaves_no_visible_rows(spark, tmp_path: Path, monkeypatch,
-                                                                             stop_at: str) -> None:
-    """Parts move in under hidden names, the record names them, then they become visible. A writer that lost its
-    lease when it came to name them (the record write refused), or died while renaming them, leaves nothing a
-    folder reader (pyarrow, pandas, Spark) counts; the next run finishes or discards the commit, every photo once."""
+def _stop_the_writer(monkeypatch, out: str, stop_at: str) -> None:
+    """The next run stops at `stop_at`: "naming" (its lease lost when the record comes to name the hidden parts) or
+    "renaming" (killed after making the first embeddings part visible)."""
     from fruitpipe import output as output_mod
 
-    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=5)
-    out = tmp_path / "out"
-    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
-    before = sorted(r["uri"] for r in _rows(out, "embeddings"))
-    copy_classes(data, sample_classes(4)[2:], per_split=5)  # 20 more photos to commit
     real_write, real_move = RunDir._write_record, storage.move
 
     def lost_when_naming(self, rec, token):
@@ -330,6 +322,20 @@ def test_a_writer_stopped_at_any_step_of_the_commit_leaves_no_visible_rows(spark
         monkeypatch.setattr(RunDir, "_write_record", lost_when_naming)
     else:
         monkeypatch.setattr(output_mod.storage, "move", dies_while_renaming)
+
+
+@pytest.mark.parametrize("stop_at", ["naming", "renaming"])
+def test_a_writer_stopped_at_any_step_of_the_commit_leaves_no_visible_rows(spark, tmp_path: Path, monkeypatch,
+                                                                             stop_at: str) -> None:
+    """Parts move in under hidden names, the record names them, then they become visible. A writer that lost its
+    lease when it came to name them (the record write refused), or died while renaming them, leaves nothing a
+    folder reader (pyarrow, pandas, Spark) counts; the next run finishes or discards the commit, every photo once."""
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=5)
+    out = tmp_path / "out"
+    fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
+    before = sorted(r["uri"] for r in _rows(out, "embeddings"))
+    copy_classes(data, sample_classes(4)[2:], per_split=5)  # 20 more photos to commit
+    _stop_the_writer(monkeypatch, str(out), stop_at)
     with pytest.raises((OutputError, _Crash)):
         fruitpipe.run(fruitpipe.Config(input=str(data), output=str(out), k=3, quiet=True))
     monkeypatch.undo()
@@ -359,8 +365,6 @@ def test_a_writer_stopped_at_any_step_of_the_commit_on_s3_leaves_no_visible_rows
     """The S3 variant: moves are copies and deletes there, the record a conditional PUT."""
     import boto3
 
-    from fruitpipe import output as output_mod
-
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3")
     bucket = f"commit-stop-{stop_at}"
     s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
@@ -374,24 +378,7 @@ def test_a_writer_stopped_at_any_step_of_the_commit_on_s3_leaves_no_visible_rows
     fruitpipe.run(config())
     before = sorted(r["uri"] for r in _s3_rows(s3_endpoint, f"{out}/embeddings"))
     copy_classes(data, sample_classes(4)[2:], per_split=5)
-    real_write, real_move = RunDir._write_record, storage.move
-
-    def lost_when_naming(self, rec, token):
-        if rec.get("pending") and any(rec["pending"].values()):
-            raise lease.LeaseLostError(f"{out}: lease lost (test)")
-        real_write(self, rec, token)
-
-    def dies_while_renaming(src, dst, opts):
-        if "/.pending-" in src and "/embeddings/" in src and dies_while_renaming.moved:
-            raise _Crash("killed")
-        dies_while_renaming.moved += "/.pending-" in src and "/embeddings/" in src
-        real_move(src, dst, opts)
-
-    dies_while_renaming.moved = 0
-    if stop_at == "naming":
-        monkeypatch.setattr(RunDir, "_write_record", lost_when_naming)
-    else:
-        monkeypatch.setattr(output_mod.storage, "move", dies_while_renaming)
+    _stop_the_writer(monkeypatch, str(out), stop_at)
     with pytest.raises((OutputError, _Crash)):
         fruitpipe.run(config())
     monkeypatch.undo()

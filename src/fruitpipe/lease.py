@@ -257,16 +257,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise LeaseLostError if this run no longer holds the lease (checked before every publish)."""
-        if not self._lost:
-            with self._transaction():
-                current, _ = self._read()
-            self._lost = current is None or current.get("token") != self.owner["token"]
-        if self._lost:
-            raise self._lost_error()
-
-    def _lost_error(self) -> LeaseLostError:
-        return LeaseLostError(f"this run lost its lease on {self.out} (it stalled longer than {self.ttl_s:.0f} s "
-                              "and another run took over): nothing more was published; re-run the command")
+        self.publish(lambda: None)
 
     def publish(self, write: Callable[[], None]) -> None:
         """Check the lease is ours and run `write` in the same transaction: locally under the lease file's lock,
@@ -276,7 +267,9 @@ class Lease:
                 current, _ = self._read()
                 self._lost = current is None or current.get("token") != self.owner["token"]
             if self._lost:
-                raise self._lost_error()
+                raise LeaseLostError(f"this run lost its lease on {self.out} (it stalled longer than "
+                                     f"{self.ttl_s:.0f} s and another run took over): nothing more was published; "
+                                     "re-run the command")
             write()
 
     def release(self) -> None:
