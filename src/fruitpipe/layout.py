@@ -18,8 +18,10 @@ CLASSIFIER = "classifier"
 REPORT = "report.html"
 #: `fruitpipe drift`'s drift.json and drift.html, by default in the current output.
 DRIFT = "drift"
+#: `fruitpipe train --augment`'s variants of the Training photos (classify.augmented): rows for the classifier only.
+AUGMENTED = "augmented"
 OWN_ENTRIES = (MARKER, SUCCESS, STAGING, RECORD, RUN_JSON, "model", *DATASETS, *REDUCE_DIRS, CLASSIFIER, REPORT,
-               DRIFT)
+               DRIFT, AUGMENTED)
 #: The writer's lease (fruitpipe.lease): never deleted by --overwrite, which runs under it.
 LEASE_ENTRY = "_lease.json"
 

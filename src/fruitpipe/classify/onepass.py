@@ -125,10 +125,13 @@ def cap_folds(folds: int, training: dict[str, int]) -> int:
 
 def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
         fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
-        relabel: Relabel | None = None, guard: Callable[[], None] | None = None) -> OnePass:
+        relabel: Relabel | None = None, guard: Callable[[], None] | None = None,
+        augmented: list[str] | None = None, augment_weight: float = 0.0) -> OnePass:
     """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files` (with `relabel`, some
     of them other sources' parts, read with their labels mapped: classify.sources). `guard` is called before the
-    kept statistics are written (the lease check: a writer that lost it leaves no file)."""
+    kept statistics are written (the lease check: a writer that lost it leaves no file). `augmented`: parts of
+    variants of the Training photos (classify.augmented), added to the statistics and the cross-validation at
+    `augment_weight` per row, never scored as test rows nor in the open-set threshold."""
     relabel = relabel or Relabel()
     from fruitpipe.pipeline.reduce import choose_k
 
@@ -145,6 +148,10 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
                              "model": model_sha256, "projection": None if fmap.projection is None else
                              hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
     st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key, relabel)
+    aug_uri = stats_uri.rsplit(".", 1)[0] + "-augmented.npz"
+    aug_key = stats.fingerprint({"of": key, "augmented": sorted({f.rsplit("/", 2)[-2] for f in augmented or []})})
+    st_aug, how_aug = _statistics(spark, augmented, opts, labels, folds, fmap, dim, held, aug_uri, aug_key,
+                                  relabel) if augmented else (None, {})
     timings["statistics"] = time.perf_counter() - t0
     n_all = st.n.sum(0)
     classes = [c for c, n in zip(labels, n_all) if n > 0]
@@ -153,14 +160,23 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     if len(classes) < len(labels):  # every photo of a class held out: it cannot be learned
         keep = [labels.index(c) for c in classes]
         st = st.classes(keep)
+        st_aug = st_aug.classes(keep) if st_aug is not None else None
     if guard is not None:
         guard()
     stats.save(stats_uri, st, classes, files, key, opts)
+    photos = st
+    if st_aug is not None and augmented:
+        stats.save(aug_uri, st_aug, classes, augmented, aug_key, opts)
+        st = st + st_aug.scaled(augment_weight)
+        how = {**how, "augmented": {**how_aug, "rows": int(st_aug.n.sum()), "weight": augment_weight}}
     t1 = time.perf_counter()
     fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]
     present = np.stack([st.totals(without=f)[0] > 0 for f in range(folds)])
     rows = scoring.Rows(classes, fmap, held, relabel)
     cv = scoring.cv_scores(spark, files, opts, rows, folds, fold_models, present)
+    if st_aug is not None and augmented:  # the variants count in the choice as in the fit: at their weight
+        cv_aug = scoring.cv_scores(spark, augmented, opts, rows, folds, fold_models, present)
+        cv = {k: v + augment_weight * cv_aug[k] for k, v in cv.items()}
     m, t, cv_report = _choose(cv)
     temperature = linear.TEMPERATURES[t]
     chosen = linear.CANDIDATES[m]
@@ -218,7 +234,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
              "test_before": metrics.calibration(raw, y), "test_after": metrics.calibration(proba, y)}
     head = Head(fmap.projection, [(final.w / temperature, final.b / temperature)], transform=fmap.kind)
     return OnePass(head=head, classes=classes, uris=[u for u, k in zip(uris, known) if k], y=y, proba=proba,
-                   unseen=int((~known).sum()), n_train=int(n.sum()), test_source=source,
+                   unseen=int((~known).sum()), n_train=int(photos.n.sum()), test_source=source,
                    cross_validation=cv_report, calibration=calib, pca_table=table,
                    statistics={**how, "classes": len(classes), "folds": folds, "transform": fmap.kind},
                    timings=timings, species=[species_names[i] for i in species], open_set=open_set,

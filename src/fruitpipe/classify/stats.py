@@ -134,6 +134,10 @@ class Stats:
     def __add__(self, other: Stats) -> Stats:
         return Stats(self.n + other.n, self.s + other.s, self.g + other.g, self.h + other.h)
 
+    def scaled(self, weight: float) -> Stats:
+        """Every row counted `weight` times (augmented rows, classify.augmented)."""
+        return Stats(self.n * weight, self.s * weight, self.g * weight, self.h * weight)
+
     def classes(self, keep: list[int]) -> Stats:
         """The statistics of the classes `keep` only (their rows are the only ones the Gramians hold)."""
         return Stats(self.n[:, keep], self.s[:, keep], self.g, self.h)

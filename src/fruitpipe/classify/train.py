@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from fruitpipe import jsonio, lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
+from fruitpipe.classify.augmented import DEFAULT_WEIGHT
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.models.registry import ModelSpec
@@ -58,6 +59,10 @@ class TrainSettings:
     #: mapping their folders to Fruits-360 classes (--also-families).
     also: tuple[str, ...] = ()
     also_families: str | None = None
+    #: Phone-like variants of each Training photo joining the fit (--augment, classify.augmented), and their weight.
+    augment: int = 0
+    augment_weight: float = DEFAULT_WEIGHT
+    quiet: bool = False
 
     def validate(self) -> TrainSettings:
         """One-line errors naming the flag to change."""
@@ -71,6 +76,13 @@ class TrainSettings:
             raise TrainError(f"--holdout {self.holdout} must be between 0 and 1 (e.g. 0.2)")
         if self.also and (self.classifier != "linear" or self.features != "embeddings"):
             raise TrainError("--also works with the default --classifier linear on --features embeddings only")
+        if self.augment < 0 or self.augment > 32:
+            raise TrainError(f"--augment {self.augment} must be between 0 (none) and 32 variants per photo")
+        if not 0 < self.augment_weight <= 1:
+            raise TrainError(f"--augment-weight {self.augment_weight} must be above 0 and at most 1 (a variant "
+                             "never counts more than a photo)")
+        if self.augment and (self.classifier != "linear" or self.features != "embeddings"):
+            raise TrainError("--augment works with the default --classifier linear on --features embeddings only")
         if self.also_families and not self.also:
             raise TrainError("--also-families maps the folders of --also outputs: pass --also OTHER_OUTPUT too")
         if any(storage.normalize(a).rstrip("/") == storage.normalize(self.output).rstrip("/") for a in self.also):
@@ -161,11 +173,18 @@ def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list
 
 
 def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str], components: np.ndarray | None,
-                spec: ModelSpec, model_sha256: str, timings: dict[str, float]) -> _Fitted:
+                spec: ModelSpec, model_sha256: str, timings: dict[str, float], backbone: bytes) -> _Fitted:
     """The default: the one-pass statistics classifier (classify.onepass)."""
-    from fruitpipe.classify import onepass
+    from fruitpipe.classify import augmented, onepass
     from fruitpipe.classify.stats import STATS_FILE, FeatureMap
 
+    made = None
+    if settings.augment:  # variants of this output's own Training photos (not of --also outputs' photos)
+        t0 = time.perf_counter()
+        made = augmented.ensure(spark, rundir.uri, files, augmented.Augmentation(
+            settings.augment, settings.augment_weight, settings.seed), spec, model_sha256, backbone, rundir.opts,
+            guard=rundir.guard, quiet=settings.quiet)
+        timings["augment"] = time.perf_counter() - t0
     others = _other_outputs(settings, model_sha256) if settings.also else []
     relabel = _relabel(spark, settings, files, others) if others else None
     files = [*files, *(f for _, parts in others for f in parts)]
@@ -174,9 +193,12 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     dim = spec.dim if components is None else int(components.shape[1])
     got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
                       compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
-                      model_sha256=model_sha256, relabel=relabel, guard=rundir.guard)
+                      model_sha256=model_sha256, relabel=relabel, guard=rundir.guard,
+                      augmented=made.parts if made else None, augment_weight=settings.augment_weight)
     timings.update(got.timings)
     extra = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
+    if made is not None:
+        extra["augmentation"] = {**made.report, "rows_in_fit": got.statistics.get("augmented", {}).get("rows", 0)}
     if relabel is not None:
         extra.update(sources=got.sources, maps_to=relabel.maps_to)
     return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
@@ -277,7 +299,7 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
                 output_errors():
             if settings.classifier == "linear":
                 got = _fit_linear(spark, settings, rundir, files, components, spec, report["model"]["sha256"],
-                                  timings)
+                                  timings, backbone)
             else:
                 got = _fit_spark_ml(spark, settings, rundir, files, components, timings)
         return _evaluate_and_publish(settings, rundir, report, backbone, spec, got, timings, t0, token)
@@ -313,7 +335,8 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         "classes_without_test_photos": untested,
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
                      "seed": settings.seed, "feature_dim": got.dim, "also": list(settings.also),
-                     "also_families": settings.also_families},
+                     "also_families": settings.also_families, "augment": settings.augment,
+                     "augment_weight": settings.augment_weight if settings.augment else None},
         "cross_validation": got.cross_validation, "pca_table": got.pca_table, **got.extra,
         "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},
         "onnx": {"file": ONNX_NAME, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes),
