@@ -134,3 +134,22 @@ def test_bad_augment_flags_are_one_line(tmp_path: Path, capsys, flags: list[str]
     assert main(["train", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1
+
+
+def test_after_a_rerun_only_the_changed_part_is_made_again(augmented: dict, tmp_path: Path) -> None:
+    """`run` again after the photo was deleted: its part is rewritten without it; the next train makes that
+    part's variants again, deletes the stale ones and keeps the others."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(augmented["out"], out)
+    marker = json.loads((out / "_fruitpipe.json").read_text())
+    fruitpipe.run(fruitpipe.Config(input=marker["input"], output=str(out), k=4, quiet=True))
+    folder = next((out / "augmented").iterdir())
+    before = {p.name for p in folder.glob("*.parquet")}
+    m = _train(out)
+    a = m["augmentation"]
+    after = {p.name for p in folder.glob("*.parquet")}
+    assert a["parts_made"] == len(after - before) >= 1 and a["parts_kept"] == len(after & before)
+    assert a["made_this_train"]["unreadable"] == 0 and len(before - after) >= 1
+    assert len(pd.read_parquet(folder)) == 35 * N == m["augmentation"]["rows_in_fit"]
