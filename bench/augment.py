@@ -1,15 +1,17 @@
 """Benchmark: what phone-like augmentation of the studio photos (fruitpipe.augment) gives on real photos.
 
     FRUITPIPE_MODELS=../shared/models .venv/bin/python bench/augment.py OUT REAL_OUT FAMILIES [--variants 0,2,4]
+        [--weights 1,0.3,0.1]
 
 OUT: an output of `fruitpipe run` on Fruits-360 photos (Training + Test); REAL_OUT: one on labelled real photos
 in family folders (e.g. ../shared/data/real-photos-dev), FAMILIES its families.json. For each number of variants
 N, each Training photo of OUT is also embedded as N variants (fruitpipe.augment.phone_like, seed 7, by content
 id), the one-pass classifier's candidates are fitted on the Training rows plus the variants (numpy, the same
 solvers and features as `train`), and the candidate `train` would choose (lowest 3-fold cross-validated
-log-loss, the folds by the source photo's id so that a photo and its variants share one) is scored on OUT's Test
-rows and on every REAL_OUT photo (a family counts right when the top class is one of its classes). The real
-photos are never used to choose anything.
+log-loss, the folds by the source photo's id so that a photo and its variants share one; each variant counted at
+each of --weights, as `train --augment-weight` does) is scored on OUT's Test rows and on every REAL_OUT photo
+(a family counts right when the top class is one of its classes). The real photos are never used to choose
+anything.
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ def _embed_variants(df: pd.DataFrame, n: int, session, cache: Path) -> tuple[np.
     return x, src
 
 
-def _fit_and_choose(z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int) -> tuple[str, linear.Linear, float]:
+def _fit_and_choose(z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int, wt: np.ndarray
+                    ) -> tuple[str, linear.Linear, float]:
     """train's choice: every candidate by 3-fold cross-validated log-loss at its best temperature, then the final
-    fit on everything."""
+    fit on everything; row i counted wt[i] times in both."""
     def sums(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        onehot = np.eye(n_classes)[y[sel]]
-        return onehot.sum(0), onehot.T @ z[sel], z[sel].T @ z[sel]
+        onehot = np.eye(n_classes)[y[sel]] * wt[sel][:, None]
+        return onehot.sum(0), onehot.T @ z[sel], (z[sel] * wt[sel][:, None]).T @ z[sel]
 
     nll = np.zeros((len(linear.CANDIDATES), len(linear.TEMPERATURES)))
     for f in range(3):
@@ -68,7 +71,7 @@ def _fit_and_choose(z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: i
         for m, model in enumerate(models):
             logits = model.logits(z[sel])
             for t, temp in enumerate(linear.TEMPERATURES):
-                nll[m, t] -= linear.log_softmax(logits / temp)[np.arange(sel.sum()), y[sel]].sum()
+                nll[m, t] -= (wt[sel] * linear.log_softmax(logits / temp)[np.arange(sel.sum()), y[sel]]).sum()
     m, t = np.unravel_index(np.argmin(nll), nll.shape)
     cand = linear.CANDIDATES[int(m)]
     final = linear.solve(cand.family, *sums(np.ones(len(y), bool)), [cand.reg])[0]
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("real_out", type=Path)
     parser.add_argument("families", type=Path)
     parser.add_argument("--variants", default="0,2,4")
+    parser.add_argument("--weights", default="1", help="weights of a variant against 1 for a photo, e.g. 1,0.3,0.1")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import onnxruntime as ort
@@ -110,18 +114,21 @@ def main() -> None:
         else:
             x, y, fold = x_tr, y_tr, fold_tr
         embed_s = time.perf_counter() - t0
-        chosen, final, temp = _fit_and_choose(stats.transform(x, "sqrt_l2"), y, fold, len(classes))
-        test_top1 = float(np.mean(np.argmax(final.logits(z_te), 1) == y_te))
-        pred = np.argmax(final.logits(z_real), 1)
-        real_top1 = float(np.mean(right[np.arange(len(pred)), pred]))
-        per = {fam: round(float(np.mean(right[(real.label == fam).to_numpy(), :][
-            np.arange(int((real.label == fam).sum())), pred[(real.label == fam).to_numpy()]])), 3)
-               for fam in sorted(real.label.unique())}
-        row = {"variants": n, "training_rows": int(len(y)), "embed_s": round(embed_s, 1), "chosen": chosen,
-               "temperature": round(temp, 4), "test_top1": round(test_top1, 5), "real_family_top1": round(real_top1, 5),
-               "real_per_family": per}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        is_variant = np.arange(len(y)) >= len(y_tr)
+        for weight in ([1.0] if not n else [float(w) for w in args.weights.split(",")]):
+            wt = np.where(is_variant, weight, 1.0)
+            chosen, final, temp = _fit_and_choose(stats.transform(x, "sqrt_l2"), y, fold, len(classes), wt)
+            test_top1 = float(np.mean(np.argmax(final.logits(z_te), 1) == y_te))
+            pred = np.argmax(final.logits(z_real), 1)
+            real_top1 = float(np.mean(right[np.arange(len(pred)), pred]))
+            per = {fam: round(float(np.mean(right[(real.label == fam).to_numpy(), :][
+                np.arange(int((real.label == fam).sum())), pred[(real.label == fam).to_numpy()]])), 3)
+                   for fam in sorted(real.label.unique())}
+            row = {"variants": n, "weight": weight if n else None, "training_rows": int(len(y)),
+                   "embed_s": round(embed_s, 1), "chosen": chosen, "temperature": round(temp, 4),
+                   "test_top1": round(test_top1, 5), "real_family_top1": round(real_top1, 5), "real_per_family": per}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"cpu": os.cpu_count(), "rows": rows}, indent=1) + "\n")
 

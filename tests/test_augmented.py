@@ -153,3 +153,8 @@ def test_after_a_rerun_only_the_changed_part_is_made_again(augmented: dict, tmp_
     assert a["parts_made"] == len(after - before) >= 1 and a["parts_kept"] == len(after & before)
     assert a["made_this_train"]["unreadable"] == 0 and len(before - after) >= 1
     assert len(pd.read_parquet(folder)) == 35 * N == m["augmentation"]["rows_in_fit"]
+
+
+def test_the_report_says_the_fit_used_variants(augmented: dict) -> None:
+    html = (augmented["out"] / "report.html").read_text()
+    assert f"Also fitted on {35 * N} phone-like variants ({N} per Training photo, weight 0.1, seed 7" in html

@@ -19,8 +19,8 @@ from fruitpipe import images, jsonio, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
+from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.classify.sources import read_families
-from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images

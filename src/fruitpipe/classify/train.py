@@ -21,21 +21,12 @@ from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.classify.augmented import DEFAULT_WEIGHT
 from fruitpipe.classify.fruits import species_name
-from fruitpipe.errors import FruitpipeError
+from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, TrainError, check_export, probe_photos
 from fruitpipe.models.registry import ModelSpec
-from fruitpipe.output import CLASSIFIER, SUCCESS, RunDir
+from fruitpipe.output import SUCCESS, RunDir
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
-
-CLASSIFIER_DIR = CLASSIFIER
-ONNX_NAME = "fruit_classifier.onnx"
-#: Test photos run through the exported file at the end of training, to prove it answers as Spark does.
-EXPORT_CHECK_IMAGES = 64
-
-
-class TrainError(FruitpipeError):
-    """Training cannot start or finish; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +276,7 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
             raise TrainError(f"{settings.output} has no PCA: run `fruitpipe reduce {settings.output}` first")
         components = load_components(rundir.join("pca"), opts)
     backbone, spec = _backbone(report, settings.model_path, opts)
-    _probe_photos(files, opts)
+    probe_photos(files, opts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
@@ -326,7 +317,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         log.warning("%d class(es) have no test photo (too few photos for the hold-out, or none in Test): %s",
                     len(untested), ", ".join(untested[:10]) + (" ..." if len(untested) > 10 else ""))
     onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
-    agreement = _check_export(onnx_bytes, uris, proba, opts)
+    agreement = check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
     out = {
         **result,
@@ -372,75 +363,3 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
 
     write_report(rundir)  # refreshed with the classifier's section
     return out
-
-
-def read_classifier(output: str, opts: StorageOptions) -> bytes:
-    """OUTPUT's exported classifier, checked against the sha256 the commit record names (serve, evaluate, drift):
-    a file from an interrupted publish, or replaced by hand, is refused in one line."""
-    rundir = RunDir(output, opts)
-    uri = rundir.join(CLASSIFIER_DIR, ONNX_NAME)
-    try:
-        data = storage.read_bytes(uri, opts)
-        want = rundir.classifier_sha256(ONNX_NAME)
-    except FileNotFoundError:
-        raise TrainError(f"{uri} does not exist: run `fruitpipe train {output}` first") from None
-    except OSError as exc:  # an endpoint that does not answer, refused credentials: pyarrow's message, one line
-        raise TrainError(f"could not read {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         "; check the credentials and --s3-endpoint") from None
-    if want is not None and hashlib.sha256(data).hexdigest() != want:
-        raise TrainError(f"{uri} is not the classifier the commit record names (a train was interrupted while "
-                         f"publishing, or the file was replaced): run `fruitpipe train {output}` again")
-    return data
-
-
-def _probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> None:
-    """Refuse in one line, before any fit, when the output's photos are gone (the export check needs some)."""
-    if not files:
-        return
-    try:
-        uris = storage.read_parquet(files[0], opts, columns=["uri"]).column("uri").to_pylist()[:probes]
-    except Exception:  # a damaged part: the fit's own read names it in one line
-        return
-    if uris and not any(storage.exists(u, opts) for u in uris):
-        raise TrainError(f"the photos this output was made from are not where `run` found them (e.g. {uris[0]}): "
-                         "train checks its exported file on some of them; put them back (or run again from where "
-                         "they are now) and train again")
-
-
-def _check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions) -> dict[str, Any]:
-    """Run the exported file on up to EXPORT_CHECK_IMAGES test photos that can still be read (the output holds the
-    embeddings, not the photos): its top-1 must be Spark's on each. Photos moved since the run are skipped and
-    counted; with none left the file is not written (train refuses before fitting when it can tell)."""
-    from fruitpipe import images
-
-    clf = export_mod.FruitClassifier(onnx_bytes)
-    order: np.ndarray = np.linspace(0, max(len(uris) - 1, 0), num=len(uris), dtype=int)
-    order = np.concatenate([order[:: max(1, len(uris) // EXPORT_CHECK_IMAGES)], order])
-    picked: list[int] = []
-    inputs: list[np.ndarray] = []
-    missing = 0
-    for tried, i in enumerate(dict.fromkeys(int(j) for j in order)):  # spread over the test rows, then any
-        if len(picked) == EXPORT_CHECK_IMAGES or tried == 8 * EXPORT_CHECK_IMAGES:
-            break
-        try:
-            inputs.append(clf.model_input(storage.read_object(uris[i], opts)))
-            picked.append(i)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            missing += 1
-        except images.Rejected:  # changed since it was embedded: not a check of the export
-            missing += 1
-    if uris and not picked:
-        raise TrainError(f"none of the {len(uris)} test photos can be read any more (e.g. {uris[0]}): the exported "
-                         f"{ONNX_NAME} cannot be checked, not written; put the photos back where `run` found them")
-    idx = np.array(picked, dtype=int)
-    got = clf.probabilities(np.stack(inputs)) if len(idx) else np.zeros((0, proba.shape[1]))
-    same = int(np.sum(np.argmax(got, axis=1) == np.argmax(proba[idx], axis=1))) if len(idx) else 0
-    worst = float(np.max(np.abs(got - proba[idx]))) if len(idx) else 0.0
-    if same != len(idx):
-        raise TrainError(f"the exported {ONNX_NAME} disagrees with Spark on {len(idx) - same} of {len(idx)} test "
-                         "photos: not written (a bug; please report it)")
-    if missing:
-        log.warning("export check: %d test photo(s) could not be read any more (moved or changed since `run`); "
-                    "checked on %d", missing, len(idx))
-    return {"images": len(idx), "same_top1": same, "max_abs_probability_diff": round(worst, 6),
-            "photos_unreadable": missing}

@@ -79,7 +79,7 @@ def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
     if not storage.exists(uri, rundir.opts):
         return None
     from fruitpipe.classify.export import read_head
-    from fruitpipe.classify.train import read_classifier
+    from fruitpipe.classify.published import read_classifier
 
     return read_head(read_classifier(rundir.uri, rundir.opts))
 

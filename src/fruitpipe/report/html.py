@@ -198,6 +198,11 @@ def build_report(rundir: RunDir) -> bytes:
                               metrics["n_train"], metrics["n_test"], metrics["test_source"]]],
                             ["classifier", "features", "top-1", "species top-1", "top-5", "macro-F1", "train",
                              "test", "test set"]))
+        aug = metrics.get("augmentation")
+        if aug:
+            parts.append(f"<p>Also fitted on {aug['rows_in_fit']} phone-like variants ({aug['variants_per_photo']} "
+                         f"per Training photo, weight {aug['weight']}, seed {aug['seed']}; not counted as photos)."
+                         "</p>")
         if metrics.get("pca_table"):
             parts.append(_table([[r["features"], r["k"], r.get("explained_variance", 1.0), f"{r['top1']:.2%}"]
                                  for r in metrics["pca_table"]], ["features", "k", "explained variance", "top-1"]))

@@ -20,7 +20,7 @@ from fastapi import Request  # module level: FastAPI resolves the endpoints' ann
 from fruitpipe import __version__, images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe, species_name
-from fruitpipe.classify.train import CLASSIFIER_DIR, ONNX_NAME, read_classifier
+from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
 
