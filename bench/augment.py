@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fruitpipe import augment, images, storage  # noqa: E402
 from fruitpipe.classify import linear, stats  # noqa: E402
+from fruitpipe.classify.augmented import AUGMENT_VERSION  # noqa: E402
 from fruitpipe.storage import StorageOptions  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     real = pd.read_parquet(args.real_out / "embeddings", columns=["label", "features"])
     families = json.loads(args.families.read_text())
     right = np.array([[c in families[lb] for c in classes] for lb in real.label])
-    cache = Path("/tmp/fruitpipe-bench-augment")
+    cache = Path(f"/tmp/fruitpipe-bench-augment-v{AUGMENT_VERSION}")
     cache.mkdir(exist_ok=True)
     x_tr, y_tr = np.stack(tr.features.to_numpy()), np.array([classes.index(c) for c in tr.label])
     fold_tr = stats.fold_of(list(tr.id), 3)

@@ -45,3 +45,13 @@ def test_variants_are_deterministic_and_differ() -> None:
     assert white(rgb) > 0.3 and all(white(x) < 0.15 for x in (a, *others))
     # a plain-white photo (nothing to cut) still makes a variant
     assert augment.phone_like(np.full((100, 100, 3), 255, np.uint8), augment.variant_rng(7, cid, 0)).shape[2] == 3
+
+
+def test_where_the_photo_frame_cuts_the_fruit_the_edge_is_soft() -> None:
+    """A fruit running off the photo (a banana's tip) ends in a feathered edge, not in a straight line of the
+    frame's pixels."""
+    rgb = np.full((100, 100, 3), 252, np.uint8)
+    rgb[30:70, :60] = (230, 200, 40)  # runs off the left edge
+    alpha = augment.fruit_mask(rgb)
+    assert alpha[:, 0].max() < 64 and alpha[50, 0] < alpha[50, 2] < alpha[50, 4] <= 255
+    assert alpha[50, 10:50].min() >= 250

@@ -15,6 +15,10 @@ SIZE = 256
 WHITE = 228
 #: ... and its channels differ by less than this (a pale yellow fruit is not background).
 GREY_SPREAD = 18
+#: Shares of the variants that are a frame-filling bin of the fruit and a loose pile of it; the rest show one
+#: fruit. Photos taken in shops are mostly of bins and piles.
+DENSE = 0.35
+PILE = 0.3
 
 
 def variant_rng(seed: int, content_id: str, variant: int) -> np.random.Generator:
@@ -31,7 +35,10 @@ def fruit_mask(rgb: np.ndarray) -> np.ndarray:
     img = img.filter(ImageFilter.MaxFilter(k)).filter(ImageFilter.MinFilter(k))  # close small gaps
     img = img.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))  # drop specks
     img = img.filter(ImageFilter.MinFilter(k))  # inside the edge: no white fringe once feathered
-    return np.asarray(img.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.uint8)
+    alpha = np.array(img, dtype=np.uint8)
+    edge = max(2, k // 2)  # where the photo's frame cuts the fruit: a soft edge, not a line of the studio's white
+    alpha[:edge], alpha[-edge:], alpha[:, :edge], alpha[:, -edge:] = 0, 0, 0, 0
+    return np.asarray(Image.fromarray(alpha).filter(ImageFilter.GaussianBlur(1.2)), dtype=np.uint8)
 
 
 def _gradient(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -94,7 +101,11 @@ def phone_like(rgb: np.ndarray, rng: np.random.Generator, size: int = SIZE) -> n
         alpha = np.full(alpha.shape, 255, np.uint8)
     fruit = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
     canvas = Image.fromarray(_background(rng, size)).convert("RGBA")
-    if rng.random() < 0.4:  # a pile: more of the same fruit around and behind
+    kind = rng.random()
+    if kind < DENSE:  # a shop's bin: the frame filled with the fruit, the background barely showing
+        for _ in range(int(rng.integers(14, 30))):
+            _paste(canvas, fruit, rng, float(rng.uniform(0.22, 0.4)))
+    elif kind < DENSE + PILE:  # a pile: more of the same fruit around and behind
         for _ in range(int(rng.integers(3, 9))):
             _paste(canvas, fruit, rng, float(rng.uniform(0.25, 0.5)))
     _paste(canvas, fruit, rng, float(rng.uniform(0.4, 0.95)))
