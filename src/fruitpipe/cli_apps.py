@@ -51,7 +51,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="also fit on N phone-like variants of each Training photo (the fruit cut from its white "
                         "background, on varied scenes, light, blur and JPEG), embedded once and kept under "
-                        "OUTPUT/augmented/; e.g. 2 (default 0: none; about 1 minute per 1,000 photos and variant "
+                        "OUTPUT/augmented/; e.g. 4 (default 0: none; about 1 minute per 1,000 photos and variant "
                         "per core)")
     p.add_argument("--augment-weight", type=float, default=None, metavar="W",
                    help="weight of a variant against 1 for a photo (default 0.1: the largest that kept Fruits-360 "
