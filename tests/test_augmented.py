@@ -20,6 +20,8 @@ from fruitpipe.cli import main
 from fruitpipe.models import get_spec, resolve_model
 from conftest import copy_classes, sample_classes
 
+# The variants' job and the weighted fit are also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark
+# 3.5, numpy 1.x): `make test-nodes`.
 CLASSES = sample_classes(3)
 N = 2
 
@@ -53,6 +55,7 @@ def _variants(out: Path) -> pd.DataFrame:
     return pd.read_parquet(next((out / "augmented").iterdir()))
 
 
+@pytest.mark.nodes
 def test_variants_are_kept_apart_and_counted(augmented: dict) -> None:
     m, out = augmented["first"], augmented["out"]
     a = m["augmentation"]
@@ -85,6 +88,7 @@ def test_a_variant_is_the_same_image_embedded_by_the_same_model(augmented: dict)
     np.testing.assert_allclose(session.run(["features"], {"input": x})[0][0], v.features, atol=2e-4)
 
 
+@pytest.mark.nodes
 def test_the_fit_is_numpys_fit_of_the_weighted_statistics(augmented: dict) -> None:
     m, out = augmented["first"], augmented["out"]
     emb = pd.read_parquet(out / "embeddings", columns=["uri", "label", "split", "features"])
