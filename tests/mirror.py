@@ -12,12 +12,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import MODELS, SAMPLE
+from conftest import MODELS, SAMPLE, SHARED
 
 WEIGHTS_DIR = "JonathanCMitchell/mobilenet_v2_keras/8ab6f54432a37061766a94cf0388908e72cb12cb/weights"
 SAMPLE_DIR = "P-Swain/Fruits-Recognition-CSL2050-Project/b78d3e26c547cd841f67c5e54e4fe7233d4687f9/data/fruits-360"
-#: What the mirror serves: host folder -> local folder.
-ROOTS = {WEIGHTS_DIR: MODELS / "mobilenet_v2_keras_weights" / "weights", SAMPLE_DIR: SAMPLE}
+REAL_DIR = "marcusklasson/GroceryStoreDataset/fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
+GROCERY = SHARED / "data" / "grocery-store"
+#: What the mirror serves: host folder -> local folder (the Grocery Store repository's LICENSE is the one file of
+#: its root the project fetches).
+ROOTS = {WEIGHTS_DIR: MODELS / "mobilenet_v2_keras_weights" / "weights", SAMPLE_DIR: SAMPLE,
+         f"{REAL_DIR}/dataset": GROCERY / "dataset"}
+FILES = {f"{REAL_DIR}/LICENSE": GROCERY / "LICENSE-GroceryStoreDataset.txt"}
 
 #: A fault answers one request instead of the file: (status, headers, body); status 200 with a body replaces it.
 Fault = tuple[int, dict[str, str], bytes]
@@ -41,6 +46,8 @@ class Mirror:
 
 
 def _local(host_path: str) -> Path | None:
+    if host_path in FILES:
+        return FILES[host_path]
     for prefix, folder in ROOTS.items():
         if host_path.startswith(prefix + "/"):
             rel = host_path[len(prefix) + 1 :]

@@ -4,6 +4,7 @@ public host (same paths): sha256-checked, resumable, with its attribution."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from fruitpipe.cli import main
 from fruitpipe.pipeline.listing import list_images
 from fruitpipe.storage import StorageOptions
 from conftest import SHARED
-from mirror import SAMPLE_DIR, serve_mirror
+from mirror import GROCERY, REAL_DIR, SAMPLE_DIR, serve_mirror
 
 
 def _photos(folder: Path) -> list[Path]:
@@ -108,3 +109,57 @@ def test_an_unwritable_folder_is_one_line(tmp_path: Path, capsys: pytest.Capture
     assert main(["sample", str(blocker / "sub"), "--mini"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "choose another DIR" in err[0]
+
+
+def test_the_real_photos_list_matches_the_shared_copy() -> None:
+    """The shipped list is the Grocery Store Dataset's 1,200 train and 110 val photos, each file's sha256 pinned."""
+    rows = sample.pinned_real()
+    assert [sum(r.split == s for r in rows) for s in sample.REAL_SPLITS] == [1200, 110]
+    assert len({r.family for r in rows}) == 21 and len({r.dest for r in rows}) == 1310
+    assert set(sample.real_families()) == {r.family for r in rows}
+    for r in rows[::53]:
+        data = (GROCERY / r.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r.sha256 and len(data) == r.size
+
+
+def test_real_photos_are_fetched_pinned_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`sample --real` from the loopback mirror: every photo sha256-checked into <split>/<family>/, a corrupt copy
+    on the host refused and not kept, a second run fetching only what is missing, licence and mapping beside."""
+    dest = tmp_path / "real"
+    rows = sample.pinned_real()
+    with serve_mirror() as mirror:
+        monkeypatch.setenv(download.BASE_ENV, mirror.url)
+        victim = rows[700]
+        good = (GROCERY / victim.path).read_bytes()
+        mirror.fail(f"{REAL_DIR}/{victim.path}", (200, {}, good[:-10] + bytes(10)))  # same size, other bytes
+        assert main(["sample", str(dest), "--real", "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sha256" in err[0]
+        assert not (dest / victim.dest).exists() and not list(dest.rglob(".*.part"))
+        before = {p.relative_to(dest).as_posix() for p in _photos(dest)}
+        assert before and len(before) < 1310
+        served = dict(mirror.requests)
+        assert main(["sample", str(dest), "--real"]) == 0
+        out = capsys.readouterr().out
+        assert f"1310 real shop photos of 21 fruit families ({1310 - len(before)} downloaded, {len(before)} " \
+               "already there)" in out and "--also-val" in out
+        again = {k for k, v in mirror.requests.items() if v - served.get(k, 0)}
+        assert len(again) == 1310 - len(before) and f"{REAL_DIR}/{victim.path}" in again
+        assert not any(f"{REAL_DIR}/{r.path}" in again for r in rows if r.dest in before)
+    photos = _photos(dest)
+    assert len(photos) == 1310
+    pinned = {r.dest: r.sha256 for r in rows}
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == pinned[p.relative_to(dest).as_posix()] for p in photos)
+    assert (dest / victim.dest).read_bytes() == good
+    assert "MIT" in (dest / "ATTRIBUTION.md").read_text()
+    assert "Permission is hereby granted" in (dest / "LICENSE-GroceryStoreDataset.txt").read_text()
+    assert json.loads((dest / "families.json").read_text()) == sample.real_families()
+    # `run` reads each split's family folders as labels
+    listing = list_images(str(dest / "val"), StorageOptions())
+    assert listing.count == 110 and len(set(listing.manifest.column("label").to_pylist())) == 18
+    # a folder holding the other set is refused before anything is written
+    assert main(["sample", str(dest), "--mini"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds real shop photos" in err[0] and "choose another DIR" in err[0]
+    assert not (dest / "Training").exists()

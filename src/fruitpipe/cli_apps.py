@@ -185,6 +185,10 @@ def add_sample(sub: Any) -> None:
     group.add_argument("--full", action="store_true", help="all 66 classes, 5,280 photos (the default)")
     group.add_argument("--mini", action="store_true",
                        help="the 150 photos shipped with fruitpipe (10 classes x 15), copied: no network")
+    group.add_argument("--real", action="store_true",
+                       help="real shop photos instead: the Grocery Store Dataset's train (1,200) and val (110) "
+                            "splits of 21 fruit families (MIT, 28 MB) into DIR/train/<family>/ and DIR/val/<family>/, "
+                            "with DIR/families.json mapping the families to Fruits-360 classes (for train --also)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -192,6 +196,16 @@ def add_sample(sub: Any) -> None:
 def _sample_main(args: argparse.Namespace) -> int:
     from fruitpipe import sample
 
+    if args.real:
+        result = sample.fetch_real(args.dir, args.quiet)
+        if not args.quiet:
+            d = result.folder
+            text = (f"{d}: {result.photos} real shop photos of {result.classes} fruit families ({result.fetched} "
+                    f"downloaded, {result.kept} already there); next: fruitpipe run {d}/train OUT_REAL, fruitpipe "
+                    f"run {d}/val OUT_VAL, then fruitpipe train OUTPUT --also OUT_REAL --also-families "
+                    f"{d}/families.json --also-val OUT_VAL")
+            log.info(text) if json_mode() else sys.stdout.write(text + "\n")
+        return 0
     result = sample.copy_mini(args.dir) if args.mini else sample.fetch_sample(args.dir, args.classes, args.quiet)
     if not args.quiet:
         text = (f"{result.folder}: {result.photos} photos of {result.classes} classes ({result.fetched} "

@@ -1,5 +1,6 @@
-"""Fruits-360 samples for a first run: the 150 photos shipped in the package, or a larger pinned sample fetched from
-its public copy (sha256-checked, resumable), each with its CC BY-SA 4.0 attribution."""
+"""Photos for a first run: Fruits-360 (the 150 shipped in the package, or a larger pinned sample fetched from its
+public copy, CC BY-SA 4.0) and real shop photos (the Grocery Store Dataset's train and val splits, MIT), every file
+sha256-checked and resumable, each set with its attribution and licence."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ SAMPLE_LIST = "fruits360-sample.tsv.gz"
 MINI = "fruits360-mini"
 ATTRIBUTION = "ATTRIBUTION.md"
 MANIFEST = "MANIFEST.tsv"
+#: The Grocery Store Dataset (Klasson et al., WACV 2019; MIT) at a fixed commit of its public repository: real phone
+#: photos of 21 fruit families in shops, its own train split (1,200) and val split (110, photographed apart).
+REAL_HOST_DIR = "marcusklasson/GroceryStoreDataset/fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
+#: Package resources: the real photos' list (split, family, path in the repository, sha256, bytes) and the mapping
+#: of their family folders to Fruits-360 classes (`train --also-families`, `evaluate --families`).
+REAL_LIST = "grocery-store.tsv.gz"
+REAL_FAMILIES = "grocery-store-families.json"
+REAL_SPLITS = ("train", "val")
+FAMILIES = "families.json"
+REAL_LICENSE = download.PinnedFile(f"{REAL_HOST_DIR}/LICENSE", "LICENSE-GroceryStoreDataset.txt",
+                                   "f43ce58159663a1c903cae5f2b4dfa3cc0e7431cf4406f5b84cd68f312f12e2d", 1071)
+#: The manifests' first lines: a folder holding one set is never filled with the other.
+_HEADER = "path\tsha256\tbytes"
+_REAL_HEADER = "path\tsha256\tbytes\tsource"
 
 
 class SampleError(FruitpipeError):
@@ -76,7 +91,15 @@ def choose_classes(all_classes: list[str], n: int | None) -> list[str]:
     return [all_classes[int(i * step)] for i in range(n)]
 
 
-def _prepare(folder: Path) -> None:
+def _prepare(folder: Path, header: str = _HEADER) -> None:
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        with manifest.open(encoding="utf-8", errors="replace") as fh:
+            first = fh.readline().rstrip("\n")
+        if first != header:
+            other = "real shop photos (--real)" if first == _REAL_HEADER else (
+                "a Fruits-360 sample" if first == _HEADER else "another set of files")
+            raise SampleError(f"{folder} already holds {other}: choose another DIR (nothing was changed)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".fruitpipe-write-test"
@@ -134,3 +157,76 @@ def copy_mini(dest: str) -> SampleResult:
     _write_notes(folder, rows, "the 150-photo sample shipped with fruitpipe")
     return SampleResult(str(folder), len(rows), len(classes_of(rows)), copied, kept, sum(r[2] for r in rows))
 
+
+
+@dataclass(frozen=True)
+class RealPhoto:
+    """One pinned real photo: its split and family, its path in the source repository, sha256 and size."""
+
+    split: str
+    family: str
+    path: str
+    sha256: str
+    size: int
+
+    @property
+    def dest(self) -> str:
+        """Where it lands: <split>/<family>/<file name> (the family folders `run` labels by)."""
+        return f"{self.split}/{self.family}/{self.path.rsplit('/', 1)[-1]}"
+
+
+def pinned_real() -> list[RealPhoto]:
+    """Every real photo: the Grocery Store Dataset's 1,200 train and 110 val photos of 21 fruit families."""
+    with gzip.open(_data() / REAL_LIST, "rt", encoding="utf-8") as fh:
+        rows = [line.split("\t") for line in fh.read().splitlines()[1:] if line.strip()]
+    return [RealPhoto(split, family, path, sha, int(size)) for split, family, path, sha, size in rows]
+
+
+def real_families() -> dict[str, list[str]]:
+    """The shipped mapping of the real photos' family folders to Fruits-360 classes."""
+    import json
+
+    with (_data() / REAL_FAMILIES).open(encoding="utf-8") as fh:
+        mapping: dict[str, list[str]] = json.load(fh)
+    return mapping
+
+
+_REAL_ATTRIBUTION = """# Real shop photos: attribution and licence
+
+The photos below `train/` and `val/` are unmodified, byte-for-byte copies of photos of the **Grocery Store
+Dataset** by Marcus Klasson, Cheng Zhang and Hedvig Kjellström ("A Hierarchical Grocery Store Image Dataset with
+Visual and Semantic Labels", IEEE WACV 2019), Copyright (c) 2019 Marcus Klasson, licensed under the **MIT licence**
+(`LICENSE-GroceryStoreDataset.txt` beside this file: keep it with any copy). Official home:
+https://github.com/marcusklasson/GroceryStoreDataset.
+
+Source of the files: that repository at commit fc80ba90f803d79d0383df52c5a4ac5de99ff6fc, the natural photos of its
+21 fruit classes (below `dataset/<train|val>/Fruit/`, and `Vegetables/Tomato`), regrouped into one folder per fruit
+family (file names unchanged); `MANIFEST.tsv` gives each photo's path here, sha256, size and path in the source.
+
+- `train/`: the dataset's training split, 1,200 photos. Photos of one shelf come in bursts taken minutes apart.
+- `val/`: the dataset's validation split, 110 photos of 18 of the families, photographed apart from the training
+  photos: the honest measure of a classifier trained on `train/` (`fruitpipe train ... --also-val`).
+- `families.json`: each family folder -> the Fruits-360 classes it covers (`--also-families`, `--families`).
+"""
+
+
+def fetch_real(dest: str, quiet: bool = False, workers: int = 16) -> SampleResult:
+    """Fetch the pinned real shop photos into `dest` (train/<family>/, val/<family>/) with their licence, attribution
+    and family mapping, resuming: photos already there with the pinned sha256 are kept."""
+    import json
+
+    rows = pinned_real()
+    folder = Path(dest)
+    _prepare(folder, _REAL_HEADER)
+    for split in REAL_SPLITS:
+        for stale in (folder / split).glob("*/.*.part"):
+            stale.unlink(missing_ok=True)
+    files = [download.PinnedFile(f"{REAL_HOST_DIR}/{r.path}", r.dest, r.sha256, r.size) for r in rows]
+    download.fetch_all([REAL_LICENSE], folder, desc="licence", quiet=True)  # first: never photos without it
+    report = download.fetch_all(files, folder, workers=workers, desc="real shop photos", quiet=quiet)
+    (folder / ATTRIBUTION).write_text(_REAL_ATTRIBUTION, encoding="utf-8")
+    (folder / FAMILIES).write_text(json.dumps(real_families(), indent=1) + "\n", encoding="utf-8")
+    lines = [_REAL_HEADER] + [f"{r.dest}\t{r.sha256}\t{r.size}\t{r.path}" for r in sorted(rows, key=lambda r: r.dest)]
+    (folder / MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return SampleResult(str(folder), len(rows), len({r.family for r in rows}), report.fetched, report.kept,
+                        report.bytes)
