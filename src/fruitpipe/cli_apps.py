@@ -45,9 +45,14 @@ def add_train(sub: Any) -> None:
                         "labelled real photos embedded by `fruitpipe run`: each of its folders becomes a class of "
                         "its own that stands for Fruits-360 classes; cross-validated per source in metrics.json; "
                         "repeatable")
+    p.add_argument("--also-val", action="append", default=[], metavar="VAL_OUTPUT",
+                   help="a complete OUTPUT of labelled photos taken apart from every photo of the fit (e.g. the "
+                        "val/ of `fruitpipe sample DIR --real`): never fitted, scored by the final classifier, "
+                        "its figure in metrics.json `held_out` (the honest real-photo figure); repeatable")
     p.add_argument("--also-families", metavar="FILE",
-                   help="JSON mapping the folders of the --also outputs to Fruits-360 classes (the format of "
-                        "real-photos-dev/families.json); without it their folders must be named as classes")
+                   help="JSON mapping the folders of the --also and --also-val outputs to Fruits-360 classes "
+                        "(DIR/families.json of `fruitpipe sample DIR --real`); without it their folders must be "
+                        "named as classes")
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="also fit on N phone-like variants of each Training photo (the fruit cut from its white "
                         "background, on varied scenes, light, blur and JPEG), embedded once and kept under "
@@ -299,7 +304,7 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
     settings = TrainSettings(
         output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
-        also=tuple(args.also), also_families=args.also_families, augment=args.augment,
+        also=tuple(args.also), also_families=args.also_families, also_val=tuple(args.also_val), augment=args.augment,
         **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}), quiet=args.quiet,
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)
@@ -311,8 +316,13 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
                  f"{result['cross_validation']['param']} = {result['cross_validation']['chosen']} by "
                  f"{args.folds}-fold cross-validation on Training"]
         for root, r in result.get("sources", {}).get("cross_validation", {}).items():
-            lines.append(f"--also {root}: {r['photos']} photos, cross-validated top-1 {r['cross_validated_top1']:.2%} "
-                         f"(species {r['cross_validated_species_top1']:.2%})")
+            lines.append(f"--also {root}: {r['photos']} photos, top-1 {r['cross_validated_top1']:.2%} (species "
+                         f"{r['cross_validated_species_top1']:.2%}) by {args.folds}-fold cross-validation with "
+                         "near-copies kept on one side")
+        for root, r in result.get("held_out", {}).items():
+            if r.get("photos"):
+                lines.append(f"--also-val {root}: {r['photos']} photos taken apart, never fitted: top-1 "
+                             f"{r['top1']:.2%}, species {r['species_top1']:.2%} (the honest real-photo figure)")
         if "augmentation" in result:
             a = result["augmentation"]
             lines.append(f"--augment {a['variants_per_photo']}: {a['rows_in_fit']} variant rows in the fit at weight "

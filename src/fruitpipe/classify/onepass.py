@@ -4,6 +4,7 @@ obtained by subtraction, the PCA comparison from the same statistics, and the te
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -13,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe.classify import linear, metrics, openset, scoring, stats
+from fruitpipe.classify import groups, linear, metrics, openset, scoring, stats
 from fruitpipe.classify.export import Head
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
+from fruitpipe.vectors import to_matrix
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class OnePass:
     open_set: dict[str, Any]
     #: With --also: the other sources, their label maps and their photos' cross-validated top-1.
     sources: dict[str, Any]
+    #: With --also-val: each held-out output's photos scored by the final classifier (never in any fit).
+    held_out: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class OnePassError(FruitpipeError):
@@ -109,6 +113,29 @@ def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
                                "rows": int(n), "rows_of_classes_absent_from_their_fold_fit": int(cv["skipped"][0])}
 
 
+def _grouped(relabel: Relabel, files: list[str], opts: StorageOptions, fmap: stats.FeatureMap,
+             folds: int) -> Relabel:
+    """`relabel` with the other sources' photos in folds of near-copy groups (classify.groups): their features are
+    read on the driver (real photos: thousands, not the main output's hundreds of thousands)."""
+    ids: list[str] = []
+    labels: list[str] = []
+    feats: list[np.ndarray] = []
+    for uri in files:
+        for batch in relabel.batches(uri, opts, ["id", "label", "features"]):
+            lbs = batch.column(1).to_pylist()
+            keep = np.array([lb is not None for lb in lbs], bool)
+            if keep.any():
+                ids += [i for i, k in zip(batch.column(0).to_pylist(), keep) if k]
+                labels += [lb for lb, k in zip(lbs, keep) if k]
+                feats.append(fmap.apply(to_matrix(batch.column(2))[keep]))
+    if not ids:
+        return relabel
+    got = groups.grouped_folds(ids, labels, np.concatenate(feats), folds)
+    log.info("other sources: %d photos in %d near-copy groups (largest %d), dealt whole to %d folds", len(ids),
+             got.groups, got.largest, folds)
+    return dataclasses.replace(relabel, grouping=got)
+
+
 def cap_folds(folds: int, training: dict[str, int]) -> int:
     """--folds, lowered (with a warning) to the smallest class's Training photo count, 2 at least: more folds
     than photos leave folds without the class, whose scores are then undefined."""
@@ -126,12 +153,15 @@ def cap_folds(folds: int, training: dict[str, int]) -> int:
 def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
         fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
         relabel: Relabel | None = None, guard: Callable[[], None] | None = None,
-        augmented: list[str] | None = None, augment_weight: float = 0.0) -> OnePass:
+        augmented: list[str] | None = None, augment_weight: float = 0.0,
+        held_out: tuple[Relabel, list[str]] | None = None) -> OnePass:
     """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files` (with `relabel`, some
     of them other sources' parts, read with their labels mapped: classify.sources). `guard` is called before the
     kept statistics are written (the lease check: a writer that lost it leaves no file). `augmented`: parts of
     variants of the Training photos (classify.augmented), added to the statistics and the cross-validation at
-    `augment_weight` per row, never scored as test rows nor in the open-set threshold."""
+    `augment_weight` per row, never scored as test rows nor in the open-set threshold. `held_out`: the label map
+    and parts of outputs whose photos the fit never sees (photos taken apart: `--also-val`), scored by the final,
+    calibrated model."""
     relabel = relabel or Relabel()
     from fruitpipe.pipeline.reduce import choose_k
 
@@ -142,6 +172,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     held = None if has_test else stats.Holdout.of(holdout, seen.last_held)
     labels = sorted({lb for lb, sp in seen.pairs if sp == "Training" and lb is not None})
     folds = cap_folds(folds, seen.training)
+    if relabel.sources:
+        relabel = _grouped(relabel, [f for f in files if relabel.source_of(f) is not None], opts, fmap, folds)
     key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds,
                              "holdout": held and held.key(),
                              "groups": openset.GROUPS, **({"sources": relabel.key()} if relabel.sources else {}),
@@ -186,6 +218,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     calibrated = [fm[m].scaled(temperature) for fm in fold_models]  # the chosen candidate of each fold fit
     other = [f for f in files if relabel.source_of(f) is not None]
     per_source = scoring.source_scores(spark, other, opts, relabel, classes, fmap, folds, calibrated)
+    held_scores = scoring.source_scores(spark, held_out[1], opts, held_out[0], classes, fmap, 1,
+                                        [final.scaled(temperature)]) if held_out and held_out[1] else {}
     t3 = time.perf_counter()
     species, species_names = openset.species_of(classes)
     group_of_class = openset.groups_of(classes)
@@ -238,4 +272,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
                    cross_validation=cv_report, calibration=calib, pca_table=table,
                    statistics={**how, "classes": len(classes), "folds": folds, "transform": fmap.kind},
                    timings=timings, species=[species_names[i] for i in species], open_set=open_set,
-                   sources={"also": relabel.describe(), "cross_validation": per_source} if relabel.sources else {})
+                   sources={"also": relabel.describe(), "cross_validation": per_source,
+                            **({"folds": relabel.grouping.describe()} if relabel.grouping else {})}
+                   if relabel.sources else {},
+                   held_out={root: {k.replace("cross_validated_", ""): v for k, v in r.items()}
+                             for root, r in held_scores.items()})

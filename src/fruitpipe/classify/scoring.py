@@ -13,7 +13,7 @@ import pyarrow as pa
 from fruitpipe.classify import openset
 from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
 from fruitpipe.classify.sources import Relabel
-from fruitpipe.classify.stats import FeatureMap, Holdout, fold_of, holdout_order, training_rows
+from fruitpipe.classify.stats import FeatureMap, Holdout, holdout_order, training_rows
 from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
@@ -111,7 +111,7 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
                 continue
             z = rows.fmap.apply(to_matrix(batch.column(3))[keep])
             y = np.array([index[lb] for lb, k in zip(lbs, keep) if k])
-            f = fold_of([i for i, k in zip(ids, keep) if k], folds)
+            f = rows.relabel.fold_of([i for i, k in zip(ids, keep) if k], folds)
             for fold in np.unique(f):
                 sel = (f == fold) & present[fold][y]
                 skipped += float(np.sum((f == fold) & ~present[fold][y]))
@@ -163,7 +163,7 @@ def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Row
                 continue
             z = rows.fmap.apply(to_matrix(batch.column(3))[keep]).astype(np.float32)
             y = np.array([index[lb] for lb, k in zip(lbs, keep) if k])
-            f = fold_of([i for i, k in zip(ids, keep) if k], folds)
+            f = rows.relabel.fold_of([i for i, k in zip(ids, keep) if k], folds)
             for fold in np.unique(f):
                 sel = (f == fold) & present[fold][y]
                 if sel.any():
@@ -230,7 +230,9 @@ def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: R
     thresholds = np.array(openset.COVERAGE_THRESHOLDS)
 
     index = {c: i for i, c in enumerate(classes)}
-    added = [c for c in classes if c in relabel.maps_to]
+    # the labels' classes the fit can answer right: its own class of photos, or a class it stands for (a held-out
+    # output's labels may have no class of their own in the fit)
+    added = sorted(c for c in relabel.maps_to if c in index or any(t in index for t in relabel.maps_to[c]))
     if not added or not files:
         return {}
     right = np.zeros((len(added), len(classes)), bool)
@@ -257,7 +259,7 @@ def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: R
                 continue
             z = fmap.apply(to_matrix(batch.column(2))[keep]).astype(np.float32)
             a = np.array([slot[lb] for lb, k in zip(lbs, keep) if k])
-            f = fold_of([i for i, k in zip(batch.column(0).to_pylist(), keep) if k], folds)
+            f = relabel.fold_of([i for i, k in zip(batch.column(0).to_pylist(), keep) if k], folds)
             for fold in np.unique(f):
                 sel = f == fold
                 p = softmax((z[sel] @ w.value[fold]).astype(np.float64) + b.value[fold])

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from fruitpipe.classify.fruits import species_key
+from fruitpipe.classify.groups import GroupedFolds, fold_of
 from fruitpipe.errors import ConfigError
 from fruitpipe.storage import StorageOptions
 
@@ -33,6 +35,17 @@ class Relabel:
     sources: tuple[Source, ...] = ()
     #: Each added class -> the Fruits-360 classes it stands for (a prediction of it counts as one of them).
     maps_to: dict[str, list[str]] = field(default_factory=dict)
+    #: The other sources' photos' folds (content id -> fold), near-copies on one side (classify.groups); the main
+    #: output's rows keep their folds by content id.
+    grouping: GroupedFolds | None = None
+
+    def fold_of(self, ids: list[str], folds: int) -> np.ndarray:
+        """Each row's cross-validation fold: its near-copy group's when grouped, else by content id."""
+        plain = fold_of(ids, folds)
+        if self.grouping is None or self.grouping.folds != folds:
+            return plain
+        got = self.grouping.fold_by_id
+        return np.fromiter((got.get(i, f) for i, f in zip(ids, plain.tolist())), dtype=np.int64, count=len(ids))
 
     def source_of(self, uri: str) -> Source | None:
         for s in self.sources:
@@ -58,9 +71,9 @@ class Relabel:
             yield pa.RecordBatch.from_arrays(arrays, names=columns)
 
     def key(self) -> str:
-        """What the kept statistics depend on (a changed map recomputes them)."""
-        return hashlib.sha256(json.dumps([[s.root, sorted(s.classes.items())] for s in self.sources]).encode()
-                              ).hexdigest()
+        """What the kept statistics depend on (a changed map or grouping recomputes them)."""
+        return hashlib.sha256(json.dumps([[s.root, sorted(s.classes.items())] for s in self.sources]
+                                         + [self.grouping.key() if self.grouping else None]).encode()).hexdigest()
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"output": s.root, "labels": dict(sorted(s.classes.items()))} for s in self.sources]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fruitpipe import storage
+from fruitpipe.classify.groups import fold_of as fold_of  # where the rest of the code looks for it
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
@@ -50,11 +51,6 @@ class FeatureMap:
     def apply(self, x: np.ndarray) -> np.ndarray:
         z = transform(x, self.kind)
         return z if self.projection is None else z @ self.projection
-
-
-def fold_of(ids: list[str], folds: int) -> np.ndarray:
-    """A row's cross-validation fold, from its content id (a sha256 in hex): stable across runs and machines."""
-    return np.fromiter((int(i[:8], 16) % folds for i in ids), dtype=np.int64, count=len(ids))
 
 
 def holdout_order(content_id: str) -> float:
@@ -178,7 +174,7 @@ def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], 
             continue
         x = fmap.apply(to_matrix(batch.column(3))[keep])
         y = np.array([index[lb] for lb, k in zip(labels, keep) if k])
-        f = fold_of([i for i, k in zip(ids, keep) if k], acc.folds)
+        f = (relabel or Relabel()).fold_of([i for i, k in zip(ids, keep) if k], acc.folds)
         k = group_of_class[y]
         for fold in np.unique(f):
             rows = f == fold

@@ -50,6 +50,9 @@ class TrainSettings:
     #: mapping their folders to Fruits-360 classes (--also-families).
     also: tuple[str, ...] = ()
     also_families: str | None = None
+    #: Outputs of labelled photos taken apart from every photo of the fit (--also-val, e.g. the real photos' val
+    #: split): scored by the final classifier, the honest real-photo figure; never in any fit.
+    also_val: tuple[str, ...] = ()
     #: Phone-like variants of each Training photo joining the fit (--augment, classify.augmented), and their weight.
     augment: int = 0
     augment_weight: float = DEFAULT_WEIGHT
@@ -74,8 +77,15 @@ class TrainSettings:
                              "never counts more than a photo)")
         if self.augment and (self.classifier != "linear" or self.features != "embeddings"):
             raise TrainError("--augment works with the default --classifier linear on --features embeddings only")
-        if self.also_families and not self.also:
-            raise TrainError("--also-families maps the folders of --also outputs: pass --also OTHER_OUTPUT too")
+        if self.also_val and (self.classifier != "linear" or self.features != "embeddings"):
+            raise TrainError("--also-val works with the default --classifier linear on --features embeddings only")
+        names = [storage.normalize(x).rstrip("/") for x in (self.output, *self.also)]
+        if any(storage.normalize(v).rstrip("/") in names for v in self.also_val):
+            raise TrainError("--also-val names an output the fit learns from (OUTPUT or an --also): pass photos "
+                             "taken apart from them")
+        if self.also_families and not (self.also or self.also_val):
+            raise TrainError("--also-families maps the folders of --also and --also-val outputs: pass --also "
+                             "OTHER_OUTPUT too")
         if any(storage.normalize(a).rstrip("/") == storage.normalize(self.output).rstrip("/") for a in self.also):
             raise TrainError("--also names the output being trained: pass other outputs")
         return self
@@ -138,16 +148,17 @@ class _Fitted:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _other_outputs(settings: TrainSettings, model_sha256: str) -> list[tuple[str, list[str]]]:
-    """(root, embeddings parts) of each --also output, checked: complete, and embedded with the same model."""
+def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--also") -> list[tuple[str, list[str]]]:
+    """(root, embeddings parts) of each --also (or --also-val) output, checked: complete, and embedded with the
+    same model."""
     out = []
-    for other in settings.also:
+    for other in settings.also if flag == "--also" else settings.also_val:
         rd = RunDir(other, settings.storage)
         if not storage.exists(rd.join(SUCCESS), settings.storage):
-            raise TrainError(f"--also {other} has no {SUCCESS}: run `fruitpipe run PHOTOS {other}` to the end first")
+            raise TrainError(f"{flag} {other} has no {SUCCESS}: run `fruitpipe run PHOTOS {other}` to the end first")
         sha = rd.previous_report().get("model", {}).get("sha256")
         if sha != model_sha256:
-            raise TrainError(f"--also {other} was embedded with another model (sha256 {str(sha)[:16]}...) than "
+            raise TrainError(f"{flag} {other} was embedded with another model (sha256 {str(sha)[:16]}...) than "
                              f"{settings.output} ({model_sha256[:16]}...): run it again with the same --model")
         out.append((rd.uri, rd.files("embeddings")))
     return out
@@ -178,6 +189,8 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
         timings["augment"] = time.perf_counter() - t0
     others = _other_outputs(settings, model_sha256) if settings.also else []
     relabel = _relabel(spark, settings, files, others) if others else None
+    vals = _other_outputs(settings, model_sha256, "--also-val") if settings.also_val else []
+    held_out = (_relabel(spark, settings, files, vals), [f for _, parts in vals for f in parts]) if vals else None
     files = [*files, *(f for _, parts in others for f in parts)]
 
     fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)
@@ -185,13 +198,16 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
                       compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
                       model_sha256=model_sha256, relabel=relabel, guard=rundir.guard,
-                      augmented=made.parts if made else None, augment_weight=settings.augment_weight)
+                      augmented=made.parts if made else None, augment_weight=settings.augment_weight,
+                      held_out=held_out)
     timings.update(got.timings)
     extra = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
     if made is not None:
         extra["augmentation"] = {**made.report, "rows_in_fit": got.statistics.get("augmented", {}).get("rows", 0)}
     if relabel is not None:
         extra.update(sources=got.sources, maps_to=relabel.maps_to)
+    if held_out is not None:
+        extra["held_out"] = got.held_out
     return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
                    got.cross_validation, got.pca_table, dim, extra)
 
@@ -326,7 +342,8 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         "classes_without_test_photos": untested,
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
                      "seed": settings.seed, "feature_dim": got.dim, "also": list(settings.also),
-                     "also_families": settings.also_families, "augment": settings.augment,
+                     "also_families": settings.also_families, "also_val": list(settings.also_val),
+                     "augment": settings.augment,
                      "augment_weight": settings.augment_weight if settings.augment else None},
         "cross_validation": got.cross_validation, "pca_table": got.pca_table, **got.extra,
         "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},
