@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import fruitpipe
-from fruitpipe.classify import linear, openset, stats
+from fruitpipe.classify import groups, linear, openset, stats
 from fruitpipe.cli import main
 from conftest import SAMPLE, TRAINED_CLASSES
 
@@ -31,15 +31,20 @@ def both(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         (root / "real" / family).mkdir(parents=True)
         for src in sorted((REAL / family).glob("*.jpg"))[:8]:
             shutil.copyfile(src, root / "real" / family / src.name)
+        (root / "val" / family).mkdir(parents=True)
+        for src in sorted((REAL / family).glob("*.jpg"))[8:11]:  # photos the fit never sees (--also-val)
+            shutil.copyfile(src, root / "val" / family / src.name)
     fruitpipe.run(fruitpipe.Config(input=str(root / "real"), output=str(root / "real-out"), k=4, quiet=True))
+    fruitpipe.run(fruitpipe.Config(input=str(root / "val"), output=str(root / "val-out"), k=4, quiet=True))
     out = root / "out"
     shutil.copytree(trained["out"], out)
     argv = ["train", str(out), "--also", str(root / "real-out"), "--also-families", str(FAMILIES),
-            "--master", "local[2]", "--no-pca-table", "-q"]
+            "--also-val", str(root / "val-out"), "--master", "local[2]", "--no-pca-table", "-q"]
     assert main(argv) == 0
     first = json.loads((out / "classifier" / "metrics.json").read_text())
     assert main(argv) == 0
-    return {"root": root, "out": out, "real_out": root / "real-out", "metrics": first, "argv": argv,
+    return {"root": root, "out": out, "real_out": root / "real-out", "val_out": root / "val-out",
+            "metrics": first, "argv": argv,
             "again": json.loads((out / "classifier" / "metrics.json").read_text())}
 
 
@@ -72,6 +77,11 @@ def test_the_cross_validated_figures_equal_numpys(both: dict) -> None:
     z = stats.transform(np.stack(df.features.to_numpy()), "sqrt_l2")
     y = np.array([classes.index(lb) for lb in df.label])
     f = stats.fold_of(list(df.id), 3)
+    # the real photos' folds: their near-copy groups', dealt whole (classify.groups), not their content ids'
+    n_main = len(main_rows)
+    grouped = groups.grouped_folds(list(real.id), list(real.label), z[n_main:], 3)
+    f[n_main:] = [grouped.fold_by_id[i] for i in real.id]
+    assert m["sources"]["folds"]["photos"] == 24 and m["sources"]["folds"]["groups"] == grouped.groups
     family, reg = m["cross_validation"]["chosen"].rstrip(")").split("(")
     is_real = np.arange(len(df)) >= len(main_rows)
     report = m["sources"]["cross_validation"][str(both["real_out"])]
@@ -98,6 +108,17 @@ def test_the_cross_validated_figures_equal_numpys(both: dict) -> None:
         assert per[label]["photos"] == total and per[label]["top1"] == pytest.approx(right / total, abs=1e-5)
     conf, ok = np.array(conf), np.array(ok)
     assert report["cross_validated_species_top1"] == pytest.approx(ok.mean(), abs=1e-5)
+    # --also-val: the held-out photos scored by the final model (fitted on every row), calibrated
+    onehot = np.eye(len(classes))[y]
+    final = linear.solve(family, onehot.sum(0), onehot.T @ z, z.T @ z, [float(reg)])[0]
+    val = pd.read_parquet(both["val_out"] / "embeddings", columns=["label", "features"])
+    p = linear.softmax(final.logits(stats.transform(np.stack(val.features.to_numpy()), "sqrt_l2")) / temperature)
+    sp = openset.species_proba(p, species, n_species)
+    val_ok = [any(classes[c] in {names[lb], *per[lb]["stands_for"]} for c in np.nonzero(species == s)[0])
+              for lb, s in zip(val.label, sp.argmax(axis=1))]
+    held = m["held_out"][str(both["val_out"])]
+    assert held["photos"] == len(val) == 9
+    assert held["species_top1"] == pytest.approx(np.mean(val_ok), abs=1e-5)
     for row in report["coverage"]:
         answered = conf >= row["threshold"]
         assert row["answered"] == pytest.approx(answered.mean(), abs=1e-5)
@@ -132,6 +153,9 @@ def test_bad_also_arguments_are_one_line(both: dict, trained: dict, tmp_path: Pa
     (incomplete / "_SUCCESS").unlink()
     cases = [
         (["--also", str(incomplete)], "has no _SUCCESS"),
+        (["--also", str(both["real_out"]), "--also-families", str(FAMILIES), "--also-val", str(both["real_out"])],
+         "--also-val names an output the fit learns from"),
+        (["--also-val", str(incomplete)], "--also-val"),
         (["--also", str(both["real_out"])], "--also-families"),  # folders that are not classes
         (["--also", str(both["real_out"]), "--classifier", "logreg"], "--classifier linear"),
         (["--also-families", str(FAMILIES)], "pass --also"),
