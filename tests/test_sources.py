@@ -118,6 +118,8 @@ def test_the_cross_validated_figures_equal_numpys(both: dict) -> None:
               for lb, s in zip(val.label, sp.argmax(axis=1))]
     held = m["held_out"][str(both["val_out"])]
     assert held["photos"] == len(val) == 9
+    page = (both["out"] / "report.html").read_text()
+    assert "<h3>Real photos</h3>" in page and "taken apart, never fitted" in page and "near-copies on one side" in page
     assert held["species_top1"] == pytest.approx(np.mean(val_ok), abs=1e-5)
     for row in report["coverage"]:
         answered = conf >= row["threshold"]

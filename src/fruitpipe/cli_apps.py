@@ -176,13 +176,15 @@ def add_serve(sub: Any) -> None:
 def add_sample(sub: Any) -> None:
     from fruitpipe import sample
 
-    p = sub.add_parser("sample", help="get real Fruits-360 photos to try fruitpipe on (shipped, or a pinned download)",
+    p = sub.add_parser("sample", help="get photos to try fruitpipe on: Fruits-360 (shipped, or a pinned download) or "
+                       "real shop photos (--real)",
                        epilog=EPILOG, description="Put a Fruits-360 sample in DIR, in the dataset's layout "
                        "(Training/<Class>/, Test/<Class>/), with its CC BY-SA 4.0 attribution: by default the "
                        f"pinned 5,280-photo sample (66 classes x (60 Training + 20 Test), 25 MB) from "
                        f"{sample.HOST_DIR.split('/')[0]}'s public copy on raw.githubusercontent.com, every file "
                        "sha256-checked; an interrupted download resumes where it stopped. "
-                       f"{sample.download.BASE_ENV} replaces the host (a mirror).")
+                       f"{sample.download.BASE_ENV} replaces the host (a mirror). With --real: the Grocery Store "
+                       "Dataset's real shop photos instead, for `train --also` and `--also-val`.")
     p.add_argument("dir", metavar="DIR", help="folder to fill (created; photos already there and intact are kept)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--classes", type=whole_number, metavar="N",

@@ -141,6 +141,32 @@ def _evaluations(rundir: RunDir) -> list[dict[str, Any]]:
     return out
 
 
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _real_photos(metrics: dict[str, Any]) -> list[str]:
+    """The real-photo figures of a train with --also / --also-val: photos taken apart first (the honest figure),
+    then the other sources' cross-validation in folds of near-copy groups, and the held-out coverage table."""
+    held = {k: v for k, v in (metrics.get("held_out") or {}).items() if v.get("photos")}
+    cv = (metrics.get("sources") or {}).get("cross_validation") or {}
+    if not held and not cv:
+        return []
+    folds = (metrics.get("sources") or {}).get("folds") or {}
+    rows = [[root, r["photos"], "taken apart, never fitted (--also-val)", _pct(r["species_top1"])]
+            for root, r in held.items()]
+    rows += [[root, r["photos"], f"{folds.get('folds', '?')}-fold cross-validation, near-copies on one side "
+              f"({folds.get('groups', '?')} groups)", _pct(r["cross_validated_species_top1"])]
+             for root, r in cv.items()]
+    out = ["<h3>Real photos</h3>", _table(rows, ["photos of", "photos", "measured on", "species top-1"])]
+    for root, r in held.items():
+        out.append(f"<p>Answering only when sure, on {_e(root)} (share of photos answered, species top-1 of the "
+                   "answers):</p>")
+        out.append(_table([[c["threshold"], _pct(c["answered"]), _pct(c["species_top1_of_answered"])]
+                           for c in r["coverage"]], ["threshold", "answered", "right of answered"]))
+    return out
+
+
 def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
     from fruitpipe.pipeline.pca_files import scree_png
@@ -203,6 +229,7 @@ def build_report(rundir: RunDir) -> bytes:
             parts.append(f"<p>Also fitted on {aug['rows_in_fit']} phone-like variants ({aug['variants_per_photo']} "
                          f"per Training photo, weight {aug['weight']}, seed {aug['seed']}; not counted as photos)."
                          "</p>")
+        parts += _real_photos(metrics)
         if metrics.get("pca_table"):
             parts.append(_table([[r["features"], r["k"], r.get("explained_variance", 1.0), f"{r['top1']:.2%}"]
                                  for r in metrics["pca_table"]], ["features", "k", "explained variance", "top-1"]))
