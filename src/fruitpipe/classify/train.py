@@ -329,9 +329,11 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
                  **({"maps_to": got.extra.pop("maps_to")} if "maps_to" in got.extra else {}),
                  **export_mod.input_metadata(spec)}
     untested = [c for i, c in enumerate(classes) if not np.any(y == i)]
-    if untested:
+    # the --also classes are never Test photos by design (their figures are in `sources` and `held_out`)
+    unexpected = [c for c in untested if c not in onnx_meta.get("maps_to", {})]
+    if unexpected:
         log.warning("%d class(es) have no test photo (too few photos for the hold-out, or none in Test): %s",
-                    len(untested), ", ".join(untested[:10]) + (" ..." if len(untested) > 10 else ""))
+                    len(unexpected), ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
     onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
     agreement = check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
