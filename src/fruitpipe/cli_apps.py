@@ -61,6 +61,14 @@ def add_train(sub: Any) -> None:
     p.add_argument("--augment-weight", type=float, default=None, metavar="W",
                    help="weight of a variant against 1 for a photo (default 0.1: the largest that kept Fruits-360 "
                         "Test top-1 at 98 %% on the shared sample)")
+    p.add_argument("--finetune", action="store_true",
+                   help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 "
+                        "Training photos per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the "
+                        "published file is the fine-tuned one, scored on Test and --also-val like the linear one")
+    p.add_argument("--finetune-epochs", type=int, default=6, metavar="N",
+                   help="passes over the fine-tuning's photos (default 6)")
+    p.add_argument("--finetune-blocks", type=int, default=2, metavar="B",
+                   help="how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (default 2)")
     p.add_argument("--no-pca-table", action="store_true",
                    help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% variance")
     p.add_argument("--model-path", metavar="FILE", help="the run's embedding model file, if not the registry's")
@@ -307,6 +315,7 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
         output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
         also=tuple(args.also), also_families=args.also_families, also_val=tuple(args.also_val), augment=args.augment,
+        finetune=args.finetune, finetune_epochs=args.finetune_epochs, finetune_blocks=args.finetune_blocks,
         **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}), quiet=args.quiet,
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)
@@ -325,6 +334,12 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
             if r.get("photos"):
                 lines.append(f"--also-val {root}: {r['photos']} photos taken apart, never fitted: top-1 "
                              f"{r['top1']:.2%}, species {r['species_top1']:.2%} (the honest real-photo figure)")
+        if "finetune" in result:
+            f = result["finetune"]
+            lines.append(f"--finetune: {f['blocks']} blocks + Conv_1 and the head, {f['epochs']} epochs on "
+                         f"{f['photos']['studio'] + f['photos']['other_sources']} photos in {f['seconds']['total']:.0f}"
+                         f" s; the figures above and below are the fine-tuned model's (linear head: Test top-1 "
+                         f"{f['linear_head']['test_top1']:.2%})")
         if "augmentation" in result:
             a = result["augmentation"]
             lines.append(f"--augment {a['variants_per_photo']}: {a['rows_in_fit']} variant rows in the fit at weight "

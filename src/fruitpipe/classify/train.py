@@ -20,6 +20,7 @@ from fruitpipe import jsonio, lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.classify.augmented import DEFAULT_WEIGHT
+from fruitpipe.classify.finetune import FinetuneSettings
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, TrainError, check_export, probe_photos
 from fruitpipe.models.registry import ModelSpec
@@ -53,10 +54,19 @@ class TrainSettings:
     #: Outputs of labelled photos taken apart from every photo of the fit (--also-val, e.g. the real photos' val
     #: split): scored by the final classifier, the honest real-photo figure; never in any fit.
     also_val: tuple[str, ...] = ()
+    #: Fine-tune the backbone's last blocks with the head on the fit's photos (--finetune, classify.tuning), starting
+    #: from the linear head; the published file is then the fine-tuned one.
+    finetune: bool = False
+    finetune_epochs: int = FinetuneSettings.epochs
+    finetune_blocks: int = FinetuneSettings.blocks
     #: Phone-like variants of each Training photo joining the fit (--augment, classify.augmented), and their weight.
     augment: int = 0
     augment_weight: float = DEFAULT_WEIGHT
     quiet: bool = False
+
+    def finetune_settings(self) -> FinetuneSettings:
+        """The fine-tuning's settings, checked."""
+        return FinetuneSettings(blocks=self.finetune_blocks, epochs=self.finetune_epochs, seed=self.seed).validate()
 
     def validate(self) -> TrainSettings:
         """One-line errors naming the flag to change."""
@@ -83,6 +93,11 @@ class TrainSettings:
         if any(storage.normalize(v).rstrip("/") in names for v in self.also_val):
             raise TrainError("--also-val names an output the fit learns from (OUTPUT or an --also): pass photos "
                              "taken apart from them")
+        if self.finetune:
+            self.finetune_settings()
+            if self.classifier != "linear" or self.features != "embeddings" or not self.also:
+                raise TrainError("--finetune learns from real photos with the default --classifier linear on "
+                                 "--features embeddings: pass --also OTHER_OUTPUT (your labelled real photos)")
         if self.also_families and not (self.also or self.also_val):
             raise TrainError("--also-families maps the folders of --also and --also-val outputs: pass --also "
                              "OTHER_OUTPUT too")
@@ -146,6 +161,8 @@ class _Fitted:
     pca_table: list[dict[str, Any]]
     dim: int
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The backbone of the exported file when it is not the run's (--finetune).
+    backbone: bytes | None = None
 
 
 def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--also") -> list[tuple[str, list[str]]]:
@@ -208,8 +225,36 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
         extra.update(sources=got.sources, maps_to=relabel.maps_to)
     if held_out is not None:
         extra["held_out"] = got.held_out
-    return _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
-                   got.cross_validation, got.pca_table, dim, extra)
+    fitted = _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
+                     got.cross_validation, got.pca_table, dim, extra)
+    if settings.finetune and relabel is not None:
+        _finetune(settings, spec, files, rundir, relabel, held_out, fitted, timings)
+    return fitted
+
+
+def _finetune(settings: TrainSettings, spec: ModelSpec, files: list[str], rundir: RunDir, relabel: Any,
+              held_out: Any, fitted: _Fitted, timings: dict[str, float]) -> None:
+    """Replace the linear head by the fine-tuned backbone and head (classify.tuning): the test rows' and held-out
+    photos' figures become the fine-tuned model's; the linear head's are kept beside them."""
+    from fruitpipe.classify import tuning
+
+    t0 = time.perf_counter()
+    (w, b), = fitted.head.layers
+    tuned = tuning.run(settings.finetune_settings(), spec.name, files, rundir.opts, relabel, fitted.classes,
+                       (w, b), fitted.uris, held_out, relabel.maps_to, settings.quiet)
+    if rundir.guard is not None:
+        rundir.guard()  # minutes have passed: a train that lost its lease stops here
+    linear_top1 = metrics.top_k(fitted.proba, fitted.y, 1) if len(fitted.y) else None
+    fitted.extra["finetune"] = {**tuned.report, "linear_head": {
+        "test_top1": None if linear_top1 is None else round(linear_top1, 5),
+        "held_out": fitted.extra.get("held_out", {})}}
+    if "held_out" in fitted.extra:
+        fitted.extra["held_out"] = tuned.held_out
+    fitted.proba = tuned.test_proba.astype(np.float64)
+    fitted.head = export_mod.Head(None, [(tuned.head[0].astype(np.float64), tuned.head[1].astype(np.float64))],
+                                  transform="sqrt_l2")
+    fitted.backbone = tuned.backbone
+    timings["finetune"] = time.perf_counter() - t0
 
 
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
@@ -334,7 +379,9 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     if unexpected:
         log.warning("%d class(es) have no test photo (too few photos for the hold-out, or none in Test): %s",
                     len(unexpected), ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
-    onnx_bytes = export_mod.export(backbone, spec.output_name, got.head, onnx_meta)
+    if got.backbone is not None:
+        onnx_meta["finetuned"] = {k: got.extra["finetune"][k] for k in ("blocks", "epochs", "seed")}
+    onnx_bytes = export_mod.export(got.backbone or backbone, spec.output_name, got.head, onnx_meta)
     agreement = check_export(onnx_bytes, uris, proba, opts)
     pred = np.argmax(proba, axis=1)
     out = {
@@ -345,7 +392,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
         "settings": {"features": settings.features, "classifier": settings.classifier, "folds": settings.folds,
                      "seed": settings.seed, "feature_dim": got.dim, "also": list(settings.also),
                      "also_families": settings.also_families, "also_val": list(settings.also_val),
-                     "augment": settings.augment,
+                     "augment": settings.augment, "finetune": settings.finetune,
                      "augment_weight": settings.augment_weight if settings.augment else None},
         "cross_validation": got.cross_validation, "pca_table": got.pca_table, **got.extra,
         "embedding_model": {"name": report["model"]["name"], "sha256": report["model"]["sha256"]},

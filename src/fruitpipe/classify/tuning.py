@@ -1,0 +1,217 @@
+"""`fruitpipe train --finetune`: the photos of the fit read back by uri, the backbone's last blocks and the head
+fine-tuned from the linear head the statistics chose (classify.finetune), and the fine-tuned classifier's
+probabilities on the test rows and on the held-out photos, for the same metrics, export check and publish as the
+linear one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fruitpipe import download, storage
+from fruitpipe.classify import finetune, openset
+from fruitpipe.classify.sources import Relabel
+from fruitpipe.errors import FruitpipeError
+from fruitpipe.models import build_mobilenet_v2 as mnv2
+from fruitpipe.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+#: Studio (main output) Training photos per class in the fine-tuning, the first by content id: enough to keep the
+#: studio classes (Fruits-360 Test top-1 98.2 % with 20 on the shared sample) at a fraction of the time; every
+#: photo of the other sources (the real photos) is used.
+STUDIO_PER_CLASS = 20
+
+
+class FinetuneError(FruitpipeError):
+    """The fine-tuning cannot run: its extra is missing, or the backbone is not one it can fine-tune."""
+
+
+def require_jax() -> None:
+    """One line saying how to install the extra, when JAX is missing."""
+    try:
+        import jax  # noqa: F401  (imported on use: an optional extra of several hundred MB)
+    except ImportError:
+        raise FinetuneError("--finetune needs JAX: pip install 'fruitpipe[finetune]'") from None
+
+
+def weights_loader(model_name: str, opts_quiet: bool = False) -> mnv2.Loader:
+    """The published weights of the registered MobileNetV2 (the files its ONNX graph is built from): from
+    FRUITPIPE_MODELS/mobilenet_v2_keras_weights/weights when that folder has them, else fetched (pinned,
+    sha256-checked) into the model cache."""
+    from fruitpipe.models import registry
+    from fruitpipe.models.fetch import cache_dir
+
+    if model_name != "mobilenet_v2":
+        raise FinetuneError(f"--finetune fine-tunes mobilenet_v2 (the registered backbone), not {model_name!r}: "
+                            "run with --model mobilenet_v2")
+    source = registry.MOBILENET_V2_WEIGHTS
+    files = source.files()
+    local = os.environ.get("FRUITPIPE_MODELS")
+    if local and all((Path(local) / "mobilenet_v2_keras_weights" / "weights" / f.dest).is_file() for f in files):
+        return mnv2.folder_loader(Path(local) / "mobilenet_v2_keras_weights" / "weights")
+    folder = cache_dir() / "weights" / f"mobilenet_v2-{source.digest[:16]}-finetune"
+    download.fetch_all(files, folder, desc="mobilenet_v2 weights", quiet=opts_quiet)
+    return mnv2.folder_loader(folder)
+
+
+@dataclass
+class Rows:
+    """Photos by uri with their class index; `ids` are content ids."""
+
+    ids: list[str] = field(default_factory=list)
+    uris: list[str] = field(default_factory=list)
+    y: list[int] = field(default_factory=list)
+
+
+def training_rows(files: list[str], opts: StorageOptions, relabel: Relabel, classes: list[str],
+                  test_uris: set[str], per_class: int = STUDIO_PER_CLASS) -> tuple[Rows, int, int]:
+    """The fine-tuning's photos: every Training photo of the other sources, and the first `per_class` Training
+    photos (by content id) of each class of the main output; never a test row. Returns them with the counts of
+    studio and other-source photos."""
+    index = {c: i for i, c in enumerate(classes)}
+    studio: dict[str, list[tuple[str, str]]] = {}
+    other = Rows()
+    for uri in files:
+        source = relabel.source_of(uri)
+        for batch in relabel.batches(uri, opts, ["id", "uri", "label", "split"]):
+            for cid, u, lb, sp in zip(*(batch.column(i).to_pylist() for i in range(4))):
+                if sp != "Training" or lb not in index or u in test_uris:
+                    continue
+                if source is None:
+                    studio.setdefault(lb, []).append((cid, u))
+                else:
+                    other.ids.append(cid)
+                    other.uris.append(u)
+                    other.y.append(index[lb])
+    rows = Rows()
+    for lb in sorted(studio):
+        for cid, u in sorted(studio[lb])[:per_class]:
+            rows.ids.append(cid)
+            rows.uris.append(u)
+            rows.y.append(index[lb])
+    n_studio = len(rows.ids)
+    rows.ids += other.ids
+    rows.uris += other.uris
+    rows.y += other.y
+    return rows, n_studio, len(other.ids)
+
+
+def held_out_rows(files: list[str], opts: StorageOptions, relabel: Relabel) -> tuple[Rows, list[str]]:
+    """The held-out photos (every row of the --also-val outputs) and their labels' classes."""
+    rows, names = Rows(), []
+    for uri in files:
+        for batch in relabel.batches(uri, opts, ["id", "uri", "label"]):
+            for cid, u, lb in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                if lb is not None:
+                    rows.ids.append(cid)
+                    rows.uris.append(u)
+                    names.append(lb)
+    return rows, names
+
+
+def _decode(rows: Rows, opts: StorageOptions) -> finetune.Photos:
+    ys = rows.y or [0] * len(rows.ids)
+    return finetune.decode([(cid, storage.read_bytes(u, opts), y) for cid, u, y in zip(rows.ids, rows.uris, ys)])
+
+
+def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]]
+                    ) -> dict[str, Any]:
+    """What source_scores reports of held-out photos, from the fine-tuned model's probabilities: top-1 (the top
+    class stands for the label), the species answer's top-1, the coverage table and per label."""
+    index = {c: i for i, c in enumerate(classes)}
+    species, names = openset.species_of(classes)
+    sp = openset.species_proba(proba, species, len(names))
+    thresholds = np.array(openset.COVERAGE_THRESHOLDS)
+    ok_top, ok_species, per = [], [], {}
+    for i, lb in enumerate(labels):
+        right = {index[c] for c in (lb, *maps_to.get(lb, [])) if c in index}
+        ok_top.append(int(np.argmax(proba[i])) in right)
+        ok_species.append(any(species[c] == int(np.argmax(sp[i])) for c in right))
+    ok_top_a, ok_sp_a = np.array(ok_top, bool), np.array(ok_species, bool)
+    conf = sp.max(axis=1) if len(sp) else np.zeros(0)
+    n = len(labels)
+    for lb in sorted(set(labels)):
+        sel = np.array([x == lb for x in labels])
+        per[lb] = {"class": lb, "stands_for": maps_to.get(lb, []), "photos": int(sel.sum()),
+                   "top1": round(float(ok_top_a[sel].mean()), 5)}
+    return {"photos": n, "top1": round(float(ok_top_a.mean()), 5) if n else None,
+            "species_top1": round(float(ok_sp_a.mean()), 5) if n else None,
+            "coverage": [{"threshold": float(t), "answered": round(float((conf >= t).mean()), 5) if n else None,
+                          "species_top1_of_answered": round(float(ok_sp_a[conf >= t].mean()), 5)
+                          if (conf >= t).any() else None} for t in thresholds],
+            "per_label": per}
+
+
+@dataclass
+class Tuned:
+    """A fine-tuning's outcome: the fine-tuned backbone's bytes, the head, the test rows' and held-out photos'
+    probabilities, and what metrics.json says of it."""
+
+    backbone: bytes
+    head: tuple[np.ndarray, np.ndarray]
+    test_proba: np.ndarray
+    held_out: dict[str, Any]
+    report: dict[str, Any]
+
+
+def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], opts: StorageOptions,
+        relabel: Relabel, classes: list[str], head: tuple[np.ndarray, np.ndarray], test_uris: list[str],
+        held_out: tuple[Relabel, list[str]] | None, maps_to: dict[str, list[str]], quiet: bool = False) -> Tuned:
+    """Fine-tune from `head` (the linear head, calibrated) on the fit's photos, then score the test rows and the
+    held-out photos with the fine-tuned model (centre view, as `serve`)."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    from fruitpipe.monitor.logs import json_mode
+
+    require_jax()
+    t0 = time.perf_counter()
+    load = weights_loader(model_name, quiet)
+    rows, n_studio, n_other = training_rows(files, opts, relabel, classes, set(test_uris))
+    if n_other == 0:
+        raise FinetuneError("--finetune learns from real photos: pass --also OTHER_OUTPUT (e.g. `fruitpipe sample "
+                            "DIR --real`'s train/, embedded by `fruitpipe run`)")
+    train = _decode(rows, opts)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count() or 1
+    trunk = ort.InferenceSession(finetune.trunk_model(load, settings.blocks), so,
+                                 providers=["CPUExecutionProvider"])
+    work = len(train.ids) * (settings.views + settings.epochs)
+    with tqdm(total=work, desc="fine-tune", unit="photo", disable=quiet or json_mode(), leave=False) as bar:
+        views = finetune.make_views(trunk, train, settings.views, settings.seed, bar.update)
+        t_views = time.perf_counter() - t0
+        state = finetune.init_params(load, settings.blocks, len(classes), head)
+        result = finetune.fit(state, views, train.y, len(classes), settings, progress=bar.update)
+    del views
+    test = _decode(Rows(list(test_uris), list(test_uris), [0] * len(test_uris)), opts)
+    if len(test.ids) != len(test_uris):
+        raise FinetuneError("a test photo could not be read again for the fine-tuned model: run `fruitpipe run` "
+                            "again so that the output describes its photos")
+    test_proba = finetune.predict(result, finetune.center_views(trunk, test))
+    held: dict[str, Any] = {}
+    if held_out is not None:
+        for source in held_out[0].sources:
+            parts = [f for f in held_out[1] if held_out[0].source_of(f) is source]
+            hrows, labels = held_out_rows(parts, opts, held_out[0])
+            photos = _decode(hrows, opts)
+            keep = set(photos.ids)
+            labels = [lb for cid, lb in zip(hrows.ids, labels) if cid in keep]
+            proba = finetune.predict(result, finetune.center_views(trunk, photos))
+            held[source.root] = held_out_report(proba, labels, classes, maps_to)
+    backbone = finetune.export_backbone(load, result)
+    report = {"blocks": settings.blocks, "epochs": settings.epochs, "views": settings.views,
+              "learning_rate": settings.learning_rate, "seed": settings.seed,
+              "photos": {"studio": n_studio, "other_sources": n_other, "studio_per_class": STUDIO_PER_CLASS},
+              "losses": [round(x, 5) for x in result.losses], "framework": "jax (CPU)",
+              "seconds": {"views": round(t_views, 1), "fit": round(result.seconds, 1),
+                          "total": round(time.perf_counter() - t0, 1)}}
+    log.info("fine-tuning: %d photos (%d studio, %d real), %d epochs in %.0f s", len(train.ids), n_studio, n_other,
+             settings.epochs, time.perf_counter() - t0)
+    return Tuned(backbone, (result.params["head_w"], result.params["head_b"]), test_proba, held, report)

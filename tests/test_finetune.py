@@ -1,0 +1,155 @@
+"""`train --finetune` (classify.finetune, classify.tuning): the tail rebuilt in JAX gives the published backbone's
+features, a fine-tuning is the same for the same seed, the fine-tuned file exported through the project's graph
+builder answers what JAX computed, and train publishes it with its figures; bad flags are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fruitpipe import images
+from fruitpipe.classify import finetune
+from fruitpipe.classify.export import FruitClassifier, Head, export
+from fruitpipe.cli import main
+from fruitpipe.models import build_mobilenet_v2 as mnv2
+from conftest import MODELS, SAMPLE, sample_classes
+
+pytest.importorskip("jax")
+
+WEIGHTS = MODELS / "mobilenet_v2_keras_weights" / "weights"
+REAL = SAMPLE.parent / "real-photos-dev"
+
+
+@pytest.fixture(scope="module")
+def load() -> mnv2.Loader:
+    return mnv2.folder_loader(WEIGHTS)
+
+
+def _photos(classes: list[str], per_class: int) -> finetune.Photos:
+    items = []
+    for y, cls in enumerate(classes):
+        for path in sorted((SAMPLE / "Training" / cls).iterdir())[:per_class]:
+            data = path.read_bytes()
+            items.append((images.content_id(data), data, y))
+    return finetune.decode(items)
+
+
+def _session(model: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+def test_the_tail_in_jax_gives_the_backbones_features(load: mnv2.Loader) -> None:
+    """Trunk (onnxruntime) + tail (JAX, from the published weights) = the builder's whole graph."""
+    photos = _photos(sample_classes(2), 3)
+    full = _session(mnv2.build_features_model(load))
+    x = images.preprocess(np.stack([images.square_views(rgb, 224, "center")[0] for rgb in photos.rgb]))
+    want = full.run(None, {"input": x})[0]
+    for blocks in (1, 2, 3):
+        acts = finetune.center_views(_session(finetune.trunk_model(load, blocks)), photos)
+        state = finetune.init_params(load, blocks, 2, None)
+        import jax.numpy as jnp
+
+        feats, _ = finetune._forward({k: jnp.asarray(v) for k, v in state["params"].items()},
+                                     {k: jnp.asarray(v) for k, v in state["frozen"].items()},
+                                     jnp.asarray(acts), blocks)
+        # the cache holds the trunk's activations in float16: features agree to about 1e-2 of their scale
+        assert np.abs(np.asarray(feats) - want).max() < 0.02 * np.abs(want).max(), blocks
+
+
+def test_finetuning_is_the_same_for_the_same_seed_and_exports_what_jax_computes(load: mnv2.Loader,
+                                                                                 tmp_path: Path) -> None:
+    classes = sample_classes(3)
+    photos = _photos(classes, 6)
+    trunk = _session(finetune.trunk_model(load, 1))
+    settings = finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=3)
+    views = finetune.make_views(trunk, photos, settings.views, settings.seed)
+    assert np.array_equal(views, finetune.make_views(trunk, photos, settings.views, settings.seed))
+    head = (np.random.default_rng(0).normal(0, 5, (mnv2.FEATURES, 3)).astype(np.float32), np.zeros(3, np.float32))
+    first = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3, settings)
+    again = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3, settings)
+    other = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3,
+                         finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=4))
+    assert all(np.array_equal(first.params[k], again.params[k]) for k in first.params)
+    assert first.losses == again.losses and first.losses != other.losses
+    assert not np.array_equal(first.params["Conv_1_weights"], np.asarray(load("Conv_1_weights")))  # it learned
+    # the fine-tuned weights written back through the builder: the exported file gives JAX's probabilities
+    tuned = finetune.export_backbone(load, first)
+    onnx_bytes = export(tuned, "features", Head(None, [(first.params["head_w"].astype(np.float64),
+                                                        first.params["head_b"].astype(np.float64))],
+                                                transform="sqrt_l2"), {"classes": classes})
+    clf = FruitClassifier(onnx_bytes)
+    got = np.stack([clf.probabilities(images.preprocess(images.square_views(rgb, 224, "center")[0])[None])[0]
+                    for rgb in photos.rgb[:4]])
+    want = finetune.predict(first, finetune.center_views(trunk, finetune.Photos(photos.ids[:4], photos.y[:4],
+                                                                                photos.rgb[:4])))
+    assert np.abs(got - want).max() < 2e-3 and np.array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_an_augmented_view_is_the_same_for_the_same_seed_photo_and_view() -> None:
+    rgb = np.asarray(images.decode_rgb((SAMPLE / "Training" / sample_classes(1)[0]).iterdir().__next__()
+                                       .read_bytes(), 64_000_000))
+    a = finetune.augmented(rgb, finetune.view_rng(7, "ab" * 32, 0))
+    assert a.shape == (224, 224, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, finetune.augmented(rgb, finetune.view_rng(7, "ab" * 32, 0)))
+    assert not np.array_equal(a, finetune.augmented(rgb, finetune.view_rng(7, "ab" * 32, 1)))
+
+
+@pytest.fixture(scope="module")
+def tuned(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The trained 5-apple output trained again with 6 real photos each of apple, banana and lime, fine-tuned."""
+    import fruitpipe
+
+    root = tmp_path_factory.mktemp("finetune")
+    for split, cut in (("real", slice(0, 6)), ("val", slice(6, 8))):
+        for family in ("apple", "banana", "lime"):
+            (root / split / family).mkdir(parents=True)
+            for src in sorted((REAL / family).glob("*.jpg"))[cut]:
+                shutil.copyfile(src, root / split / family / src.name)
+        fruitpipe.run(fruitpipe.Config(input=str(root / split), output=str(root / f"{split}-out"), k=4, quiet=True))
+    out = root / "out"
+    shutil.copytree(trained["out"], out)
+    argv = ["train", str(out), "--also", str(root / "real-out"), "--also-families", str(REAL / "families.json"),
+            "--also-val", str(root / "val-out"), "--master", "local[2]", "--no-pca-table", "-q", "--finetune",
+            "--finetune-epochs", "1", "--finetune-blocks", "1"]
+    assert main(argv) == 0
+    return {"out": out, "root": root, "metrics": json.loads((out / "classifier" / "metrics.json").read_text())}
+
+
+def test_train_publishes_the_finetuned_file_with_its_figures(tuned: dict) -> None:
+    m = tuned["metrics"]
+    f = m["finetune"]
+    assert f["blocks"] == 1 and f["epochs"] == 1 and f["photos"] == {"studio": 5 * 20, "other_sources": 18,
+                                                                        "studio_per_class": 20}
+    assert len(f["losses"]) == 1 and f["framework"] == "jax (CPU)"
+    # the export check ran the published file on test photos against the fine-tuned model's probabilities
+    assert m["onnx"]["agreement_with_spark"]["same_top1"] == m["onnx"]["agreement_with_spark"]["images"] > 0
+    held = m["held_out"][str(tuned["root"] / "val-out")]
+    assert held["photos"] == 6 and f["linear_head"]["held_out"][str(tuned["root"] / "val-out")]["photos"] == 6
+    clf = FruitClassifier((tuned["out"] / "classifier" / "fruit_classifier.onnx").read_bytes())
+    assert json.loads(clf.metadata["finetuned"]) == {"blocks": 1, "epochs": 1, "seed": 7}
+    # the held-out figure is the published file's own, photo by photo
+    families = json.loads((REAL / "families.json").read_text())
+    ok = []
+    for family in ("apple", "banana", "lime"):
+        for path in sorted((tuned["root"] / "val" / family).iterdir()):
+            answer = clf.answer(clf.photo_probabilities(path.read_bytes()))["species"][0]["name"]
+            stands = {f"{family} (photos)", *families[family]}
+            ok.append(any(clf.species_names[clf.species[i]] == answer and
+                          (c in stands or set(clf.maps_to.get(c, [])) & stands)
+                          for i, c in enumerate(clf.classes)))
+    assert held["species_top1"] == pytest.approx(np.mean(ok), abs=1e-5)
+
+
+def test_bad_finetune_flags_are_one_line(trained: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(trained["out"])
+    for extra, says in ((["--finetune"], "--also"), (["--finetune", "--finetune-blocks", "9"], "--finetune-blocks"),
+                        (["--finetune", "--finetune-epochs", "0"], "--finetune-epochs")):
+        capsys.readouterr()
+        assert main(["train", out, "--master", "local[2]", "-q", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (extra, err)
