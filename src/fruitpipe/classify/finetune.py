@@ -61,15 +61,15 @@ def cut_name(blocks: int) -> str:
     return f"expanded_conv_{i}/add" if stride == 1 and prev == channels else f"expanded_conv_{i}_project/out"
 
 
-def _tail_layers(blocks: int) -> list[tuple[str, str, bool, bool]]:
-    """(scope, kernel name, depthwise, relu6) of each conv of the tail, in order."""
+def _tail_layers(blocks: int) -> list[tuple[str, str, bool, bool, int]]:
+    """(scope, kernel name, depthwise, relu6, stride) of each conv of the tail, in order."""
     out = []
     for i in range(LAST_BLOCK - blocks + 1, LAST_BLOCK + 1):
-        s = f"expanded_conv_{i}"
-        out += [(f"{s}_expand", f"{s}_expand_weights", False, True),
-                (f"{s}_depthwise", f"{s}_depthwise_depthwise_weights", True, True),
-                (f"{s}_project", f"{s}_project_weights", False, False)]
-    return out + [("Conv_1", "Conv_1_weights", False, True)]
+        s, stride = f"expanded_conv_{i}", mnv2.BLOCKS[i - 1][2]
+        out += [(f"{s}_expand", f"{s}_expand_weights", False, True, 1),
+                (f"{s}_depthwise", f"{s}_depthwise_depthwise_weights", True, True, stride),
+                (f"{s}_project", f"{s}_project_weights", False, False, 1)]
+    return out + [("Conv_1", "Conv_1_weights", False, True, 1)]
 
 
 def _residual(blocks: int) -> list[bool]:
@@ -204,7 +204,7 @@ def init_params(load: mnv2.Loader, blocks: int, classes: int, head: tuple[np.nda
     statistics, as float32 numpy."""
     params: dict[str, Any] = {}
     frozen: dict[str, Any] = {}
-    for scope, kernel, _, _ in _tail_layers(blocks):
+    for scope, kernel, _, _, _ in _tail_layers(blocks):
         params[kernel] = np.asarray(load(kernel), np.float32)
         params[f"{scope}_BatchNorm_gamma"] = np.asarray(load(f"{scope}_BatchNorm_gamma"), np.float32)
         params[f"{scope}_BatchNorm_beta"] = np.asarray(load(f"{scope}_BatchNorm_beta"), np.float32)
@@ -225,11 +225,12 @@ def _forward(params: dict[str, Any], frozen: dict[str, Any], x: Any, blocks: int
     layers = _tail_layers(blocks)
     residual = _residual(blocks)
 
-    def conv_bn(x: Any, scope: str, kernel: str, depthwise: bool, relu6: bool) -> Any:
+    def conv_bn(x: Any, scope: str, kernel: str, depthwise: bool, relu6: bool, stride: int) -> Any:
         k = params[kernel]
         if depthwise:  # published as (kh, kw, C, 1): HWIO with I = 1 and one group per channel
             k = jnp.transpose(k, (0, 1, 3, 2))
-        y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        # "SAME" as TensorFlow pads (the odd pixel after), which the builder's pads reproduce
+        y = lax.conv_general_dilated(x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      feature_group_count=x.shape[-1] if depthwise else 1)
         scale = params[f"{scope}_BatchNorm_gamma"] / jnp.sqrt(frozen[f"{scope}_BatchNorm_moving_variance"]
                                                               + mnv2.BN_EPSILON)
@@ -239,11 +240,10 @@ def _forward(params: dict[str, Any], frozen: dict[str, Any], x: Any, blocks: int
     x = x.astype(jnp.float32)
     for b in range(blocks):
         y = x
-        for scope, kernel, depthwise, relu6 in layers[3 * b:3 * b + 3]:
-            y = conv_bn(y, scope, kernel, depthwise, relu6)
+        for layer in layers[3 * b:3 * b + 3]:
+            y = conv_bn(y, *layer)
         x = x + y if residual[b] else y
-    scope, kernel, depthwise, relu6 = layers[-1]
-    x = conv_bn(x, scope, kernel, depthwise, relu6)
+    x = conv_bn(x, *layers[-1])
     feats = x.mean(axis=(1, 2))
     # sqrt then unit norm (classify.stats.transform "sqrt_l2"), with a gradient that stays finite at 0
     pos = feats > 1e-12
