@@ -66,14 +66,14 @@ def test_finetuning_is_the_same_for_the_same_seed_and_exports_what_jax_computes(
     classes = sample_classes(3)
     photos = _photos(classes, 6)
     trunk = _session(finetune.trunk_model(load, 1))
-    settings = finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=3)
+    settings = finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=3, head_epochs=1)
     views = finetune.make_views(trunk, photos, settings.views, settings.seed)
     assert np.array_equal(views, finetune.make_views(trunk, photos, settings.views, settings.seed))
     head = (np.random.default_rng(0).normal(0, 5, (mnv2.FEATURES, 3)).astype(np.float32), np.zeros(3, np.float32))
     first = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3, settings)
     again = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3, settings)
     other = finetune.fit(finetune.init_params(load, 1, 3, head), views, photos.y, 3,
-                         finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=4))
+                         finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=4, head_epochs=1))
     assert all(np.array_equal(first.params[k], again.params[k]) for k in first.params)
     assert first.losses == again.losses and first.losses != other.losses
     assert not np.array_equal(first.params["Conv_1_weights"], np.asarray(load("Conv_1_weights")))  # it learned
@@ -153,3 +153,19 @@ def test_bad_finetune_flags_are_one_line(trained: dict, capsys: pytest.CaptureFi
         assert main(["train", out, "--master", "local[2]", "-q", *extra]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], (extra, err)
+
+
+def test_the_held_out_report_counts_the_species_answer() -> None:
+    """Two classes of one species (a studio class and the photos' class standing for it), one of another."""
+    from fruitpipe.classify.tuning import held_out_report
+
+    classes = ["Apple Red 1", "Apple (apple photos)", "Banana 1"]
+    maps_to = {"Apple (apple photos)": ["Apple Red 1"]}
+    proba = np.array([[0.6, 0.1, 0.3],    # apple photo, top class a studio apple: right
+                      [0.25, 0.3, 0.45],  # apple photo, top class banana, but the apple species sums 0.55
+                      [0.05, 0.05, 0.9]])  # apple photo answered banana: wrong
+    r = held_out_report(proba, ["Apple (apple photos)"] * 3, classes, maps_to, {"Apple (apple photos)": "apple"})
+    assert r["photos"] == 3 and r["top1"] == pytest.approx(1 / 3, abs=1e-5)
+    assert r["species_top1"] == pytest.approx(2 / 3, abs=1e-5)  # the species answer sums its classes
+    assert r["per_label"]["apple"]["photos"] == 3
+    assert [c["answered"] for c in r["coverage"]][:2] == [1.0, 1.0]

@@ -25,6 +25,8 @@ log = logging.getLogger("fruitpipe")
 
 
 def add_train(sub: Any) -> None:
+    from fruitpipe.classify.finetune import FinetuneSettings
+
     p = sub.add_parser("train", help="fit a classifier on OUTPUT's Training split, evaluate on Test, export ONNX",
                        epilog=EPILOG, description="Fit a classifier on the embeddings of a complete OUTPUT (Training), "
                        "evaluate it on Test, and write OUTPUT/classifier/: metrics.json, confusion.png, "
@@ -65,10 +67,11 @@ def add_train(sub: Any) -> None:
                    help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 "
                         "Training photos per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the "
                         "published file is the fine-tuned one, scored on Test and --also-val like the linear one")
-    p.add_argument("--finetune-epochs", type=int, default=6, metavar="N",
-                   help="passes over the fine-tuning's photos (default 6)")
-    p.add_argument("--finetune-blocks", type=int, default=2, metavar="B",
-                   help="how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (default 2)")
+    p.add_argument("--finetune-epochs", type=int, metavar="N",
+                   help=f"passes over the fine-tuning's photos (default {FinetuneSettings.epochs})")
+    p.add_argument("--finetune-blocks", type=int, metavar="B",
+                   help=f"how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (1 to 4, "
+                        f"default {FinetuneSettings.blocks})")
     p.add_argument("--no-pca-table", action="store_true",
                    help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% variance")
     p.add_argument("--model-path", metavar="FILE", help="the run's embedding model file, if not the registry's")
@@ -315,7 +318,8 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
         output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
         holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
         also=tuple(args.also), also_families=args.also_families, also_val=tuple(args.also_val), augment=args.augment,
-        finetune=args.finetune, finetune_epochs=args.finetune_epochs, finetune_blocks=args.finetune_blocks,
+        finetune=args.finetune, **{k: v for k, v in (("finetune_epochs", args.finetune_epochs),
+                                                        ("finetune_blocks", args.finetune_blocks)) if v is not None},
         **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}), quiet=args.quiet,
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)

@@ -28,15 +28,18 @@ SIZE = mnv2.INPUT_SIZE
 class FinetuneSettings:
     """How a fine-tuning runs: which blocks learn, for how long, on which views; deterministic by seed."""
 
-    #: The last `blocks` inverted-residual blocks and Conv_1 learn (BatchNorm statistics stay frozen).
+    #: The last `blocks` inverted-residual blocks and Conv_1 learn (BatchNorm statistics stay frozen). Measured on
+    #: the shared sample + the Grocery Store train split, scored on its val split (docs/real-photos.md): 2 blocks,
+    #: 6 epochs at 3e-4 gave 81.8 % (linear head 76.4 %), Test 97.95 %; 3 blocks, 8 epochs at 5e-4 gave 79.1 %,
+    #: Test 96.8 %. Two settings tried, no more: the val split (110 photos) is too small to tune on.
     blocks: int = 2
-    epochs: int = 8
+    epochs: int = 6
     #: Augmented views made of each photo (each epoch uses one; cached as trunk activations).
     views: int = 4
     batch: int = 64
-    learning_rate: float = 5e-4
-    #: Epochs at the start during which only the head learns (the tail would otherwise chase a random head).
-    head_epochs: int = 1
+    learning_rate: float = 3e-4
+    #: Epochs at the start during which only the head learns: none when it starts from train's linear head.
+    head_epochs: int = 0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     seed: int = 7

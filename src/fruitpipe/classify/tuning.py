@@ -121,10 +121,11 @@ def _decode(rows: Rows, opts: StorageOptions) -> finetune.Photos:
     return finetune.decode([(cid, storage.read_bytes(u, opts), y) for cid, u, y in zip(rows.ids, rows.uris, ys)])
 
 
-def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]]
-                    ) -> dict[str, Any]:
+def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]],
+                    folders: dict[str, str] | None = None) -> dict[str, Any]:
     """What source_scores reports of held-out photos, from the fine-tuned model's probabilities: top-1 (the top
-    class stands for the label), the species answer's top-1, the coverage table and per label."""
+    class stands for the label's class), the species answer's top-1, the coverage table and per label (`labels`:
+    each photo's class; `folders`: class -> the folder label it was read from, the per-label keys)."""
     index = {c: i for i, c in enumerate(classes)}
     species, names = openset.species_of(classes)
     sp = openset.species_proba(proba, species, len(names))
@@ -139,8 +140,8 @@ def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], ma
     n = len(labels)
     for lb in sorted(set(labels)):
         sel = np.array([x == lb for x in labels])
-        per[lb] = {"class": lb, "stands_for": maps_to.get(lb, []), "photos": int(sel.sum()),
-                   "top1": round(float(ok_top_a[sel].mean()), 5)}
+        per[(folders or {}).get(lb, lb)] = {"class": lb, "stands_for": maps_to.get(lb, []), "photos": int(sel.sum()),
+                                            "top1": round(float(ok_top_a[sel].mean()), 5)}
     return {"photos": n, "top1": round(float(ok_top_a.mean()), 5) if n else None,
             "species_top1": round(float(ok_sp_a.mean()), 5) if n else None,
             "coverage": [{"threshold": float(t), "answered": round(float((conf >= t).mean()), 5) if n else None,
@@ -204,7 +205,8 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
             keep = set(photos.ids)
             labels = [lb for cid, lb in zip(hrows.ids, labels) if cid in keep]
             proba = finetune.predict(result, finetune.center_views(trunk, photos))
-            held[source.root] = held_out_report(proba, labels, classes, maps_to)
+            held[source.root] = held_out_report(proba, labels, classes, maps_to,
+                                                {c: lb for lb, c in source.classes.items()})
     backbone = finetune.export_backbone(load, result)
     report = {"blocks": settings.blocks, "epochs": settings.epochs, "views": settings.views,
               "learning_rate": settings.learning_rate, "seed": settings.seed,
