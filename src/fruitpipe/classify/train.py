@@ -94,7 +94,10 @@ class TrainSettings:
             raise TrainError("--also-val names an output the fit learns from (OUTPUT or an --also): pass photos "
                              "taken apart from them")
         if self.finetune:
+            from fruitpipe.classify.tuning import require_jax
+
             self.finetune_settings()
+            require_jax()  # before minutes of fitting, not after
             if self.classifier != "linear" or self.features != "embeddings" or not self.also:
                 raise TrainError("--finetune learns from real photos with the default --classifier linear on "
                                  "--features embeddings: pass --also OTHER_OUTPUT (your labelled real photos)")
