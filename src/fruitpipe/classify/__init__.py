@@ -1,5 +1,6 @@
 """Which fruit is this: a classifier trained on a run's embeddings, evaluated, and exported as one ONNX file."""
 
-from fruitpipe.classify.train import TrainSettings, train
+from fruitpipe.classify.settings import TrainSettings
+from fruitpipe.classify.train import train
 
 __all__ = ["TrainSettings", "train"]

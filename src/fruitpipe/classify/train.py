@@ -19,94 +19,14 @@ import pyarrow.parquet as pq
 from fruitpipe import jsonio, lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
-from fruitpipe.classify.augmented import DEFAULT_WEIGHT
-from fruitpipe.classify.finetune import FinetuneSettings
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, TrainError, check_export, probe_photos
+from fruitpipe.classify.settings import TrainSettings
 from fruitpipe.models.registry import ModelSpec
 from fruitpipe.output import SUCCESS, RunDir
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """One `fruitpipe train`: which OUTPUT, which features and classifier, how it is validated, where Spark runs."""
-
-    output: str
-    features: str = "embeddings"
-    #: linear (default: the one-pass statistics classifier), or Spark ML's logreg / mlp.
-    classifier: str = "linear"
-    folds: int = 3
-    seed: int = 7
-    #: Share of Training held out (stratified) as the test set when OUTPUT has no Test split.
-    holdout: float = 0.2
-    compare_pca: bool = True
-    model_path: str | None = None
-    master: str = "local[*]"
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    spark_conf: dict[str, str] = field(default_factory=dict)
-    #: Other outputs whose photos join the fit (--also), e.g. a user's own labelled real photos, and the file
-    #: mapping their folders to Fruits-360 classes (--also-families).
-    also: tuple[str, ...] = ()
-    also_families: str | None = None
-    #: Outputs of labelled photos taken apart from every photo of the fit (--also-val, e.g. the real photos' val
-    #: split): scored by the final classifier, the honest real-photo figure; never in any fit.
-    also_val: tuple[str, ...] = ()
-    #: Fine-tune the backbone's last blocks with the head on the fit's photos (--finetune, classify.tuning), starting
-    #: from the linear head; the published file is then the fine-tuned one.
-    finetune: bool = False
-    finetune_epochs: int = FinetuneSettings.epochs
-    finetune_blocks: int = FinetuneSettings.blocks
-    #: Phone-like variants of each Training photo joining the fit (--augment, classify.augmented), and their weight.
-    augment: int = 0
-    augment_weight: float = DEFAULT_WEIGHT
-    quiet: bool = False
-
-    def finetune_settings(self) -> FinetuneSettings:
-        """The fine-tuning's settings, checked."""
-        return FinetuneSettings(blocks=self.finetune_blocks, epochs=self.finetune_epochs, seed=self.seed).validate()
-
-    def validate(self) -> TrainSettings:
-        """One-line errors naming the flag to change."""
-        if self.features not in ("embeddings", "reduced"):
-            raise TrainError(f"--features {self.features!r} must be embeddings or reduced")
-        if self.classifier not in ("linear", "logreg", "mlp"):
-            raise TrainError(f"--classifier {self.classifier!r} must be linear, logreg or mlp")
-        if self.folds < 2:
-            raise TrainError(f"--folds {self.folds} must be at least 2")
-        if not 0 < self.holdout < 1:
-            raise TrainError(f"--holdout {self.holdout} must be between 0 and 1 (e.g. 0.2)")
-        if self.also and (self.classifier != "linear" or self.features != "embeddings"):
-            raise TrainError("--also works with the default --classifier linear on --features embeddings only")
-        if self.augment < 0 or self.augment > 32:
-            raise TrainError(f"--augment {self.augment} must be between 0 (none) and 32 variants per photo")
-        if not 0 < self.augment_weight <= 1:
-            raise TrainError(f"--augment-weight {self.augment_weight} must be above 0 and at most 1 (a variant "
-                             "never counts more than a photo)")
-        if self.augment and (self.classifier != "linear" or self.features != "embeddings"):
-            raise TrainError("--augment works with the default --classifier linear on --features embeddings only")
-        if self.also_val and (self.classifier != "linear" or self.features != "embeddings"):
-            raise TrainError("--also-val works with the default --classifier linear on --features embeddings only")
-        names = [storage.normalize(x).rstrip("/") for x in (self.output, *self.also)]
-        if any(storage.normalize(v).rstrip("/") in names for v in self.also_val):
-            raise TrainError("--also-val names an output the fit learns from (OUTPUT or an --also): pass photos "
-                             "taken apart from them")
-        if self.finetune:
-            from fruitpipe.classify.tuning import require_jax
-
-            self.finetune_settings()
-            require_jax()  # before minutes of fitting, not after
-            if self.classifier != "linear" or self.features != "embeddings" or not self.also:
-                raise TrainError("--finetune learns from real photos with the default --classifier linear on "
-                                 "--features embeddings: pass --also OTHER_OUTPUT (your labelled real photos)")
-        if self.also_families and not (self.also or self.also_val):
-            raise TrainError("--also-families maps the folders of --also and --also-val outputs: pass --also "
-                             "OTHER_OUTPUT too")
-        if any(storage.normalize(a).rstrip("/") == storage.normalize(self.output).rstrip("/") for a in self.also):
-            raise TrainError("--also names the output being trained: pass other outputs")
-        return self
 
 
 def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, ModelSpec]:
@@ -231,33 +151,13 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     fitted = _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
                      got.cross_validation, got.pca_table, dim, extra)
     if settings.finetune and relabel is not None:
-        _finetune(settings, spec, files, rundir, relabel, held_out, fitted, timings)
+        from fruitpipe.classify import tuning
+
+        t0 = time.perf_counter()
+        tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, rundir.opts, relabel, held_out,
+                            rundir.guard, settings.quiet)
+        timings["finetune"] = time.perf_counter() - t0
     return fitted
-
-
-def _finetune(settings: TrainSettings, spec: ModelSpec, files: list[str], rundir: RunDir, relabel: Any,
-              held_out: Any, fitted: _Fitted, timings: dict[str, float]) -> None:
-    """Replace the linear head by the fine-tuned backbone and head (classify.tuning): the test rows' and held-out
-    photos' figures become the fine-tuned model's; the linear head's are kept beside them."""
-    from fruitpipe.classify import tuning
-
-    t0 = time.perf_counter()
-    (w, b), = fitted.head.layers
-    tuned = tuning.run(settings.finetune_settings(), spec.name, files, rundir.opts, relabel, fitted.classes,
-                       (w, b), fitted.uris, held_out, relabel.maps_to, settings.quiet)
-    if rundir.guard is not None:
-        rundir.guard()  # minutes have passed: a train that lost its lease stops here
-    linear_top1 = metrics.top_k(fitted.proba, fitted.y, 1) if len(fitted.y) else None
-    fitted.extra["finetune"] = {**tuned.report, "linear_head": {
-        "test_top1": None if linear_top1 is None else round(linear_top1, 5),
-        "held_out": fitted.extra.get("held_out", {})}}
-    if "held_out" in fitted.extra:
-        fitted.extra["held_out"] = tuned.held_out
-    fitted.proba = tuned.test_proba.astype(np.float64)
-    fitted.head = export_mod.Head(None, [(tuned.head[0].astype(np.float64), tuned.head[1].astype(np.float64))],
-                                  transform="sqrt_l2")
-    fitted.backbone = tuned.backbone
-    timings["finetune"] = time.perf_counter() - t0
 
 
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,29 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
     log.info("fine-tuning: %d photos (%d studio, %d real), %d epochs in %.0f s", len(train.ids), n_studio, n_other,
              settings.epochs, time.perf_counter() - t0)
     return Tuned(backbone, (result.params["head_w"], result.params["head_b"]), test_proba, held, report)
+
+
+def replace_head(fitted: Any, settings: finetune.FinetuneSettings, model_name: str, files: list[str],
+                 opts: StorageOptions, relabel: Relabel, held_out: tuple[Relabel, list[str]] | None,
+                 guard: Callable[[], None] | None, quiet: bool) -> None:
+    """Fine-tune from train's fitted linear head (train._Fitted) and put the fine-tuned model in its place: the
+    test rows' probabilities, the head, the backbone of the export and the held-out figures become the fine-tuned
+    model's; the linear head's figures stay in `finetune.linear_head`."""
+    from fruitpipe.classify import export as export_mod
+    from fruitpipe.classify import metrics
+
+    (w, b), = fitted.head.layers
+    tuned = run(settings, model_name, files, opts, relabel, fitted.classes, (w, b), fitted.uris, held_out,
+                relabel.maps_to, quiet)
+    if guard is not None:
+        guard()  # minutes have passed: a train that lost its lease stops here
+    linear_top1 = metrics.top_k(fitted.proba, fitted.y, 1) if len(fitted.y) else None
+    fitted.extra["finetune"] = {**tuned.report, "linear_head": {
+        "test_top1": None if linear_top1 is None else round(linear_top1, 5),
+        "held_out": fitted.extra.get("held_out", {})}}
+    if "held_out" in fitted.extra:
+        fitted.extra["held_out"] = tuned.held_out
+    fitted.proba = tuned.test_proba.astype(np.float64)
+    fitted.head = export_mod.Head(None, [(tuned.head[0].astype(np.float64), tuned.head[1].astype(np.float64))],
+                                  transform="sqrt_l2")
+    fitted.backbone = tuned.backbone
