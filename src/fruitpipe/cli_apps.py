@@ -320,7 +320,8 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
         also=tuple(args.also), also_families=args.also_families, also_val=tuple(args.also_val), augment=args.augment,
         finetune=args.finetune, **{k: v for k, v in (("finetune_epochs", args.finetune_epochs),
                                                         ("finetune_blocks", args.finetune_blocks)) if v is not None},
-        **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}), quiet=args.quiet,
+        **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}),
+        quiet=args.quiet or json_mode(),  # no progress bar among JSON log lines
         storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
     result = train(settings)
     export_metrics(args, "train", started, result, args.output)

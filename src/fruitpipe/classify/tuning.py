@@ -171,8 +171,6 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from fruitpipe.monitor.logs import json_mode
-
     require_jax()
     t0 = time.perf_counter()
     load = weights_loader(model_name, quiet)
@@ -186,7 +184,7 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
     trunk = ort.InferenceSession(finetune.trunk_model(load, settings.blocks), so,
                                  providers=["CPUExecutionProvider"])
     work = len(train.ids) * (settings.views + settings.epochs)
-    with tqdm(total=work, desc="fine-tune", unit="photo", disable=quiet or json_mode(), leave=False) as bar:
+    with tqdm(total=work, desc="fine-tune", unit="photo", disable=quiet, leave=False) as bar:
         views = finetune.make_views(trunk, train, settings.views, settings.seed, bar.update)
         t_views = time.perf_counter() - t0
         state = finetune.init_params(load, settings.blocks, len(classes), head)
