@@ -30,13 +30,17 @@ def load() -> mnv2.Loader:
     return mnv2.folder_loader(WEIGHTS)
 
 
-def _photos(classes: list[str], per_class: int) -> finetune.Photos:
+def _items(classes: list[str], per_class: int) -> list[tuple[str, bytes, int]]:
     items = []
     for y, cls in enumerate(classes):
         for path in sorted((SAMPLE / "Training" / cls).iterdir())[:per_class]:
             data = path.read_bytes()
             items.append((images.content_id(data), data, y))
-    return finetune.decode(items)
+    return items
+
+
+def _photos(classes: list[str], per_class: int) -> finetune.Photos:
+    return finetune.decode(_items(classes, per_class))
 
 
 def _session(model: bytes) -> ort.InferenceSession:
@@ -45,12 +49,13 @@ def _session(model: bytes) -> ort.InferenceSession:
 
 def test_the_tail_in_jax_gives_the_backbones_features(load: mnv2.Loader) -> None:
     """Trunk (onnxruntime) + tail (JAX, from the published weights) = the builder's whole graph."""
-    photos = _photos(sample_classes(2), 3)
+    data = [d for _, d, _ in _items(sample_classes(2), 3)]
     full = _session(mnv2.build_features_model(load))
-    x = images.preprocess(np.stack([images.square_views(rgb, 224, "center")[0] for rgb in photos.rgb]))
+    x = np.stack([images.model_views(d, 224, 64_000_000, "tf", "nhwc", "center")[0] for d in data])
     want = full.run(None, {"input": x})[0]
     for blocks in (1, 2, 3, 4):
-        acts = finetune.center_views(_session(finetune.trunk_model(load, blocks)), photos)
+        acts, kept = finetune.center_views(_session(finetune.trunk_model(load, blocks)), data)
+        assert kept == list(range(len(data)))
         state = finetune.init_params(load, blocks, 2, None)
         import jax.numpy as jnp
 
@@ -64,7 +69,8 @@ def test_the_tail_in_jax_gives_the_backbones_features(load: mnv2.Loader) -> None
 def test_finetuning_is_the_same_for_the_same_seed_and_exports_what_jax_computes(load: mnv2.Loader,
                                                                                  tmp_path: Path) -> None:
     classes = sample_classes(3)
-    photos = _photos(classes, 6)
+    items = _items(classes, 6)
+    photos = finetune.decode(items)
     trunk = _session(finetune.trunk_model(load, 1))
     settings = finetune.FinetuneSettings(blocks=1, epochs=2, views=2, batch=8, seed=3, head_epochs=1)
     views = finetune.make_views(trunk, photos, settings.views, settings.seed)
@@ -85,8 +91,7 @@ def test_finetuning_is_the_same_for_the_same_seed_and_exports_what_jax_computes(
     clf = FruitClassifier(onnx_bytes)
     got = np.stack([clf.probabilities(images.preprocess(images.square_views(rgb, 224, "center")[0])[None])[0]
                     for rgb in photos.rgb[:4]])
-    want = finetune.predict(first, finetune.center_views(trunk, finetune.Photos(photos.ids[:4], photos.y[:4],
-                                                                                photos.rgb[:4])))
+    want = finetune.predict(first, finetune.center_views(trunk, [d for _, d, _ in items[:4]])[0])
     assert np.abs(got - want).max() < 2e-3 and np.array_equal(got.argmax(1), want.argmax(1))
 
 

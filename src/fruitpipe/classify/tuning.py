@@ -105,7 +105,7 @@ def training_rows(files: list[str], opts: StorageOptions, relabel: Relabel, clas
 
 
 def held_out_rows(files: list[str], opts: StorageOptions, relabel: Relabel) -> tuple[Rows, list[str]]:
-    """The held-out photos (every row of the --also-val outputs) and their labels' classes."""
+    """The held-out photos (every row of the --also-val outputs: ids and uris) and their labels' classes."""
     rows, names = Rows(), []
     for uri in files:
         for batch in relabel.batches(uri, opts, ["id", "uri", "label"]):
@@ -118,8 +118,7 @@ def held_out_rows(files: list[str], opts: StorageOptions, relabel: Relabel) -> t
 
 
 def _decode(rows: Rows, opts: StorageOptions) -> finetune.Photos:
-    ys = rows.y or [0] * len(rows.ids)
-    return finetune.decode([(cid, storage.read_bytes(u, opts), y) for cid, u, y in zip(rows.ids, rows.uris, ys)])
+    return finetune.decode([(cid, storage.read_bytes(u, opts), y) for cid, u, y in zip(rows.ids, rows.uris, rows.y)])
 
 
 def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]],
@@ -190,20 +189,19 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
         state = finetune.init_params(load, settings.blocks, len(classes), head)
         result = finetune.fit(state, views, train.y, len(classes), settings, progress=bar.update)
     del views
-    test = _decode(Rows(list(test_uris), list(test_uris), [0] * len(test_uris)), opts)
-    if len(test.ids) != len(test_uris):
+    acts, kept = finetune.center_views(trunk, [storage.read_bytes(u, opts) for u in test_uris])
+    if len(kept) != len(test_uris):
         raise FinetuneError("a test photo could not be read again for the fine-tuned model: run `fruitpipe run` "
                             "again so that the output describes its photos")
-    test_proba = finetune.predict(result, finetune.center_views(trunk, test))
+    test_proba = finetune.predict(result, acts)
     held: dict[str, Any] = {}
     if held_out is not None:
         for source in held_out[0].sources:
             parts = [f for f in held_out[1] if held_out[0].source_of(f) is source]
             hrows, labels = held_out_rows(parts, opts, held_out[0])
-            photos = _decode(hrows, opts)
-            keep = set(photos.ids)
-            labels = [lb for cid, lb in zip(hrows.ids, labels) if cid in keep]
-            proba = finetune.predict(result, finetune.center_views(trunk, photos))
+            acts, kept = finetune.center_views(trunk, [storage.read_bytes(u, opts) for u in hrows.uris])
+            labels = [labels[i] for i in kept]
+            proba = finetune.predict(result, acts)
             held[source.root] = held_out_report(proba, labels, classes, maps_to,
                                                 {c: lb for lb, c in source.classes.items()})
     backbone = finetune.export_backbone(load, result)
