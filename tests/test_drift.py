@@ -184,8 +184,15 @@ def test_pca_from_projects_with_the_reference_basis(outputs, spark) -> None:
 
 
 def test_pca_from_an_output_without_a_pca_is_one_line(outputs, tmp_path: Path, capsys) -> None:
-    assert main(["reduce", str(outputs["test"]), "--pca-from", str(tmp_path), "-q"]) == 2
+    """A bad --pca-from (a typo, an output without a PCA) is refused before OUTPUT is touched: its _SUCCESS and
+    commit record stay, so `train` and `drift` still read it."""
+    out = outputs["test"]
+    before = {p: p.read_bytes() for p in (out / "_SUCCESS", out / "run.json")}
+    assert main(["reduce", str(out), "--pca-from", str(tmp_path), "-q"]) == 2
     assert "is not a complete output with a PCA" in capsys.readouterr().err
+    assert main(["run", str(out.parent / "in-test"), str(out), "--pca-from", str(tmp_path / "typo"), "-q"]) == 2
+    assert "is not a complete output with a PCA" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_the_drift_sample_is_the_smallest_ids_read_a_part_at_a_time(outputs) -> None:

@@ -171,12 +171,12 @@ def _csv_gz(rows: list[dict]) -> bytes:
     import csv
     import gzip
     import io
-    from urllib.parse import quote
+    from urllib.parse import quote_plus
 
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL)
-    for r in rows:  # no header; keys URL-encoded, as AWS writes CSV inventories
-        w.writerow([r["bucket"], quote(r["key"]), r["version_id"], str(r["is_latest"]).lower(),
+    for r in rows:  # no header; keys form-encoded as AWS writes CSV inventories ("Apple+10%2F0.jpg")
+        w.writerow([r["bucket"], quote_plus(r["key"]), r["version_id"], str(r["is_latest"]).lower(),
                     str(r["is_delete_marker"]).lower(), "" if r["size"] is None else r["size"],
                     r["last_modified_date"], r["e_tag"], "STANDARD", "false", "", "SSE-S3"])
     return gzip.compress(buf.getvalue().encode())
@@ -189,6 +189,9 @@ def test_s3_inventory_csv_report_on_s3_as_aws_writes_it(spark, s3_endpoint: str,
     rows = _inventory_rows(photos, "invcsv")
     assert any(" " in r["key"] for r in rows)  # every Fruits-360 class folder has a space
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    plus = rows[0]["key"].rsplit("/", 1)[0] + "/c++ 1.jpg"  # a literal "+" beside a space in one key
+    s3.put_object(Bucket="invcsv", Key=plus, Body=_photos(photos)[0].read_bytes() + b"\0")  # other content
+    rows.insert(0, {**rows[0], "key": plus})
     report = "inventory/invcsv/daily"  # in the source bucket itself: a destination may be any bucket
     half = len(rows) // 2
     keys = [f"{report}/data/{name}.csv.gz" for name in ("a1b2", "c3d4")]
@@ -196,7 +199,7 @@ def test_s3_inventory_csv_report_on_s3_as_aws_writes_it(spark, s3_endpoint: str,
         s3.put_object(Bucket="invcsv", Key=key, Body=_csv_gz(part))
     s3.put_object(Bucket="invcsv", Key=f"{report}/2026-11-06T21-32Z/manifest.json",
                   Body=_manifest("CSV", _CSV_SCHEMA, keys, "invcsv"))
-    n = len(_photos(photos))
+    n = len(_photos(photos)) + 1
     folder = f"s3://invcsv/{report}/2026-11-06T21-32Z"
     for i, listing in enumerate((f"{folder}/manifest.json", folder)):
         counts = fruitpipe.run(_config(listing, f"s3://invcsv/runs/{i}", s3_endpoint=s3_endpoint,
@@ -204,7 +207,9 @@ def test_s3_inventory_csv_report_on_s3_as_aws_writes_it(spark, s3_endpoint: str,
         assert counts["listed"] == n and counts["embedded"] == n and counts["accounted"]
     table = pq.read_table("invcsv/runs/0/embeddings", filesystem=_s3fs(s3_endpoint), columns=["uri", "label"])
     assert set(table.column("label").to_pylist()) == set(CLASSES)  # decoded: "Apple 10", not "Apple%2010"
-    assert all(u.startswith("s3://invcsv/fruits/") and "%" not in u for u in table.column("uri").to_pylist())
+    uris = table.column("uri").to_pylist()
+    assert all(u.startswith("s3://invcsv/fruits/") and "%" not in u for u in uris)
+    assert f"s3://invcsv/{plus}" in uris and not any("+" in u for u in uris if u != f"s3://invcsv/{plus}")
 
 
 def _s3fs(endpoint: str):

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -214,8 +214,8 @@ def to_manifest(batch: pa.RecordBatch, source: ListSource | None = None) -> pa.T
             uri = _absolute(uri, source.base)
     else:  # S3 Inventory: bucket and key (URL-encoded in CSV inventories: decoded here)
         key = t.column("key").cast(pa.string())
-        if source.url_encoded_keys:
-            key = pa.chunked_array([pa.array([None if k is None else unquote(k) for k in key.to_pylist()],
+        if source.url_encoded_keys:  # form-encoded as AWS writes them: a space is "+", a literal "+" is "%2B"
+            key = pa.chunked_array([pa.array([None if k is None else unquote_plus(k) for k in key.to_pylist()],
                                              pa.string())])
         uri = pc.binary_join_element_wise("s3://", t.column("bucket").cast(pa.string()), "/", key, "")
     parsed = pc.extract_regex(pc.fill_null(uri, ""), _LAYOUT)

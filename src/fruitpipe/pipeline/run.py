@@ -196,6 +196,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             model = ResolvedModel(spec_of(fingerprint), "", fingerprint["model_sha256"], "output")
             config = config.replace(input=fingerprint["input"], model=fingerprint["model"],
                                     input_list=bool(fingerprint.get("input_list")))
+        # Another output's basis is read and checked before the output is touched: a typo leaves _SUCCESS in place.
+        basis = pca_files.load_basis(config.pca_from, opts, model.sha256, model.spec.dim) \
+            if config.pca_from and "reduce" in stages else None
         with lease.hold(out, token, opts) as held:
             rundir.guard = held.check  # every commit-record write first checks the lease is still ours
             rundir.under_lease = held.publish  # ...in the same transaction as the write
@@ -237,7 +240,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             def digest() -> str:
                 return (accounting.result() if accounting else counts)["embedding_ids_digest"]
 
-            pca = reduce_stage(config, model, spark, rundir, token, timings, digest, resources) \
+            pca = reduce_stage(config, model, spark, rundir, token, timings, digest, resources, basis) \
                 if "reduce" in stages else (previous.get("pca") if rundir.reduce_entry() else None)
             if accounting is not None:
                 counts = {**accounting.result(), **counts}

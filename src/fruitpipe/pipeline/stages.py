@@ -185,16 +185,15 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
 
 
 def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: RunDir, token: str,
-                 timings: dict[str, float], digest: Callable[[], str], resources: dict[str, Any]) -> dict[str, Any]:
+                 timings: dict[str, float], digest: Callable[[], str], resources: dict[str, Any],
+                 basis: pca_files.Basis | None = None) -> dict[str, Any]:
     """Fit PCA on every committed embedding, commit pca/ and reduced/; skipped when the commit record says the
     committed PCA was fitted on exactly these embeddings with these settings. `digest()` gives the embeddings'
     ids_digest; it is asked for only when a PCA entry exists and at the commit, so the accounting that computes it
-    runs while the PCA is fitted (every change to the embeddings clears the entry)."""
+    runs while the PCA is fitted (every change to the embeddings clears the entry). `basis`: --pca-from's, read and
+    checked by the caller before the output was touched."""
     t0 = time.perf_counter()
     opts = rundir.opts
-    basis = None
-    if config.pca_from:
-        basis = pca_files.load_basis(config.pca_from, opts, model.sha256, model.spec.dim)
 
     def fingerprint() -> dict[str, Any]:
         if basis is not None:  # the basis decides k; no refit while these embeddings and that basis stay the same
