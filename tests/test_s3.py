@@ -136,3 +136,24 @@ def test_fanned_out_listing_equals_flat_listing(s3_endpoint: str, tmp_path: Path
     fanned = sorted(list_files("s3://listing-tree/data", opts, threads=16))
     assert fanned == flat and len(flat) == 8
     assert ("s3://listing-tree/data/Training/Apple/deep/b.jpg", len("Training/Apple/deep/b.jpg")) in fanned
+
+
+def test_a_key_with_an_empty_folder_name_is_a_reject_with_its_reason(s3_endpoint: str) -> None:
+    """`odd/Training//empty/4.jpg` (S3 keys may hold "//") has no class to read: a reject with its reason, not an
+    input labelled ''; its neighbours are listed as usual."""
+    import boto3
+
+    from fruitpipe.pipeline.listing import list_images
+    from fruitpipe.storage import StorageOptions
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    s3.create_bucket(Bucket="odd", CreateBucketConfiguration={"LocationConstraint": REGION})
+    for key in ("odd/Training//empty/4.jpg", "odd/Training/Kiwi/1.jpg", "odd//2.jpg"):
+        s3.put_object(Bucket="odd", Key=key, Body=b"x")
+    listing = list_images("s3://odd/odd", StorageOptions(s3_endpoint, REGION))
+    assert listing.manifest.column("uri").to_pylist() == ["s3://odd/odd/Training/Kiwi/1.jpg"]
+    assert "" not in listing.manifest.column("label").to_pylist()
+    rejected = listing.rejected.to_pylist()
+    assert [r["uri"] for r in rejected] == ["s3://odd/odd/Training//empty/4.jpg"]
+    assert rejected[0]["reason"] == "empty_folder" and "'//'" in rejected[0]["detail"]
+    assert listing.count == 2 and listing.ignored == ["s3://odd/odd//2.jpg"]  # a file at the root, as elsewhere

@@ -24,6 +24,7 @@ REASONS = {
     "unreadable": "the file or object could not be read (missing, permission denied)",
     "duplicate": "same bytes as another input, which was embedded instead",
     "bad_name": "the file name is not valid UTF-8 (stored with \\x escapes): rename the file",
+    "empty_folder": "the path has an empty folder name (an S3 key with '//'), so it has no class: rename it",
     "too_small": "the image is smaller than MIN_SIDE pixels on a side: nothing in it can be recognised",
     "not_finite": "the model gave NaN or infinite features for it (an fp16 or badly quantised export overflowing)",
 }

@@ -193,8 +193,8 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         raise ConfigError(f"{settings.photos} holds no photo in <label>/ folders: put each label's photos in a "
                           "folder named after it")
     proba, used, rejected, examples = _score(clf, uris, settings)
-    for reason in ("bad_name",) if listing.rejected.num_rows else ():
-        rejected[reason] = rejected.get(reason, 0) + listing.rejected.num_rows
+    for reason in listing.rejected.column("reason").to_pylist():  # what the listing itself rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
     result = {"name": settings.name or _default_name(settings.photos, settings.crop),
               "photos": settings.photos, "families": settings.families, "crop": settings.crop,
               "model_sha256": hashlib.sha256(data).hexdigest(),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from fruitpipe import schemas, storage
 from fruitpipe.errors import ConfigError
+from fruitpipe.images import REASONS
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -17,6 +19,9 @@ log = logging.getLogger(__name__)
 SPLITS = {"training": "Training", "test": "Test"}
 
 MANIFEST_SCHEMA = schemas.MANIFEST_SCHEMA
+#: The rejects' detail for what the listing itself rejects.
+_DETAILS = {"bad_name": "the file name is not valid UTF-8: rename it (shown with \\x escapes)",
+            "empty_folder": "the path has an empty folder name ('//'), so its class cannot be read: rename it"}
 
 
 @dataclass
@@ -27,7 +32,7 @@ class Listing:
     manifest: pa.Table
     ignored: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    #: Rejects decided by the listing itself (REJECTS_SCHEMA rows): files whose name is not UTF-8.
+    #: Rejects decided by the listing itself (REJECTS_SCHEMA rows): names that are not UTF-8 or have an empty folder.
     rejected: pa.Table = field(default_factory=schemas.REJECTS_SCHEMA.empty_table)
 
     @property
@@ -80,6 +85,7 @@ def list_images(uri: str, opts: StorageOptions, threads: int | None = None) -> L
     rows: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
     bad: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
     ignored: list[str] = []
+    reasons: list[str] = []
     entries, skipped = storage.walk_input(root, opts, threads)
     for entry in entries:
         rel = entry.uri[len(root) :].lstrip("/").split("/")
@@ -87,20 +93,22 @@ def list_images(uri: str, opts: StorageOptions, threads: int | None = None) -> L
         if parsed is None:
             ignored.append(entry.uri)
             continue
-        target = bad if entry.problem else rows
+        problem = entry.problem or ("empty_folder" if "" in rel[:-1] else None)  # "Training//x.jpg": no class
+        target = bad if problem else rows
         for key, value in zip(target, (entry.uri, parsed[0], parsed[1], entry.size, entry.mtime_ns)):
             target[key].append(value)
+        if problem:
+            reasons.append(problem)
     if ignored:
         log.info("ignored %d file(s) outside class folders, e.g. %s", len(ignored), ignored[0])
     if skipped:
         log.warning("not listed: %s", ", ".join(f"{n} {r}" for r, n in _by_reason(skipped).items()))
     manifest = pa.table(rows, schema=MANIFEST_SCHEMA).sort_by("uri")
     n_bad = len(bad["uri"])
-    if n_bad:
-        log.warning("%d file name(s) are not valid UTF-8 and are recorded as rejects (bad_name), e.g. %s", n_bad,
-                    bad["uri"][0])
-    rejected = pa.table({**bad, "id": [None] * n_bad, "reason": ["bad_name"] * n_bad,
-                         "detail": ["the file name is not valid UTF-8: rename it (shown with \\x escapes)"] * n_bad},
+    for reason, n in sorted(Counter(reasons).items()):
+        log.warning("%d file(s) are recorded as rejects (%s: %s), e.g. %s", n, reason, REASONS[reason],
+                    bad["uri"][reasons.index(reason)])
+    rejected = pa.table({**bad, "id": [None] * n_bad, "reason": reasons, "detail": [_DETAILS[r] for r in reasons]},
                         schema=schemas.REJECTS_SCHEMA)
     log.info("listed %d input(s) in %d class(es) under %s", manifest.num_rows + n_bad, len(set(rows["label"])), root)
     return Listing(manifest=manifest, ignored=sorted(ignored), skipped=skipped, rejected=rejected)
