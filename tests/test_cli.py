@@ -225,3 +225,21 @@ def test_sigterm_is_an_interruption_in_every_command() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert "fruitpipe sample: interrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "OUT", "--header-timeout", "nan"], ["serve", "OUT", "--body-timeout", "inf"],
+    ["serve", "OUT", "--decoders", "-1"], ["serve", "OUT", "--max-connections", "0"],
+    ["serve", "OUT", "--max-buffered-mb", "0"], ["serve", "OUT", "--max-pixels", "0"],
+    ["serve", "OUT", "--threads", "-1"], ["serve", "OUT", "--port", "70000"], ["serve", "OUT", "--queue", "-2"],
+    ["serve", "OUT", "--max-bytes", "0"], ["evaluate", "OUT", "PHOTOS", "--max-pixels", "-1"],
+    ["evaluate", "OUT", "PHOTOS", "--threads", "-1"], ["train", "OUT", "--augment", "-1"],
+    ["train", "OUT", "--finetune-epochs", "0"], ["train", "OUT", "--holdout", "nan"],
+])
+def test_an_out_of_range_number_is_one_line_before_anything_runs(argv: list[str], capsys) -> None:
+    """Every numeric option has its range checked where it is declared: one line naming the option, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and argv[-2] in err[0] and "Traceback" not in err[0], err

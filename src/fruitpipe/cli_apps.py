@@ -11,6 +11,7 @@ from fruitpipe.cli_args import (
     EPILOG,
     add_metrics,
     export_metrics,
+    in_range,
     key_values,
     positive_float,
     share,
@@ -55,7 +56,7 @@ def add_train(sub: Any) -> None:
                    help="JSON mapping the folders of the --also and --also-val outputs to Fruits-360 classes "
                         "(DIR/families.json of `fruitpipe sample DIR --real`); without it their folders must be "
                         "named as classes")
-    p.add_argument("--augment", type=int, default=0, metavar="N",
+    p.add_argument("--augment", type=in_range(0), default=0, metavar="N",
                    help="also fit on N phone-like variants of each Training photo (the fruit cut from its white "
                         "background, on varied scenes, light, blur and JPEG), embedded once and kept under "
                         "OUTPUT/augmented/; e.g. 4 (default 0: none; about 1 minute per 1,000 photos and variant "
@@ -67,9 +68,9 @@ def add_train(sub: Any) -> None:
                    help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 "
                         "Training photos per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the "
                         "published file is the fine-tuned one, scored on Test and --also-val like the linear one")
-    p.add_argument("--finetune-epochs", type=int, metavar="N",
+    p.add_argument("--finetune-epochs", type=in_range(1), metavar="N",
                    help=f"passes over the fine-tuning's photos (default {FinetuneSettings.epochs})")
-    p.add_argument("--finetune-blocks", type=int, metavar="B",
+    p.add_argument("--finetune-blocks", type=in_range(1), metavar="B",
                    help=f"how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (1 to 4, "
                         f"default {FinetuneSettings.blocks})")
     p.add_argument("--no-pca-table", action="store_true",
@@ -108,9 +109,9 @@ def add_evaluate(sub: Any) -> None:
     p.add_argument("--name", help="name of the evaluation file (default: PHOTOS' folder name, with the crop if "
                    "not the default)")
     _add_crop(p)
-    p.add_argument("--max-pixels", type=whole_number, default=64_000_000,
+    p.add_argument("--max-pixels", type=in_range(1), default=64_000_000,
                    help="largest decoded image (default 64000000; decompression-bomb guard)")
-    p.add_argument("--threads", type=whole_number, default=0, help="onnxruntime threads (default: its own)")
+    p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
@@ -156,25 +157,25 @@ def add_serve(sub: Any) -> None:
                        "(multipart field 'image') -> top-5, GET /health, GET /metrics (Prometheus).")
     p.add_argument("output", metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)")
-    p.add_argument("--port", type=whole_number, default=8000, help="port (default 8000)")
-    p.add_argument("--max-bytes", type=whole_number, default=15 * 1024 * 1024,
+    p.add_argument("--port", type=in_range(0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--max-bytes", type=in_range(1), default=15 * 1024 * 1024,
                    help="largest upload in bytes (default 15728640); larger ones get 413")
-    p.add_argument("--max-pixels", type=whole_number, default=64_000_000,
+    p.add_argument("--max-pixels", type=in_range(1), default=64_000_000,
                    help="largest decoded image (default 64000000; decompression-bomb guard)")
-    p.add_argument("--threads", type=whole_number, default=0, help="onnxruntime threads (default: its own)")
+    p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
     _add_crop(p)
-    p.add_argument("--decoders", type=whole_number, default=0,
+    p.add_argument("--decoders", type=in_range(0), default=0,
                    help="photos decoded and identified at once (default: one per core); bounds memory")
-    p.add_argument("--queue", type=whole_number, default=32,
+    p.add_argument("--queue", type=in_range(0), default=32,
                    help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
     p.add_argument("--body-timeout", type=positive_float, default=10.0,
                    help="seconds an upload may send nothing before it gets 408 (default 10)")
     p.add_argument("--header-timeout", type=positive_float, default=5.0,
                    help="seconds a request's headers may take to arrive before 408 and a closed connection "
                    "(default 5)")
-    p.add_argument("--max-connections", type=whole_number, default=256,
+    p.add_argument("--max-connections", type=in_range(1), default=256,
                    help="open connections and requests at once; beyond, 503 (default 256)")
-    p.add_argument("--max-buffered-mb", type=whole_number, default=256,
+    p.add_argument("--max-buffered-mb", type=in_range(1), default=256,
                    help="upload bytes held in memory by all requests together, MiB (default 256); beyond, 503")
     p.add_argument("--api-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")

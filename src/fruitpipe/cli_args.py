@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
@@ -34,11 +35,25 @@ def whole_number(text: str) -> int:
     return value
 
 
+def in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (no upper bound when None), else a one-line error."""
+    def check(text: str) -> int:
+        value = whole_number(text)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give a whole number {bound}")
+        return value
+    return check
+
+
 def share(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 0.95") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give one such as 0.95")
+    return value
 
 
 def positive_float(text: str) -> float:
