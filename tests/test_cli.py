@@ -233,11 +233,13 @@ def test_sigterm_is_an_interruption_in_every_command() -> None:
     ["serve", "OUT", "--max-buffered-mb", "0"], ["serve", "OUT", "--max-pixels", "0"],
     ["serve", "OUT", "--threads", "-1"], ["serve", "OUT", "--port", "70000"], ["serve", "OUT", "--queue", "-2"],
     ["serve", "OUT", "--max-bytes", "0"], ["evaluate", "OUT", "PHOTOS", "--max-pixels", "-1"],
-    ["evaluate", "OUT", "PHOTOS", "--threads", "-1"], ["train", "OUT", "--augment", "-1"],
-    ["train", "OUT", "--finetune-epochs", "0"], ["train", "OUT", "--holdout", "nan"],
+    ["evaluate", "OUT", "PHOTOS", "--threads", "-1"], ["train", "OUT", "--holdout", "nan"],
 ])
 def test_an_out_of_range_number_is_one_line_before_anything_runs(argv: list[str], capsys) -> None:
-    """Every numeric option has its range checked where it is declared: one line naming the option, exit 2."""
+    """Every numeric option has its range checked where it is declared: one line naming the option, exit 2.
+
+    (train --augment, --finetune-epochs and --finetune-blocks are checked by TrainSettings, tests in
+    test_augmented.py and test_finetune.py.)"""
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2

@@ -56,7 +56,7 @@ def add_train(sub: Any) -> None:
                    help="JSON mapping the folders of the --also and --also-val outputs to Fruits-360 classes "
                         "(DIR/families.json of `fruitpipe sample DIR --real`); without it their folders must be "
                         "named as classes")
-    p.add_argument("--augment", type=in_range(0), default=0, metavar="N",
+    p.add_argument("--augment", type=whole_number, default=0, metavar="N",
                    help="also fit on N phone-like variants of each Training photo (the fruit cut from its white "
                         "background, on varied scenes, light, blur and JPEG), embedded once and kept under "
                         "OUTPUT/augmented/; e.g. 4 (default 0: none; about 1 minute per 1,000 photos and variant "
@@ -68,9 +68,9 @@ def add_train(sub: Any) -> None:
                    help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 "
                         "Training photos per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the "
                         "published file is the fine-tuned one, scored on Test and --also-val like the linear one")
-    p.add_argument("--finetune-epochs", type=in_range(1), metavar="N",
+    p.add_argument("--finetune-epochs", type=whole_number, metavar="N",
                    help=f"passes over the fine-tuning's photos (default {FinetuneSettings.epochs})")
-    p.add_argument("--finetune-blocks", type=in_range(1), metavar="B",
+    p.add_argument("--finetune-blocks", type=whole_number, metavar="B",
                    help=f"how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (1 to 4, "
                         f"default {FinetuneSettings.blocks})")
     p.add_argument("--no-pca-table", action="store_true",
