@@ -75,17 +75,39 @@ def test_decoder_fuzz_every_mutation_is_an_image_or_a_reason() -> None:
     assert sum(outcomes.values()) == 360 and len(outcomes) >= 3, outcomes
 
 
-def test_dds_named_jpg_and_a_decoder_bug_are_rejects_in_a_run(spark, tmp_path: Path, monkeypatch) -> None:
+def test_formats_outside_the_allowlist_and_a_decoder_bug_are_rejects_in_a_run(spark, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """A DDS and an EPS named .jpg are not_an_image in `run` without their plug-ins reading a byte (Ghostscript
+    never runs); a plug-in of an allowed format that raises NotImplementedError on its header is one reject too."""
+    from PIL import EpsImagePlugin, PngImagePlugin
+
+    from test_serve_limits import EPS
+
     data = copy_classes(tmp_path / "in", sample_classes(1), per_split=3)
     folder = data / "Training" / sample_classes(1)[0]
     (folder / "texture.jpg").write_bytes(_dds())
-    with pytest.raises(images.Rejected) as info:
-        images.decode_rgb(_dds(), 10**8)
-    assert info.value.reason in ("not_an_image", "corrupt") and "NotImplementedError" in info.value.detail
+    (folder / "poster.jpg").write_bytes(EPS)
+    ran: list[bytes] = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(b"gs"))
+    for hostile in (_dds(), EPS):
+        with pytest.raises(images.Rejected) as info:
+            images.decode_rgb(hostile, 10**8)
+        assert info.value.reason == "not_an_image" and "JPEG, PNG" in info.value.detail
     result = fruitpipe.run(fruitpipe.Config(input=str(data), output=str(tmp_path / "out"), k=2, quiet=True))
     rej = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
-    assert [(Path(r["uri"]).name, r["reason"]) for r in rej] == [("texture.jpg", info.value.reason)]
-    assert result.counts["accounted"] and result.counts["embedded"] == 6
+    assert sorted((Path(r["uri"]).name, r["reason"]) for r in rej) == [("poster.jpg", "not_an_image"),
+                                                                       ("texture.jpg", "not_an_image")]
+    assert result.counts["accounted"] and result.counts["embedded"] == 6 and ran == []
+
+    def not_implemented(self) -> None:
+        raise NotImplementedError("an unsupported PNG variant")
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(png, "PNG")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", not_implemented)
+    with pytest.raises(images.Rejected) as info:
+        images.decode_rgb(png.getvalue(), 10**8)
+    assert info.value.reason == "not_an_image" and "NotImplementedError" in info.value.detail
 
 
 def test_any_exception_from_preprocessing_is_a_reject_not_a_failed_task(tmp_path: Path, monkeypatch) -> None:

@@ -369,3 +369,41 @@ def test_a_model_that_overflows_on_a_photo_gets_no_answer(trained, photo: bytes)
         assert (status, body["error"]) == (422, "not_finite")
     finally:
         srv.stop()
+
+
+#: 89 bytes of PostScript: Pillow's EPS plug-in would hand it to Ghostscript (through a temp file on disk).
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
+       b"0 0 moveto 64 64 lineto stroke\nshowpage\n")
+
+
+def _jpeg2000(side: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, "JPEG2000")
+    return buf.getvalue()
+
+
+def test_only_the_formats_phones_produce_are_decoded(server, photo: bytes, monkeypatch) -> None:
+    """An EPS or a JPEG 2000 upload is 415 not_an_image before any plug-in but the allowed ones reads a byte:
+    Ghostscript never runs, nothing is written to a temp file; the formats a phone makes are still answered."""
+    import tempfile
+
+    from PIL import EpsImagePlugin, Jpeg2KImagePlugin
+
+    touched: list[str] = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: touched.append("ghostscript"))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: touched.append("mkstemp"))
+    real_open = Jpeg2KImagePlugin.Jpeg2KImageFile._open
+    monkeypatch.setattr(Jpeg2KImagePlugin.Jpeg2KImageFile, "_open",
+                        lambda self: touched.append("jpeg2000") or real_open(self))
+    for data in (EPS, _jpeg2000()):
+        body, ctype = _multipart(data)
+        status, answer = server.request("POST", "/predict", body, {"Content-Type": ctype})
+        assert status == 415 and b"not_an_image" in answer, (status, answer[:200])
+    assert touched == []
+    rgb = Image.open(io.BytesIO(photo)).convert("RGB")
+    for fmt in ("PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        rgb.save(buf, fmt)
+        body, ctype = _multipart(buf.getvalue())
+        status, answer = server.request("POST", "/predict", body, {"Content-Type": ctype})
+        assert status == 200, (fmt, status, answer[:200])

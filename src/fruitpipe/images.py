@@ -17,7 +17,8 @@ logging.getLogger("PIL").setLevel(max(logging.getLogger("PIL").level, logging.IN
 #: Reasons recorded in rejects/; the detail column says more.
 REASONS = {
     "empty": "the file has zero bytes",
-    "not_an_image": "the content is not an image format Pillow can read (text, random bytes, ...)",
+    "not_an_image": "the content is not an image in an accepted format (JPEG, PNG, WebP, AVIF, GIF, BMP, TIFF): "
+                    "text, random bytes, PostScript, JPEG 2000, ...",
     "too_large": "the header claims more pixels than --max-pixels (decompression bomb guard)",
     "truncated": "the image data ends early",
     "corrupt": "the image data is damaged and cannot be decoded",
@@ -28,12 +29,28 @@ REASONS = {
     "too_small": "the image is smaller than MIN_SIDE pixels on a side: nothing in it can be recognised",
     "not_finite": "the model gave NaN or infinite features for it (an fp16 or badly quantised export overflowing)",
 }
+#: The formats `run`, `serve` and `evaluate` decode: what phones, cameras and scanners produce (JPEG includes
+#: MPO, the multi-picture JPEG of some cameras). Pillow is asked to identify only these, so no other plug-in ever
+#: parses a byte: an EPS upload once ran Ghostscript on attacker PostScript through a temp file on disk, and a 4 KB
+#: JPEG 2000 claiming 7999x7999 cost 1.2 GiB. HEIF/HEIC is absent because Pillow reads it only through the
+#: pillow-heif plug-in, which fruitpipe does not install; phones' browsers upload JPEG.
+FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
+
 #: The smallest side `run` and `serve` accept (a 1x1 image once got "Apple Red 1, probability 1.0"): below 32
 #: pixels the model sees a 7x blow-up of a few pixels. Unit-level decoding (decode_rgb's default) has no minimum.
 MIN_SIDE = 32
 
 #: Modes Pillow's reduce() takes; 16/32-bit ones are subsampled in _to_rgb instead, P and 1 after conversion.
 _REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK", "I", "F", "YCbCr")
+
+
+def _openable() -> tuple[str, ...]:
+    """FORMATS that this Pillow build registers (AVIF and WebP need their libraries in the wheel)."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+_OPENABLE = _openable()
 #: Background used when flattening transparency: Fruits-360 photos are shot on white.
 _BACKGROUND = (255, 255, 255)
 
@@ -93,9 +110,10 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_s
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=_OPENABLE)
             except UnidentifiedImageError:  # before OSError, of which it is a subclass
-                raise Rejected("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+                raise Rejected("not_an_image", f"not one of the accepted formats ({', '.join(_OPENABLE)}; "
+                               f"{len(data)} bytes)") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
                     EOFError):
                 raise  # classified below: too_large, truncated or corrupt
