@@ -170,6 +170,9 @@ def add_serve(sub: Any) -> None:
                    help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
     p.add_argument("--body-timeout", type=positive_float, default=10.0,
                    help="seconds an upload may send nothing before it gets 408 (default 10)")
+    p.add_argument("--upload-timeout", type=positive_float, default=120.0,
+                   help="seconds a whole upload may take, headers to last byte, before 408 (default 120: 15 MiB "
+                   "at 1 Mbit/s)")
     p.add_argument("--header-timeout", type=positive_float, default=5.0,
                    help="seconds a request's headers may take to arrive before 408 and a closed connection "
                    "(default 5)")
@@ -301,6 +304,7 @@ def _serve_main(args: argparse.Namespace) -> int:
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
                                    max_pixels=args.max_pixels, threads=args.threads, crop=args.crop,
                                    decoders=args.decoders, queue=args.queue, body_timeout=args.body_timeout,
+                                   upload_timeout=args.upload_timeout,
                                    max_buffered=args.max_buffered_mb * 1024 * 1024, api_docs=args.api_docs))
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}

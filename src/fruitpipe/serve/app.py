@@ -55,6 +55,10 @@ class ServeSettings:
     queue: int = 32
     #: Seconds an upload may go without sending a byte before it gets 408 and its memory is freed.
     body_timeout: float = 10.0
+    #: Seconds a whole upload may take, from its headers to its last byte; then 408 (a client dripping one byte
+    #: every 4 s was served forever). 120 s carries the largest upload (15 MiB) at 1 Mbit/s, a 4 MB phone photo at
+    #: 270 kbit/s.
+    upload_timeout: float = 120.0
     #: Upload bytes all requests together may hold in memory (their bodies as they arrive, until answered); beyond,
     #: 503 with Retry-After: 100 uploads stalled at 14 MiB each held 1.4 GB without it.
     max_buffered: int = 256 * 1024 * 1024
@@ -106,8 +110,17 @@ def create_app(settings: ServeSettings) -> Any:
     Gauge("fruitpipe_upload_bytes_buffered", "Upload bytes held in memory by requests not yet answered",
           registry=registry).set_function(lambda: buffered[0])
 
-    def refuse(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> Any:
+    refused = Counter("fruitpipe_connections_refused", "Connections refused by the connection layer, by reason "
+                      "(max_connections, header_too_large, pipelined)", ["reason"], registry=registry)
+    app.state.count_refused = lambda reason: refused.labels(reason).inc()
+
+    def refuse(status: int, reason: str, detail: str, headers: dict[str, str] | None = None,
+               close: bool = False) -> Any:
+        """A JSON refusal; `close` when the upload was not read to its end, so its rest is not read and discarded
+        (after an early 413 the server once read 3.6 GB of a body it had refused)."""
         rejects.labels(reason).inc()
+        if close:
+            headers = {**(headers or {}), "Connection": "close"}
         # The reason and status only: nothing of the upload (its name, bytes or metadata) reaches the logs.
         log.info("upload refused: %s (HTTP %d)", reason, status)
         return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
@@ -152,28 +165,37 @@ def create_app(settings: ServeSettings) -> Any:
         t0 = time.perf_counter()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_bytes + FRAMING:
-            return refuse(413, "too_big", f"upload of {int(length)} bytes; the limit is {settings.max_bytes}")
+            return refuse(413, "too_big", f"upload of {int(length)} bytes; the limit is {settings.max_bytes}",
+                          close=True)
         # The body is counted as it arrives, whatever the transfer encoding (chunked has no Content-Length), and
         # kept in memory: past the limit it is refused at once, and nothing is ever spooled to disk. Every
         # request's bytes count against one budget, so stalled uploads cannot hold more than it.
         chunks: list[bytes] = []
         received = 0
         stream = request.stream().__aiter__()
+        deadline = t0 + settings.upload_timeout
         while True:
+            left = deadline - time.perf_counter()
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout)
+                if left <= 0:
+                    raise TimeoutError
+                chunk = await asyncio.wait_for(stream.__anext__(), min(settings.body_timeout, left))
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                return refuse(408, "timeout", f"no byte of the upload arrived for {settings.body_timeout:g} s")
+                if time.perf_counter() >= deadline:
+                    return refuse(408, "timeout", f"the upload took over {settings.upload_timeout:g} s "
+                                  "(--upload-timeout)", close=True)
+                return refuse(408, "timeout", f"no byte of the upload arrived for {settings.body_timeout:g} s",
+                              close=True)
             except ClientDisconnect:  # the client went away mid-upload: its bytes are freed, nobody to answer
                 return refuse(400, "disconnected", "the client closed the connection during the upload")
             received += len(chunk)
             if received > settings.max_bytes + FRAMING:
-                return refuse(413, "too_big", f"upload over {settings.max_bytes} bytes")
+                return refuse(413, "too_big", f"upload over {settings.max_bytes} bytes", close=True)
             if buffered[0] + len(chunk) > settings.max_buffered:
                 return refuse(503, "busy", "the server holds as many uploads as it may: try again in a second",
-                              {"Retry-After": "1"})
+                              {"Retry-After": "1"}, close=True)
             buffered[0] += len(chunk)
             held[0] += len(chunk)
             chunks.append(chunk)

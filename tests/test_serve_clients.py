@@ -1,0 +1,191 @@
+"""`serve` against slow, pipelined and oversized clients (issue 37, items 1, 2, 4 and 6): a whole upload has a
+deadline, a stopping server closes the uploads still arriving, one connection queues a bounded number of pipelined
+requests, headers have a size limit (431), a refused upload closes its connection, and refused connections are
+counted in /metrics and summarised in the log, not one line each. Real uvicorn on 127.0.0.1, raw sockets."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from fruitpipe.serve import ServeSettings, create_app
+from fruitpipe.serve.server import MAX_HEADER_BYTES, MAX_PIPELINED
+from test_serve import _Server
+from test_serve_limits import _Bounded, _buffered, _closed_after, _multipart, _protocols, _status
+
+
+def _metric(srv, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, raw = srv.request("GET", "/metrics")
+    return sum(s.value for f in text_string_to_metric_families(raw.decode()) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _upload_head(port: int, length: int) -> socket.socket:
+    body, ctype = _multipart(b"\xff" * length)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+    return sock
+
+
+def test_a_dripping_upload_meets_the_whole_upload_deadline(trained) -> None:
+    """One byte every 0.2 s never trips the 1 s body timeout; the 2 s whole-upload deadline ends it with 408 and a
+    closed connection (before: served for as long as the client dripped)."""
+    srv = _Server(create_app(ServeSettings(output=str(trained["out"]), body_timeout=1.0, upload_timeout=2.0)))
+    try:
+        sock = _upload_head(srv.port, 100_000)
+        sock.setblocking(False)
+        started, answer = time.monotonic(), b""
+        while b"\r\n\r\n" not in answer:
+            assert time.monotonic() - started < 30, "the dripping upload was never cut off"
+            try:
+                got = sock.recv(65536)
+                if not got:
+                    break
+                answer += got
+            except BlockingIOError:
+                try:
+                    sock.send(b"\xff")
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        assert answer.startswith(b"HTTP/1.1 408") and b"upload-timeout" in answer, answer[:300]
+        assert b"connection: close" in answer.lower()
+        sock.close()
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("protocol", _protocols(), ids=lambda p: p.__name__)
+def test_a_stopping_server_closes_uploads_still_arriving(trained, protocol) -> None:
+    """SIGTERM's graceful shutdown (uvicorn's should_exit): an upload half sent gets 503 and the server stops at once,
+    not after --body-timeout (60 s here; a dripping client kept a stopped server alive for 59 s before)."""
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]), body_timeout=60.0, upload_timeout=600.0)),
+                   protocol, header_timeout=30.0)
+    sock = _upload_head(srv.port, 1_000_000)
+    try:
+        deadline = time.monotonic() + 60
+        while _buffered(srv) < 1000:  # observable: the server holds the upload's first bytes
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stopping = time.monotonic()
+        srv.server.should_exit = True
+        status, _ = _closed_after(sock)
+        srv.thread.join(timeout=30)
+        assert status == 503 and not srv.thread.is_alive()
+        assert time.monotonic() - stopping < 20, "the server waited for the upload's body timeout"
+    finally:
+        sock.close()
+        srv.stop()
+
+
+def test_pipelined_requests_are_bounded_per_connection(trained) -> None:
+    """1 MiB of pipelined GET /health on one connection (httptools parses a whole read at once): at most
+    MAX_PIPELINED requests queue behind the first; they are answered, then the connection closes (the client sends
+    the rest again); the server goes on (before: every request of the read queued, 96 MB per MiB)."""
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), _protocols()[1], header_timeout=30.0)
+    try:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            sock.sendall(request * (1024 * 1024 // len(request)))
+        except OSError:  # the server closed while we were still sending: what is asked of it
+            pass
+        sock.settimeout(60)
+        answers = b""
+        while True:
+            try:
+                got = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not got:
+                break
+            answers += got
+        sock.close()
+        ok = answers.count(b"HTTP/1.1 200")
+        assert ok == MAX_PIPELINED + 1 and answers.count(b"HTTP/1.1 ") == ok, (ok, answers[-300:])
+        assert srv.request("GET", "/health")[0] == 200
+        assert _metric(srv, "fruitpipe_connections_refused_total", reason="pipelined") == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("protocol", _protocols(), ids=lambda p: p.__name__)
+def test_headers_past_the_limit_get_431(trained, protocol) -> None:
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), protocol, header_timeout=30.0)
+    try:
+        filler = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 40) for i in range(MAX_HEADER_BYTES // 40))
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + filler * 4)  # 4x the limit, never ended
+        except OSError:
+            pass
+        status, _ = _closed_after(sock)
+        sock.close()
+        assert status == 431
+        # Headers just under the limit, sent in small pieces, are answered.
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + filler[: MAX_HEADER_BYTES - 1000].rpartition(b"\r\n")[0]
+        for i in range(0, len(head), 4096):
+            sock.sendall(head[i:i + 4096])
+        sock.sendall(b"\r\n\r\n")
+        assert _status(sock)[0] == 200
+        sock.close()
+        assert _metric(srv, "fruitpipe_connections_refused_total", reason="header_too_large") == 1
+    finally:
+        srv.stop()
+
+
+def test_an_early_413_closes_the_connection(trained) -> None:
+    """Content-Length over the limit: 413 with Connection: close, and the connection closes; the rest of the body is
+    not read and discarded (before: read for up to --header-timeout, then an unsolicited 408)."""
+    srv = _Server(create_app(ServeSettings(output=str(trained["out"]), max_bytes=1_000_000)))
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 500000000\r\n\r\n" + b"\xff" * 65536)
+        status, raw = _closed_after(sock)
+        sock.close()
+        assert status == 413 and b"connection: close" in raw.lower() and b"408" not in raw
+    finally:
+        srv.stop()
+
+
+def test_refused_connections_are_counted_and_summarised_not_logged_each(trained, caplog) -> None:
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), _protocols()[1], header_timeout=30.0,
+                   max_connections=2)
+    held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+    try:
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _status(s)[0] == 200
+        with caplog.at_level(logging.INFO, logger="fruitpipe.serve.server"):
+            for _ in range(30):
+                extra = socket.create_connection(("127.0.0.1", srv.port))
+                assert _closed_after(extra)[0] == 503
+                extra.close()
+        lines = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING, [r.getMessage() for r in lines]
+        assert "max_connections" in lines[0].getMessage()
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 60
+        while True:  # the held connections' closes are events the server sees; poll for them
+            try:
+                if srv.request("GET", "/metrics")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _metric(srv, "fruitpipe_connections_refused_total", reason="max_connections") >= 30
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
