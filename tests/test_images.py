@@ -240,3 +240,31 @@ def test_images_under_the_minimum_side_are_too_small() -> None:
         images.model_input(buf.getvalue(), 224, 10**8)
     assert err.value.reason == "too_small"
     assert images.decode_rgb(buf.getvalue(), 10**8).shape == (400, images.MIN_SIDE - 1, 3)  # no minimum there
+
+
+@pytest.mark.parametrize("mode, size, fmt", [
+    ("RGB", (1000, 300), "PNG"), ("RGB", (3000, 1000), "PNG"), ("RGB", (5001, 1100), "PNG"),
+    ("RGB", (1100, 5001), "PNG"), ("RGBA", (3001, 1000), "PNG"), ("I;16", (3000, 1003), "PNG"),
+    ("L", (4000, 999), "TIFF"), ("RGB", (3000, 1000), "JPEG"), ("P", (2999, 1201), "GIF"),
+])
+def test_the_central_square_cut_before_conversion_gives_the_same_pixels(mode: str, size: tuple, fmt: str) -> None:
+    """decode_rgb(center=True) cuts the central square right after decoding (a 1,999,999 x 32 PNG cost 1.1 GB
+    converted whole): the model sees exactly the pixels of the whole image's center view."""
+    rng = np.random.default_rng(sum(size))
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).convert("P")
+    else:
+        bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        arr = rng.integers(0, 255, (h, w, bands), dtype=np.uint8)
+        img = Image.fromarray(arr[..., 0] if bands == 1 else arr, mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    data = buf.getvalue()
+    whole = images.square_views(images.decode_rgb(data, 10**9, size_hint=224), 224, "center")[0]
+    cut = images.decode_rgb(data, 10**9, size_hint=224, center=True)
+    assert cut.shape[0] == cut.shape[1]
+    assert np.array_equal(images.square_views(cut, 224, "center")[0], whole)
+    assert np.array_equal(images.model_pixels(data, 224, 10**9), whole)

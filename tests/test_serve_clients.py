@@ -189,3 +189,65 @@ def test_refused_connections_are_counted_and_summarised_not_logged_each(trained,
         for s in held:
             s.close()
         srv.stop()
+
+
+def _png(mode: str, size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, (200, 30, 30, 255)[:len(mode)]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decodes_are_admitted_by_their_estimated_bytes(trained) -> None:
+    """Two decoders, a budget that holds one 2000 x 2000 RGBA decode but not two: the second waits for the first
+    (the reserved bytes never pass the budget) although a decoder is free; a small image still goes by; an image
+    estimated over the whole budget is 422 too_large at once (before: admitted by count, 4 x 64 Mpx RGBA at once
+    cost 1,110 MB with 2 decoders)."""
+    import threading
+
+    from fruitpipe import images
+
+    big = _png("RGBA", (2000, 2000))
+    cost = images.decode_cost(big, 64_000_000, 224)
+    assert 2000 * 2000 * 8 < cost < 2000 * 2000 * 10
+    app = create_app(ServeSettings(output=str(trained["out"]), decoders=2, queue=8, decode_budget=cost + cost // 2))
+    clf = app.state.classifier
+    real = clf.photo_probabilities
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def held(data: bytes, max_pixels: int):
+        if data == big:
+            entered.release()
+            assert release.wait(60)
+        return real(data, max_pixels)
+
+    clf.photo_probabilities = held
+    srv = _Server(app)
+    answers: list = []
+    try:
+        threads = [threading.Thread(target=lambda: answers.append(srv.predict(big))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert entered.acquire(timeout=60)  # one big decode runs
+        deadline = time.monotonic() + 60
+        while _metric(srv, "fruitpipe_uploads_admitted") < 2:  # observable: the second is in, waiting
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _metric(srv, "fruitpipe_decode_bytes_reserved") == cost  # the first one's bytes alone
+        assert not entered.acquire(blocking=False)  # a decoder is free, the budget is not
+        small = _png("RGB", (64, 64))
+        assert images.decode_cost(small, 64_000_000, 224) < cost // 2
+        assert srv.predict(small)[0] == 200  # fits beside the first
+        status, body = srv.predict(_png("RGBA", (4000, 4000)))  # estimated over the whole budget
+        assert (status, body["error"]) == (422, "too_large") and "MiB" in body["detail"]
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert [a[0] for a in answers] == [200, 200]
+        assert _metric(srv, "fruitpipe_decode_bytes_reserved") == 0
+    finally:
+        release.set()
+        srv.stop()

@@ -165,7 +165,11 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
     _add_crop(p)
     p.add_argument("--decoders", type=in_range(0), default=0,
-                   help="photos decoded and identified at once (default: one per core); bounds memory")
+                   help="photos decoded and identified at once (default: one per core)")
+    p.add_argument("--decode-mb", type=in_range(1), default=1100,
+                   help="memory all decodes at once may take, MiB, each admitted by its estimate from the image's "
+                   "header (default 1100: the costliest image under the default --max-pixels; a phone JPEG takes "
+                   "about 6); an image estimated over it gets 422")
     p.add_argument("--queue", type=in_range(0), default=32,
                    help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
     p.add_argument("--body-timeout", type=positive_float, default=10.0,
@@ -304,7 +308,7 @@ def _serve_main(args: argparse.Namespace) -> int:
     app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
                                    max_pixels=args.max_pixels, threads=args.threads, crop=args.crop,
                                    decoders=args.decoders, queue=args.queue, body_timeout=args.body_timeout,
-                                   upload_timeout=args.upload_timeout,
+                                   upload_timeout=args.upload_timeout, decode_budget=args.decode_mb * 1024 * 1024,
                                    max_buffered=args.max_buffered_mb * 1024 * 1024, api_docs=args.api_docs))
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}

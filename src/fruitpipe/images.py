@@ -97,12 +97,16 @@ def _to_rgb(img: Image.Image, step: int = 1) -> Image.Image:
     return img
 
 
-def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_side: int = 0) -> np.ndarray:
+def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_side: int = 0,
+               center: bool = False) -> np.ndarray:
     """Decode image bytes to a HxWx3 uint8 RGB array, EXIF orientation applied; raise Rejected otherwise.
 
     `size_hint` bounds memory for images far larger than the model input: JPEG decodes at 1/2..1/8 in the decoder
     (Pillow draft), other formats are reduced by an integer factor right after decoding, before any conversion;
-    neither goes below twice the hint. `min_side`: smaller images are rejected as too_small.
+    neither goes below twice the hint. `min_side`: smaller images are rejected as too_small. `center`: keep only
+    the central square of the shorter side (what the center crop feeds the model), cut right after decoding, so a
+    1,999,999 x 32 PNG is converted as 32 x 32 (it cost 1.1 GB converted whole); the pixels are those of
+    square_views(..., "center") of the whole image, to the bit.
     """
     if not data:
         raise Rejected("empty", "0 bytes")
@@ -126,9 +130,17 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_s
                 raise Rejected("too_small", f"{width}x{height}: under {min_side} pixels on a side")
             if size_hint and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
-            oriented: Image.Image = ImageOps.exif_transpose(img)  # loads the pixels; EXIF itself is never kept
-            oriented.load()
+            img.load()
+            # In place: without an orientation tag, exif_transpose would return a full-size copy. EXIF itself is
+            # never kept.
+            ImageOps.exif_transpose(img, in_place=True)
+            oriented: Image.Image = img
             step = max(1, min(oriented.size) // (2 * size_hint)) if size_hint else 1
+            if center and oriented.width != oriented.height:
+                oriented = _central_square(oriented, step)
+            if step > 1 and oriented.mode in ("P", "PA", "1"):  # no reduce() for palettes: their colours first
+                oriented = oriented.convert("RGBA" if "transparency" in oriented.info or oriented.mode == "PA"
+                                            else "RGB")
             if step > 1 and oriented.mode in _REDUCIBLE:
                 oriented = oriented.reduce(step)  # box-averaged, before the conversion copies
                 step = 1
@@ -147,6 +159,52 @@ def decode_rgb(data: bytes, max_pixels: int, size_hint: int | None = None, min_s
         raise Rejected(reason, msg[:300]) from None
     except Exception as exc:  # a decoder bug on hostile bytes (OverflowError, NotImplementedError, ...) is one reject
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}"[:300]) from None
+
+
+#: Peak bytes per pixel of one decode by decode_rgb(size_hint=..., center=True), by the image's mode: Pillow's own
+#: storage (4 bytes for RGB), the palette's or 16-bit's conversion, the premultiplied copy reduce() makes of images
+#: with alpha. Measured as peak RSS at 64 Mpx (7999 x 7999, and 1,999,999 x 32), rounded up, with a margin
+#: (_margin): bench/decode_memory.py, measured/estimate 0.91-0.98 for every accepted format and mode.
+PEAK_BYTES_PER_PIXEL = {"1": 5, "L": 1, "P": 5, "PA": 9, "LA": 8, "La": 8, "RGB": 4, "RGBA": 8, "RGBa": 8,
+                        "CMYK": 4, "YCbCr": 4, "I": 4, "F": 4, "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6}
+#: Formats whose library decodes into its own buffer before Pillow copies it: libwebp (977 MiB at 64 Mpx, RGB or
+#: RGBA), libavif (706 MiB RGBA).
+PEAK_BYTES_PER_PIXEL_OF_FORMAT = {"WEBP": 16, "AVIF": 12}
+
+
+def decode_cost(data: bytes, max_pixels: int, size_hint: int) -> int:
+    """Bytes that decoding `data` for the model (decode_rgb with `size_hint`, center crop) may take at its peak,
+    estimated from the header alone (Pillow reads no pixels): pixels x PEAK_BYTES_PER_PIXEL, a JPEG at the scale
+    its draft decodes. 0 for what decode_rgb refuses before decoding (not an image, over `max_pixels`)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_OPENABLE) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return 0
+            if img.format == "JPEG":
+                scale = next(s for s in (8, 4, 2, 1) if min(width // size_hint, height // size_hint) >= s)
+                return _margin(8 * -(-width // scale) * -(-height // scale))
+            per_pixel = PEAK_BYTES_PER_PIXEL_OF_FORMAT.get(img.format or "") or \
+                PEAK_BYTES_PER_PIXEL.get("PA" if img.mode == "P" and "transparency" in img.info else img.mode, 8)
+            return _margin(per_pixel * width * height)
+    except Exception:  # whatever decode_rgb will refuse at once
+        return 0
+
+
+def _margin(estimate: int) -> int:
+    """An estimate with 5 % and 4 MiB of headroom (the measured peaks came within 2 % of the table)."""
+    return estimate * 21 // 20 + (4 << 20)
+
+
+def _central_square(img: Image.Image, step: int) -> Image.Image:
+    """The region of `img` that becomes square_views' center view once reduced by `step`: the reduced image's
+    central square, in the original's pixels, its start a multiple of `step` so the blocks averaged are the same."""
+    w, h = img.size
+    side, long_side = min(w, h), max(w, h)
+    side_r, long_r = -(-side // step), -(-long_side // step)  # reduce() rounds up
+    start = (long_r - side_r) // 2 * step
+    end = min(long_side, start + side_r * step)
+    return img.crop((start, 0, end, h) if w > h else (0, start, w, end))
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -208,8 +266,9 @@ def square_views(rgb: np.ndarray, size: int, crop: str = DEFAULT_CROP) -> list[n
 def model_pixels(data: bytes, size: int, max_pixels: int, crop: str = DEFAULT_CROP) -> np.ndarray:
     """Image bytes -> uint8 size x size x 3 RGB, what a uint8-wrapped model takes (models/wrap.py); raises Rejected.
     The batch pipeline's path: the scaling runs inside the model's graph. One view: "three" embeds the centre."""
-    views = square_views(decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE), size,
-                         "center" if crop == "three" else crop)
+    crop = "center" if crop == "three" else crop
+    views = square_views(decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE, center=crop == "center"),
+                         size, crop)
     return views[0]
 
 
@@ -218,7 +277,7 @@ def model_views(data: bytes, size: int, max_pixels: int, mode: str = "tf", layou
     """Image bytes -> float32 model inputs of the views `crop` makes (views x size x size x 3, or views x 3 x size
     x size for nchw; one view but for "three"); raises Rejected. Serving's exported classifier and `evaluate`
     average the views' probabilities."""
-    rgb = decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE)
+    rgb = decode_rgb(data, max_pixels, size_hint=size, min_side=MIN_SIDE, center=crop == "center")
     x = preprocess(np.stack(square_views(rgb, size, crop)), mode)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
 

@@ -6,10 +6,12 @@ names as `rejects`, never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -47,9 +49,14 @@ class ServeSettings:
     threads: int = 0
     #: How a photo that is not square is fed (images.CROPS); `evaluate` measures each on labelled photos.
     crop: str = images.DEFAULT_CROP
-    #: Photos decoded and inferred at once (0: one per core): each decode may hold up to ~0.2 GB for a 64 Mpx
-    #: image, so this bounds the server's memory whatever the clients send.
+    #: Photos decoded and inferred at once (0: one per core): the CPU they may take.
     decoders: int = 0
+    #: Bytes all decodes at once may take, each admitted by its estimate from the header (images.decode_cost:
+    #: pixels x peak bytes per pixel of its mode, measured by bench/decode_memory.py); a decode waits until its
+    #: estimate fits. The default admits the costliest image under the default max_pixels (a 64 Mpx lossless WebP,
+    #: 977 MiB measured, 1,029 MiB estimated); a phone JPEG takes about 6 MiB. An image whose estimate is over it
+    #: is 422 too_large.
+    decode_budget: int = 1100 * 1024 * 1024
     #: Uploads that may wait for a decoder; beyond, 503 with Retry-After (20 concurrent phone photos all get
     #: answers with the default).
     queue: int = 32
@@ -64,6 +71,28 @@ class ServeSettings:
     max_buffered: int = 256 * 1024 * 1024
     #: Serve /docs, /redoc and /openapi.json (off: they load Swagger UI from a CDN and describe the API to anyone).
     api_docs: bool = False
+
+
+class _ByteBudget:
+    """An asyncio semaphore counted in bytes: hold(n) waits until n more fit under `total` (the event loop's
+    thread only). Every estimate the caller lets in is at most `total`, so each one gets its turn."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used + n <= self.total)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= n
+                self._freed.notify_all()
 
 
 def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
@@ -105,6 +134,11 @@ def create_app(settings: ServeSettings) -> Any:
                   version=__version__, **docs)
     decoders = settings.decoders or os.cpu_count() or 1
     slots = asyncio.Semaphore(decoders)
+    budget = _ByteBudget(settings.decode_budget)
+    Gauge("fruitpipe_uploads_admitted", "Uploads decoding or waiting for the decode budget or a decoder",
+          registry=registry).set_function(lambda: admitted[0])
+    Gauge("fruitpipe_decode_bytes_reserved", "Estimated peak bytes of the decodes running or admitted",
+          registry=registry).set_function(lambda: budget.used)
     admitted = [0]  # uploads decoding or waiting for a decoder (the event loop's thread only: no lock)
     buffered = [0]  # upload bytes held by requests not yet answered (the event loop's thread only)
     Gauge("fruitpipe_upload_bytes_buffered", "Upload bytes held in memory by requests not yet answered",
@@ -220,9 +254,15 @@ def create_app(settings: ServeSettings) -> Any:
         if admitted[0] >= decoders + settings.queue:
             return refuse(503, "busy", f"{admitted[0]} photos are being identified or waiting: try again in a "
                           "second", {"Retry-After": "1"})
+        cost = images.decode_cost(data, settings.max_pixels, classifier.input_size)  # the header only
+        if cost > settings.decode_budget:
+            return refuse(422, "too_large", f"decoding this image would take about {cost >> 20} MiB; this server "
+                          f"decodes {settings.decode_budget >> 20} MiB at most (--decode-mb)")
         admitted[0] += 1
         try:
-            async with slots:  # at most `decoders` decodes at once: their memory is the server's peak
+            # The decodes' memory is the server's peak: each waits until its estimate fits the budget, then for
+            # one of `decoders` threads.
+            async with budget.hold(cost), slots:
                 p = await run_in_threadpool(infer)
         except images.Rejected as rj:
             return refuse(STATUS_BY_REASON.get(rj.reason, 422), rj.reason, images.REASONS[rj.reason])
