@@ -187,46 +187,86 @@ def _copy_trained(trained: dict, dest: Path) -> Path:
     return dest
 
 
-def test_the_classifier_is_published_whole_and_serve_refuses_a_half_published_one(
-        trained, tmp_path: Path, monkeypatch, capsys) -> None:
-    """The record names each classifier file's sha256; a train that dies after moving the first file (the fault
-    injected on that event) leaves the record naming the old files, so serve and evaluate refuse the mixed set in
-    one line; the next train publishes a whole one again."""
+@pytest.mark.parametrize("dies", ["before_the_record", "after_the_record"])
+def test_the_classifier_is_published_whole_and_something_whole_is_always_served(
+        trained, tmp_path: Path, monkeypatch, capsys, dies: str) -> None:
+    """The record names each classifier file's sha256. A train killed while publishing (the fault injected on a
+    move: the second hidden one, before the record write; or the first rename over a published name, after it)
+    leaves a whole classifier that serve takes and that the record names: the old one, or the new one from its
+    hidden files. Before, the files were renamed over the old ones before the record named them: killed there, serve
+    refused everything (and a first train's unrecorded file was served). The next train publishes whole again."""
+    import hashlib
+
     from fruitpipe import storage
+    from fruitpipe.classify.published import read_classifier
     from fruitpipe.output import RunDir
 
     out = _copy_trained(trained, tmp_path / "out")
     rec = json.loads((out / "_commit.json").read_text())["classifier"]
     onnx = out / "classifier" / "fruit_classifier.onnx"
-    import hashlib
-
-    assert rec["files"]["fruit_classifier.onnx"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
+    old_sha = hashlib.sha256(onnx.read_bytes()).hexdigest()
+    assert rec["files"]["fruit_classifier.onnx"] == old_sha
     assert set(rec["files"]) == {"fruit_classifier.onnx", "confusion.png", "test_predictions.parquet",
                                  "metrics.json"}
     real_move = storage.move
     moved: list[str] = []
 
-    def dies_after_the_first(src: str, dst: str, opts) -> None:
-        if moved:
+    def dies_on_cue(src: str, dst: str, opts) -> None:
+        published_name = ".pending-" not in dst and "/classifier/" in dst
+        if (dies == "before_the_record" and len(moved) == 1) or (dies == "after_the_record" and published_name):
             raise KeyboardInterrupt  # the process is gone: nothing after this point runs
         moved.append(dst)
         real_move(src, dst, opts)
 
-    monkeypatch.setattr(storage, "move", dies_after_the_first)
+    monkeypatch.setattr(storage, "move", dies_on_cue)
     # a different classifier: on the PCA vectors (its exported graph differs from the published one)
     assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "--features", "reduced", "-q"]) == 130
     monkeypatch.setattr(storage, "move", real_move)
-    assert moved and moved[0].endswith("fruit_classifier.onnx")
-    assert RunDir(str(out), storage.StorageOptions()).classifier_sha256("fruit_classifier.onnx") == \
-        rec["files"]["fruit_classifier.onnx"] != hashlib.sha256(onnx.read_bytes()).hexdigest()
+    assert moved and ".pending-" in moved[0] and moved[0].endswith("fruit_classifier.onnx")
+    assert hashlib.sha256(onnx.read_bytes()).hexdigest() == old_sha  # never overwritten before the record
+    served = read_classifier(str(out), storage.StorageOptions())
+    named = RunDir(str(out), storage.StorageOptions()).classifier_sha256("fruit_classifier.onnx")
+    assert hashlib.sha256(served).hexdigest() == named
+    assert (named == old_sha) == (dies == "before_the_record")
     capsys.readouterr()
-    assert main(["serve", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not the classifier the commit record names" in err[0]
+    from fruitpipe.serve import ServeSettings, create_app
+
+    assert create_app(ServeSettings(output=str(out))).state.classifier is not None
     assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
     rec = json.loads((out / "_commit.json").read_text())["classifier"]
     assert rec["files"]["fruit_classifier.onnx"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
-    assert not [p for p in (out / "classifier").iterdir() if p.name.startswith("_staging-")]
+    assert "pending" not in rec
+    assert not [p for p in (out / "classifier").iterdir() if p.name.startswith(("_staging-", ".pending-"))]
+
+
+def test_a_first_train_killed_while_publishing_leaves_no_unrecorded_classifier(
+        trained, tmp_path: Path, monkeypatch, capsys) -> None:
+    """No classifier yet; train killed at its record write: nothing under the published names, serve refuses in one
+    line (before: the ONNX moved in first was served though no record named it)."""
+    import shutil
+
+    from fruitpipe.output import RunDir
+
+    out = _copy_trained(trained, tmp_path / "out")
+    shutil.rmtree(out / "classifier")
+    rec = json.loads((out / "_commit.json").read_text())
+    rec.pop("classifier")
+    (out / "_commit.json").write_text(json.dumps(rec))
+
+    def killed(self, rec: dict, token: str) -> None:
+        if "classifier" in rec:
+            raise KeyboardInterrupt
+        return real(self, rec, token)
+
+    real = RunDir._write_record
+    monkeypatch.setattr(RunDir, "_write_record", killed)
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 130
+    monkeypatch.setattr(RunDir, "_write_record", real)
+    assert not (out / "classifier" / "fruit_classifier.onnx").exists()
+    capsys.readouterr()
+    assert main(["serve", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
 
 
 def test_a_train_that_lost_its_lease_publishes_nothing(trained, tmp_path: Path, monkeypatch, capsys) -> None:

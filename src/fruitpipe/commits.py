@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from fruitpipe import storage
-from fruitpipe.layout import CLASSIFIER, DATASETS, REDUCE_DIRS, hidden
+from fruitpipe.layout import CLASSIFIER, DATASETS, RECORD, REDUCE_DIRS, hidden
 from fruitpipe.storage import StorageOptions
 
 
@@ -36,16 +36,38 @@ class Commits:
         raise NotImplementedError
 
     def commit_classifier(self, staged: dict[str, str], files: dict[str, str], token: str) -> None:
-        """Publish a classifier staged under classifier/: each staged file (name -> staged URI) moved to its name,
-        then the record names them with their sha256 (`files`: name -> sha256) in one write (the lease checked
-        first). Until that write the record still names the previous files: `serve` refuses an ONNX that is not
-        the one it names."""
+        """Publish a classifier staged under classifier/ as the parts are published: each staged file (name ->
+        staged URI) moved to a hidden name, the record names the new files with their sha256 (`files`: name ->
+        sha256) and the hidden ones as pending in one write (the lease checked first), then each is renamed over its
+        name and the record drops the pending list. Killed before the record write: the old files, untouched, are
+        still the classifier (a first train leaves none); after it: readers take the hidden files the record names
+        (classifier_uri), so there is never a moment with nothing servable or an unrecorded file served."""
         if self.guard is not None:
             self.guard()
-        for name, src in staged.items():
-            storage.move(src, self.join(CLASSIFIER, name), self.opts)
+        storage.move_all([(src, hidden(self.join(CLASSIFIER, f"{token}-{name}"))) for name, src in staged.items()],
+                         self.opts)
         self._record = None  # re-read: only this lease holder writes it, but the cache may predate the fit
+        entry = {"token": token, "files": files, "pending": sorted(staged)}
+        self._write_record({**self.record(), "classifier": entry}, token)
+        for name in sorted(staged):
+            storage.move(hidden(self.join(CLASSIFIER, f"{token}-{name}")), self.join(CLASSIFIER, name), self.opts)
         self._write_record({**self.record(), "classifier": {"token": token, "files": files}}, token)
+        for uri, _ in list(storage.list_files(self.join(CLASSIFIER), self.opts)):
+            if uri.rsplit("/", 1)[1].startswith(".pending-"):  # what an earlier train left hidden, named no more
+                storage.delete(uri, self.opts)
+
+    def classifier_uri(self, name: str) -> tuple[str, str | None]:
+        """Where the record's classifier file `name` is (its own name, or the hidden one of a publish interrupted
+        after its record write) and the sha256 the record names (None: no record of it, an older output)."""
+        uri = self.join(CLASSIFIER, name)
+        if not storage.exists(self.join(RECORD), self.opts):
+            return uri, None
+        entry = self.record().get("classifier") or {}
+        if name in (entry.get("pending") or []):
+            concealed = hidden(self.join(CLASSIFIER, f"{entry.get('token')}-{name}"))
+            if storage.exists(concealed, self.opts):
+                return concealed, (entry.get("files") or {}).get(name)
+        return uri, (entry.get("files") or {}).get(name)
 
     def commit_parts(self, staging: str, token: str, settings: dict[str, Any] | None = None) -> int:
         """Publish the part files staged under `staging`/<dataset>/: moved under unique names, then named in the

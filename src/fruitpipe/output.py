@@ -228,11 +228,7 @@ class RunDir(Commits):
 
     def classifier_sha256(self, name: str) -> str | None:
         """The sha256 the record names for a classifier file (None: no record of it, an older output)."""
-        uri = self.join(RECORD)
-        if not storage.exists(uri, self.opts):
-            return None
-        entry = _read_json(uri, self.opts, "the commit record").get("classifier") or {}
-        return (entry.get("files") or {}).get(name)
+        return self.classifier_uri(name)[1]
 
     def files(self, dataset: str) -> list[str]:
         """The committed part files of a dataset (URIs)."""

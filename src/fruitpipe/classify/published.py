@@ -35,8 +35,8 @@ def read_classifier(output: str, opts: StorageOptions) -> bytes:
     rundir = RunDir(output, opts)
     uri = rundir.join(CLASSIFIER_DIR, ONNX_NAME)
     try:
-        data = storage.read_bytes(uri, opts)
-        want = rundir.classifier_sha256(ONNX_NAME)
+        where, want = rundir.classifier_uri(ONNX_NAME)  # a publish interrupted after its record: the hidden file
+        data = storage.read_bytes(where, opts)
     except FileNotFoundError:
         raise TrainError(f"{uri} does not exist: run `fruitpipe train {output}` first") from None
     except OSError as exc:  # an endpoint that does not answer, refused credentials: pyarrow's message, one line
