@@ -26,6 +26,8 @@ FILES = {f"{REAL_DIR}/LICENSE": GROCERY / "LICENSE-GroceryStoreDataset.txt"}
 
 #: A fault answers one request instead of the file: (status, headers, body); status 200 with a body replaces it.
 Fault = tuple[int, dict[str, str], bytes]
+#: A fault header (not sent) that makes the mirror send the body one byte every that many seconds.
+DRIP = "X-Test-Drip-Seconds"
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Mirror:
     #: Called with each path before it is answered (a test may stop the run there).
     on_request: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Seconds between the bytes of every file answered (0: at once): a mirror that drips.
+    drip: float = 0.0
+    #: Set when the mirror stops: a dripping answer ends.
+    closed: threading.Event = field(default_factory=threading.Event)
 
     def fail(self, host_path: str, *faults: Fault) -> None:
         """Answer the next requests of `host_path` with `faults`, in order, then serve the file again."""
@@ -81,12 +87,25 @@ def serve_mirror() -> Iterator[Mirror]:
                 else:
                     fault = (200, {}, local.read_bytes())
             status, headers, body = fault
+            headers = dict(headers)
+            drip = float(headers.pop(DRIP, 0)) or (mirror.drip if status == 200 else 0.0)
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not drip:
+                self.wfile.write(body)
+                return
+            self.wfile.flush()
+            for i in range(len(body)):  # a mirror that sends one byte every `drip` seconds
+                if mirror.closed.wait(drip):
+                    return
+                try:
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up: what the test wants
+                    return
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -96,5 +115,6 @@ def serve_mirror() -> Iterator[Mirror]:
     try:
         yield mirror
     finally:
+        mirror.closed.set()
         server.shutdown()
         server.server_close()

@@ -163,3 +163,51 @@ def test_real_photos_are_fetched_pinned_and_resumed(tmp_path: Path, monkeypatch:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds real shop photos" in err[0] and "choose another DIR" in err[0]
     assert not (dest / "Training").exists()
+
+
+def test_a_dripping_mirror_is_given_up_by_the_rate_floor(tmp_path: Path) -> None:
+    """A mirror that sends one byte every 0.05 s never trips the per-read timeout; the attempt's deadline
+    (timeout + size / min_rate) ends it, nothing is kept (before: served for as long as it dripped)."""
+    import time
+
+    row = sample.pinned_real()[0]
+    pinned = download.PinnedFile(f"{REAL_DIR}/{row.path}", row.dest, row.sha256, row.size)
+    retry = download.Retry(attempts=1, timeout_s=1.0, min_rate=row.size / 1.0)  # 2 s for the whole file
+    with serve_mirror() as mirror:
+        mirror.drip = 0.05
+        started = time.monotonic()
+        with pytest.raises(download.DownloadError, match="slower than") as info:
+            download.fetch(pinned, tmp_path / pinned.dest, mirror.url, retry)
+        assert time.monotonic() - started < 30 and "\n" not in str(info.value)
+    assert not list(tmp_path.rglob("*.jpg")) and not list(tmp_path.rglob(".*.part"))
+
+
+def test_sample_stops_at_once_on_sigterm_while_a_mirror_drips(tmp_path: Path) -> None:
+    """SIGTERM (and Ctrl-C) while every read is stuck on a dripping mirror: the reads in flight are ended, the
+    command exits 130 with its one line, no partial file is left (before: it waited for the drips to finish)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with serve_mirror() as mirror:
+        mirror.drip = 1.0
+        env = {**os.environ, download.BASE_ENV: mirror.url}
+        proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "sample", str(tmp_path / "real"), "--real",
+                                 "-q"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not mirror.requests:  # a read in flight (the licence comes first)
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            stopping = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 130
+            assert time.monotonic() - stopping < 15
+            err = proc.stderr.read().strip().splitlines() if proc.stderr else []
+            assert err and "interrupted" in err[-1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not list((tmp_path / "real").rglob(".*.part"))

@@ -397,7 +397,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         if args.command == "train":
-            error_line("fruitpipe train: interrupted; OUTPUT/classifier/ may hold files of an earlier train")
+            error_line("fruitpipe train: interrupted; OUTPUT/classifier/ holds the classifier its commit record names "
+                       "(the one published before, or this one if its record was written)")
         if args.command == "sample":
             error_line("fruitpipe sample: interrupted; run the same command again to fetch the rest")
         return 130

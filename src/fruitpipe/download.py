@@ -9,6 +9,7 @@ import http.client
 import logging
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fruitpipe.errors import FruitpipeError
 
@@ -50,12 +52,56 @@ class PinnedFile:
 
 @dataclass(frozen=True)
 class Retry:
-    """How hard to try: attempts per file, the first back-off (doubled each time, with jitter) and its ceiling."""
+    """How hard to try: attempts per file, the first back-off (doubled each time, with jitter) and its ceiling,
+    the seconds one read may wait, and the slowest average rate an attempt may keep."""
 
     attempts: int = 5
     backoff_s: float = 0.5
     max_backoff_s: float = 60.0
     timeout_s: float = 30.0
+    #: Bytes per second: an attempt must end within timeout_s + size / min_rate (30 s + 7 min for the 14 MB weights
+    #: at 32 KiB/s), however its bytes arrive: a mirror dripping one byte every 2 s kept the read timeout from ever
+    #: firing, and the build at 0 % for as long as it dripped.
+    min_rate: float = 32 * 1024
+
+    def deadline_s(self, size: int) -> float:
+        """Seconds one attempt at a file of `size` bytes may take."""
+        return self.timeout_s + size / self.min_rate
+
+
+class _Live:
+    """The connections of a fetch_all, so that a stop (Ctrl-C, SIGTERM, a failed file) ends their reads at once
+    instead of when each next times out: a worker thread blocked in a read would otherwise hold the exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.responses: set[Any] = set()
+        self.stopped = threading.Event()
+
+    def add(self, resp: Any) -> None:
+        with self.lock:
+            if self.stopped.is_set():
+                raise _Stopped
+            self.responses.add(resp)
+
+    def discard(self, resp: Any) -> None:
+        with self.lock:
+            self.responses.discard(resp)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped.set()
+            for resp in self.responses:
+                sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+                try:
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+                except OSError:
+                    pass
+
+
+class _Stopped(Exception):
+    """The fetch was stopped (another file failed, or the command was interrupted)."""
 
 
 def base_url() -> str:
@@ -107,34 +153,51 @@ def _retry_after(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def _fetch_once(url: str, pinned: PinnedFile, dest: Path, timeout_s: float) -> None:
-    """One attempt: stream to a hidden temporary file beside `dest`, check size and sha256, rename."""
+def _fetch_once(url: str, pinned: PinnedFile, dest: Path, retry: Retry, live: _Live | None = None) -> None:
+    """One attempt: stream to a hidden temporary file beside `dest`, check size and sha256, rename; within
+    retry.deadline_s(size), checked after every read (each returns what has arrived, never waits for a full chunk)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     # A leading dot: a folder reader (fruitpipe's listing, pyarrow, Spark) never takes a partial file for an input.
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     h = hashlib.sha256()
     got = 0
+    deadline = time.monotonic() + retry.deadline_s(pinned.size)
+    resp: Any = None
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (pinned URL)
-                    length = resp.headers.get("Content-Length")
-                    if length is not None and length.isdigit() and int(length) != pinned.size:
-                        raise DownloadError(f"{url} is {int(length)} bytes, pinned {pinned.size}: refused, nothing "
-                                            "kept (a truncated or replaced file, or a wrong mirror)")
-                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                        got += len(chunk)
-                        if got > pinned.size:
-                            raise DownloadError(f"{url} is larger than the pinned {pinned.size} bytes: refused "
-                                                "(a wrong mirror? check FRUITPIPE_DOWNLOAD_BASE)")
-                        h.update(chunk)
-                        out.write(chunk)
+                resp = urllib.request.urlopen(url, timeout=retry.timeout_s)  # noqa: S310 (pinned URL)
+                if live is not None:
+                    live.add(resp)
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) != pinned.size:
+                    raise DownloadError(f"{url} is {int(length)} bytes, pinned {pinned.size}: refused, nothing "
+                                        "kept (a truncated or replaced file, or a wrong mirror)")
+                for chunk in iter(lambda: resp.read1(_CHUNK), b""):
+                    if live is not None and live.stopped.is_set():
+                        raise _Stopped
+                    got += len(chunk)
+                    if got > pinned.size:
+                        raise DownloadError(f"{url} is larger than the pinned {pinned.size} bytes: refused "
+                                            "(a wrong mirror? check FRUITPIPE_DOWNLOAD_BASE)")
+                    h.update(chunk)
+                    out.write(chunk)
+                    if time.monotonic() > deadline and got < pinned.size:
+                        raise _Transient(f"{got} of {pinned.size} bytes after {retry.deadline_s(pinned.size):.0f} "
+                                         f"s: slower than {retry.min_rate / 1024:.0f} KiB/s")
             except urllib.error.HTTPError as exc:
                 if exc.code in RETRY_STATUS:
                     raise _Transient(f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After"))) from None
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                if live is not None and live.stopped.is_set():
+                    raise _Stopped from None  # the stop ended its read
                 raise _Transient(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
+            finally:
+                if resp is not None:
+                    if live is not None:
+                        live.discard(resp)
+                    resp.close()
         if got < pinned.size:
             raise _Transient(f"connection closed after {got} of {pinned.size} bytes")
         if h.hexdigest() != pinned.sha256:
@@ -146,15 +209,20 @@ def _fetch_once(url: str, pinned: PinnedFile, dest: Path, timeout_s: float) -> N
             os.unlink(tmp)
 
 
-def fetch(pinned: PinnedFile, dest: Path, base: str, retry: Retry, stop: threading.Event | None = None) -> int:
-    """Fetch one pinned file into `dest` with retries and exponential back-off; returns the bytes fetched."""
+def fetch(pinned: PinnedFile, dest: Path, base: str, retry: Retry, stop: threading.Event | _Live | None = None) -> int:
+    """Fetch one pinned file into `dest` with retries and exponential back-off; returns the bytes fetched (0 when
+    stopped: `stop`, an event or the connections of a fetch_all whose stop also ends the reads in flight)."""
     url = url_of(pinned.host_path, base)
+    live = stop if isinstance(stop, _Live) else None
+    event = stop.stopped if isinstance(stop, _Live) else stop
     for attempt in range(1, retry.attempts + 1):
-        if stop is not None and stop.is_set():
+        if event is not None and event.is_set():
             return 0
         try:
-            _fetch_once(url, pinned, dest, retry.timeout_s)
+            _fetch_once(url, pinned, dest, retry, live)
             return pinned.size
+        except _Stopped:
+            return 0
         except _Transient as exc:
             if attempt == retry.attempts:
                 raise DownloadError(f"{url}: {exc} after {attempt} attempts; try again later (downloads resume "
@@ -166,8 +234,8 @@ def fetch(pinned: PinnedFile, dest: Path, base: str, retry: Retry, stop: threadi
             else:
                 delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             log.debug("%s: %s (attempt %d of %d), retrying in %.1f s", url, exc, attempt, retry.attempts, delay)
-            if stop is not None:
-                stop.wait(delay)
+            if event is not None:
+                event.wait(delay)
             else:
                 time.sleep(delay)
     return 0  # pragma: no cover (the loop returns or raises)
@@ -204,18 +272,18 @@ def fetch_all(files: Iterable[PinnedFile], folder: Path, *, workers: int = 8, re
         return FetchReport(kept, 0, 0)
     total = sum(p.size for p in todo)
     log.info("%s: %d file(s), %.1f MB from %s (%d already here)", desc, len(todo), total / 1e6, base, kept)
-    stop = threading.Event()
+    live = _Live()
     fetched = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or json_mode(), leave=False) as bar, \
             ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fruitpipe-download") as pool:
-        futures = [pool.submit(fetch, p, folder / p.dest, base, retry, stop) for p in todo]
+        futures = [pool.submit(fetch, p, folder / p.dest, base, retry, live) for p in todo]
         try:
             for future in as_completed(futures):
                 n = future.result()
                 fetched += 1
                 bar.update(n)
-        except BaseException:
-            stop.set()
+        except BaseException:  # a file that cannot be had, Ctrl-C, SIGTERM: the reads in flight end now
+            live.stop()
             for f in futures:
                 f.cancel()
             raise
