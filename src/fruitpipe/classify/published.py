@@ -48,24 +48,51 @@ def read_classifier(output: str, opts: StorageOptions) -> bytes:
     return data
 
 
+def recorded_ids(files: list[str], opts: StorageOptions) -> dict[str, str]:
+    """uri -> content id (sha256 of the bytes `run` embedded) of the output's embeddings."""
+    ids: dict[str, str] = {}
+    for part in files:
+        table = storage.read_parquet(part, opts, columns=["uri", "id"])
+        ids.update(zip(table.column("uri").to_pylist(), table.column("id").to_pylist()))
+    return ids
+
+
 def probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> None:
-    """Refuse in one line, before any fit, when the output's photos are gone (the export check needs some)."""
+    """Refuse in one line, before any fit, when the output's photos are gone or all changed since `run` (the export
+    check reads some and compares the classifier with Spark on them: changed bytes would give another answer)."""
+    from fruitpipe.images import content_id
+
     if not files:
         return
     try:
-        uris = storage.read_parquet(files[0], opts, columns=["uri"]).column("uri").to_pylist()[:probes]
+        table = storage.read_parquet(files[0], opts, columns=["uri", "id"]).slice(0, probes)
     except Exception:  # a damaged part: the fit's own read names it in one line
         return
-    if uris and not any(storage.exists(u, opts) for u in uris):
+    uris, ids = table.column("uri").to_pylist(), table.column("id").to_pylist()
+    if not uris:
+        return
+    if not any(storage.exists(u, opts) for u in uris):
         raise TrainError(f"the photos this output was made from are not where `run` found them (e.g. {uris[0]}): "
                          "train checks its exported file on some of them; put them back (or run again from where "
                          "they are now) and train again")
+    same = 0
+    for uri, want in zip(uris, ids):
+        try:
+            same += content_id(storage.read_object(uri, opts)) == want
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            continue
+    if not same:
+        raise TrainError(f"the photos this output was made from have changed since `run` embedded them (e.g. "
+                         f"{uris[0]}: other bytes): train checks its exported file on some of them; run `fruitpipe "
+                         "run` again on the photos as they are now (it embeds what changed), then train")
 
 
-def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions) -> dict[str, Any]:
+def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions,
+                 ids: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the exported file on up to EXPORT_CHECK_IMAGES test photos that can still be read (the output holds the
-    embeddings, not the photos): its top-1 must be Spark's on each. Photos moved since the run are skipped and
-    counted; with none left the file is not written (train refuses before fitting when it can tell)."""
+    embeddings, not the photos): its top-1 must be Spark's on each. Photos moved since the run, or changed (their
+    bytes no longer the content id `ids` records), are skipped and counted; with none left the file is not written
+    (train refuses before fitting when it can tell)."""
     from fruitpipe import images
 
     clf = export_mod.FruitClassifier(onnx_bytes)
@@ -73,20 +100,25 @@ def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: St
     order = np.concatenate([order[:: max(1, len(uris) // EXPORT_CHECK_IMAGES)], order])
     picked: list[int] = []
     inputs: list[np.ndarray] = []
-    missing = 0
+    missing = changed = 0
     for tried, i in enumerate(dict.fromkeys(int(j) for j in order)):  # spread over the test rows, then any
         if len(picked) == EXPORT_CHECK_IMAGES or tried == 8 * EXPORT_CHECK_IMAGES:
             break
         try:
-            inputs.append(clf.model_input(storage.read_object(uris[i], opts)))
+            data = storage.read_object(uris[i], opts)
+            if ids is not None and uris[i] in ids and images.content_id(data) != ids[uris[i]]:
+                changed += 1  # other bytes than `run` embedded: not a check of the export
+                continue
+            inputs.append(clf.model_input(data))
             picked.append(i)
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             missing += 1
         except images.Rejected:  # changed since it was embedded: not a check of the export
-            missing += 1
+            changed += 1
     if uris and not picked:
-        raise TrainError(f"none of the {len(uris)} test photos can be read any more (e.g. {uris[0]}): the exported "
-                         f"{ONNX_NAME} cannot be checked, not written; put the photos back where `run` found them")
+        raise TrainError(f"none of the {len(uris)} test photos can be read as `run` embedded them any more (e.g. "
+                         f"{uris[0]}; {missing} missing, {changed} changed): the exported {ONNX_NAME} cannot be "
+                         "checked, not written; put the photos back where `run` found them, or run again")
     idx = np.array(picked, dtype=int)
     got = clf.probabilities(np.stack(inputs)) if len(idx) else np.zeros((0, proba.shape[1]))
     same = int(np.sum(np.argmax(got, axis=1) == np.argmax(proba[idx], axis=1))) if len(idx) else 0
@@ -94,8 +126,8 @@ def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: St
     if same != len(idx):
         raise TrainError(f"the exported {ONNX_NAME} disagrees with Spark on {len(idx) - same} of {len(idx)} test "
                          "photos: not written (a bug; please report it)")
-    if missing:
-        log.warning("export check: %d test photo(s) could not be read any more (moved or changed since `run`); "
-                    "checked on %d", missing, len(idx))
+    if missing or changed:
+        log.warning("export check: %d test photo(s) missing and %d changed since `run`; checked on %d", missing,
+                    changed, len(idx))
     return {"images": len(idx), "same_top1": same, "max_abs_probability_diff": round(worst, 6),
-            "photos_unreadable": missing}
+            "photos_unreadable": missing, "photos_changed": changed}

@@ -20,7 +20,14 @@ from fruitpipe import jsonio, lease, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.classify import fit, metrics
 from fruitpipe.classify.fruits import species_name
-from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, TrainError, check_export, probe_photos
+from fruitpipe.classify.published import (
+    CLASSIFIER_DIR,
+    ONNX_NAME,
+    TrainError,
+    check_export,
+    probe_photos,
+    recorded_ids,
+)
 from fruitpipe.classify.settings import TrainSettings
 from fruitpipe.models.registry import ModelSpec
 from fruitpipe.output import SUCCESS, RunDir
@@ -285,7 +292,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     if got.backbone is not None:
         onnx_meta["finetuned"] = {k: got.extra["finetune"][k] for k in ("blocks", "epochs", "seed")}
     onnx_bytes = export_mod.export(got.backbone or backbone, spec.output_name, got.head, onnx_meta)
-    agreement = check_export(onnx_bytes, uris, proba, opts)
+    agreement = check_export(onnx_bytes, uris, proba, opts, recorded_ids(rundir.files("embeddings"), opts))
     pred = np.argmax(proba, axis=1)
     out = {
         **result,
