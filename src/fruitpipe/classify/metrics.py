@@ -10,13 +10,30 @@ import numpy as np
 from fruitpipe.classify.openset import species_of, species_proba
 
 
-def top_k(proba: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the k most probable."""
+def top_k(proba: np.ndarray, y: np.ndarray, k: int, answers: np.ndarray | None = None) -> float:
+    """Share of rows whose true class is among the k most probable (`answers`: answers[t, p] when predicting p is
+    right for true class t; default p == t)."""
     if len(y) == 0:
         return float("nan")
     k = min(k, proba.shape[1])
     best = np.argpartition(-proba, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(best == y[:, None], axis=1)))
+    if answers is None:
+        return float(np.mean(np.any(best == y[:, None], axis=1)))
+    return float(np.mean(np.any(answers[y[:, None], best], axis=1)))
+
+
+def answers_for(classes: list[str], maps_to: dict[str, list[str]] | None) -> np.ndarray | None:
+    """answers[t, p]: predicting class p is right for a photo of class t. A class learned from other photos (train
+    --also) answers for the Fruits-360 classes it stands for, as `evaluate` counts it. None without such classes."""
+    if not maps_to:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    got = np.eye(len(classes), dtype=bool)
+    for c, stands_for in maps_to.items():
+        for t in stands_for:
+            if c in index and t in index:
+                got[index[t], index[c]] = True
+    return got
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
@@ -26,10 +43,14 @@ def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def report(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def report(proba: np.ndarray, y: np.ndarray, classes: list[str],
+           maps_to: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """top-1, top-5, macro-F1 and per-class precision/recall/F1/support (classes with no test row are left out of
-    the macro average and say so)."""
+    the macro average and say so). A prediction of a `maps_to` class is right for the classes it stands for."""
+    answers = answers_for(classes, maps_to)
     pred = np.argmax(proba, axis=1)
+    if answers is not None and len(y):
+        pred = np.where(answers[y, pred], y, pred)  # counted as the true class it answers for
     m = confusion(y, pred, len(classes))
     tp = np.diag(m).astype(np.float64)
     support = m.sum(axis=1)
@@ -44,10 +65,10 @@ def report(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, An
     species_top1 = (float(np.mean(species_proba(proba, species, len(names)).argmax(axis=1) == species[y]))
                     if len(y) else float("nan"))
     return {
-        "top1": round(top_k(proba, y, 1), 5),
+        "top1": round(top_k(proba, y, 1, answers), 5),
         "species_top1": round(species_top1, 5),
         "species": len(names),
-        "top5": round(top_k(proba, y, 5), 5),
+        "top5": round(top_k(proba, y, 5, answers), 5),
         "macro_f1": round(float(f1[present].mean()), 5) if present.any() else float("nan"),
         "classes_without_test_rows": [c for c, p in zip(classes, present) if not p],
         "per_class": {c: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),

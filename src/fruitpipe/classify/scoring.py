@@ -14,7 +14,7 @@ from fruitpipe.classify import openset
 from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.classify.stats import FeatureMap, Holdout, holdout_order, training_rows
-from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files
+from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
@@ -62,6 +62,20 @@ def survey(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel 
             if lb not in last or holdout_order(top) > holdout_order(last[lb]):
                 last[lb] = top
     return Survey({(r[0], r[1]) for r in rows}, training, last)
+
+
+def content_ids(spark: Any, files: list[str], opts: StorageOptions, split: str | None = None) -> set[str]:
+    """The content ids of the parts' rows (of one split only, when given), read on the executors."""
+
+    def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
+        for _pos, uri in items:
+            for batch in part_batches(uri, opts, ["id", "split"]):
+                ids, sps = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                yield pa.RecordBatch.from_pydict({"id": [i for i, sp in zip(ids, sps)
+                                                         if split is None or sp == split]})
+
+    with output_errors():
+        return {r[0] for r in over_files(spark, files, file_tasks(spark, len(files)), read, "id string").collect()}
 
 
 def labels(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None

@@ -38,6 +38,9 @@ class Relabel:
     #: The other sources' photos' folds (content id -> fold), near-copies on one side (classify.groups); the main
     #: output's rows keep their folds by content id.
     grouping: GroupedFolds | None = None
+    #: Content ids of other sources' photos that are also photos of the main output's Test split: read without a
+    #: label, so left out of every fit (a Test photo learned from would score itself).
+    left_out: frozenset[str] = frozenset()
 
     def fold_of(self, ids: list[str], folds: int) -> np.ndarray:
         """Each row's cross-validation fold: its near-copy group's when grouped, else by content id."""
@@ -58,14 +61,20 @@ class Relabel:
         from fruitpipe.pipeline.frames import part_batches
 
         source = self.source_of(uri)
-        for batch in part_batches(uri, opts, columns):
+        screen = source is not None and bool(self.left_out) and "label" in columns
+        read = [*columns, "id"] if screen and "id" not in columns else columns
+        for batch in part_batches(uri, opts, read):
             if source is None:
                 yield batch
                 continue
-            arrays = list(batch.columns)
+            arrays = list(batch.columns)[:len(columns)]
             if "label" in columns:
                 i = columns.index("label")
-                arrays[i] = pa.array([source.classes.get(lb) for lb in arrays[i].to_pylist()], pa.string())
+                got = [source.classes.get(lb) for lb in arrays[i].to_pylist()]
+                if screen:
+                    ids = batch.column(read.index("id")).to_pylist()
+                    got = [None if cid in self.left_out else lb for lb, cid in zip(got, ids)]
+                arrays[i] = pa.array(got, pa.string())
             if "split" in columns:
                 arrays[columns.index("split")] = pa.array(["Training"] * batch.num_rows, pa.string())
             yield pa.RecordBatch.from_arrays(arrays, names=columns)
@@ -73,7 +82,8 @@ class Relabel:
     def key(self) -> str:
         """What the kept statistics depend on (a changed map or grouping recomputes them)."""
         return hashlib.sha256(json.dumps([[s.root, sorted(s.classes.items())] for s in self.sources]
-                                         + [self.grouping.key() if self.grouping else None]).encode()).hexdigest()
+                                         + [self.grouping.key() if self.grouping else None]
+                                         + ([sorted(self.left_out)] if self.left_out else [])).encode()).hexdigest()
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"output": s.root, "labels": dict(sorted(s.classes.items()))} for s in self.sources]

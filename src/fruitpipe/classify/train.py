@@ -4,6 +4,7 @@ predictions, the Spark model and the one ONNX file photo -> probabilities)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -117,8 +118,17 @@ def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list
 
     known = sorted({lb for lb, sp in scoring.labels(spark, files, settings.storage) if sp == "Training"})
     families = sources.read_families(settings.also_families, settings.storage) if settings.also_families else None
-    return sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
-                                for root, parts in others], families, known)
+    relabel = sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
+                                   for root, parts in others], families, known)
+    # Photos of the main output's Test split (same bytes) are left out of the fit: learned from, a Test photo
+    # would score itself (60 of 60 once did).
+    other_parts = [f for _, parts in others for f in parts]
+    shared = scoring.content_ids(spark, other_parts, settings.storage) & \
+        scoring.content_ids(spark, files, settings.storage, "Test")
+    if shared:
+        log.warning("%d photo(s) of %s are also in %s's Test split: left out of the fit, so that Test stays photos "
+                    "the fit never saw", len(shared), ", ".join(root for root, _ in others), settings.output)
+    return dataclasses.replace(relabel, left_out=frozenset(shared))
 
 
 def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str], components: np.ndarray | None,
@@ -148,11 +158,11 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
                       augmented=made.parts if made else None, augment_weight=settings.augment_weight,
                       held_out=held_out)
     timings.update(got.timings)
-    extra = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
+    extra: dict[str, Any] = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
     if made is not None:
         extra["augmentation"] = {**made.report, "rows_in_fit": got.statistics.get("augmented", {}).get("rows", 0)}
     if relabel is not None:
-        extra.update(sources=got.sources, maps_to=relabel.maps_to)
+        extra.update(sources=got.sources, maps_to=relabel.maps_to, also_in_test_left_out=len(relabel.left_out))
     if held_out is not None:
         extra["held_out"] = got.held_out
     fitted = _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
@@ -274,7 +284,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     caller's lease)."""
     opts = rundir.opts
     classes, uris, y, proba = got.classes, got.uris, got.y, got.proba
-    result = metrics.report(proba, y, classes)
+    result = metrics.report(proba, y, classes, got.extra.get("maps_to"))
     open_set = got.extra.setdefault("open_set", {"threshold": None, "why": "chosen by --classifier linear only"})
     onnx_meta = {"classes": classes, "species": [species_name(c) for c in classes],
                  "not_sure_below": open_set["threshold"], "embedding_model": report["model"]["name"],
