@@ -210,3 +210,38 @@ def test_train_counts_a_class_of_photos_right_for_the_classes_it_stands_for() ->
     r = metrics.report(proba, y, classes, maps_to)
     assert r["top1"] == pytest.approx(0.75) and r["per_class"]["Apple Red 1"]["recall"] == 1.0
     assert metrics.report(proba, y, classes)["top1"] == pytest.approx(0.5)  # without the map: as before
+
+
+@pytest.mark.parametrize("mapping, says", [
+    ({"apple": ["Apple red 1"], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "did you mean 'Apple Red 1'?"),
+    ({"apple": ["Apple Red 1"], "banana": ["Bananna 1"], "lime": ["Limes 1"]}, "'Bananna 1' (banana)"),
+    ({"apple": [], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "'apple' maps to no class"),
+    ({"apple": ["Apple Brayburn 1"], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "'Apple Braeburn 1'"),
+])
+def test_a_mapping_with_typos_is_one_line_naming_them(both: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       mapping: dict, says: str) -> None:
+    """--also-families naming classes that are typos (case, a letter), unknown fruits or nothing: one line naming
+    them and the closest classes the output has (before: accepted, and the folder became a species of its own,
+    splitting the app's answer). A Fruits-360 class the output lacks ("Banana 1" here) stays valid."""
+    bad = tmp_path / "families.json"
+    bad.write_text(json.dumps(mapping))
+    capsys.readouterr()
+    assert main(["train", str(both["out"]), "--also", str(both["real_out"]), "--also-families", str(bad),
+                 "--master", "local[2]", "--no-pca-table", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "families.json" in err[0], err
+
+
+def test_no_real_fruits360_class_is_taken_for_a_typo() -> None:
+    """The rule behind the check: each of the release's 160 classes, named by a mapping for an output that has
+    every other class, is accepted; the shipped mapping is valid on the shipped, pinned and full class lists."""
+    from fruitpipe.classify.sources import check_families
+    from conftest import SHARED
+
+    full = [ln.strip() for ln in (SHARED / "data" / "fruits360-classes.txt").read_text().splitlines() if ln.strip()]
+    for name in full:
+        check_families({"f": [name]}, [c for c in full if c != name], "f.json")
+    shipped = json.loads((Path(fruitpipe.__file__).parent / "data" / "grocery-store-families.json").read_text())
+    mini = sorted(p.name for p in (Path(fruitpipe.__file__).parent / "data" / "fruits360-mini" / "Training").iterdir())
+    for known in (mini, sorted(p.name for p in (SAMPLE / "Training").iterdir()), full):
+        check_families(shipped, known, "grocery-store-families.json")

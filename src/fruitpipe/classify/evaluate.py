@@ -20,7 +20,7 @@ from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
-from fruitpipe.classify.sources import read_families
+from fruitpipe.classify.sources import check_families, read_families
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images
@@ -52,6 +52,7 @@ def load_families(uri: str, classes: list[str], opts: StorageOptions) -> dict[st
     """The mapping file (family -> Fruits-360 classes), checked (sources.read_families). Classes the model was not
     trained on stay: a class learned from photos (train --also) may stand for them."""
     raw = read_families(uri, opts)
+    check_families(raw, classes, uri)
     unknown = sorted({c for v in raw.values() for c in v} - set(classes))
     if unknown:
         log.info("--families: %d class(es) are not classes of the classifier, e.g. %s", len(unknown), unknown[0])

@@ -138,6 +138,9 @@ SPECIES: dict[str, tuple[str, str, str, str]] = {
     "Watermelon": ("Watermelon", "Citrullus lanatus", "Cucurbitaceae", "A large, watery melon with sweet red flesh."),
     "Zucchini": ("Zucchini (courgette)", "Cucurbita pepo", "Cucurbitaceae", "A summer squash picked while immature."),
 }
+#: Fruits-360 folders (display names) whose fruit is not known for sure, so they have no entry in SPECIES: real
+#: classes all the same (a mapping file may name them).
+UNCERTAIN = frozenset({"Nut Forest"})
 #: Folder words that name a state, not a variety, spelled as the dataset spells them.
 _SPELLING = {"rippen": "ripe", "Rippen": "ripe"}
 

@@ -108,6 +108,50 @@ def read_families(uri: str, opts: StorageOptions) -> dict[str, list[str]]:
     return {str(k): list(v) for k, v in raw.items()}
 
 
+def check_families(families: dict[str, list[str]], known: list[str], uri: str) -> None:
+    """Refuse, in one line naming them and the closest classes the output has, a mapping's folders that map to no
+    class, and class names that are typos: one of the output's classes spelled otherwise (case, a letter), or a
+    name whose fruit fruitpipe's species table does not know. A Fruits-360 class the output lacks ("Banana 1" on an
+    output of apples) is not a typo: its folder becomes a species of its own, as the shipped mapping needs."""
+    import difflib
+
+    from fruitpipe.classify.fruits import SPECIES, UNCERTAIN, display_name
+
+    have = set(known)
+    lowered = {c.lower(): c for c in known}
+    bad: list[str] = []
+    for folder, names in families.items():
+        if not names:
+            bad.append(f"{folder!r} maps to no class")
+        for name in names:
+            if name in have:
+                continue
+            near = difflib.get_close_matches(name, known, n=2, cutoff=0.8)
+            shown = display_name(name)
+            typo = name.lower() in lowered or any(_misspelt(shown, display_name(n)) for n in near)
+            if typo or (species_key(name) not in SPECIES and shown not in UNCERTAIN):
+                hint = [lowered[name.lower()]] if name.lower() in lowered else near
+                bad.append(f"{name!r} ({folder})" + (f", did you mean {' or '.join(map(repr, hint))}?" if hint
+                                                     else ": not a class of this output nor a fruit fruitpipe knows"))
+    if bad:
+        raise ConfigError(f"{uri}: " + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+                          + ": fix the mapping (classes are named as the output's Training folders)")
+
+
+def _misspelt(name: str, known: str) -> bool:
+    """`name` is `known` with one word misspelt ("Apple Rde", "Bananna"), not another class: not another variant
+    number ("Apple Red 2" beside "Apple Red 1": the display names are equal), another word ("Cactus fruit green"
+    beside "Cactus fruit red"), a word more ("Cactus fruit" beside "Cactus fruit red") or another fruit ("Peach"
+    beside "Pear")."""
+    import difflib
+
+    a, b = name.split(), known.split()
+    differ = [(x, y) for x, y in zip(a, b) if x != y]
+    return (len(a) == len(b) and len(differ) == 1
+            and difflib.SequenceMatcher(None, *differ[0]).ratio() >= 0.6
+            and difflib.SequenceMatcher(None, name, known).ratio() >= 0.85)
+
+
 def class_name(label: str, families: dict[str, list[str]] | None, known: list[str]) -> tuple[str, list[str]]:
     """(the class an other source's label becomes, the Fruits-360 classes it stands for). A label that is a class
     of the main output: "<label> (photos)"; a family of the mapping file: named after its first class the main

@@ -117,7 +117,10 @@ def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list
     from fruitpipe.classify import scoring, sources
 
     known = sorted({lb for lb, sp in scoring.labels(spark, files, settings.storage) if sp == "Training"})
-    families = sources.read_families(settings.also_families, settings.storage) if settings.also_families else None
+    families = None
+    if settings.also_families:
+        families = sources.read_families(settings.also_families, settings.storage)
+        sources.check_families(families, known, settings.also_families)
     relabel = sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
                                    for root, parts in others], families, known)
     # Photos of the main output's Test split (same bytes) are left out of the fit: learned from, a Test photo
