@@ -321,3 +321,72 @@ def test_photos_changed_since_run_are_told_before_the_fit_and_skipped_by_the_exp
     assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 0
     check = json.loads((out / "classifier" / "metrics.json").read_text())["onnx"]["agreement_with_spark"]
     assert check["photos_changed"] == 4 and check["images"] == len(test_photos) - 4 == check["same_top1"]
+
+
+class _FullDisk:
+    """A local filesystem on which writes to paths `full(path)` says are on a full disk: 100 bytes land, then
+    ENOSPC (the fault injected on the event of that write)."""
+
+    def __init__(self, fs, full) -> None:
+        self.fs, self.full = fs, full
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path: str):
+        import errno
+
+        stream = self.fs.open_output_stream(path)
+        if not self.full(path):
+            return stream
+
+        class Filling:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> bool:
+                stream.close()
+                return False
+
+            def write(self, data: bytes) -> None:  # noqa: D401
+                stream.write(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        return Filling()
+
+
+def _full_disk(monkeypatch, full) -> None:
+    from fruitpipe import storage
+
+    real = storage.resolve
+    def resolve(uri: str, opts):
+        fs, path = real(uri, opts)
+        return (_FullDisk(fs, full) if full(path) else fs), path
+
+    monkeypatch.setattr(storage, "resolve", resolve)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(trained, tmp_path: Path, monkeypatch, capsys) -> None:
+    """ENOSPC while train stages its classifier, and while sample writes its notes: exit 2, one line saying to free
+    space, no .tmp- sibling or staging folder left, the published classifier untouched (before: a traceback, exit 1,
+    .tmp-* files left)."""
+    import hashlib
+
+    out = _copy_trained(trained, tmp_path / "out")
+    published = json.loads((out / "_commit.json").read_text())["classifier"]["files"]
+    before = {n: hashlib.sha256((out / "classifier" / n).read_bytes()).hexdigest() for n in published}
+    assert before == published
+    _full_disk(monkeypatch, lambda path: "/_staging-" in path and path.rsplit("/", 1)[1].startswith("metrics.json"))
+    capsys.readouterr()
+    assert main(["train", str(out), "--master", "local[2]", "--no-pca-table", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and "free space" in err[0] and "Traceback" not in err[0], err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(("_staging-", ".pending-"))]
+    after = {n: hashlib.sha256((out / "classifier" / n).read_bytes()).hexdigest() for n in published}
+    assert after == before == json.loads((out / "_commit.json").read_text())["classifier"]["files"]
+    monkeypatch.undo()
+    _full_disk(monkeypatch, lambda path: "MANIFEST.tsv" in path)
+    assert main(["sample", str(tmp_path / "mini"), "--mini"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and str(tmp_path / "mini") in err[0], err
+    assert not [p for p in (tmp_path / "mini").rglob("*") if ".tmp-" in p.name or p.name == "MANIFEST.tsv"]

@@ -19,7 +19,7 @@ from fruitpipe.cli_args import (
     storage_options,
     whole_number,
 )
-from fruitpipe.errors import FruitpipeError
+from fruitpipe.errors import FruitpipeError, disk_full
 from fruitpipe.monitor.logs import error_line, json_mode
 
 log = logging.getLogger("fruitpipe")
@@ -394,6 +394,14 @@ def main(args: argparse.Namespace) -> int:
         error_line(f"fruitpipe {args.command}: error: {exc}")
         if args.command not in ("sample", "evaluate"):
             export_metrics(args, args.command, started, None, getattr(args, "current", None) or args.output)
+        return 2
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        where = getattr(args, "output", None) or getattr(args, "dir", None) or getattr(args, "current", None)
+        error_line(f"fruitpipe {args.command}: error: no space left on the disk while writing ({exc.strerror or exc})"
+                   f"; nothing half-written was kept: free space{f' where {where} is' if where else ''} and run "
+                   "the same command again")
         return 2
     except KeyboardInterrupt:
         if args.command == "train":

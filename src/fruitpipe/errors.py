@@ -17,3 +17,12 @@ class ModelError(FruitpipeError):
 
 class OutputError(FruitpipeError):
     """The output location is unusable or belongs to another configuration."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An OSError that says the disk (or quota) is full: Python's errno, or pyarrow's message, which has none."""
+    import errno
+
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(exc)
+                                         or "Disk quota exceeded" in str(exc))

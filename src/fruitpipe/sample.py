@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,9 +112,16 @@ def _prepare(folder: Path, header: str = _HEADER) -> None:
 
 def _write_notes(folder: Path, rows: list[tuple[str, str, int]], source: str) -> None:
     attribution = (mini_folder() / ATTRIBUTION).read_text(encoding="utf-8")
-    (folder / ATTRIBUTION).write_text(attribution + f"\nThis folder: {source}.\n", encoding="utf-8")
+    _write(folder / ATTRIBUTION, attribution + f"\nThis folder: {source}.\n")
     lines = ["path\tsha256\tbytes"] + [f"{p}\t{s}\t{b}" for p, s, b in sorted(rows)]
-    (folder / MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write(folder / MANIFEST, "\n".join(lines) + "\n")
+
+
+def _write(path: Path, text: str | bytes) -> None:
+    """Write a file whole or not at all (a full disk leaves neither a cut file nor a temporary one)."""
+    from fruitpipe import storage
+
+    storage.write_bytes(str(path), text.encode("utf-8") if isinstance(text, str) else text, storage.StorageOptions())
 
 
 def fetch_sample(dest: str, classes: int | None = None, quiet: bool = False, workers: int = 16) -> SampleResult:
@@ -150,9 +156,7 @@ def copy_mini(dest: str) -> SampleResult:
         if hashlib.sha256(data).hexdigest() != sha:
             raise SampleError(f"the installed package's {path} is not the pinned photo: reinstall fruitpipe")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        _write(target, data)
         copied += 1
     _write_notes(folder, rows, "the 150-photo sample shipped with fruitpipe")
     return SampleResult(str(folder), len(rows), len(classes_of(rows)), copied, kept, sum(r[2] for r in rows))
@@ -224,9 +228,9 @@ def fetch_real(dest: str, quiet: bool = False, workers: int = 16) -> SampleResul
     files = [download.PinnedFile(f"{REAL_HOST_DIR}/{r.path}", r.dest, r.sha256, r.size) for r in rows]
     download.fetch_all([REAL_LICENSE], folder, desc="licence", quiet=True)  # first: never photos without it
     report = download.fetch_all(files, folder, workers=workers, desc="real shop photos", quiet=quiet)
-    (folder / ATTRIBUTION).write_text(_REAL_ATTRIBUTION, encoding="utf-8")
-    (folder / FAMILIES).write_text(json.dumps(real_families(), indent=1) + "\n", encoding="utf-8")
+    _write(folder / ATTRIBUTION, _REAL_ATTRIBUTION)
+    _write(folder / FAMILIES, json.dumps(real_families(), indent=1) + "\n")
     lines = [_REAL_HEADER] + [f"{r.dest}\t{r.sha256}\t{r.size}\t{r.path}" for r in sorted(rows, key=lambda r: r.dest)]
-    (folder / MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write(folder / MANIFEST, "\n".join(lines) + "\n")
     return SampleResult(str(folder), len(rows), len({r.family for r in rows}), report.fetched, report.kept,
                         report.bytes)

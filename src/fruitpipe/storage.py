@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -296,9 +297,14 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions) -> None:
         return
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = _tmp_sibling(path)
-    with fs.open_output_stream(tmp) as fh:
-        fh.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        fs.move(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no temporary sibling is left behind
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def write_parquet(table: pa.Table, uri: str, opts: StorageOptions) -> None:
