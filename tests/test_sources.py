@@ -6,6 +6,7 @@ arguments are one line."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -212,24 +213,34 @@ def test_train_counts_a_class_of_photos_right_for_the_classes_it_stands_for() ->
     assert metrics.report(proba, y, classes)["top1"] == pytest.approx(0.5)  # without the map: as before
 
 
-@pytest.mark.parametrize("mapping, says", [
-    ({"apple": ["Apple red 1"], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "did you mean 'Apple Red 1'?"),
-    ({"apple": ["Apple Red 1"], "banana": ["Bananna 1"], "lime": ["Limes 1"]}, "'Bananna 1' (banana)"),
-    ({"apple": [], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "'apple' maps to no class"),
-    ({"apple": ["Apple Brayburn 1"], "banana": ["Banana 1"], "lime": ["Limes 1"]}, "'Apple Braeburn 1'"),
-])
-def test_a_mapping_with_typos_is_one_line_naming_them(both: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       mapping: dict, says: str) -> None:
-    """--also-families naming classes that are typos (case, a letter), unknown fruits or nothing: one line naming
-    them and the closest classes the output has (before: accepted, and the folder became a species of its own,
-    splitting the app's answer). A Fruits-360 class the output lacks ("Banana 1" here) stays valid."""
+def test_a_mapping_with_typos_is_one_line_naming_them(both: dict, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--also-families naming a class that is a typo: one line naming it and the closest class the output has
+    (before: accepted, and the folder became a species of its own, splitting the app's answer)."""
     bad = tmp_path / "families.json"
-    bad.write_text(json.dumps(mapping))
+    bad.write_text(json.dumps({"apple": ["Apple red 1"], "banana": ["Banana 1"], "lime": ["Limes 1"]}))
     capsys.readouterr()
     assert main(["train", str(both["out"]), "--also", str(both["real_out"]), "--also-families", str(bad),
                  "--master", "local[2]", "--no-pca-table", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and says in err[0] and "families.json" in err[0], err
+    assert len(err) == 1 and "did you mean 'Apple Red 1'?" in err[0] and "families.json" in err[0], err
+
+
+@pytest.mark.parametrize("mapping, says", [
+    ({"apple": ["Apple Red 1"], "banana": ["Bananna 1"]}, "'Bananna 1' (banana): not a class of this output"),
+    ({"apple": [], "banana": ["Banana 1"]}, "'apple' maps to no class"),
+    ({"apple": ["Apple Brayburn 1"], "banana": ["Banana 1"]}, "did you mean 'Apple Braeburn 1'?"),
+    ({"apple": ["Apple hit 1"], "banana": ["Banana 1"]}, ""),  # a real class the output lacks: valid
+])
+def test_the_mapping_check_names_each_typo(mapping: dict, says: str) -> None:
+    from fruitpipe.classify.sources import check_families
+    from fruitpipe.errors import ConfigError
+
+    if not says:
+        check_families(mapping, TRAINED_CLASSES, "families.json")
+        return
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_families(mapping, TRAINED_CLASSES, "families.json")
 
 
 def test_no_real_fruits360_class_is_taken_for_a_typo() -> None:
