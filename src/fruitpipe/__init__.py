@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 from fruitpipe.config import Config, load_config  # noqa: E402
 from fruitpipe.errors import ConfigError, FruitpipeError, ModelError, OutputError  # noqa: E402
 from fruitpipe.pipeline.run import RunResult  # noqa: E402
 from fruitpipe.pipeline.run import run as _run  # noqa: E402
+from fruitpipe.version import __version__  # noqa: E402
 
 
 def run(config: Config, spark: Any = None) -> RunResult:

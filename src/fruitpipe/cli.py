@@ -12,7 +12,7 @@ from typing import Any
 from fruitpipe import cli_apps, cli_args, cli_emr
 from fruitpipe.cli_args import EPILOG, Parser, add_log_format, key_values
 from fruitpipe.errors import ConfigError, FruitpipeError
-from fruitpipe.monitor.logs import error_line, setup_logging
+from fruitpipe.logs import error_line, setup_logging
 from fruitpipe.run_args import add_common, add_embed, add_reduce
 
 log = logging.getLogger("fruitpipe")
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `fruitpipe` parser with its commands; --help of each is the reference documentation."""
     parser = Parser(prog="fruitpipe", description="Images -> ONNX embeddings -> PCA -> Parquet, on Spark.",
                      epilog=EPILOG)
-    from fruitpipe import __version__
+    from fruitpipe.version import __version__
 
     parser.add_argument("--version", action="version", version=f"fruitpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

@@ -20,7 +20,7 @@ from fruitpipe.cli_args import (
     whole_number,
 )
 from fruitpipe.errors import FruitpipeError, disk_full
-from fruitpipe.monitor.logs import error_line, json_mode
+from fruitpipe.logs import error_line, json_mode
 
 log = logging.getLogger("fruitpipe")
 

@@ -93,7 +93,7 @@ def add_metrics(p: argparse.ArgumentParser) -> None:
 
 def add_log_format(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """--log-format on every command and sub-command of `parser` (one place, so none is forgotten)."""
-    from fruitpipe.monitor.logs import FORMATS
+    from fruitpipe.logs import FORMATS
 
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     # Before or after the command: the top level holds the default, a command's flag only overrides it.

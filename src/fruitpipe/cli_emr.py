@@ -9,7 +9,7 @@ from typing import Any
 
 from fruitpipe.cli_args import Parser, key_values, positive_float, whole_number
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.monitor.logs import error_line
+from fruitpipe.logs import error_line
 
 EMR_EPILOG = (
     "Credentials come from the standard AWS chain (environment, profile, instance role); AWS_ENDPOINT_URL points "

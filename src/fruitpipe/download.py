@@ -256,7 +256,7 @@ def fetch_all(files: Iterable[PinnedFile], folder: Path, *, workers: int = 8, re
     `workers` at a time; the first file that cannot be had stops the rest and raises DownloadError."""
     from tqdm import tqdm
 
-    from fruitpipe.monitor.logs import json_mode
+    from fruitpipe.logs import json_mode
 
     retry = retry or Retry()
     base = base_url()

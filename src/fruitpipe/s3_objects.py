@@ -4,10 +4,9 @@ object in one GET with its ETag (no HEAD first), and conditional PUTs (If-Match,
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fruitpipe.storage import StorageOptions
+from fruitpipe.storage_options import StorageOptions
 
 _CLIENTS: dict[tuple[str | None, str], Any] = {}
 _LOCK = threading.Lock()

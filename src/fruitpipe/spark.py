@@ -23,7 +23,7 @@ ArrowFn = Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]
 def _log4j_options() -> str:
     """JVM options for the packaged log4j2 config that keeps Spark's own logs at WARN from the first line; with
     --log-format json, merged with the one whose lines are JSON objects carrying this run's id."""
-    from fruitpipe.monitor.logs import current_run_id, json_mode
+    from fruitpipe.logs import current_run_id, json_mode
 
     files = ["log4j2.properties", "log4j2-json.properties"] if json_mode() else ["log4j2.properties"]
     paths = ",".join(f"file:{resources.files('fruitpipe').joinpath(f)}" for f in files)
@@ -254,7 +254,7 @@ class JobProgress:
     def _loop(self) -> None:
         from tqdm import tqdm
 
-        from fruitpipe.monitor.logs import json_mode
+        from fruitpipe.logs import json_mode
 
         # No bar in json mode: a log collector reads stderr line by line, and a bar is not a JSON line.
         with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet or json_mode(),

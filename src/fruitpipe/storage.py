@@ -15,15 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fruitpipe import s3_objects
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """How to reach object stores; small and picklable so Spark tasks rebuild the same filesystem."""
-
-    s3_endpoint: str | None = None
-    region: str = "eu-west-3"
-
+from fruitpipe.storage_options import StorageOptions as StorageOptions  # the name every caller imports from here
 
 _FS_CACHE: dict[tuple[str, str | None, str], pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def _version() -> str:
-    from fruitpipe import __version__
+    from fruitpipe.version import __version__
 
     return __version__
 

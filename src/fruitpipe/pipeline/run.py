@@ -14,17 +14,16 @@ from typing import Any
 
 import pyarrow as pa
 
-import fruitpipe
 from fruitpipe import images, lease, storage
 from fruitpipe.config import Config
 from fruitpipe.errors import ConfigError, OutputError
+from fruitpipe.logs import new_run_id, run_scope
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.models.custom import resolve_custom, spec_of, spec_record
 from fruitpipe.models.fetch import ResolvedModel
 from fruitpipe.models.quantize import Int8Model, prepare_int8_model
 from fruitpipe.models.registry import CUSTOM
 from fruitpipe.models.runner import check_model
-from fruitpipe.monitor.logs import new_run_id, run_scope
 from fruitpipe.monitor.resources import driver_peak_rss
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline import manifest, pca_files
@@ -34,6 +33,7 @@ from fruitpipe.pipeline.listing import Listing, check_input, list_images
 from fruitpipe.pipeline.stages import ACCOUNTING_GROUP, LazySpark, embed_stage, reduce_stage
 from fruitpipe.report import write_report
 from fruitpipe.storage import StorageOptions
+from fruitpipe.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _versions(spark: Any) -> dict[str, str]:
     import pyspark
 
     versions = {
-        "fruitpipe": fruitpipe.__version__,
+        "fruitpipe": __version__,
         "python": platform.python_version(),
         "pyspark": pyspark.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -247,7 +247,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             timings["spark_start"] = spark.start_seconds
             timings["total"] = time.perf_counter() - t_total
             report: dict[str, Any] = {
-                "fruitpipe_version": fruitpipe.__version__,
+                "fruitpipe_version": __version__,
                 "run_id": token,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "stages": list(stages),

@@ -169,7 +169,7 @@ def _real_photos(metrics: dict[str, Any]) -> list[str]:
 
 def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
-    from fruitpipe.pipeline.pca_files import scree_png
+    from fruitpipe.plots import scree_png
 
     run = rundir.previous_report()
     counts = run.get("counts", {})

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
 
-from fruitpipe import __version__, images, storage
+from fruitpipe import images, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe, species_name
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.storage import StorageOptions
+from fruitpipe.version import __version__
 
 log = logging.getLogger(__name__)
 
