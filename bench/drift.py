@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from fruitpipe import images
 from fruitpipe.classify.export import Head
 from fruitpipe.models import get_spec, resolve_model
-from fruitpipe.monitor.drift_stats import DriftSettings, detect
+from fruitpipe.drift.stats import DriftSettings, detect
 from fruitpipe.storage import StorageOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import fruitpipe
 from conftest import SAMPLE, copy_classes, sample_classes
 from fruitpipe.cli import main
-from fruitpipe.monitor.drift import DRIFT_EXIT_CODE
-from fruitpipe.monitor.drift_stats import DriftSettings, detect
+from fruitpipe.drift.compare import DRIFT_EXIT_CODE
+from fruitpipe.drift.stats import DriftSettings, detect
 
 CLASSES = sample_classes(10)[5:]  # not the `trained` fixture's: this module trains its own reference
 OTHERS = sample_classes(10)[:5]
@@ -104,7 +104,7 @@ def test_a_report_dir_elsewhere_and_errors_in_one_line(outputs, tmp_path: Path, 
 
 def test_an_unwritable_report_dir_is_one_line_before_the_comparison(outputs, tmp_path: Path, capsys,
                                                                     monkeypatch) -> None:
-    from fruitpipe.monitor import drift
+    from fruitpipe.drift import compare as drift
 
     (tmp_path / "a-file").write_text("not a folder")  # root may write anywhere: a file in the way stops anyone
 
@@ -201,7 +201,7 @@ def test_the_drift_sample_is_the_smallest_ids_read_a_part_at_a_time(outputs) -> 
     import numpy as np
     import pyarrow.parquet as pq
 
-    from fruitpipe.monitor.drift import sample_rows
+    from fruitpipe.drift.compare import sample_rows
     from fruitpipe.output import RunDir
     from fruitpipe.storage import StorageOptions
 

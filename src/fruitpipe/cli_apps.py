@@ -260,8 +260,8 @@ _DRIFT_FLAGS = (
 
 
 def add_drift(sub: Any) -> None:
-    from fruitpipe.monitor.drift import DRIFT_EXIT_CODE
-    from fruitpipe.monitor.drift_stats import DriftSettings
+    from fruitpipe.drift.compare import DRIFT_EXIT_CODE
+    from fruitpipe.drift.stats import DriftSettings
 
     d = DriftSettings()
     p = sub.add_parser("drift", help="compare two outputs: has the incoming data (or the model's answers) drifted?",
@@ -284,8 +284,8 @@ def add_drift(sub: Any) -> None:
 
 
 def _drift_main(args: argparse.Namespace, started: float) -> int:
-    from fruitpipe.monitor.drift import DRIFT_EXIT_CODE, run_drift, summary
-    from fruitpipe.monitor.drift_stats import DriftSettings
+    from fruitpipe.drift.compare import DRIFT_EXIT_CODE, run_drift, summary
+    from fruitpipe.drift.stats import DriftSettings
 
     settings = DriftSettings(**{name: getattr(args, name) for name, _, _ in _DRIFT_FLAGS})
     result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)

@@ -1,1 +1,2 @@
-"""Production health: JSON logs with the run id, Prometheus metrics of batch runs, resource use, drift."""
+"""Production health of the batch commands: Prometheus metrics and resource use (logs are fruitpipe.logs; drift
+between outputs is fruitpipe.drift)."""

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import jsonio, lease, storage
+from fruitpipe.drift.stats import DriftSettings, detect
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.monitor.drift_stats import DriftSettings, detect
 from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, index_columns, read_part_index
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA
 from fruitpipe.storage import StorageOptions
@@ -180,7 +180,7 @@ def run_drift(reference: str, current: str, settings: DriftSettings, opts: Stora
               report_dir: str | None = None) -> dict[str, Any]:
     """compare(), then drift.json and drift.html under `report_dir` (default CURRENT_OUT/drift/, written under
     CURRENT_OUT's lease); returns drift.json's content plus the URIs written."""
-    from fruitpipe.monitor.drift_html import drift_html
+    from fruitpipe.drift.html import drift_html
 
     target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
     if report_dir:
