@@ -211,3 +211,24 @@ def test_sample_stops_at_once_on_sigterm_while_a_mirror_drips(tmp_path: Path) ->
             if proc.poll() is None:
                 proc.kill()
     assert not list((tmp_path / "real").rglob(".*.part"))
+
+
+def test_a_folder_of_other_files_is_refused_and_an_interrupted_copy_resumes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder of unrelated files (no MANIFEST) is refused before anything is written (before: photos mixed into
+    it, its notes overwritten); a folder holding only this sample's photos (a copy interrupted before its
+    MANIFEST) resumes."""
+    mine = tmp_path / "my-photos"
+    (mine / "holiday").mkdir(parents=True)
+    (mine / "holiday" / "beach.jpg").write_bytes(b"not yours")
+    assert main(["sample", str(mine), "--mini"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holiday/beach.jpg" in err[0] and "choose another DIR" in err[0]
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["holiday", "holiday/beach.jpg"]
+    dest = tmp_path / "mini"
+    assert main(["sample", str(dest), "--mini", "-q"]) == 0
+    (dest / "MANIFEST.tsv").unlink()  # as if stopped before the notes were written
+    for photo in sorted(dest.rglob("*.jpg"))[:5]:
+        photo.unlink()
+    assert main(["sample", str(dest), "--mini"]) == 0
+    assert "(5 copied, 145 already there)" in capsys.readouterr().out

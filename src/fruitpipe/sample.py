@@ -91,6 +91,8 @@ def choose_classes(all_classes: list[str], n: int | None) -> list[str]:
 
 
 def _prepare(folder: Path, header: str = _HEADER) -> None:
+    """Refuse a folder that holds another set (its MANIFEST says so, or, with none yet, files this set does not
+    have: an unrelated folder would get photos mixed into it and its notes overwritten); check it is writable."""
     manifest = folder / MANIFEST
     if manifest.is_file():
         with manifest.open(encoding="utf-8", errors="replace") as fh:
@@ -99,6 +101,13 @@ def _prepare(folder: Path, header: str = _HEADER) -> None:
             other = "real shop photos (--real)" if first == _REAL_HEADER else (
                 "a Fruits-360 sample" if first == _HEADER else "another set of files")
             raise SampleError(f"{folder} already holds {other}: choose another DIR (nothing was changed)")
+    elif folder.is_dir():
+        ours = _paths_of(header)
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).as_posix()
+            if path.is_file() and not path.name.startswith(".") and rel not in ours:
+                raise SampleError(f"{folder} holds files that are not this sample's (e.g. {rel}): choose another "
+                                  "DIR, an empty or new one (nothing was changed)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".fruitpipe-write-test"
@@ -122,6 +131,16 @@ def _write(path: Path, text: str | bytes) -> None:
     from fruitpipe import storage
 
     storage.write_bytes(str(path), text.encode("utf-8") if isinstance(text, str) else text, storage.StorageOptions())
+
+
+def _paths_of(header: str) -> set[str]:
+    """Every file a folder of this set may hold: photos (of any class, so a second --classes adds to a first), notes,
+    licence; the paths a download interrupted before its MANIFEST left are among them."""
+    notes = {ATTRIBUTION, MANIFEST}
+    if header == _REAL_HEADER:
+        return {r.dest for r in pinned_real()} | notes | {FAMILIES, REAL_LICENSE.dest}
+    mini = _read_list((mini_folder() / MANIFEST).read_text(encoding="utf-8"))
+    return {p for p, _, _ in pinned_sample()} | {p for p, _, _ in mini} | notes
 
 
 def fetch_sample(dest: str, classes: int | None = None, quiet: bool = False, workers: int = 16) -> SampleResult:
