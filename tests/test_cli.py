@@ -245,3 +245,22 @@ def test_an_out_of_range_number_is_one_line_before_anything_runs(argv: list[str]
     assert exited.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and argv[-2] in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_bad_serve_host_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A --host that is no address this machine can listen on: one line before anything is loaded (before: six
+    lines of uvicorn's). No name is looked up on a network: one fails in the codec, the resolver's answer to the
+    other is given by the test."""
+    import socket
+
+    assert main(["serve", str(tmp_path), "--host", "x" * 64]) == 2  # a DNS label over 63 characters
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host" in err[0] and "127.0.0.1" in err[0], err
+
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    assert main(["serve", str(tmp_path), "--host", "lcoalhost"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'lcoalhost'" in err[0] and "Name or service not known" in err[0], err

@@ -300,6 +300,14 @@ def _drift_main(args: argparse.Namespace, started: float) -> int:
 
 
 def _serve_main(args: argparse.Namespace) -> int:
+    import socket
+
+    try:  # before the classifier is loaded: a typo in --host is one line, not six of uvicorn's
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise FruitpipeError(f"--host {args.host!r} is not an address this machine can listen on "
+                             f"({getattr(exc, 'strerror', None) or exc}): give an IP address such as 127.0.0.1 or "
+                             "0.0.0.0, or a host name that resolves") from None
     try:
         from fruitpipe.serve import ServeSettings, create_app
         from fruitpipe.serve.server import serve
