@@ -278,8 +278,9 @@ def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
     assert counts["inference"]["sessions_built"] == 0
     assert counts["skipped_already_done"] == counts["listed"] - 0
     assert result.report["pca"]["skipped"] is True
-    # Nothing to do: the comparison with the committed rows ran (on the executors), no embed job did
-    assert "plan" in result.report["timings_s"] and "embed_job" not in result.report["timings_s"]
+    # Nothing to do, and the listing is the one the last run was made from: answered from the listing alone
+    # (issue 37 item 18: the comparison with the committed rows, on the executors, no longer runs), no embed job
+    assert result.report["up_to_date"] and "embed_job" not in result.report["timings_s"]
     assert _parquet_digest(out) == before
     assert (out / "_commit.json").read_bytes() == record  # nothing committed, so no new record version
     assert (out / "_SUCCESS").exists()
@@ -344,3 +345,34 @@ def test_report_scatter_sample_is_bounded_and_drawn_from_the_rows(e2e) -> None:
         assert len(pts) == min(5, counts[label]) and {tuple(p) for p in pts} <= rows[label]
     _, every = scatter_sample(rundir, per_class=10**6)
     assert {label: {tuple(p) for p in pts} for label, pts in every.items()} == rows
+
+
+def test_a_rerun_with_nothing_changed_answers_without_starting_spark(tmp_path: Path, monkeypatch) -> None:
+    """The same listing (uri, size, mtime of every input) and settings as the last complete run, and the output's
+    rows as it left them: the report stands, no Spark, run.json untouched (issue 37 item 18: 56 s on the full
+    release, 8 of them Spark's start). A photo touched, another k or --overwrite: the run goes on as before."""
+    import os
+
+    from fruitpipe.pipeline.stages import LazySpark
+
+    data = copy_classes(tmp_path / "in", sample_classes(2), per_split=3)
+    out = tmp_path / "out"
+    config = fruitpipe.Config(input=str(data), output=str(out), k=2, quiet=True)
+    first = fruitpipe.run(config)
+    assert "up_to_date" not in first.report
+    run_json = (out / "run.json").read_bytes()
+    real_get = LazySpark.get
+    monkeypatch.setattr(LazySpark, "get", lambda self: pytest.fail("Spark was started for a run with nothing to do"))
+    again = fruitpipe.run(config)
+    assert again.report["up_to_date"]["since_run"] == first.report["run_id"]
+    assert again.report["counts"]["embedded"] == first.report["counts"]["embedded"] == 12
+    assert again.report["counts"]["embedded_this_run"] == 0 and set(again.report["timings_s"]) == {"list", "total"}
+    assert (out / "run.json").read_bytes() == run_json
+    monkeypatch.setattr(LazySpark, "get", real_get)
+    photo = sorted(data.rglob("*.jpg"))[0]
+    st = photo.stat()
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: its row is checked again
+    assert "up_to_date" not in fruitpipe.run(config).report
+    assert "up_to_date" in fruitpipe.run(config).report
+    other_k = fruitpipe.run(config.replace(k=3))
+    assert "up_to_date" not in other_k.report and other_k.report["pca"]["k"] == 3

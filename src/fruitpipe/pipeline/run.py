@@ -26,7 +26,7 @@ from fruitpipe.models.registry import CUSTOM
 from fruitpipe.models.runner import check_model
 from fruitpipe.monitor.resources import driver_peak_rss
 from fruitpipe.output import RunDir
-from fruitpipe.pipeline import manifest, pca_files
+from fruitpipe.pipeline import manifest, pca_files, uptodate
 from fruitpipe.pipeline.bookkeeping import committed_ids_digest
 from fruitpipe.pipeline.failures import interrupt_flag, job_failures
 from fruitpipe.pipeline.listing import Listing, check_input, list_images
@@ -147,6 +147,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     timings: dict[str, float] = {}
     resources: dict[str, Any] = {"bytes_read": 0, "peak_memory_bytes": {}}
     int8: Int8Model | None = None
+    run_key: str | None = None  # set when this run can be told up to date next time (pipeline.uptodate)
     with run_scope(token), interrupt_flag(), _run_context(config, session) as (spark, opts), \
             job_failures(out), _background(spark) as background:
         rundir = RunDir(out, opts)
@@ -175,6 +176,20 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 t0 = time.perf_counter()
                 listing = list_images(config.input, opts, config.list_threads)
                 timings["list"] = time.perf_counter() - t0
+            if listing is not None and not (dry_run or config.overwrite or config.pca_from
+                                            or config.precision != "fp32"):
+                run_key = uptodate.run_key(fingerprint, stages, config.k, config.variance, config.max_pixels,
+                                           uptodate.listing_digest(listing.manifest, listing.rejected))
+                previous = uptodate.previous_if_unchanged(rundir, run_key)
+                if previous is not None:  # nothing changed: no Spark, no lease, the output untouched
+                    log.info("%s is up to date: the same %d inputs (uri, size, mtime) and settings as run %s; "
+                             "nothing to do (listing %.1f s)", out, listing.count, previous.get("run_id"),
+                             timings["list"] if "list" in timings else 0.0)
+                    timings["total"] = time.perf_counter() - t_total
+                    return RunResult(output=out, report={
+                        **previous, "up_to_date": {"since_run": previous.get("run_id")},
+                        "counts": uptodate.unchanged_counts(previous.get("counts") or {}),
+                        "timings_s": {k: round(v, 3) for k, v in timings.items()}})
             inputs = manifest.Inputs(listing=listing) if not config.input_list else manifest.Inputs(
                 list_uri=config.input)
             if dry_run:
@@ -274,6 +289,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
             if timings.get("embed") and embedded_now:
                 report["throughput_img_s"] = {"embed": round((embedded_now + counts.get("rejected_this_run", 0))
                                                              / timings["embed"], 1)}
+            uptodate.stamp(report, rundir, run_key)
             held.check()
             rundir.publish(report, bool(counts.get("accounted")),
                            f"the accounting failed: {counts.get('listed')} listed, {counts.get('embedded')} "
