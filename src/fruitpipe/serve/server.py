@@ -1,7 +1,8 @@
 """uvicorn, bounded: a request's headers must be complete within `header_timeout` seconds of the connection opening
 (or of the previous response on a kept-alive one), else 408 and the connection is closed, and within
 MAX_HEADER_BYTES, else 431; past `max_connections` open connections a new one gets 503 and is closed at once; a
-connection may queue MAX_PIPELINED requests behind the one being answered, else 503 and closed. uvicorn has none of
+connection may queue MAX_PIPELINED requests behind the one being answered (past them the rest of its read is not
+parsed: the queued ones are answered, then the connection closes). uvicorn has none of
 these (its issue #157): without them, sockets that send half a header hold a file descriptor each, forever, 40 MiB
 of headers cost 700 MB, and 1 MiB of pipelined GETs 96 MB. Refusals are counted (the app's `count_refused`) and
 logged once a minute, not once each. Interrupted by SIGINT or SIGTERM, the server finishes the requests in flight,
