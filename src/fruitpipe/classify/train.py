@@ -112,7 +112,8 @@ def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--al
     return out
 
 
-def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list[tuple[str, list[str]]]) -> Any:
+def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list[tuple[str, list[str]]],
+             fitted: bool = True) -> Any:
     """The label maps of the other outputs (classify.sources), from their labels and the main output's classes."""
     from fruitpipe.classify import scoring, sources
 
@@ -123,6 +124,8 @@ def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list
         sources.check_families(families, known, settings.also_families)
     relabel = sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
                                    for root, parts in others], families, known)
+    if not fitted:  # --also-val: scored only, never learned from
+        return relabel
     # Photos of the main output's Test split (same bytes) are left out of the fit: learned from, a Test photo
     # would score itself (60 of 60 once did).
     other_parts = [f for _, parts in others for f in parts]
@@ -150,7 +153,8 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     others = _other_outputs(settings, model_sha256) if settings.also else []
     relabel = _relabel(spark, settings, files, others) if others else None
     vals = _other_outputs(settings, model_sha256, "--also-val") if settings.also_val else []
-    held_out = (_relabel(spark, settings, files, vals), [f for _, parts in vals for f in parts]) if vals else None
+    held_out = (_relabel(spark, settings, files, vals, fitted=False), [f for _, parts in vals for f in parts]) \
+        if vals else None
     files = [*files, *(f for _, parts in others for f in parts)]
 
     fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)
