@@ -349,8 +349,8 @@ def test_report_scatter_sample_is_bounded_and_drawn_from_the_rows(e2e) -> None:
 
 def test_a_rerun_with_nothing_changed_answers_without_starting_spark(tmp_path: Path, monkeypatch) -> None:
     """The same listing (uri, size, mtime of every input) and settings as the last complete run, and the output's
-    rows as it left them: the report stands, no Spark, run.json untouched (issue 37 item 18: 56 s on the full
-    release, 8 of them Spark's start). A photo touched, another k or --overwrite: the run goes on as before."""
+    rows as it left them: no Spark, no Parquet file or record written, run.json says so (issue 37 item 18: 56 s on
+    the full release, 8 of them Spark's start). A photo touched, another k or --overwrite: the run goes on as before."""
     import os
 
     from fruitpipe.pipeline.stages import LazySpark
@@ -360,14 +360,16 @@ def test_a_rerun_with_nothing_changed_answers_without_starting_spark(tmp_path: P
     config = fruitpipe.Config(input=str(data), output=str(out), k=2, quiet=True)
     first = fruitpipe.run(config)
     assert "up_to_date" not in first.report
-    run_json = (out / "run.json").read_bytes()
+    parts, record = _parquet_digest(out), (out / "_commit.json").read_bytes()
     real_get = LazySpark.get
     monkeypatch.setattr(LazySpark, "get", lambda self: pytest.fail("Spark was started for a run with nothing to do"))
     again = fruitpipe.run(config)
     assert again.report["up_to_date"]["since_run"] == first.report["run_id"]
     assert again.report["counts"]["embedded"] == first.report["counts"]["embedded"] == 12
     assert again.report["counts"]["embedded_this_run"] == 0 and set(again.report["timings_s"]) == {"list", "total"}
-    assert (out / "run.json").read_bytes() == run_json
+    assert again.report["pca"]["skipped"] is True and (out / "_SUCCESS").exists()
+    assert json.loads((out / "run.json").read_text())["run_id"] == again.report["run_id"] != first.report["run_id"]
+    assert _parquet_digest(out) == parts and (out / "_commit.json").read_bytes() == record
     monkeypatch.setattr(LazySpark, "get", real_get)
     photo = sorted(data.rglob("*.jpg"))[0]
     st = photo.stat()

@@ -181,15 +181,16 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                 run_key = uptodate.run_key(fingerprint, stages, config.k, config.variance, config.max_pixels,
                                            uptodate.listing_digest(listing.manifest, listing.rejected))
                 previous = uptodate.previous_if_unchanged(rundir, run_key)
-                if previous is not None:  # nothing changed: no Spark, no lease, the output untouched
+                if previous is not None:  # nothing changed: no Spark; only run.json says this run happened
                     log.info("%s is up to date: the same %d inputs (uri, size, mtime) and settings as run %s; "
                              "nothing to do (listing %.1f s)", out, listing.count, previous.get("run_id"),
                              timings["list"] if "list" in timings else 0.0)
                     timings["total"] = time.perf_counter() - t_total
-                    return RunResult(output=out, report={
-                        **previous, "up_to_date": {"since_run": previous.get("run_id")},
-                        "counts": uptodate.unchanged_counts(previous.get("counts") or {}),
-                        "timings_s": {k: round(v, 3) for k, v in timings.items()}})
+                    unchanged = uptodate.unchanged_report(previous, token, started, timings)
+                    with lease.hold(out, token, opts) as held:
+                        held.check()
+                        rundir.publish(unchanged, True)
+                    return RunResult(output=out, report=unchanged)
             inputs = manifest.Inputs(listing=listing) if not config.input_list else manifest.Inputs(
                 list_uri=config.input)
             if dry_run:

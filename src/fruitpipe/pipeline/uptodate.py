@@ -82,3 +82,18 @@ def unchanged_counts(previous: dict[str, Any]) -> dict[str, Any]:
     return {**previous, "embedded_this_run": 0, "rejected_this_run": 0, "not_listed_anymore": 0,
             "dropped_before_embedding": {}, "skipped_already_done": previous.get("listed", 0),
             "inference": {k: 0 for k in (previous.get("inference") or {})}}
+
+
+def unchanged_report(previous: dict[str, Any], token: str, started: float, timings: dict[str, float]
+                     ) -> dict[str, Any]:
+    """run.json of a run that found nothing to do: the last run's report (its output, model, PCA, the key a later
+    re-run compares with) with this run's id, time, counts and timings; the PCA kept, not refitted."""
+    import time
+
+    pca = previous.get("pca")
+    return {**previous, "run_id": token,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "up_to_date": {"since_run": (previous.get("up_to_date") or {}).get("since_run") or previous.get("run_id")},
+            "counts": unchanged_counts(previous.get("counts") or {}),
+            "pca": {**pca, "skipped": True} if isinstance(pca, dict) else pca,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
