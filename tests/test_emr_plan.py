@@ -11,7 +11,7 @@ from emrkit import INPUT, OUTPUT, emr_settings, fake_wheel
 from fruitpipe.cli import main
 from fruitpipe.cloud import emr
 from fruitpipe.cloud.artifacts import NODE_PYTHON, build_wheelhouse, node_extras, node_lock, runtime_requirements
-from fruitpipe.cloud.plan import executor_conf, executors
+from fruitpipe.cloud.plan import executor_conf, executors, job_flow_request
 from fruitpipe.cloud.settings import INSTANCE_TYPES, S3_GET_PER_1000
 
 
@@ -104,6 +104,8 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
                    "--region", "eu-west-3", "--k", "50"]
     assert req["SecurityConfiguration"] == emr.SECURITY_CONFIGURATION  # EBS encrypted with the setup's KMS key
     assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in req["Tags"]
+    # fruitpipe cannot know whether the photos hold personal data: no classification tag unless the team adds one.
+    assert "data-classification" not in {t["Key"] for t in req["Tags"]}
     spark_defaults = req["Configurations"][0]["Properties"]
     # m5.xlarge: YARN has 12,288 MB; 4 Python workers + Spark's 384 MB outside the heap, the AM's 896 MB and 512 MB
     # of headroom; the rest is heap.
@@ -134,7 +136,14 @@ def test_a_notebook_cluster_has_livy_and_the_gateway_no_step_and_an_idle_timeout
     assert main(["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "45"]) == 0
     plan = json.loads(capsys.readouterr().out)
     req = plan["run_job_flow"]
-    assert req["Applications"] == [{"Name": "Spark"}, {"Name": "Livy"}, {"Name": "JupyterEnterpriseGateway"}]
+    # EMR notebooks require Hadoop, Spark, Livy and (6.2+) Jupyter Enterprise Gateway.
+    assert req["Applications"] == [{"Name": "Hadoop"}, {"Name": "Spark"}, {"Name": "Livy"},
+                                   {"Name": "JupyterEnterpriseGateway"}]
+    livy = next(c for c in req["Configurations"] if c["Classification"] == "livy-conf")["Properties"]
+    # A forgotten Workspace's session ends after the idle time, so EMR's own idle timeout can end the cluster; a
+    # session running a statement is not cut.
+    assert livy["livy.server.session.timeout"] == "45m" and livy["livy.server.session.timeout-check"] == "true"
+    assert livy["livy.server.session.timeout-check.skip-busy"] == "true"
     assert "Steps" not in req and req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is True
     assert req["AutoTerminationPolicy"] == {"IdleTimeout": 2700}
     assert req["Configurations"][0]["Properties"]["spark.pyspark.python"] == "/opt/fruitpipe/venv/bin/python"
@@ -182,6 +191,47 @@ def test_executors_fit_the_yarn_memory_of_each_instance_type_beside_the_applicat
         placed = executors(emr_settings(core_type=kind, core_nodes=nodes, node_price=1.0))
         assert placed["per_node"] == 1 and placed["on_the_node_with_the_application_master"] == 1
         assert placed["in_all"] == nodes and placed["cores_in_all"] == nodes * INSTANCE_TYPES[kind].vcpus
+
+
+@pytest.mark.parametrize("kind", sorted(INSTANCE_TYPES))
+def test_a_notebook_drivers_container_fits_beside_the_executor_on_every_node(kind: str, no_credentials,
+                                                                            capsys) -> None:
+    """Livy runs a notebook session's driver inside its YARN ApplicationMaster on a core node: its memory and
+    overhead are set explicitly (2,048 + 384 MB) and the executor is sized so that both fit the node's YARN memory,
+    for every instance type and node count plan accepts, so the first job gets every core node's executor (EMR 7's
+    default driver beside a step-sized executor: 2,048 + 384 + 10,880 > 12,288 on m5.xlarge, and the job waited).
+    A type too small for both (c5.xlarge: 6,144 MB) is refused by plan in one line."""
+    if INSTANCE_TYPES[kind].yarn_mb - 2432 - 512 - (384 + 512 * INSTANCE_TYPES[kind].vcpus) < 1024:
+        argv = ["emr", "plan", INPUT, OUTPUT, "--notebook-idle", "60", "--core-type", kind, "--node-price", "1"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "the notebook driver; use a larger type" in err and err.count("\n") == 1
+        return
+    conf = executor_conf(kind, notebook=True)
+    driver = int(conf["spark.driver.memory"][:-1]) + int(conf["spark.driver.memoryOverhead"][:-1])
+    executor = int(conf["spark.executor.memory"][:-1]) + int(conf["spark.executor.memoryOverhead"][:-1])
+    assert driver == 2048 + 384
+    assert -(-driver // 32) * 32 + -(-executor // 32) * 32 <= INSTANCE_TYPES[kind].yarn_mb
+    for nodes in (1, 2, 3, 10):
+        settings = emr_settings(core_type=kind, core_nodes=nodes, node_price=1.0, notebook_idle_min=60)
+        placed = executors(settings)
+        assert placed["in_all"] == nodes and placed["on_the_node_with_the_application_master"] == 1
+        assert placed["executor_container_mb"] + placed["application_master_mb"] <= placed["yarn_mb_per_node"]
+        props = job_flow_request(settings)["Configurations"][0]["Properties"]
+        assert props["spark.executor.instances"] == str(nodes)
+
+
+def test_dynamic_allocation_is_off_and_every_core_node_has_its_executor_from_the_start(no_credentials,
+                                                                                     capsys) -> None:
+    """EMR turns dynamic allocation on with 0 initial executors: the run then sized its tasks from
+    defaultParallelism (2) and lost its executors between stages. Off, with the plan's executor count."""
+    assert main(["emr", "plan", INPUT, OUTPUT, "--core-nodes", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    props = out["run_job_flow"]["Configurations"][0]["Properties"]
+    assert props["spark.dynamicAllocation.enabled"] == "false"
+    assert props["spark.executor.instances"] == "3" == str(out["executors"]["in_all"])
+    assert "spark.driver.memory" not in props  # a step's driver runs on the master node (client mode)
+    assert not [c for c in out["run_job_flow"]["Configurations"] if c["Classification"] == "livy-conf"]
 
 
 def test_plan_prints_the_executors_and_with_one_core_node_one_is_granted(no_credentials, capsys) -> None:

@@ -49,6 +49,12 @@ YARN_ALLOCATION_MB = 32
 #: YARN memory then never fits beside it (with one core node the step waited for an executor until its timeout).
 AM_MEMORY_MB = 512
 AM_OVERHEAD_MB = 384
+#: On a notebook cluster Livy starts each session's driver inside its YARN ApplicationMaster (cluster mode), on a
+#: core node: EMR 7 gives it 2,048 MB, and 2,048 + 384 + an executor sized as for a step (10,880 MB on m5.xlarge)
+#: exceed the node's 12,288, so the notebook's first job waited forever (one core node) or got half the cores (two).
+#: Set explicitly (the same 2 GB heap a notebook user expects) and reserved on every node like the step's AM.
+NOTEBOOK_DRIVER_MB = 2048
+NOTEBOOK_DRIVER_OVERHEAD_MB = 384
 #: Left free on every node beyond the executor and the AM: only m5.xlarge's YARN memory (12,288 MB) was cross-checked
 #: against a running cluster; the other types' figures are the release guide's table.
 YARN_HEADROOM_MB = 512
@@ -108,45 +114,72 @@ def _round_up(mb: int) -> int:
     return -(-mb // YARN_ALLOCATION_MB) * YARN_ALLOCATION_MB
 
 
-def am_container_mb() -> int:
-    """What YARN grants the ApplicationMaster: its memory and overhead, rounded up to the allocation unit."""
+def am_container_mb(notebook: bool = False) -> int:
+    """What YARN grants the ApplicationMaster, rounded up to the allocation unit: the step's client-mode AM, or on a
+    notebook cluster the Livy session's driver, which runs inside its AM."""
+    if notebook:
+        return _round_up(NOTEBOOK_DRIVER_MB + NOTEBOOK_DRIVER_OVERHEAD_MB)
     return _round_up(AM_MEMORY_MB + AM_OVERHEAD_MB)
 
 
-def executor_conf(instance_type: str) -> dict[str, str]:
+def executor_conf(instance_type: str, notebook: bool = False) -> dict[str, str]:
     """One executor per core node, sized so that YARN can grant it on every node, the one that also holds the
-    ApplicationMaster included: all vCPUs as cores (one Python worker and one ONNX session each), memoryOverhead for
-    those workers, and the JVM heap from what is left of the node's YARN memory after the AM's container and
-    YARN_HEADROOM_MB. EMR's own spark-defaults (extraJavaOptions included) are kept: only these keys are set. (EMR's
-    YARN schedules by memory alone, its default resource calculator: the AM's vcore does not compete.)"""
+    ApplicationMaster (a notebook's driver) included: all vCPUs as cores (one Python worker and one ONNX session
+    each), memoryOverhead for those workers, and the JVM heap from what is left of the node's YARN memory after the
+    AM's container and YARN_HEADROOM_MB. EMR's own spark-defaults (extraJavaOptions included) are kept: only these
+    keys are set. (EMR's YARN schedules by memory alone, its default resource calculator: the AM's vcore does not
+    compete.)"""
     kind = INSTANCE_TYPES[instance_type]
     overhead = JVM_OVERHEAD_MB + kind.vcpus * PYTHON_WORKER_MB
-    room = kind.yarn_mb - am_container_mb() - YARN_HEADROOM_MB - overhead
+    room = kind.yarn_mb - am_container_mb(notebook) - YARN_HEADROOM_MB - overhead
     heap = room // YARN_ALLOCATION_MB * YARN_ALLOCATION_MB
     if heap < 1024:
         raise EmrError(f"{instance_type} gives YARN {kind.yarn_mb} MB: too little for {kind.vcpus} Python workers, "
-                       "a 1 GB executor heap and the ApplicationMaster; use a larger type")
-    return {"spark.executor.cores": str(kind.vcpus), "spark.executor.memory": f"{heap}m",
+                       f"a 1 GB executor heap and the {'notebook driver' if notebook else 'ApplicationMaster'}; "
+                       "use a larger type")
+    conf = {"spark.executor.cores": str(kind.vcpus), "spark.executor.memory": f"{heap}m",
             "spark.executor.memoryOverhead": f"{overhead}m",
             "spark.yarn.am.memory": f"{AM_MEMORY_MB}m", "spark.yarn.am.memoryOverhead": f"{AM_OVERHEAD_MB}m"}
+    if notebook:
+        conf |= {"spark.driver.memory": f"{NOTEBOOK_DRIVER_MB}m",
+                 "spark.driver.memoryOverhead": f"{NOTEBOOK_DRIVER_OVERHEAD_MB}m"}
+    return conf
 
 
 def executors(settings: EmrSettings) -> dict[str, Any]:
     """How YARN places the run's containers: executors per core node (the node with the AM included) and in all."""
     kind = INSTANCE_TYPES[settings.core_type]
-    conf = executor_conf(settings.core_type)
+    notebook = settings.notebook_idle_min is not None
+    conf = executor_conf(settings.core_type, notebook)
     container = _round_up(int(conf["spark.executor.memory"][:-1]) + int(conf["spark.executor.memoryOverhead"][:-1]))
     per_node = kind.yarn_mb // container
-    with_am = (kind.yarn_mb - am_container_mb()) // container
+    with_am = (kind.yarn_mb - am_container_mb(notebook)) // container
     total = per_node * (settings.core_nodes - 1) + with_am
     return {"per_node": per_node, "on_the_node_with_the_application_master": with_am, "in_all": total,
             "cores_in_all": total * kind.vcpus, "executor_container_mb": container,
-            "application_master_mb": am_container_mb(), "yarn_mb_per_node": kind.yarn_mb}
+            "application_master_mb": am_container_mb(notebook), "yarn_mb_per_node": kind.yarn_mb}
+
+
+def spark_defaults(settings: EmrSettings) -> dict[str, str]:
+    """The spark-defaults the cluster gets: fruitpipe's Python, the executors' size, and a fixed executor count.
+    EMR turns dynamic allocation on with no initial executor: the run then sized its tasks from
+    defaultParallelism while no executor was up (2 tasks for a small run, idle cores for a large one), and the
+    executors (JVM and model load) were released in driver-only phases and restarted for the next stage. Off, with
+    one executor per core node from the start."""
+    return {
+        "spark.pyspark.python": VENV_PYTHON,
+        "spark.pyspark.driver.python": VENV_PYTHON,
+        **executor_conf(settings.core_type, settings.notebook_idle_min is not None),
+        "spark.dynamicAllocation.enabled": "false",
+        "spark.executor.instances": str(executors(settings)["in_all"]),
+        "spark.python.worker.reuse": "true",
+    }
 
 
 def _tags(settings: EmrSettings) -> list[dict[str, str]]:
-    tags = {"project": "fruitpipe", "fruitpipe-version": _version(), "data-classification": "no-personal-data",
-            EMR_MANAGED_TAG: "true", **settings.tags}
+    # No data-classification tag: fruitpipe cannot know what the photos show (people, GPS in EXIF); a team that
+    # classifies its data passes --tag data-classification=... itself.
+    tags = {"project": "fruitpipe", "fruitpipe-version": _version(), EMR_MANAGED_TAG: "true", **settings.tags}
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
@@ -156,8 +189,24 @@ def _notebook(settings: EmrSettings, instances: dict[str, Any]) -> dict[str, Any
     if settings.notebook_idle_min is None:
         return {"Applications": [{"Name": "Spark"}]}
     instances["KeepJobFlowAliveWhenNoSteps"] = True
-    return {"Applications": [{"Name": "Spark"}, {"Name": "Livy"}, {"Name": "JupyterEnterpriseGateway"}],
+    # EMR notebooks require Hadoop, Spark and Livy, and on 6.2+ Jupyter Enterprise Gateway.
+    return {"Applications": [{"Name": "Hadoop"}, {"Name": "Spark"}, {"Name": "Livy"},
+                             {"Name": "JupyterEnterpriseGateway"}],
             "AutoTerminationPolicy": {"IdleTimeout": int(settings.notebook_idle_min * 60)}}
+
+
+def livy_conf(settings: EmrSettings) -> list[dict[str, Any]]:
+    """On a notebook cluster, Livy ends a session idle for --notebook-idle minutes (its default is an hour): an
+    open session is a running YARN application, so a forgotten Workspace would keep the cluster from ever being
+    idle. Its timeout is at or below EMR's idle timeout, which then ends the cluster. A session running a statement
+    (a long `run`) is never cut (skip-busy)."""
+    if settings.notebook_idle_min is None:
+        return []
+    minutes = max(1, math.floor(settings.notebook_idle_min))
+    return [{"Classification": "livy-conf", "Properties": {
+        "livy.server.session.timeout-check": "true",
+        "livy.server.session.timeout-check.skip-busy": "true",
+        "livy.server.session.timeout": f"{minutes}m"}}]
 
 
 def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dict[str, Any]:
@@ -196,17 +245,13 @@ def job_flow_request(settings: EmrSettings, subnet_id: str | None = None) -> dic
             "HadoopJarStep": {"Jar": "command-runner.jar", "Args": step_args(settings)},
         }],
         "Configurations": [
-            {"Classification": "spark-defaults", "Properties": {
-                "spark.pyspark.python": VENV_PYTHON,
-                "spark.pyspark.driver.python": VENV_PYTHON,
-                **executor_conf(settings.core_type),
-                "spark.python.worker.reuse": "true",
-            }},
+            {"Classification": "spark-defaults", "Properties": spark_defaults(settings)},
             {"Classification": "spark-env", "Configurations": [{"Classification": "export", "Properties": {
                 "PYSPARK_PYTHON": VENV_PYTHON,
                 # The step log is a file, not a terminal: one progress line a minute.
                 "TQDM_MININTERVAL": "60",
             }}]},
+            *livy_conf(settings),
         ],
         "SecurityConfiguration": SECURITY_CONFIGURATION,
         "ServiceRole": settings.service_role,
