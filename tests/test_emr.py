@@ -809,3 +809,37 @@ def test_a_second_ctrl_c_cannot_cut_the_termination_short_and_expired_credential
     assert f"cluster {cluster_id} could not be terminated" in message and "is still running" in message
     assert f"`fruitpipe emr down {cluster_id} --region {REGION}`" in message and "UTC" in message
     api.terminate_job_flows(JobFlowIds=[cluster_id])
+
+
+def test_a_customer_kms_bucket_keeps_its_key_and_the_operator_gets_decrypt_through_s3_only(aws, capsys) -> None:
+    """Artifacts in a bucket whose default is a customer KMS key: upload sends no SSE header, so every artifact is
+    encrypted with that key (an explicit AES256 downgraded it, and a "deny unless aws:kms" bucket policy refused
+    it); plan (with credentials) gives the operator kms:Decrypt on exactly the keys of OUTPUT's, the logs' and the
+    artifacts' buckets and GenerateDataKey on the artifacts' key, both through S3 in the region only."""
+    kms, s3 = _client("kms", aws["endpoint"]), _client("s3", aws["endpoint"])
+    key = kms.create_key(Description="the team's bucket key")["KeyMetadata"]["Arn"]
+    s3.create_bucket(Bucket="fruits-cmk", CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_encryption(Bucket="fruits-cmk", ServerSideEncryptionConfiguration={"Rules": [
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key}}]})
+    where = ["--artifacts", "s3://fruits-cmk/artifacts", "--logs", "s3://fruits-cmk/logs"]
+    assert main(["emr", "plan", INPUT, "s3://fruits-cmk/runs/1", *where]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["operator_bucket_keys"] == {"checked": True, "customer_keys": [key]}
+    kms_statements = [st for st in plan["operator_policy"]["Statement"] if "kms:" in json.dumps(st["Action"])]
+    via = {"StringEquals": {"kms:ViaService": f"s3.{REGION}.amazonaws.com"}}
+    assert kms_statements == [
+        {"Sid": "RunLogsAndUploadReadThroughTheBucketKeysViaS3Only", "Effect": "Allow", "Action": "kms:Decrypt",
+         "Resource": [key], "Condition": via},
+        {"Sid": "UploadWritesThroughTheArtifactsBucketKeyViaS3Only", "Effect": "Allow",
+         "Action": "kms:GenerateDataKey", "Resource": [key], "Condition": via}]
+    assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # SSE-S3 buckets: no key to grant, no KMS statement
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["operator_bucket_keys"]["customer_keys"] == []
+    assert "kms:" not in json.dumps(plan["operator_policy"])
+
+    assert main(["emr", "upload", INPUT, "s3://fruits-cmk/runs/1", *where, "--wheel", aws["wheel"], "-q"]) == 0
+    uris = json.loads(capsys.readouterr().out)
+    for what in ("wheel", "bootstrap", "requirements", "model"):
+        bucket, _, name = uris[what].removeprefix("s3://").partition("/")
+        head = s3.head_object(Bucket=bucket, Key=name)
+        assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key, what

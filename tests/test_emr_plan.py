@@ -296,6 +296,28 @@ def test_the_operator_policy_covers_every_call_of_the_operator_commands() -> Non
     assert passed["Resource"] == ["arn:aws:iam::123456789012:role/fruitpipe-emr-service",
                                   "arn:aws:iam::123456789012:role/fruitpipe-emr-ec2"]
     assert "${" not in json.dumps(policy)
+    by_action: dict[str, list[dict]] = {}
+    for st in policy["Statement"]:
+        for a in [st["Action"]] if isinstance(st["Action"], str) else st["Action"]:
+            by_action.setdefault(a, []).append(st)
+    # RunJobFlow only with the request tags (as AmazonEMRFullAccessPolicy_v2 requires its own), and the request
+    # `up` sends carries them: checked against that exact request, notebook cluster included.
+    (run_flow,) = by_action["elasticmapreduce:RunJobFlow"]
+    wanted = {k.removeprefix("aws:RequestTag/"): v for k, v in run_flow["Condition"]["StringEquals"].items()}
+    assert wanted == {"project": "fruitpipe", emr.EMR_MANAGED_TAG: "true"}
+    for settings in (emr_settings(), emr_settings(notebook_idle_min=30, tags={"team": "vision"})):
+        sent = {t["Key"]: t["Value"] for t in emr.job_flow_request(settings)["Tags"]}
+        assert wanted.items() <= sent.items()
+    # AddTags: never the key `project` (which TerminateJobFlows trusts), and only on fruitpipe's own clusters.
+    (tagging,) = by_action["elasticmapreduce:AddTags"]
+    assert tagging["Condition"] == {"StringEquals": {"elasticmapreduce:ResourceTag/project": "fruitpipe"},
+                                    "ForAllValues:StringNotEquals": {"aws:TagKeys": ["project"]}}
+    assert tagging["Resource"] == "arn:aws:elasticmapreduce:eu-west-3:123456789012:cluster/*"
+    # Auto-termination (notebook clusters) may be set and read, never removed.
+    assert "elasticmapreduce:PutAutoTerminationPolicy" in by_action
+    assert "elasticmapreduce:RemoveAutoTerminationPolicy" not in by_action
+    with pytest.raises(emr.EmrError, match="drop this --tag"):
+        emr_settings(tags={"project": "mine"})
 
 
 def test_requirements_are_chosen_for_the_nodes_and_int8_in_any_spelling_brings_onnx(monkeypatch) -> None:

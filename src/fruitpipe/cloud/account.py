@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from fruitpipe.cloud.plan import policy_values, render_policy, security_configuration
-from fruitpipe.cloud.preflight import Preflight
+from fruitpipe.cloud.preflight import Preflight, _code, _read_or_absent
 from fruitpipe.cloud.settings import (
     EMR_MANAGED_POLICY,
     KMS_ALIAS,
@@ -19,24 +19,6 @@ from fruitpipe.cloud.settings import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _code(exc: Any) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _read_or_absent(read: Any, bucket: str, permission: str, absent: str) -> Any:
-    """read()'s answer, or None when S3 answers that the setting is not there (`absent`, its only "not found"
-    code); any other refusal (AccessDenied above all) is one line naming the permission, before anything is written."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return read()
-    except ClientError as exc:
-        if _code(exc) == absent:
-            return None
-        raise EmrError(f"s3://{bucket}: reading its settings was refused ({_code(exc)}): the identity running setup "
-                       f"needs {permission} on the bucket; nothing was changed") from None
 
 
 #: The service-linked role EMR creates for itself once per account (iam:CreateServiceLinkedRole).
@@ -159,41 +141,6 @@ class AccountSetup(Preflight):
             log.debug("EMR's service-linked role exists already: %s", exc)  # created meanwhile
             return []
         return [f"EMR's service-linked role {EMR_CLEANUP_ROLE} created (once per account)"]
-
-    def bucket_keys(self, settings: EmrSettings) -> set[str]:
-        """The ARNs of the customer KMS keys that INPUT's, OUTPUT's, the artifacts' and the logs' buckets encrypt new
-        objects with by default (SSE-KMS): the instance role must be able to use them, or every write fails and
-        every image of an encrypted INPUT becomes `unreadable`. AWS's own aws/s3 key needs no grant."""
-        from botocore.exceptions import ClientError
-
-        keys: set[str] = set()
-        buckets = dict.fromkeys(split_s3(u, "URI")[0] for u in (settings.input, settings.output,
-                                                                 settings.artifacts_uri, settings.logs_uri))
-        kms = self.client("kms")
-        for bucket in buckets:
-            try:
-                self.s3.head_bucket(Bucket=bucket)
-            except ClientError:
-                continue  # created below, with SSE-S3
-            found = _read_or_absent(lambda b=bucket: self.s3.get_bucket_encryption(Bucket=b)[
-                "ServerSideEncryptionConfiguration"], bucket, "s3:GetEncryptionConfiguration",
-                "ServerSideEncryptionConfigurationNotFoundError") or {}
-            for rule in found.get("Rules", []):
-                default = rule.get("ApplyServerSideEncryptionByDefault", {})
-                key = default.get("KMSMasterKeyID")
-                if default.get("SSEAlgorithm", "").startswith("aws:kms") and key:
-                    try:
-                        meta = kms.describe_key(KeyId=key)["KeyMetadata"]
-                    except ClientError as exc:
-                        if key.startswith("arn:aws:kms:"):
-                            keys.add(key)  # another account's key: granted by its ARN, its policy must allow us
-                            continue
-                        raise EmrError(f"s3://{bucket} encrypts with KMS key {key}, which cannot be described "
-                                       f"({_code(exc)}): the identity running setup needs kms:DescribeKey on "
-                                       "it") from None
-                    if meta.get("KeyManager") == "CUSTOMER":
-                        keys.add(meta["Arn"])
-        return keys
 
     def _check_inline_room(self, iam: Any, role: str, name: str, document: str) -> None:
         """Refuse, before writing, a pair policy that would pass IAM's size limit on the role's inline policies."""

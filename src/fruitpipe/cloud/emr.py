@@ -191,14 +191,17 @@ class Emr(AccountSetup):
         except ClientError:
             return False
 
+    # No ServerSideEncryption header: the bucket's default applies (SSE-S3 as `setup` sets it, or the customer KMS
+    # key a team set), where an explicit AES256 silently downgraded a KMS bucket and was refused by the common
+    # "deny unless aws:kms" bucket policy.
     def _put(self, uri: str, body: bytes) -> None:
         bucket, key = split_s3(uri, "URI")
-        self.s3.put_object(Bucket=bucket, Key=key, Body=body, ServerSideEncryption="AES256")
+        self.s3.put_object(Bucket=bucket, Key=key, Body=body)
         log.info("uploaded %s (%d bytes)", uri, len(body))
 
     def _put_file(self, uri: str, path: Path) -> None:
         bucket, key = split_s3(uri, "URI")
-        self.s3.upload_file(str(path), bucket, key, ExtraArgs={"ServerSideEncryption": "AES256"})  # multipart
+        self.s3.upload_file(str(path), bucket, key)  # multipart
         log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
 
     def read(self, uri: str) -> bytes | None:

@@ -398,6 +398,39 @@ def policy_values(settings: EmrSettings, account_id: str, kms_key_arn: str) -> d
             "kms_key_arn": kms_key_arn}
 
 
+def operator_key_statements(decrypt: list[str], write: list[str], region: str) -> list[dict[str, Any]]:
+    """The operator's use of the buckets' own KMS keys, through S3 in the region only (kms:ViaService): Decrypt on
+    the keys of OUTPUT's and the logs' buckets (run reads run.json, logs reads the logs) and of the artifacts'
+    (a multipart upload reads its parts back), GenerateDataKey on the artifacts' (upload writes there)."""
+    via = {"StringEquals": {"kms:ViaService": f"s3.{region}.amazonaws.com"}}
+    out = []
+    if decrypt:
+        out.append({"Sid": "RunLogsAndUploadReadThroughTheBucketKeysViaS3Only", "Effect": "Allow",
+                    "Action": "kms:Decrypt", "Resource": decrypt, "Condition": via})
+    if write:
+        out.append({"Sid": "UploadWritesThroughTheArtifactsBucketKeyViaS3Only", "Effect": "Allow",
+                    "Action": "kms:GenerateDataKey", "Resource": write, "Condition": via})
+    return out
+
+
+def _operator_policy(settings: EmrSettings, checks: Preflight | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The operator policy with, when the buckets can be read, the KMS statements their customer keys need; and
+    what was found about those keys."""
+    policy = render_policy("operator", **policy_values(settings, "ACCOUNT_ID", "KMS_KEY_ARN"))
+    if checks is None:
+        return policy, {"checked": False, "why": "no AWS credentials found: with a customer KMS key as the default "
+                        "of OUTPUT's, the logs' or the artifacts' bucket, the operator needs kms:Decrypt on it"}
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        decrypt = sorted(checks.bucket_keys(settings, (settings.output, settings.logs_uri, settings.artifacts_uri)))
+        write = sorted(checks.bucket_keys(settings, (settings.artifacts_uri,)))
+    except (EmrError, ClientError, BotoCoreError) as exc:
+        return policy, {"checked": False, "why": str(exc).splitlines()[0][:200]}
+    policy["Statement"] += operator_key_statements(decrypt, write, settings.region)
+    return policy, {"checked": True, "customer_keys": decrypt}
+
+
 def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, Any]:
     """Everything `emr up` would send, and what it costs. With `checks` (AWS credentials present), also the network
     it will use (and its tags) and the vCPU quota, both read-only; without, says they were not checked."""
@@ -424,6 +457,7 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
             if net.untagged:
                 network["advice"] = "`fruitpipe emr setup` tags them (up refuses an untagged network)"
         quota = checks.quota(settings)
+    operator, bucket_keys = _operator_policy(settings, checks)
     return {
         "region": settings.region,
         "network": network,
@@ -432,7 +466,8 @@ def plan(settings: EmrSettings, checks: Preflight | None = None) -> dict[str, An
         "artifacts": artifact_uris(settings),
         "executors": executors(settings),
         # What the identity running plan/upload/up/run/status/logs/down needs (setup needs IAM admin rights, once).
-        "operator_policy": render_policy("operator", **policy_values(settings, "ACCOUNT_ID", "KMS_KEY_ARN")),
+        "operator_policy": operator,
+        "operator_bucket_keys": bucket_keys,
         "setup": {"service_role": settings.service_role, "instance_profile": settings.instance_role,
                   "kms_alias": KMS_ALIAS, "security_configuration": SECURITY_CONFIGURATION},
         "estimate": estimate(settings),

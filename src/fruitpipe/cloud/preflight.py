@@ -6,13 +6,31 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fruitpipe.cloud.settings import EMR_MANAGED_TAG, INSTANCE_TYPES, VCPU_QUOTA, EmrError, EmrSettings
+from fruitpipe.cloud.settings import EMR_MANAGED_TAG, INSTANCE_TYPES, VCPU_QUOTA, EmrError, EmrSettings, split_s3
 
 log = logging.getLogger(__name__)
 
 #: The security groups EMR creates and manages in a VPC (the third only for private subnets). Made before the VPC
 #: was tagged, they lack the tag, and AmazonEMRServicePolicy_v2 then refuses to launch into them.
 EMR_MANAGED_GROUPS = ("ElasticMapReduce-master", "ElasticMapReduce-slave", "ElasticMapReduce-ServiceAccess")
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _read_or_absent(read: Any, bucket: str, permission: str, absent: str) -> Any:
+    """read()'s answer, or None when S3 answers that the setting is not there (`absent`, its only "not found"
+    code); any other refusal (AccessDenied above all) is one line naming the permission, before anything is written."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return read()
+    except ClientError as exc:
+        if _code(exc) == absent:
+            return None
+        raise EmrError(f"s3://{bucket}: reading its settings was refused ({_code(exc)}): the identity running setup "
+                       f"needs {permission} on the bucket; nothing was changed") from None
 
 
 @dataclass
@@ -78,9 +96,11 @@ def _tagged(resource: dict[str, Any]) -> bool:
 
 
 class Preflight:
-    """The network and quota half of the EMR client: needs `region` and `client(name)` from its subclass."""
+    """The read-only half of the EMR client (network, quota, the buckets' keys): needs `region`, `s3` and
+    `client(name)` from its subclass."""
 
     region: str
+    s3: Any
 
     def client(self, name: str) -> Any:
         """A boto3 client of the session (ec2, service-quotas); provided by the subclass."""
@@ -191,3 +211,39 @@ class Preflight:
                     known = INSTANCE_TYPES.get(inst.get("InstanceType", ""))
                     total += (cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)) or (known.vcpus if known else 0)
         return total
+
+    def bucket_keys(self, settings: EmrSettings, uris: tuple[str, ...] | None = None) -> set[str]:
+        """The ARNs of the customer KMS keys that the buckets of `uris` (INPUT's, OUTPUT's, the artifacts' and the
+        logs' by default) encrypt new objects with by default (SSE-KMS): the instance role must be able to use them,
+        or every write fails and every image of an encrypted INPUT becomes `unreadable`; the operator reads OUTPUT
+        and the logs and writes the artifacts. AWS's own aws/s3 key needs no grant."""
+        from botocore.exceptions import ClientError
+
+        keys: set[str] = set()
+        uris = uris or (settings.input, settings.output, settings.artifacts_uri, settings.logs_uri)
+        buckets = dict.fromkeys(split_s3(u, "URI")[0] for u in uris)
+        kms = self.client("kms")
+        for bucket in buckets:
+            try:
+                self.s3.head_bucket(Bucket=bucket)
+            except ClientError:
+                continue  # created below, with SSE-S3
+            found = _read_or_absent(lambda b=bucket: self.s3.get_bucket_encryption(Bucket=b)[
+                "ServerSideEncryptionConfiguration"], bucket, "s3:GetEncryptionConfiguration",
+                "ServerSideEncryptionConfigurationNotFoundError") or {}
+            for rule in found.get("Rules", []):
+                default = rule.get("ApplyServerSideEncryptionByDefault", {})
+                key = default.get("KMSMasterKeyID")
+                if default.get("SSEAlgorithm", "").startswith("aws:kms") and key:
+                    try:
+                        meta = kms.describe_key(KeyId=key)["KeyMetadata"]
+                    except ClientError as exc:
+                        if key.startswith("arn:aws:kms:"):
+                            keys.add(key)  # another account's key: granted by its ARN, its policy must allow us
+                            continue
+                        raise EmrError(f"s3://{bucket} encrypts with KMS key {key}, which cannot be described "
+                                       f"({_code(exc)}): the identity running setup needs kms:DescribeKey on "
+                                       "it") from None
+                    if meta.get("KeyManager") == "CUSTOMER":
+                        keys.add(meta["Arn"])
+        return keys

@@ -149,6 +149,11 @@ class EmrSettings:
         if self.notebook_idle_min is not None and not 1 <= self.notebook_idle_min <= 7 * 24 * 60:
             raise EmrError(f"--notebook-idle {self.notebook_idle_min:g} must be between 1 and 10080 minutes (EMR's "
                            "idle timeout: 60 s to 7 days)")
+        fixed = {"project": "fruitpipe", EMR_MANAGED_TAG: "true"}
+        for key, value in self.tags.items():
+            if key in fixed and value != fixed[key]:
+                raise EmrError(f"--tag {key}={value}: fruitpipe tags its clusters {key}={fixed[key]} (the operator "
+                               "policy starts and terminates only those); drop this --tag")
         if self.core_nodes < 1:
             raise EmrError(f"--core-nodes {self.core_nodes} must be at least 1")
         if self.ebs_gb < 16:
