@@ -843,3 +843,127 @@ def test_a_customer_kms_bucket_keeps_its_key_and_the_operator_gets_decrypt_throu
         bucket, _, name = uris[what].removeprefix("s3://").partition("/")
         head = s3.head_object(Bucket=bucket, Key=name)
         assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key, what
+
+
+def _refuse(client, operation: str, code: str) -> None:
+    """Make `client` answer `operation` with the error `code`, as AWS would for an identity lacking the right."""
+    import botocore.awsrequest
+
+    def refuse(**kwargs):
+        error = {"Error": {"Code": code, "Message": f"not authorized to perform {operation}"},
+                 "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return botocore.awsrequest.AWSResponse("", 400, {}, None), error
+
+    client.meta.events.register(f"before-call.{client.meta.service_model.endpoint_prefix}.{operation}", refuse)
+
+
+@pytest.mark.parametrize("refused", ["kms:DescribeKey", "elasticmapreduce:DescribeSecurityConfiguration"])
+def test_a_refused_read_of_the_key_or_the_security_configuration_creates_no_second_one(aws, monkeypatch,
+                                                                                        refused) -> None:
+    """Only "not found" means absent: setup with kms:DescribeKey (or the security configuration's read) refused
+    says which right is missing, in one line, and creates no second key, alias or configuration."""
+    assert main(["emr", "setup", INPUT, OUTPUT, "-q"]) == 0  # the key and the configuration exist
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    kms, emr_client = _client("kms", aws["endpoint"]), _client("emr", aws["endpoint"])
+    keys_before = kms.list_keys()["Keys"]
+    config_before = emr_client.describe_security_configuration(Name=emr.SECURITY_CONFIGURATION)
+    aws_ = emr.Emr(REGION)
+    plain_client = aws_.client
+    service, operation = refused.split(":")
+    if service == "kms":
+        def client(name: str):
+            made = plain_client(name)
+            if name == "kms":
+                _refuse(made, operation, "AccessDeniedException")
+            return made
+
+        monkeypatch.setattr(aws_, "client", client)
+    else:
+        _refuse(aws_.emr, operation, "AccessDeniedException")
+    with pytest.raises(emr.EmrError, match=rf"refused \(AccessDeniedException\): .* needs {refused}.*; nothing was "
+                                           "created$"):
+        aws_.setup(emr_settings())
+    assert kms.list_keys()["Keys"] == keys_before
+    config_after = emr_client.describe_security_configuration(Name=emr.SECURITY_CONFIGURATION)
+    assert config_after["CreationDateTime"] == config_before["CreationDateTime"]
+    assert [a["AliasName"] for a in kms.list_aliases()["Aliases"]].count(emr.KMS_ALIAS) == 1
+
+
+def _clusters(endpoint: str) -> set[str]:
+    return {c["Id"] for c in _client("emr", endpoint).list_clusters()["Clusters"]}
+
+
+def test_up_waits_for_iam_to_propagate_new_roles_and_nothing_else(aws) -> None:
+    """Right after `setup`, EMR may answer RunJobFlow "Invalid InstanceProfile" until IAM has propagated the roles:
+    `up` tries again, 5 s apart, for a minute (the waits are counted, not slept); another refusal is not retried,
+    and a minute of refusals is one line saying what to check, with nothing started."""
+    import botocore.awsrequest
+
+    def failing(message: str, times: int):
+        calls = {"n": 0}
+
+        def answer(**kwargs):
+            calls["n"] += 1
+            if calls["n"] > times:
+                return None  # the real call
+            error = {"Error": {"Code": "ValidationException", "Message": message},
+                     "ResponseMetadata": {"HTTPStatusCode": 400}}
+            return botocore.awsrequest.AWSResponse("", 400, {}, None), error
+        return answer, calls
+
+    def launcher(message: str, times: int):
+        aws_ = emr.Emr(REGION)
+        waits: list[float] = []
+        aws_.sleep = waits.append
+        answer, calls = failing(message, times)
+        aws_.emr.meta.events.register("before-call.elasticmapreduce.RunJobFlow", answer)
+        return aws_, waits, calls
+
+    before = _clusters(aws["endpoint"])
+    aws_, waits, calls = launcher("Invalid InstanceProfile: fruitpipe-emr-ec2.", 2)
+    started = aws_.up(emr_settings())["cluster_id"]
+    assert waits == [5.0, 5.0] and calls["n"] == 3 and _clusters(aws["endpoint"]) == before | {started}
+    aws_.down(started)
+
+    aws_, waits, calls = launcher("Instance type m5.xlarge is not supported in this zone", 1)
+    with pytest.raises(Exception, match="not supported in this zone"):
+        aws_.up(emr_settings())
+    assert waits == [] and calls["n"] == 1
+
+    aws_, waits, calls = launcher("Service role arn:aws:iam::123456789012:role/fruitpipe-emr-service has "
+                                  "insufficient EC2 permissions", 100)
+    with pytest.raises(emr.EmrError, match=r"still refuses the roles after 60 s .*emr setup.*nothing was started$"):
+        aws_.up(emr_settings())
+    assert len(waits) == 11 and calls["n"] == 12
+    assert _clusters(aws["endpoint"]) == before | {started}
+
+
+def test_up_refuses_a_cluster_the_vcpu_quota_cannot_hold_unless_told(aws, monkeypatch, capsys) -> None:
+    """A quota read too small for the plan is a refusal before anything is billed (it was a warning, and the
+    cluster then waited in STARTING and failed); --ignore-quota launches anyway."""
+    from moto.servicequotas.models import ServiceQuotasBackend
+
+    real = ServiceQuotasBackend.get_service_quota
+
+    def ec2_quota(self, service_code: str, quota_code: str) -> dict:
+        if (service_code, quota_code) == ("ec2", "L-1216C47A"):
+            return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": "Running On-Demand Standard "
+                    "(A, C, D, H, I, M, R, T, Z) instances", "Value": 16.0, "Unit": "None"}
+        return real(self, service_code, quota_code)
+
+    monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", ec2_quota)
+    ec2 = _client("ec2", aws["endpoint"])
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    running = ec2.run_instances(ImageId=image, InstanceType="m5.xlarge", MinCount=1, MaxCount=1)
+    before = _clusters(aws["endpoint"])
+    try:
+        assert main(["emr", "up", INPUT, OUTPUT, "--core-nodes", "3", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "16 vCPUs needed, 4 already running, quota 16" in err and "--ignore-quota" in err
+        assert err.count("\n") == 1 and _clusters(aws["endpoint"]) == before
+        assert main(["emr", "up", INPUT, OUTPUT, "--core-nodes", "3", "--ignore-quota", "-q"]) == 0
+        started = json.loads(capsys.readouterr().out)["cluster_id"]
+        assert _clusters(aws["endpoint"]) == before | {started}
+        emr.Emr(REGION).down(started)
+    finally:
+        ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in running["Instances"]])

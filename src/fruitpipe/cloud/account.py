@@ -262,9 +262,14 @@ class AccountSetup(Preflight):
         self.check_data_regions(settings, buckets_may_be_missing=True)
         account = self.client("sts").get_caller_identity()["Account"]
         kms = self.client("kms")
+        # Only "not found" means absent: an AccessDenied (or a throttle) must not create a second key or
+        # configuration beside the one that is there.
         try:
             key_arn = kms.describe_key(KeyId=KMS_ALIAS)["KeyMetadata"]["Arn"]
-        except ClientError:
+        except ClientError as exc:
+            if _code(exc) != "NotFoundException":
+                raise EmrError(f"reading KMS key {KMS_ALIAS} was refused ({_code(exc)}): the identity running setup "
+                               "needs kms:DescribeKey on it; nothing was created") from None
             key_arn = kms.create_key(Description="fruitpipe EMR: EBS and local disk encryption",
                                      Tags=[{"TagKey": "project", "TagValue": "fruitpipe"}])["KeyMetadata"]["Arn"]
             kms.create_alias(AliasName=KMS_ALIAS, TargetKeyId=key_arn)
@@ -274,7 +279,12 @@ class AccountSetup(Preflight):
         try:
             have = json.loads(self.emr.describe_security_configuration(
                 Name=SECURITY_CONFIGURATION)["SecurityConfiguration"])
-        except ClientError:
+        except ClientError as exc:
+            absent = _code(exc) == "InvalidRequestException" and "does not exist" in str(exc)
+            if not absent:
+                raise EmrError(f"reading the security configuration {SECURITY_CONFIGURATION} was refused "
+                               f"({_code(exc)}): the identity running setup needs "
+                               "elasticmapreduce:DescribeSecurityConfiguration; nothing was created") from None
             self.emr.create_security_configuration(Name=SECURITY_CONFIGURATION,
                                                    SecurityConfiguration=json.dumps(wanted))
         else:

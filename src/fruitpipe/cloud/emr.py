@@ -159,8 +159,19 @@ _CLUSTER_DONE = {"TERMINATED", "TERMINATED_WITH_ERRORS"}
 
 
 
+#: RunJobFlow is tried this many times, this many seconds apart, while IAM propagates new roles (about a minute).
+RUN_JOB_FLOW_TRIES = 12
+RUN_JOB_FLOW_WAIT_S = 5.0
+#: EMR's answers while a role or instance profile `setup` just made has not propagated.
+_IAM_NOT_YET = re.compile(r"Invalid InstanceProfile|instance profile|[Ss]ervice ?[Rr]ole|JobFlowRole|role .* "
+                          r"(does not exist|is invalid|cannot be assumed)")
+
+
 class Emr(AccountSetup):
     """boto3 clients for one region; endpoints come from the standard AWS settings (AWS_ENDPOINT_URL, profiles)."""
+
+    #: How `up` waits between RunJobFlow tries (replaced by the tests, which count the tries instead).
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     def __init__(self, region: str) -> None:
         try:
@@ -287,16 +298,44 @@ class Emr(AccountSetup):
                         exc.response.get("Error", {}).get("Code", exc), EMR_MANAGED_TAG)
         quota = self.quota(settings)
         if quota.get("checked") and not quota["ok"]:
-            log.warning("vCPU quota: %s", quota["advice"])
+            if not settings.ignore_quota:
+                raise EmrError(f"vCPU quota: {quota['advice']}; nothing was started (--ignore-quota launches "
+                               "anyway, e.g. when an instance counted here is about to stop)")
+            log.warning("vCPU quota (ignored): %s", quota["advice"])
         elif not quota.get("checked"):
             log.warning("vCPU quota not checked: %s", quota["why"])
         request = job_flow_request(settings, subnet)
-        cluster_id = self.emr.run_job_flow(**request)["JobFlowId"]
+        cluster_id = self._run_job_flow(request)
         if started is not None:
             started(cluster_id)
         steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
         log.info("cluster %s starting in %s", cluster_id, self.region)
         return {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}
+
+    def _run_job_flow(self, request: dict[str, Any]) -> str:
+        """RunJobFlow, tried again for about a minute while EMR answers that a role or instance profile is invalid:
+        IAM takes seconds to propagate what `setup` just made (a first `setup` then `run` failed at once). Any
+        other refusal, and the last one, go to the caller."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(RUN_JOB_FLOW_TRIES):
+            try:
+                return str(self.emr.run_job_flow(**request)["JobFlowId"])
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                propagating = (error.get("Code") == "ValidationException"
+                               and _IAM_NOT_YET.search(str(error.get("Message", ""))))
+                if not propagating:
+                    raise
+                if attempt + 1 == RUN_JOB_FLOW_TRIES:
+                    raise EmrError(f"EMR still refuses the roles after {RUN_JOB_FLOW_TRIES * RUN_JOB_FLOW_WAIT_S:.0f} "
+                                   f"s ({error.get('Message', '')}): check that `fruitpipe emr setup` ran in this "
+                                   f"account and region with the same --service-role/--instance-role; nothing "
+                                   "was started") from None
+                log.info("EMR does not see the roles yet (%s): IAM is propagating; trying again in %.0f s",
+                         error.get("Message", ""), RUN_JOB_FLOW_WAIT_S)
+                self.sleep(RUN_JOB_FLOW_WAIT_S)
+        raise AssertionError("unreachable")
 
     def status(self, cluster_id: str) -> dict[str, Any]:
         """Cluster state, its reason, and each step's state, oldest first, with EMR's failure reason, message and

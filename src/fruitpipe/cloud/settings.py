@@ -130,6 +130,8 @@ class EmrSettings:
     #: A cluster for notebooks (EMR Studio) instead of a step: Livy and Jupyter Enterprise Gateway, no step, and
     #: terminated by EMR once idle for this many minutes.
     notebook_idle_min: float | None = None
+    #: Launch even when the vCPU quota read is too small for the plan (`up` refuses otherwise).
+    ignore_quota: bool = False
 
     def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
