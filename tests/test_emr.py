@@ -967,3 +967,49 @@ def test_up_refuses_a_cluster_the_vcpu_quota_cannot_hold_unless_told(aws, monkey
         emr.Emr(REGION).down(started)
     finally:
         ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in running["Instances"]])
+
+
+def test_the_way_to_s3_is_matched_to_the_vpcs_s3_endpoints_and_private_groups_are_tagged(aws, capsys,
+                                                                                        caplog) -> None:
+    """A subnet whose only gateway endpoint is DynamoDB's is refused (it was accepted), one whose default route
+    goes to a transit gateway is launched with a warning (it was refused), --skip-network-check launches the first;
+    EMR's private-subnet security groups are checked and tagged as the public ones are."""
+    import logging
+
+    ec2, api = _client("ec2", aws["endpoint"]), _client("emr", aws["endpoint"])
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
+    private = [ec2.create_security_group(GroupName=name, Description="EMR private", VpcId=vpc)["GroupId"]
+               for name in ("ElasticMapReduce-Master-Private", "ElasticMapReduce-Slave-Private")]
+    table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
+    ec2.create_vpc_endpoint(VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.dynamodb", VpcEndpointType="Gateway",
+                            RouteTableIds=[table["RouteTableId"]])
+    flags = ["--subnet-id", subnet, "--name", "fruitpipe-route-test"]
+    assert main(["emr", "plan", INPUT, OUTPUT, *flags]) == 0
+    network = json.loads(capsys.readouterr().out)["network"]
+    assert set(private) <= set(network["untagged"]) and set(private) <= set(network["emr_security_groups"])
+    assert main(["emr", "setup", INPUT, OUTPUT, *flags, "-q"]) == 0  # tags the subnet, VPC and private groups
+    capsys.readouterr()
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": private}])["Tags"]
+    assert {t["ResourceId"] for t in tags if t["Key"] == emr.EMR_MANAGED_TAG} == set(private)
+    before = _clusters(aws["endpoint"])
+    assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 2  # DynamoDB's endpoint is no way to S3
+    err = capsys.readouterr().err
+    assert f"subnet {subnet} has no route to S3" in err and "--skip-network-check" in err
+    assert _clusters(aws["endpoint"]) == before
+    assert main(["emr", "up", INPUT, OUTPUT, *flags, "--skip-network-check", "-q"]) == 0
+    started = json.loads(capsys.readouterr().out)["cluster_id"]
+    api.terminate_job_flows(JobFlowIds=[started])
+
+    tgw = ec2.create_transit_gateway(Description="the company's hub")["TransitGateway"]["TransitGatewayId"]
+    ec2.create_route(RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0", TransitGatewayId=tgw)
+    assert main(["emr", "plan", INPUT, OUTPUT, *flags]) == 0
+    route = json.loads(capsys.readouterr().out)["network"]["s3_route"]
+    assert route.startswith("not verified: the default route goes to transit gateway " + tgw)
+    with caplog.at_level(logging.WARNING, logger="fruitpipe"):
+        assert main(["emr", "up", INPUT, OUTPUT, *flags]) == 0
+    started = json.loads(capsys.readouterr().out)["cluster_id"]
+    assert any("not verified" in r.getMessage() and tgw in r.getMessage() for r in caplog.records)
+    assert api.describe_cluster(ClusterId=started)["Cluster"]["Ec2InstanceAttributes"]["Ec2SubnetId"] == subnet
+    api.terminate_job_flows(JobFlowIds=[started])

@@ -287,6 +287,7 @@ def test_the_operator_policy_covers_every_call_of_the_operator_commands() -> Non
     allowed = {a for st in policy["Statement"] if st["Effect"] == "Allow"
                for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
     needed = {"ec2:DescribeVpcs", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups", "ec2:DescribeRouteTables",
+              "ec2:DescribeVpcEndpoints",
               "ec2:DescribeInstances", "servicequotas:GetServiceQuota", "servicequotas:GetAWSDefaultServiceQuota",
               "s3:GetBucketLocation", "s3:PutObject", "s3:GetObject", "s3:ListBucket",
               "elasticmapreduce:RunJobFlow", "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
@@ -375,10 +376,28 @@ def test_the_subnets_way_to_s3_is_read_from_its_route_table() -> None:
     igw = {"DestinationCidrBlock": "0.0.0.0/0", "GatewayId": "igw-1", "State": "active"}
     main_table = {"Associations": [{"Main": True}], "Routes": [local, igw]}
     own = {"Associations": [{"SubnetId": "subnet-a"}], "Routes": [local, nat]}
-    assert s3_route([main_table, own], "subnet-a") == ("NAT gateway", "nat-1")
-    assert s3_route([main_table, own], "subnet-b") == ("internet gateway", "igw-1")
+    s3_endpoints = {"vpce-1"}
+    assert s3_route([main_table, own], "subnet-a", s3_endpoints) == ("NAT gateway", "nat-1", "")
+    assert s3_route([main_table, own], "subnet-b", s3_endpoints) == ("internet gateway", "igw-1", "")
     own["Routes"].append(vpce)
-    assert s3_route([main_table, own], "subnet-a") == ("gateway endpoint", "vpce-1")
+    assert s3_route([main_table, own], "subnet-a", s3_endpoints) == ("gateway endpoint", "vpce-1", "")
     assert s3_route([{"Associations": [{"Main": True}], "Routes": [local, {**nat, "State": "blackhole"}]}],
-                    "subnet-a") == ("", "")
+                    "subnet-a", s3_endpoints) == ("", "", "")
     assert "billed per GB" in _route_words("NAT gateway", "nat-1")
+    # A gateway endpoint that is DynamoDB's (DescribeVpcEndpoints names S3's only) is no way to S3.
+    dynamo_only = {"Associations": [{"Main": True}], "Routes": [local, {**vpce, "GatewayId": "vpce-dynamo"}]}
+    assert s3_route([dynamo_only], "subnet-a", s3_endpoints)[0] == ""
+    # Endpoints that could not be read: the endpoint route is a warning, not a refusal.
+    kind, via, why = s3_route([dynamo_only], "subnet-a", None)
+    assert (kind, via) == ("unverified", "vpce-dynamo") and "DescribeVpcEndpoints" in why
+    # Default routes that work but lead where fruitpipe cannot look: unverified, never "none".
+    for route, words in (({"TransitGatewayId": "tgw-1"}, "transit gateway tgw-1"),
+                         ({"VpcPeeringConnectionId": "pcx-1"}, "peering connection pcx-1"),
+                         ({"NetworkInterfaceId": "eni-1"}, "network interface (an appliance) eni-1"),
+                         ({"GatewayId": "vpce-fw"}, "Gateway Load Balancer) vpce-fw"),
+                         ({"VpcEndpointId": "vpce-fw2"}, "Gateway Load Balancer) vpce-fw2")):
+        table = {"Associations": [{"Main": True}], "Routes": [
+            local, {"DestinationCidrBlock": "0.0.0.0/0", "State": "active", **route}]}
+        kind, via, why = s3_route([table], "subnet-a", s3_endpoints)
+        assert kind == "unverified" and words in why, (route, why)
+        assert _route_words(kind, via, why).startswith("not verified: the default route goes to")

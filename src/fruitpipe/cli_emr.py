@@ -57,6 +57,8 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-quota", action="store_true",
                    help="up/run: launch even when the vCPU quota read is too small for the cluster (refused "
                         "otherwise)")
+    p.add_argument("--skip-network-check", action="store_true",
+                   help="up/run: launch into a subnet whose route to S3 fruitpipe cannot find (refused otherwise)")
     p.add_argument("--step-timeout", type=positive_float, metavar="MINUTES",
                    help="kill the step (and so the cluster) after this long (default: 3x the estimate, >= 30)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
@@ -122,6 +124,7 @@ def _emr_settings(args: argparse.Namespace) -> Any:
         model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
         img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price, step_timeout_min=args.step_timeout,
         notebook_idle_min=args.notebook_idle, ignore_quota=args.ignore_quota,
+        skip_network_check=args.skip_network_check,
     )  # validated by each emr command it is handed to
 
 

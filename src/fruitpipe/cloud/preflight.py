@@ -12,7 +12,9 @@ log = logging.getLogger(__name__)
 
 #: The security groups EMR creates and manages in a VPC (the third only for private subnets). Made before the VPC
 #: was tagged, they lack the tag, and AmazonEMRServicePolicy_v2 then refuses to launch into them.
-EMR_MANAGED_GROUPS = ("ElasticMapReduce-master", "ElasticMapReduce-slave", "ElasticMapReduce-ServiceAccess")
+#: In a private subnet EMR uses the -Private pair and the ServiceAccess group instead of the public pair.
+EMR_MANAGED_GROUPS = ("ElasticMapReduce-master", "ElasticMapReduce-slave", "ElasticMapReduce-Master-Private",
+                      "ElasticMapReduce-Slave-Private", "ElasticMapReduce-ServiceAccess")
 
 
 def _code(exc: Any) -> str:
@@ -43,20 +45,24 @@ class Network:
     security_groups: list[str] = field(default_factory=list)
     untagged: list[str] = field(default_factory=list)
     #: How the nodes reach S3 (the bootstrap reads the wheelhouse there): "gateway endpoint", "NAT gateway",
-    #: "internet gateway", or "" when the subnet's route table has none of them.
+    #: "internet gateway", "unverified" (a default route to a transit gateway, a firewall or appliance endpoint,
+    #: a peering connection: it may well reach S3, fruitpipe cannot tell), or "" when the route table has none.
     s3_route: str = ""
     s3_route_via: str = ""
+    #: Why the route could not be verified (the S3 gateway endpoints could not be read, or where it leads).
+    s3_route_why: str = ""
 
     def describe(self) -> dict[str, Any]:
         """The plan's view of it."""
         out = {"subnet_id": self.subnet_id, "vpc_id": self.vpc_id,
                "chosen": "the default VPC's subnet" if self.default_vpc else "--subnet-id",
                "emr_security_groups": self.security_groups, "tag": f"{EMR_MANAGED_TAG}=true",
-               "untagged": self.untagged, "s3_route": _route_words(self.s3_route, self.s3_route_via)}
+               "untagged": self.untagged, "s3_route": _route_words(self.s3_route, self.s3_route_via,
+                                                                   self.s3_route_why)}
         return out
 
 
-def _route_words(kind: str, via: str) -> str:
+def _route_words(kind: str, via: str, why: str = "") -> str:
     if kind == "gateway endpoint":
         return f"S3 gateway endpoint {via} (free)"
     if kind == "NAT gateway":
@@ -64,31 +70,56 @@ def _route_words(kind: str, via: str) -> str:
                 "endpoint in the VPC is free")
     if kind == "internet gateway":
         return f"internet gateway {via} (the nodes get public addresses)"
-    return "none: the nodes cannot reach S3 (no S3 gateway endpoint, NAT or internet gateway route)"
+    if kind == "unverified":
+        return f"not verified: {why}"
+    return ("none: the nodes cannot reach S3 (no S3 gateway endpoint, NAT, internet gateway or other default "
+            "route)")
 
 
-def s3_route(route_tables: list[dict[str, Any]], subnet_id: str) -> tuple[str, str]:
-    """(kind, id) of the best way the subnet reaches S3: its route table (an explicit association, else the VPC's
-    main table) with a route to a gateway endpoint (vpce-, to S3's prefix list), else 0.0.0.0/0 through a NAT
-    gateway or an internet gateway."""
+#: Targets of a default route that may reach S3 but whose way on fruitpipe cannot see (a transit gateway, a
+#: peering connection, a firewall or Gateway Load Balancer endpoint, an appliance's interface or instance).
+_OTHER_TARGETS = (("TransitGatewayId", "transit gateway"), ("VpcPeeringConnectionId", "peering connection"),
+                  ("NetworkInterfaceId", "network interface (an appliance)"), ("InstanceId", "instance"),
+                  ("LocalGatewayId", "local gateway"), ("CoreNetworkArn", "core network"),
+                  ("CarrierGatewayId", "carrier gateway"))
+
+
+def s3_route(route_tables: list[dict[str, Any]], subnet_id: str,
+             s3_endpoints: set[str] | None = None) -> tuple[str, str, str]:
+    """(kind, id, why) of the best way the subnet reaches S3: its route table (an explicit association, else the
+    VPC's main table) with a route to one of `s3_endpoints` (the VPC's S3 gateway endpoints, from
+    DescribeVpcEndpoints; a DynamoDB one does not count), else 0.0.0.0/0 through a NAT gateway or an internet
+    gateway; else a default route elsewhere, or a gateway endpoint route when `s3_endpoints` is None (unknown):
+    "unverified", with why."""
     own = [t for t in route_tables if any(a.get("SubnetId") == subnet_id for a in t.get("Associations", []))]
     main = [t for t in route_tables if any(a.get("Main") for a in t.get("Associations", []))]
     table = (own or main or [{}])[0]
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for r in table.get("Routes", []):
         if r.get("State", "active") != "active":
             continue
-        gateway = r.get("GatewayId", "") or ""
+        gateway = r.get("GatewayId", "") or r.get("VpcEndpointId", "") or ""
+        default = r.get("DestinationCidrBlock") == "0.0.0.0/0"
         if gateway.startswith("vpce-") and r.get("DestinationPrefixListId"):
-            found.setdefault("gateway endpoint", gateway)
-        elif r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("NatGatewayId"):
-            found.setdefault("NAT gateway", r["NatGatewayId"])
-        elif r.get("DestinationCidrBlock") == "0.0.0.0/0" and gateway.startswith("igw-"):
-            found.setdefault("internet gateway", gateway)
-    for kind in ("gateway endpoint", "NAT gateway", "internet gateway"):
+            if s3_endpoints is None:
+                found.setdefault("unverified", (gateway, f"a gateway endpoint {gateway} whose service could not be "
+                                                         "read (ec2:DescribeVpcEndpoints)"))
+            elif gateway in s3_endpoints:
+                found.setdefault("gateway endpoint", (gateway, ""))
+        elif default and r.get("NatGatewayId"):
+            found.setdefault("NAT gateway", (r["NatGatewayId"], ""))
+        elif default and gateway.startswith("igw-"):
+            found.setdefault("internet gateway", (gateway, ""))
+        elif default:
+            target = next(((r[key], words) for key, words in _OTHER_TARGETS if r.get(key)),
+                          (gateway, "VPC endpoint (a firewall or Gateway Load Balancer)") if gateway else None)
+            if target is not None:
+                found.setdefault("unverified", (target[0], f"the default route goes to {target[1]} {target[0]}, "
+                                                           "which may reach S3 beyond what fruitpipe can see"))
+    for kind in ("gateway endpoint", "NAT gateway", "internet gateway", "unverified"):
         if kind in found:
-            return kind, found[kind]
-    return "", ""
+            return kind, *found[kind]
+    return "", "", ""
 
 
 def _tagged(resource: dict[str, Any]) -> bool:
@@ -139,9 +170,18 @@ class Preflight:
         untagged = [r[key] for r, key in ((subnet, "SubnetId"), (vpc, "VpcId")) if not _tagged(r)]
         untagged += [g["GroupId"] for g in groups if not _tagged(g)]
         tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])["RouteTables"]
-        kind, via = s3_route(tables, subnet["SubnetId"])
+        endpoints: set[str] | None
+        try:
+            endpoints = {e["VpcEndpointId"] for e in ec2.describe_vpc_endpoints(Filters=[
+                {"Name": "vpc-id", "Values": [vpc["VpcId"]]},
+                {"Name": "service-name", "Values": [f"com.amazonaws.{self.region}.s3"]}])["VpcEndpoints"]
+                if e.get("VpcEndpointType", "Gateway") == "Gateway"}
+        except ClientError as exc:
+            log.info("the VPC's endpoints could not be read (%s)", _code(exc))
+            endpoints = None
+        kind, via, why = s3_route(tables, subnet["SubnetId"], endpoints)
         return Network(subnet["SubnetId"], vpc["VpcId"], default, sorted(g["GroupId"] for g in groups), untagged,
-                       kind, via)
+                       kind, via, why)
 
     def tag_network(self, net: Network) -> list[str]:
         """Tag what lacks the tag; returns what was changed, in words (setup's report)."""
@@ -160,11 +200,18 @@ class Preflight:
                            "TERMINATED_WITH_ERRORS): run `fruitpipe emr setup` with the same flags (it tags them), or "
                            f"`aws ec2 create-tags --resources {' '.join(net.untagged)} "
                            f"--tags Key={EMR_MANAGED_TAG},Value=true`")
-        if not net.s3_route:
+        if net.s3_route == "unverified":
+            log.warning("subnet %s: the way to S3 is %s; if the bootstrap cannot read the wheelhouse, `emr logs` "
+                        "says so", net.subnet_id, _route_words(net.s3_route, net.s3_route_via, net.s3_route_why))
+        if not net.s3_route and settings.skip_network_check:
+            log.warning("subnet %s has no route to S3 that fruitpipe can see; launching anyway "
+                        "(--skip-network-check)", net.subnet_id)
+        elif not net.s3_route:
             raise EmrError(f"subnet {net.subnet_id} has no route to S3, so the bootstrap could not read the "
                            "wheelhouse (the cluster would fail after being billed): add an S3 gateway endpoint to "
                            f"VPC {net.vpc_id} (aws ec2 create-vpc-endpoint --service-name com.amazonaws."
-                           f"{self.region}.s3 --route-table-ids ...), or a NAT gateway route")
+                           f"{self.region}.s3 --route-table-ids ...), or a NAT gateway route; --skip-network-check "
+                           "launches anyway when the way out is one fruitpipe cannot see")
         if net.s3_route == "NAT gateway":
             log.warning("subnet %s reaches S3 through %s", net.subnet_id, _route_words(net.s3_route,
                                                                                      net.s3_route_via))

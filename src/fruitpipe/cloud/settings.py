@@ -132,6 +132,8 @@ class EmrSettings:
     notebook_idle_min: float | None = None
     #: Launch even when the vCPU quota read is too small for the plan (`up` refuses otherwise).
     ignore_quota: bool = False
+    #: Launch into a subnet whose route to S3 fruitpipe cannot find (a proxy, a route it does not know).
+    skip_network_check: bool = False
 
     def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
