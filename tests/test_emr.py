@@ -170,11 +170,13 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
     s3 = _client("s3", aws["endpoint"])
     keys = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="fruits-out",
                                                             Prefix="fruitpipe-artifacts/")["Contents"]}
-    version = emr._version()
+    from fruitpipe.version import code_sha256
+
+    code = f"fruitpipe-artifacts/code/{emr._version()}-{code_sha256()[:16]}"  # keyed by the code, not the version
     wheelhouse = uris["wheelhouse"].removeprefix("s3://fruits-out/")
     reqs = s3.get_object(Bucket="fruits-out", Key=f"{wheelhouse}/requirements.txt")["Body"].read().decode()
-    assert set(keys) == {f"fruitpipe-artifacts/{version}/{emr.wheel_name()}", f"{wheelhouse}/requirements.txt",
-                         f"fruitpipe-artifacts/{version}/bootstrap.sh", f"{wheelhouse}/wheelhouse.tar",
+    assert set(keys) == {f"{code}/{emr.wheel_name()}", f"{wheelhouse}/requirements.txt",
+                         f"{code}/bootstrap.sh", f"{wheelhouse}/wheelhouse.tar",
                          "fruitpipe-artifacts/models/ad116e43570b0c58/mobilenet_v2_features.onnx"}
     import io
     import tarfile
@@ -187,9 +189,9 @@ def test_upload_up_status_logs_down(aws, capsys) -> None:
         __file__).resolve().parents[2].joinpath("shared/models/mobilenet_v2_features.onnx").stat().st_size
     assert "onnxruntime==" in reqs and "pyspark" not in reqs  # the nodes use EMR's own Spark
     assert "onnx==" in reqs  # every run wraps its model for uint8 input (models/wrap.py)
-    head = s3.head_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")
+    head = s3.head_object(Bucket="fruits-out", Key=f"{code}/bootstrap.sh")
     assert head["ServerSideEncryption"] == "AES256"
-    script = s3.get_object(Bucket="fruits-out", Key=f"fruitpipe-artifacts/{version}/bootstrap.sh")["Body"].read()
+    script = s3.get_object(Bucket="fruits-out", Key=f"{code}/bootstrap.sh")["Body"].read()
     installs = [ln for ln in script.decode().splitlines() if '/bin/pip" install' in ln]
     assert len(installs) == 2 and all("--no-index" in ln for ln in installs)  # nothing from PyPI
     # The instance role may GET under the artifacts prefix but not LIST it: the bootstrap reads named objects only.
@@ -1013,3 +1015,38 @@ def test_the_way_to_s3_is_matched_to_the_vpcs_s3_endpoints_and_private_groups_ar
     assert any("not verified" in r.getMessage() and tgw in r.getMessage() for r in caplog.records)
     assert api.describe_cluster(ClusterId=started)["Cluster"]["Ec2InstanceAttributes"]["Ec2SubnetId"] == subnet
     api.terminate_job_flows(JobFlowIds=[started])
+
+
+def test_the_code_is_keyed_by_its_digest_and_a_wheel_of_other_code_is_refused(aws, tmp_path: Path, capsys) -> None:
+    """Two checkouts at one version (or an edit between two runs) used to share `<version>/`, so a cluster got
+    whichever upload landed last: the wheel and the bootstrap now live under the digest of the code, the one
+    run.json records (versions.fruitpipe_code_sha256); a --wheel holding other code than the fruitpipe running
+    the command is refused, and nothing is uploaded for it."""
+    import shutil
+    import zipfile
+
+    from fruitpipe.cloud.artifacts import wheel_code_sha256
+    from fruitpipe.version import code_sha256
+
+    assert wheel_code_sha256(Path(aws["wheel"])) == code_sha256()  # the built wheel holds exactly this code
+    edited = tmp_path / "other" / Path(aws["wheel"]).name
+    edited.parent.mkdir()
+    with zipfile.ZipFile(aws["wheel"]) as src, zipfile.ZipFile(edited, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "fruitpipe/cloud/bootstrap.sh":
+                data += b"# an edit made in another checkout\n"
+            dst.writestr(item, data)
+    assert wheel_code_sha256(edited) != code_sha256()
+    s3 = _client("s3", aws["endpoint"])
+    s3.create_bucket(Bucket="fruits-code", CreateBucketConfiguration={"LocationConstraint": REGION})
+    where = ["--artifacts", "s3://fruits-code/artifacts"]
+    assert main(["emr", "upload", INPUT, OUTPUT, *where, "--wheel", str(edited), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "holds other code" in err and "omit --wheel" in err and err.count("\n") == 1
+    assert "Contents" not in s3.list_objects_v2(Bucket="fruits-code")
+    shutil.copy(aws["wheel"], tmp_path / Path(aws["wheel"]).name)
+    assert main(["emr", "upload", INPUT, OUTPUT, *where, "--wheel", str(tmp_path / Path(aws["wheel"]).name),
+                 "-q"]) == 0
+    uris = json.loads(capsys.readouterr().out)
+    assert uris["prefix"] == f"s3://fruits-code/artifacts/code/{emr._version()}-{code_sha256()[:16]}"

@@ -87,7 +87,10 @@ def test_plan_has_the_whole_request(no_credentials, capsys) -> None:
     assert req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False  # terminates after its step
     assert req["Applications"] == [{"Name": "Spark"}] and req["LogUri"] == "s3://fruits-out/fruitpipe-logs/"
     art = plan["artifacts"]
-    assert art["wheel"] == f"s3://fruits-out/fruitpipe-artifacts/{emr._version()}/{emr.wheel_name()}"
+    from fruitpipe.version import code_sha256
+
+    code = f"s3://fruits-out/fruitpipe-artifacts/code/{emr._version()}-{code_sha256()[:16]}"
+    assert art["prefix"] == code and art["wheel"] == f"{code}/{emr.wheel_name()}"
     assert art["model"].startswith("s3://fruits-out/fruitpipe-artifacts/models/ad116e43570b0c58/")
     bootstrap = req["BootstrapActions"][0]["ScriptBootstrapAction"]
     assert bootstrap == {"Path": art["bootstrap"], "Args": [art["prefix"], emr.wheel_name(), art["wheelhouse"],

@@ -134,6 +134,10 @@ def test_every_input_accounted_for_once(e2e) -> None:
     import pyspark
 
     assert run_json["versions"]["pyspark"] == pyspark.__version__ and run_json["versions"]["java"]
+    from fruitpipe.version import code_sha256
+
+    # The code that ran, by digest: the key of the EMR code artifacts (a cluster's run.json names what it ran).
+    assert run_json["versions"]["fruitpipe_code_sha256"] == code_sha256() and len(code_sha256()) == 64
 
 
 def test_bad_inputs_get_their_reason_and_odd_images_are_embedded(e2e) -> None:

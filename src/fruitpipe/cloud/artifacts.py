@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fruitpipe.cloud.settings import EmrError, EmrSettings
+from fruitpipe.version import code_sha256, files_digest
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,23 @@ def node_requirements(settings: EmrSettings) -> list[str]:
     return runtime_requirements(node_extras(settings.run_args))
 
 
+def wheel_code_sha256(wheel: Path) -> str:
+    """The digest of the fruitpipe code a wheel holds (version.code_sha256 of its install)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        return files_digest((n, zf.read(n)) for n in zf.namelist() if n.startswith("fruitpipe/") and
+                            not n.endswith("/"))
+
+
 def artifact_uris(settings: EmrSettings) -> dict[str, str]:
-    """Where each artifact lives in S3: code under the version, the wheelhouse under the hash of its requirements
-    and the model under its sha256 (each uploaded once)."""
+    """Where each artifact lives in S3, each under its content: the wheel and the bootstrap under the version and
+    the digest of the code (two checkouts at one version, or an edit between two runs, never share a key; run.json
+    records it as versions.fruitpipe_code_sha256), the wheelhouse under the hash of its requirements and the model
+    under its sha256 (each uploaded once)."""
     base = settings.artifacts_uri
     filename, sha = model_file(settings)
-    code = f"{base}/{_version()}"
+    code = f"{base}/code/{_version()}-{code_sha256()[:16]}"
     reqs = hashlib.sha256("\n".join(node_requirements(settings)).encode()).hexdigest()[:16]
     return {
         "prefix": code,

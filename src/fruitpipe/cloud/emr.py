@@ -28,6 +28,7 @@ from fruitpipe.cloud.artifacts import (
     build_wheelhouse,
     node_requirements,
     runtime_requirements,
+    wheel_code_sha256,
     wheel_name,
 )
 from fruitpipe.cloud.plan import (
@@ -56,6 +57,7 @@ from fruitpipe.cloud.settings import (
     EmrSettings,
     split_s3,
 )
+from fruitpipe.version import code_sha256
 
 #: The names `fruitpipe.cloud.emr` has always offered (the CLI and the tests use them), from their new homes.
 __all__ = [
@@ -248,12 +250,23 @@ class Emr(AccountSetup):
                                "hardens it)") from None
             raise EmrError(f"bucket {bucket} cannot be read ({code}): the identity running upload needs "
                            "s3:GetBucketLocation on it (policies/operator.json)") from None
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(wheel) if wheel else build_wheel(Path(tmp))
-            if path.name != wheel_name():
-                raise EmrError(f"--wheel {path} is not {wheel_name()}: build this version's wheel")
-            self._put(uris["wheel"], path.read_bytes())
-        self._put(uris["bootstrap"], resources.files("fruitpipe.cloud").joinpath("bootstrap.sh").read_bytes())
+        if self._exists(uris["wheel"]):  # keyed by the code's digest, written after the bootstrap
+            log.info("this code is already in S3: %s", uris["prefix"])
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(wheel) if wheel else build_wheel(Path(tmp))
+                if path.name != wheel_name():
+                    raise EmrError(f"--wheel {path} is not {wheel_name()}: build this version's wheel")
+                held = wheel_code_sha256(path)
+                if held != code_sha256():
+                    raise EmrError(f"{'--wheel ' + str(path) if wheel else 'the wheel built from this checkout'} "
+                                   f"holds other code (sha256 {held[:16]}) than the fruitpipe running this command "
+                                   f"({code_sha256()[:16]}), whose key the cluster would be given: "
+                                   + ("build this checkout's wheel (omit --wheel)" if wheel else
+                                      "reinstall this checkout (pip install -e .) and retry"))
+                self._put(uris["bootstrap"], resources.files("fruitpipe.cloud").joinpath(
+                    "bootstrap.sh").read_bytes())
+                self._put(uris["wheel"], path.read_bytes())
         if self._exists(uris["requirements"]):  # written last: present means complete
             log.info("wheelhouse already in S3: %s", uris["wheelhouse"])
         else:

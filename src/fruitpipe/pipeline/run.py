@@ -33,7 +33,7 @@ from fruitpipe.pipeline.listing import Listing, check_input, list_images
 from fruitpipe.pipeline.stages import ACCOUNTING_GROUP, LazySpark, embed_stage, reduce_stage
 from fruitpipe.report import write_report
 from fruitpipe.storage import StorageOptions
-from fruitpipe.version import __version__
+from fruitpipe.version import __version__, code_sha256
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def _versions(spark: Any) -> dict[str, str]:
 
     versions = {
         "fruitpipe": __version__,
+        "fruitpipe_code_sha256": code_sha256(),  # the EMR code artifacts' key (cloud/artifacts.py)
         "python": platform.python_version(),
         "pyspark": pyspark.__version__,
         "onnxruntime": onnxruntime.__version__,
