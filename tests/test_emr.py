@@ -1050,3 +1050,17 @@ def test_the_code_is_keyed_by_its_digest_and_a_wheel_of_other_code_is_refused(aw
                  "-q"]) == 0
     uris = json.loads(capsys.readouterr().out)
     assert uris["prefix"] == f"s3://fruits-code/artifacts/code/{emr._version()}-{code_sha256()[:16]}"
+
+
+def test_a_notebook_cluster_is_told_where_the_model_is_in_s3_and_up_prints_it(aws, capsys) -> None:
+    """`up --notebook-idle` prints the notebook's model parameter (the model `upload` put in S3) and sets it on the
+    cluster, where the notebook's driver (Livy's AM) reads it: never the public weights, which a private subnet
+    cannot reach."""
+    assert main(["emr", "up", INPUT, OUTPUT, "--notebook-idle", "30", "-q"]) == 0
+    started = json.loads(capsys.readouterr().out)
+    model = emr.artifact_uris(emr_settings())["model"]
+    assert started["notebook"]["FRUITPIPE_NB_MODEL_PATH"] == model and started["step_id"] == ""
+    cluster = _client("emr", aws["endpoint"]).describe_cluster(ClusterId=started["cluster_id"])["Cluster"]
+    defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")
+    assert defaults["Properties"]["spark.yarn.appMasterEnv.FRUITPIPE_NB_MODEL_PATH"] == model
+    emr.Emr(REGION).down(started["cluster_id"])

@@ -147,6 +147,10 @@ def test_a_notebook_cluster_has_livy_and_the_gateway_no_step_and_an_idle_timeout
     # session running a statement is not cut.
     assert livy["livy.server.session.timeout"] == "45m" and livy["livy.server.session.timeout-check"] == "true"
     assert livy["livy.server.session.timeout-check.skip-busy"] == "true"
+    # The notebook's driver reads the model `emr upload` put in S3 (a private subnet has no internet).
+    props = req["Configurations"][0]["Properties"]
+    assert props["spark.yarn.appMasterEnv.FRUITPIPE_NB_MODEL_PATH"] == plan["artifacts"]["model"]
+    assert plan["artifacts"]["model"].startswith("s3://fruits-out/fruitpipe-artifacts/models/")
     assert "Steps" not in req and req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is True
     assert req["AutoTerminationPolicy"] == {"IdleTimeout": 2700}
     assert req["Configurations"][0]["Properties"]["spark.pyspark.python"] == "/opt/fruitpipe/venv/bin/python"

@@ -12,7 +12,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import fruitpipe
-from conftest import ROOT, copy_classes, sample_classes
+from conftest import MODELS, ROOT, copy_classes, sample_classes
 
 NOTEBOOK = ROOT / "examples" / "fruitpipe.ipynb"
 
@@ -35,7 +35,9 @@ def test_the_notebook_runs_headless_and_shows_scree_projection_and_classifier(tr
     for name, (data, output, k) in runs.items():
         nb = nbformat.read(NOTEBOOK, as_version=4)
         env = {"FRUITPIPE_NB_INPUT": str(data), "FRUITPIPE_NB_OUTPUT": str(output), "FRUITPIPE_NB_MASTER": "local[2]",
-               "FRUITPIPE_NB_K": str(k)}
+               "FRUITPIPE_NB_K": str(k),
+               # What a notebook cluster sets (the model `emr upload` put in S3): the fresh run reads that file.
+               "FRUITPIPE_NB_MODEL_PATH": str(MODELS / "mobilenet_v2_features.onnx") if name == "fresh" else ""}
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # the kernel inherits this process's environment
         try:
@@ -61,6 +63,7 @@ def test_the_notebook_runs_headless_and_shows_scree_projection_and_classifier(tr
             assert counts["embedded_this_run"] == 0 and f"top-1 {top1:.2%}" in text
         else:
             assert counts["embedded"] == 24 and "no classifier yet" in text
+        assert (report["model"]["source"] == "model_path") is (name == "fresh")
 
 
 def test_the_library_uses_the_callers_session_and_never_stops_it(spark, tmp_path: Path) -> None:

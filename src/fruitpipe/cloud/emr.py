@@ -32,6 +32,7 @@ from fruitpipe.cloud.artifacts import (
     wheel_name,
 )
 from fruitpipe.cloud.plan import (
+    NOTEBOOK_MODEL_ENV,
     estimate,
     job_flow_request,
     plan,
@@ -291,7 +292,7 @@ class Emr(AccountSetup):
         return uris
 
     # -- cluster lifecycle ---------------------------------------------------------------------------------
-    def up(self, settings: EmrSettings, started: Callable[[str], None] | None = None) -> dict[str, str]:
+    def up(self, settings: EmrSettings, started: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Start the cluster with its step; refuses if the artifacts are missing. `started(cluster_id)` is called
         as soon as EMR has accepted the request, so a caller can terminate the cluster whatever happens next."""
         settings.validate()
@@ -323,7 +324,14 @@ class Emr(AccountSetup):
             started(cluster_id)
         steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
         log.info("cluster %s starting in %s", cluster_id, self.region)
-        return {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}
+        answer: dict[str, Any] = {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}
+        if settings.notebook_idle_min is not None:
+            answer["notebook"] = {
+                NOTEBOOK_MODEL_ENV: uris["model"],
+                "note": f"set on the cluster (spark.yarn.appMasterEnv.{NOTEBOOK_MODEL_ENV}): examples/fruitpipe.ipynb "
+                        "reads the model from S3, not from the internet; attach a Workspace of an EMR Studio in "
+                        "this VPC (`fruitpipe emr studio`)"}
+        return answer
 
     def _run_job_flow(self, request: dict[str, Any]) -> str:
         """RunJobFlow, tried again for about a minute while EMR answers that a role or instance profile is invalid:

@@ -166,7 +166,7 @@ def spark_defaults(settings: EmrSettings) -> dict[str, str]:
     defaultParallelism while no executor was up (2 tasks for a small run, idle cores for a large one), and the
     executors (JVM and model load) were released in driver-only phases and restarted for the next stage. Off, with
     one executor per core node from the start."""
-    return {
+    conf = {
         "spark.pyspark.python": VENV_PYTHON,
         "spark.pyspark.driver.python": VENV_PYTHON,
         **executor_conf(settings.core_type, settings.notebook_idle_min is not None),
@@ -174,6 +174,15 @@ def spark_defaults(settings: EmrSettings) -> dict[str, str]:
         "spark.executor.instances": str(executors(settings)["in_all"]),
         "spark.python.worker.reuse": "true",
     }
+    if settings.notebook_idle_min is not None:
+        # The notebook's driver (inside the Livy session's AM) reads the model `emr upload` put in S3, never the
+        # public weights from the internet, which a private subnet cannot reach.
+        conf[f"spark.yarn.appMasterEnv.{NOTEBOOK_MODEL_ENV}"] = artifact_uris(settings)["model"]
+    return conf
+
+
+#: The notebook's model parameter (examples/fruitpipe.ipynb), set on notebook clusters to the model in S3.
+NOTEBOOK_MODEL_ENV = "FRUITPIPE_NB_MODEL_PATH"
 
 
 def _tags(settings: EmrSettings) -> list[dict[str, str]]:
