@@ -20,7 +20,7 @@ from fruitpipe.cli import build_parser, main
 from conftest import ROOT, copy_classes, sample_classes
 
 COMMANDS = ["run", "embed", "reduce", "train", "evaluate", "serve", "drift", "sample", "models", "emr", "emr plan", "emr setup", "emr upload", "emr up", "emr run",
-            "emr status", "emr logs", "emr down"]
+            "emr status", "emr logs", "emr down", "emr studio"]
 
 
 def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

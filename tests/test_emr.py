@@ -1064,3 +1064,122 @@ def test_a_notebook_cluster_is_told_where_the_model_is_in_s3_and_up_prints_it(aw
     defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")
     assert defaults["Properties"]["spark.yarn.appMasterEnv.FRUITPIPE_NB_MODEL_PATH"] == model
     emr.Emr(REGION).down(started["cluster_id"])
+
+
+class _StudioApi:
+    """EMR Studio's calls answered as AWS documents them (moto has no Studio API), recording each request: the
+    security groups and roles are moto's own."""
+
+    def __init__(self) -> None:
+        self.studios: dict[str, dict] = {}
+        self.requests: list[tuple[str, dict]] = []
+
+    def install(self, client) -> None:
+        """Answer this client's Studio calls from this registry."""
+        import botocore.awsrequest
+
+        def create(params):
+            sid = f"es-{len(self.studios) + 1:025d}"
+            self.studios[sid] = {"StudioId": sid, "Url": f"https://{sid}.emrstudio-prod.{REGION}.amazonaws.com",
+                                 **{k: v for k, v in params.items() if k != "Tags"}}
+            return {"StudioId": sid, "Url": self.studios[sid]["Url"]}
+
+        answers = {"CreateStudio": create,
+                   "ListStudios": lambda p: {"Studios": [{"StudioId": s["StudioId"], "Name": s["Name"]}
+                                                         for s in self.studios.values()]},
+                   "DescribeStudio": lambda p: {"Studio": self.studios[p["StudioId"]]},
+                   "DeleteStudio": lambda p: self.studios.pop(p["StudioId"]) and {}}
+        for operation, respond in answers.items():
+            def handler(params, operation=operation, respond=respond, **kwargs):
+                body = params["body"]  # the serialized request: EMR's JSON protocol
+                sent = json.loads((body.decode() if isinstance(body, bytes) else body) or "{}")
+                self.requests.append((operation, sent))
+                return (botocore.awsrequest.AWSResponse("", 200, {}, None),
+                        {**respond(sent), "ResponseMetadata": {"HTTPStatusCode": 200}})
+            client.meta.events.register(f"before-call.elasticmapreduce.{operation}", handler)
+
+    def calls(self, operation: str) -> list[dict]:
+        return [params for op, params in self.requests if op == operation]
+
+
+def test_emr_studio_is_planned_created_once_in_the_clusters_subnet_and_removed(aws, monkeypatch, capsys) -> None:
+    """`emr studio` shows the plan and writes nothing; `--create` makes the two roles (EMR's trust, conditioned on
+    this account), the Workspace and engine groups (18888 between them only, 443 out, tagged for the managed
+    policies) and an IAM-auth Studio in the cluster's VPC and subnet with its S3 location under the artifacts; a
+    second `--create` changes nothing; a notebook cluster outside the Studio's subnets is refused; `--down` removes
+    all of it."""
+    ec2, iam = _client("ec2", aws["endpoint"]), _client("iam", aws["endpoint"])
+    api = _StudioApi()
+    real_init = emr.Emr.__init__
+
+    def init(self, region: str) -> None:  # every Emr the commands make answers Studio calls from `api`
+        real_init(self, region)
+        api.install(self.emr)
+
+    monkeypatch.setattr(emr.Emr, "__init__", init)
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = emr.Emr(REGION).network(emr_settings()).subnet_id
+    names = {"Name": "group-name", "Values": ["fruitpipe-studio-workspace", "fruitpipe-studio-engine"]}
+    assert main(["emr", "studio", INPUT, OUTPUT]) == 0  # the plan: nothing written
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["studio"]["AuthMode"] == "IAM" and plan["studio"]["SubnetIds"] == [subnet]
+    assert plan["studio"]["DefaultS3Location"] == "s3://fruits-out/fruitpipe-artifacts/studio/"
+    assert plan["existing"] is None and not api.calls("CreateStudio")
+    assert not ec2.describe_security_groups(Filters=[names])["SecurityGroups"]
+
+    assert main(["emr", "studio", INPUT, OUTPUT, "--create", "-q"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")  # moto's unconditional Deny (above)
+    (request,) = api.calls("CreateStudio")
+    groups = {g["GroupName"]: g for g in ec2.describe_security_groups(Filters=[
+        {"Name": "vpc-id", "Values": [vpc]}, names])["SecurityGroups"]}
+    workspace, engine = groups["fruitpipe-studio-workspace"], groups["fruitpipe-studio-engine"]
+    assert request == {**plan["studio"], "ServiceRole": "arn:aws:iam::123456789012:role/fruitpipe-studio-service",
+                       "VpcId": vpc, "WorkspaceSecurityGroupId": workspace["GroupId"],
+                       "EngineSecurityGroupId": engine["GroupId"]}
+    assert [(r["IpProtocol"], r["FromPort"], [p["GroupId"] for p in r["UserIdGroupPairs"]]) for r in
+            engine["IpPermissions"]] == [("tcp", 18888, [workspace["GroupId"]])]
+    egress = sorted((r["FromPort"], [p["GroupId"] for p in r["UserIdGroupPairs"]],
+                     [x["CidrIp"] for x in r.get("IpRanges", [])]) for r in workspace["IpPermissionsEgress"])
+    assert egress == [(443, [], ["0.0.0.0/0"]), (18888, [engine["GroupId"]], [])]
+    assert engine["IpPermissionsEgress"] == []  # the default allow-all rule removed
+    for group in (workspace, engine):
+        assert {"Key": emr.EMR_MANAGED_TAG, "Value": "true"} in group["Tags"]
+    trust = iam.get_role(RoleName="fruitpipe-studio-service")["Role"]["AssumeRolePolicyDocument"]
+    assert trust["Statement"][0]["Principal"] == {"Service": "elasticmapreduce.amazonaws.com"}
+    assert trust["Statement"][0]["Condition"]["StringEquals"] == {"aws:SourceAccount": "123456789012"}
+    service = iam.get_role_policy(RoleName="fruitpipe-studio-service", PolicyName="fruitpipe-studio")
+    s3_resources = [st["Resource"] for st in service["PolicyDocument"]["Statement"] if "s3:PutObject" in st["Action"]]
+    assert s3_resources == ["arn:aws:s3:::fruits-out/fruitpipe-artifacts/studio/*"]
+    assert iam.get_role(RoleName="fruitpipe-studio-user")["Role"]["RoleName"] == "fruitpipe-studio-user"
+    assert done["url"].startswith("https://es-") and "fruitpipe-studio-user" in done["for_users"]
+
+    assert main(["emr", "studio", INPUT, OUTPUT, "--create", "-q"]) == 0  # idempotent
+    again = json.loads(capsys.readouterr().out)
+    _client("s3", aws["endpoint"]).delete_bucket_policy(Bucket="fruits-out")
+    # Only the bucket statement this test removed (moto's Deny) comes back: no role, group or Studio is made again.
+    assert len(api.calls("CreateStudio")) == 1
+    assert [c for c in again["changed"] if "DenyInsecureTransport" not in c] == []
+    assert len(ec2.describe_security_groups(Filters=[names])["SecurityGroups"]) == 2
+
+    # A notebook cluster in a subnet the Studio does not have: refused before anything is billed.
+    before = _clusters(aws["endpoint"])
+    elsewhere = ec2.create_vpc(CidrBlock="10.5.0.0/16")["Vpc"]["VpcId"]
+    outside = ec2.create_subnet(VpcId=elsewhere, CidrBlock="10.5.1.0/24")["Subnet"]["SubnetId"]
+    aws_ = emr.Emr(REGION)
+    aws_.tag_network(aws_.network(emr_settings(subnet_id=outside)))
+    table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [elsewhere]}])["RouteTables"][0]
+    ec2.create_vpc_endpoint(VpcId=elsewhere, ServiceName=f"com.amazonaws.{REGION}.s3", VpcEndpointType="Gateway",
+                            RouteTableIds=[table["RouteTableId"]])
+    assert main(["emr", "up", INPUT, OUTPUT, "--notebook-idle", "30", "--subnet-id", outside]) == 2
+    err = capsys.readouterr().err
+    assert f"subnet {outside} is not one of the EMR Studio's ({subnet})" in err and err.count("\n") == 1
+    assert _clusters(aws["endpoint"]) == before
+
+    assert main(["emr", "studio", INPUT, OUTPUT, "--down", "-q"]) == 0
+    removed = json.loads(capsys.readouterr().out)["removed"]
+    assert len(removed) == 5 and not api.studios
+    assert not ec2.describe_security_groups(Filters=[names])["SecurityGroups"]
+    assert not {"fruitpipe-studio-user", "fruitpipe-studio-service"} & {r["RoleName"] for r in iam.list_roles()["Roles"]}
+    assert main(["emr", "studio", INPUT, OUTPUT, "--down", "-q"]) == 0  # nothing left: nothing to do
+    assert json.loads(capsys.readouterr().out)["removed"][0].startswith("nothing")

@@ -36,7 +36,8 @@ def test_shipped_policies_are_least_privilege() -> None:
 
     folder = resources.files("fruitpipe.cloud").joinpath("policies")
     names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
-    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust", "operator"]
+    assert names == ["ec2-instance-role", "ec2-trust", "emr-service-role", "emr-service-trust", "operator",
+                     "studio-service-role", "studio-user-role", "studio-user-trust"]
     for name in names:
         json.loads(folder.joinpath(f"{name}.json").read_text())  # the templates themselves are valid JSON
     values = emr.policy_values(emr_settings(), "123456789012", "arn:aws:kms:eu-west-3:123456789012:key/k1")

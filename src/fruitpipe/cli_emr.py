@@ -1,4 +1,4 @@
-"""Command line of `fruitpipe emr`: plan, setup, upload, up, status, logs, down, run."""
+"""Command line of `fruitpipe emr`: plan, setup, upload, up, status, logs, down, run, studio."""
 
 from __future__ import annotations
 
@@ -85,6 +85,8 @@ def add_emr(sub: Any) -> None:
         ("upload", "build the wheel and the nodes' wheelhouse; upload them, the bootstrap script and the model"),
         ("up", "start the cluster with its `fruitpipe run` step; prints the cluster id"),
         ("run", "upload + up + wait (progress shown) + fetch run.json + down"),
+        ("studio", "the EMR Studio for notebook clusters (IAM auth mode, its roles and security groups): shows "
+                   "the plan; --create makes what is missing, --down removes it"),
     )
     for name, help_text in specs:
         p = emr.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
@@ -94,6 +96,10 @@ def add_emr(sub: Any) -> None:
             p.add_argument("--wheel", metavar="FILE", help="use this wheel instead of building one")
             p.add_argument("--wheelhouse-from", metavar="DIR",
                            help="take the nodes' wheels from this folder only (default: pip's index, as configured)")
+        if name == "studio":
+            what = p.add_mutually_exclusive_group()
+            what.add_argument("--create", action="store_true", help="create what the plan shows (idempotent)")
+            what.add_argument("--down", action="store_true", help="remove the Studio, its groups and its roles")
         if name == "run":
             p.add_argument("--timeout", type=positive_float,
                            help="seconds to wait before terminating the cluster (default: provisioning + the step "
@@ -148,7 +154,17 @@ def _emr_main(args: argparse.Namespace) -> int:
         show({"cluster_id": args.cluster_id, "state": aws.down(args.cluster_id)})
     else:
         settings = _emr_settings(args)
-        if cmd == "setup":
+        if cmd == "studio":
+            from fruitpipe.cloud.studio import Studio
+
+            studio = Studio(aws)
+            if args.down:
+                show(studio.down(settings))
+            elif args.create:
+                show(studio.create(settings))
+            else:
+                show(studio.plan(settings, read=aws.has_credentials()))
+        elif cmd == "setup":
             show(aws.setup(settings))
         elif cmd == "upload":
             show(aws.upload(settings, args.wheel, args.wheelhouse_from))

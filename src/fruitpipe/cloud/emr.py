@@ -58,6 +58,7 @@ from fruitpipe.cloud.settings import (
     EmrSettings,
     split_s3,
 )
+from fruitpipe.cloud.studio import Studio
 from fruitpipe.version import code_sha256
 
 #: The names `fruitpipe.cloud.emr` has always offered (the CLI and the tests use them), from their new homes.
@@ -310,6 +311,8 @@ class Emr(AccountSetup):
             subnet = None
             log.warning("network not checked (%s): if the launch fails, check the subnet's and VPC's tag %s=true",
                         exc.response.get("Error", {}).get("Code", exc), EMR_MANAGED_TAG)
+        if settings.notebook_idle_min is not None:
+            Studio(self).check_subnet(subnet)  # Workspaces attach only to clusters in the Studio's subnets
         quota = self.quota(settings)
         if quota.get("checked") and not quota["ok"]:
             if not settings.ignore_quota:
@@ -330,7 +333,7 @@ class Emr(AccountSetup):
                 NOTEBOOK_MODEL_ENV: uris["model"],
                 "note": f"set on the cluster (spark.yarn.appMasterEnv.{NOTEBOOK_MODEL_ENV}): examples/fruitpipe.ipynb "
                         "reads the model from S3, not from the internet; attach a Workspace of an EMR Studio in "
-                        "this VPC (`fruitpipe emr studio`)"}
+                        "this cluster's subnet (`fruitpipe emr studio --create`)"}
         return answer
 
     def _run_job_flow(self, request: dict[str, Any]) -> str:
