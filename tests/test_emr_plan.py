@@ -409,3 +409,24 @@ def test_the_subnets_way_to_s3_is_read_from_its_route_table() -> None:
         kind, via, why = s3_route([table], "subnet-a", s3_endpoints)
         assert kind == "unverified" and words in why, (route, why)
         assert _route_words(kind, via, why).startswith("not verified: the default route goes to")
+
+
+def test_the_step_logs_yarns_memory_and_stops_when_a_node_has_less_than_the_plan_assumed() -> None:
+    """The step carries the YARN memory per node its executors were sized for; on YARN the run logs the
+    NodeManagers' memory, dynamic allocation and the executors asked for, and stops in one line, before any work,
+    when a node has less (the executors would never be granted and the step would wait, billing, until its
+    timeout)."""
+    from fruitpipe.errors import ConfigError
+    from fruitpipe.spark import YARN_MB_CONF, yarn_verdict
+
+    args = emr.step_args(emr_settings(core_type="r5.xlarge", node_price=1.0))
+    assert args[args.index(f"{YARN_MB_CONF}=24576") - 1] == "--conf"
+    assert args.index(f"{YARN_MB_CONF}=24576") < args.index(emr.SUBMIT_SCRIPT)  # a spark-submit option
+    line = yarn_verdict([12288, 12288], 12288, "false", "2")
+    assert line == ("YARN: 2 NodeManager(s), memory 12288 MB, 12288 MB; dynamic allocation off; executors asked "
+                    "for: 2")
+    assert "dynamic allocation on" in yarn_verdict([12288], None, "true", "Spark's default")
+    with pytest.raises(ConfigError, match=r"sized the executors for 12288 MB per node and YARN gives 6144 MB: they "
+                                          r"would never be granted"):
+        yarn_verdict([12288, 6144], 12288, "false", "2")
+    assert "none yet" in yarn_verdict([], 12288, "false", "2")  # no node registered yet: nothing to refuse

@@ -89,6 +89,8 @@ def spark_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     try:
+        if master.startswith("yarn"):
+            check_yarn(spark)
         yield spark
     except BaseException:
         # The run has failed or the user pressed Ctrl-C: the exception is what the CLI reports, in one line. What the
@@ -180,6 +182,54 @@ def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
         finally:
             if local_dir:
                 shutil.rmtree(local_dir, ignore_errors=True)
+
+
+#: Set by `fruitpipe emr` on the step: the YARN memory per core node its executors were sized for.
+YARN_MB_CONF = "spark.fruitpipe.yarnMbPerNode"
+
+
+def yarn_verdict(node_mb: list[int], expected_mb: int | None, dynamic: str, executors: str) -> str:
+    """The step log's line on YARN (NodeManagers' memory, dynamic allocation, executors asked for); a
+    ConfigError when a node has less memory than the plan sized the executors for (YARN would never grant them:
+    the step would wait until its timeout, billing)."""
+    from fruitpipe.errors import ConfigError
+
+    line = (f"YARN: {len(node_mb)} NodeManager(s), memory {', '.join(f'{mb} MB' for mb in node_mb) or 'none yet'}; "
+            f"dynamic allocation {'on' if dynamic.lower() == 'true' else 'off'}; executors asked for: {executors}")
+    short = [mb for mb in node_mb if expected_mb is not None and mb < expected_mb]
+    if short:
+        raise ConfigError(f"{line}; the plan sized the executors for {expected_mb} MB per node and YARN gives "
+                          f"{min(short)} MB: they would never be granted. Stopped before any work: check --core-type "
+                          "against the nodes (yarn.nodemanager.resource.memory-mb) and plan again")
+    return line
+
+
+def check_yarn(spark: Any) -> None:
+    """On YARN: log the NodeManagers' memory, whether dynamic allocation is on and the executors asked for, and
+    refuse to go on when a node has less memory than `emr plan` assumed (YARN_MB_CONF). The nodes are read through
+    Hadoop's YarnClient on the driver; when they cannot be, say so and go on."""
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    expected = conf.get(YARN_MB_CONF, None)
+    try:
+        jvm = sc._jvm
+        client = jvm.org.apache.hadoop.yarn.client.api.YarnClient.createYarnClient()
+        client.init(sc._jsc.hadoopConfiguration())
+        client.start()
+        try:
+            node_state = jvm.org.apache.hadoop.yarn.api.records.NodeState
+            states = sc._gateway.new_array(node_state, 1)
+            states[0] = node_state.RUNNING
+            node_mb = sorted(int(r.getCapability().getMemorySize()) for r in client.getNodeReports(states))
+        finally:
+            client.stop()
+    except Exception as exc:  # py4j, no YARN client on the classpath, the RM unreachable: not a reason to stop
+        log.warning("YARN's NodeManagers could not be read (%s): executor sizing not checked",
+                    str(exc).splitlines()[0][:160])
+        return
+    log.info("%s", yarn_verdict(node_mb, int(expected) if expected else None,
+                                conf.get("spark.dynamicAllocation.enabled", "false"),
+                                conf.get("spark.executor.instances", "Spark's default")))
 
 
 def default_parallelism(spark: pyspark.sql.SparkSession) -> int:  # type: ignore[name-defined]  # noqa: F821

@@ -31,6 +31,7 @@ from fruitpipe.cloud.settings import (
     split_s3,
 )
 from fruitpipe.config import task_count
+from fruitpipe.spark import YARN_MB_CONF
 
 if TYPE_CHECKING:
     from fruitpipe.cloud.preflight import Preflight
@@ -104,6 +105,8 @@ def step_args(settings: EmrSettings) -> list[str]:
         "spark-submit", "--master", "yarn", "--deploy-mode", "client",
         "--conf", f"spark.pyspark.python={VENV_PYTHON}",
         "--conf", f"spark.pyspark.driver.python={VENV_PYTHON}",
+        # What the executors were sized for: the step logs YARN's nodes and stops if they have less (spark.py).
+        "--conf", f"{YARN_MB_CONF}={INSTANCE_TYPES[settings.core_type].yarn_mb}",
         SUBMIT_SCRIPT, "run", settings.input.rstrip("/"), settings.output.rstrip("/"),
         "--model", settings.model, "--model-path", artifact_uris(settings)["model"],
         "--master", "yarn", "--region", settings.region, *settings.run_args,
