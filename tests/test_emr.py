@@ -18,7 +18,7 @@ from emrkit import INPUT, OUTPUT, emr_settings, fake_wheel
 from fruitpipe.cli import main
 from fruitpipe.cloud import emr
 from fruitpipe.cloud.artifacts import runtime_requirements
-from fruitpipe.cloud.plan import s3_requests
+from fruitpipe.cloud.cost import s3_requests
 
 # -- every command against moto server --------------------------------------------------------------------------
 

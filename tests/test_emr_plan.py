@@ -11,7 +11,8 @@ from emrkit import INPUT, OUTPUT, emr_settings, fake_wheel
 from fruitpipe.cli import main
 from fruitpipe.cloud import emr
 from fruitpipe.cloud.artifacts import NODE_PYTHON, build_wheelhouse, node_extras, node_lock, runtime_requirements
-from fruitpipe.cloud.plan import executor_conf, executors, job_flow_request
+from fruitpipe.cloud.plan import job_flow_request
+from fruitpipe.cloud.sizing import executor_conf, executors
 from fruitpipe.cloud.settings import INSTANCE_TYPES, S3_GET_PER_1000
 
 
@@ -289,7 +290,7 @@ def test_wheelhouse_is_resolved_for_the_nodes_python_not_this_one(tmp_path: Path
 def test_the_operator_policy_covers_every_call_of_the_operator_commands() -> None:
     """policies/operator.json (in every plan, filled in) allows each AWS action plan, upload, up, run, status, logs
     and down make, with no wildcard action, and passes only the two fruitpipe roles."""
-    from fruitpipe.cloud.plan import policy_values, render_policy
+    from fruitpipe.cloud.iam import policy_values, render_policy
 
     policy = render_policy("operator", **policy_values(emr_settings(), "123456789012", "arn:aws:kms:k"))
     allowed = {a for st in policy["Statement"] if st["Effect"] == "Allow"

@@ -7,7 +7,8 @@ import json
 import logging
 from typing import Any
 
-from fruitpipe.cloud.plan import policy_values, render_policy, security_configuration
+from fruitpipe.cloud.iam import policy_values, render_policy
+from fruitpipe.cloud.plan import security_configuration
 from fruitpipe.cloud.preflight import Preflight, _code, _read_or_absent
 from fruitpipe.cloud.settings import (
     EMR_MANAGED_POLICY,

@@ -1,20 +1,16 @@
-"""AWS EMR launcher (boto3): account setup (IAM, KMS, buckets), artifacts upload and the cluster lifecycle; the
-request, the plan and the settings live in plan.py, artifacts.py and settings.py."""
+"""AWS EMR launcher (boto3): artifacts upload, `up` and `run`; account setup is account.py, a started cluster
+watch.py, the request plan.py, sizing and cost sizing.py and cost.py, the policies iam.py, the settings settings.py."""
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import json
 import logging
 import re
-import signal
 import tarfile
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,17 +27,9 @@ from fruitpipe.cloud.artifacts import (
     wheel_code_sha256,
     wheel_name,
 )
-from fruitpipe.cloud.plan import (
-    NOTEBOOK_MODEL_ENV,
-    estimate,
-    job_flow_request,
-    plan,
-    policy_values,
-    render_policy,
-    run_timeout_s,
-    step_args,
-    step_timeout_minutes,
-)
+from fruitpipe.cloud.cost import estimate, run_timeout_s, step_timeout_minutes
+from fruitpipe.cloud.iam import policy_values, render_policy
+from fruitpipe.cloud.plan import NOTEBOOK_MODEL_ENV, job_flow_request, plan, step_args
 from fruitpipe.cloud.settings import (
     DEFAULT_REGION,
     DEFAULT_RELEASE,
@@ -59,6 +47,7 @@ from fruitpipe.cloud.settings import (
     split_s3,
 )
 from fruitpipe.cloud.studio import Studio
+from fruitpipe.cloud.watch import CLUSTER_DONE, ClusterWatch, signals_ignored, signals_interrupt
 from fruitpipe.version import code_sha256
 
 #: The names `fruitpipe.cloud.emr` has always offered (the CLI and the tests use them), from their new homes.
@@ -95,73 +84,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in previous:
-        signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Within the block, Ctrl-C, SIGTERM and SIGHUP are ignored (main thread only): a second Ctrl-C must not cut
-    the termination of a billing cluster short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _iso(when: Any) -> str:
-    """A timeline datetime as ISO 8601 in UTC (JSON-printable), or ''."""
-    import datetime as dt
-
-    return when.astimezone(dt.UTC).isoformat() if isinstance(when, dt.datetime) else ""
-
-
-def _when_logs_come(st: dict[str, Any]) -> str:
-    """When EMR will have pushed this cluster's logs, from its state and timeline."""
-    import datetime as dt
-
-    now = dt.datetime.now(dt.UTC)
-    by = (now + dt.timedelta(minutes=5)).strftime("%H:%M UTC")
-    if st["state"] not in _CLUSTER_DONE:
-        return (f"the cluster is {st['state']}; EMR copies node, bootstrap and step logs to S3 every 5 minutes once "
-                f"the nodes are up: try again after {by}")
-    ended = dt.datetime.fromisoformat(st["ended_at"]) if st.get("ended_at") else None
-    if ended is not None and now - ended < dt.timedelta(minutes=10):
-        return (f"the cluster ended at {ended.strftime('%H:%M UTC')}; EMR pushes the last logs as the nodes shut "
-                f"down: try again after {by}")
-    return ("the cluster ended over 10 minutes ago and pushed none: its nodes may have failed before logging "
-            "started (the cluster's reason in `fruitpipe emr status` says why), or the instance role cannot write "
-            "to the log prefix (s3:PutObject)")
-
-
-_STEP_DONE = {"COMPLETED", "CANCELLED", "FAILED", "INTERRUPTED"}
-_CLUSTER_DONE = {"TERMINATED", "TERMINATED_WITH_ERRORS"}
-
-
 
 #: RunJobFlow is tried this many times, this many seconds apart, while IAM propagates new roles (about a minute).
 RUN_JOB_FLOW_TRIES = 12
@@ -171,7 +93,7 @@ _IAM_NOT_YET = re.compile(r"Invalid InstanceProfile|instance profile|[Ss]ervice 
                           r"(does not exist|is invalid|cannot be assumed)")
 
 
-class Emr(AccountSetup):
+class Emr(AccountSetup, ClusterWatch):
     """boto3 clients for one region; endpoints come from the standard AWS settings (AWS_ENDPOINT_URL, profiles)."""
 
     #: How `up` waits between RunJobFlow tries (replaced by the tests, which count the tries instead).
@@ -219,17 +141,6 @@ class Emr(AccountSetup):
         self.s3.upload_file(str(path), bucket, key)  # multipart
         log.info("uploaded %s (%d bytes)", uri, path.stat().st_size)
 
-    def read(self, uri: str) -> bytes | None:
-        """An object's bytes, or None if it does not exist."""
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri, "URI")
-        try:
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
 
     # -- setup and upload ----------------------------------------------------------------------------------
     def upload(self, settings: EmrSettings, wheel: str | None = None,
@@ -361,64 +272,6 @@ class Emr(AccountSetup):
                 self.sleep(RUN_JOB_FLOW_WAIT_S)
         raise AssertionError("unreachable")
 
-    def status(self, cluster_id: str) -> dict[str, Any]:
-        """Cluster state, its reason, and each step's state, oldest first, with EMR's failure reason, message and
-        log file when it failed."""
-        from botocore.exceptions import ClientError
-
-        try:
-            c = self.emr.describe_cluster(ClusterId=cluster_id)["Cluster"]
-        except ClientError as exc:
-            raise EmrError(f"cluster {cluster_id} not found in {self.region} ({exc.response['Error']['Code']}): "
-                           "check the id and --region") from None
-        steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
-        return {
-            "cluster_id": cluster_id, "name": c.get("Name"), "state": c["Status"]["State"],
-            "reason": c["Status"].get("StateChangeReason", {}).get("Message") or "",
-            "reason_code": c["Status"].get("StateChangeReason", {}).get("Code") or "",
-            "log_uri": c.get("LogUri", ""), "ended_at": _iso(c["Status"].get("Timeline", {}).get("EndDateTime")),
-            "normalized_instance_hours": c.get("NormalizedInstanceHours", 0),
-            # ListSteps answers newest first: listed oldest first here, so that steps[-1] is the latest.
-            "steps": [{"id": s["Id"], "name": s["Name"], "state": s["Status"]["State"],
-                       "reason": s["Status"].get("FailureDetails", {}).get("Reason", ""),
-                       "message": s["Status"].get("FailureDetails", {}).get("Message", ""),
-                       "log_file": s["Status"].get("FailureDetails", {}).get("LogFile", "")}
-                      for s in reversed(steps)],
-        }
-
-    def logs(self, cluster_id: str, step_id: str | None = None, tail: int = 200) -> dict[str, str]:
-        """What EMR pushed to the log URI for this cluster: bootstrap-action logs of every node, the step's
-        controller/stderr/stdout, and the stderr of each YARN container (executor tracebacks), as
-        {path under the cluster's folder: text}, each cut to its last `tail` lines (0: whole). When there is
-        nothing yet, the error says when EMR will push them (every 5 minutes, and once more at termination)."""
-        st = self.status(cluster_id)
-        if not st["log_uri"]:
-            raise EmrError(f"cluster {cluster_id} has no log URI: it was not started by fruitpipe")
-        step_id = step_id or (st["steps"][-1]["id"] if st["steps"] else None)
-        base = re.sub(r"^s3n://", "s3://", st["log_uri"]).rstrip("/")
-        bucket, prefix = split_s3(f"{base}/{cluster_id}", "--logs")
-        wanted = [re.compile(r"node/[^/]+/bootstrap-actions/\d+/(stderr|stdout|controller)\.gz"),
-                  re.compile(rf"steps/{re.escape(step_id or '-')}/(controller|stderr|stdout)\.gz"),
-                  re.compile(r"containers/[^/]+/[^/]+/stderr\.gz")]
-        keys: list[tuple[int, str]] = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) + 1:]
-                rank = next((i for i, pattern in enumerate(wanted) if pattern.fullmatch(rel)), None)
-                if rank is not None:
-                    keys.append((rank, rel))
-        found: dict[str, str] = {}
-        for _, rel in sorted(keys):
-            data = self.read(f"s3://{bucket}/{prefix}/{rel}")
-            if data is None:
-                continue
-            lines = gzip.decompress(data).decode("utf-8", "replace").splitlines()
-            cut = lines[-tail:] if tail and len(lines) > tail else lines
-            head = [f"[... {len(lines) - len(cut)} earlier lines; --tail 0 shows all]"] if len(cut) < len(lines) else []
-            found[rel.removesuffix(".gz")] = "\n".join(head + cut)
-        if not found:
-            raise EmrError(f"no logs yet under {base}/{cluster_id}/: {_when_logs_come(st)}")
-        return found
 
     def _terminate(self, cluster_id: str, settings: EmrSettings, started_at: float) -> EmrError | None:
         """Terminate a cluster `run` started, deaf to a second Ctrl-C, SIGTERM or SIGHUP meanwhile. When AWS refuses
@@ -427,7 +280,7 @@ class Emr(AccountSetup):
         import datetime as dt
 
         log.warning("terminating cluster %s", cluster_id)
-        with _signals_ignored():
+        with signals_ignored():
             try:
                 self.down(cluster_id)
                 return None
@@ -441,37 +294,6 @@ class Emr(AccountSetup):
                                 "cluster then ends by itself; stop it sooner with `fruitpipe emr down "
                                 f"{cluster_id} --region {self.region}` once AWS accepts your credentials again")
 
-    def down(self, cluster_id: str) -> str:
-        """Terminate the cluster; returns its state after the request."""
-        self.emr.terminate_job_flows(JobFlowIds=[cluster_id])
-        return self.status(cluster_id)["state"]
-
-    def wait(self, cluster_id: str, timeout_s: float, poll_s: float = 30.0,
-             report: Callable[[str], None] | None = None, terminate_on_timeout: bool = False) -> dict[str, Any]:
-        """Poll until the step ends or the cluster terminates; reports each state change with elapsed time."""
-        start = time.monotonic()
-        last = ""
-        while True:
-            st = self.status(cluster_id)
-            step = st["steps"][-1] if st["steps"] else {"state": "NONE"}
-            now = f"cluster {st['state']}, step {step['state']}"
-            if st["state"] in _CLUSTER_DONE and (st["reason_code"] or st["reason"]):
-                now += f" ({' '.join(x for x in (st['reason_code'], st['reason']) if x)})"  # why it ended
-            if now != last and report is not None:
-                elapsed = time.monotonic() - start
-                report(f"[{int(elapsed // 60):3d}m{int(elapsed % 60):02d}s] {now}")
-            last = now
-            if step["state"] in _STEP_DONE or st["state"] in _CLUSTER_DONE:
-                return st
-            if time.monotonic() - start > timeout_s:
-                if terminate_on_timeout:
-                    self.down(cluster_id)
-                    raise EmrError(f"cluster {cluster_id} still {now} after {timeout_s:.0f} s: it was terminated; "
-                                   "raise --timeout and run again (committed work is kept)")
-                raise EmrError(f"cluster {cluster_id} still {now} after {timeout_s:.0f} s; it keeps running: "
-                               f"watch it with `fruitpipe emr status {cluster_id}`, stop it with "
-                               f"`fruitpipe emr down {cluster_id}`")
-            time.sleep(poll_s)
 
     def run(self, settings: EmrSettings, timeout_s: float, poll_s: float = 30.0, wheel: str | None = None,
             report: Callable[[str], None] | None = None, wheelhouse_from: str | None = None) -> dict[str, Any]:
@@ -479,7 +301,7 @@ class Emr(AccountSetup):
         self.upload(settings, wheel, wheelhouse_from)
         ids: list[str] = []
         started_at = time.time()
-        with _signals_interrupt():  # SIGTERM and SIGHUP too, so a killed session never leaves a cluster billing
+        with signals_interrupt():  # SIGTERM and SIGHUP too, so a killed session never leaves a cluster billing
             try:
                 self.up(settings, started=ids.append)
                 st = self.wait(ids[0], timeout_s, poll_s, report, terminate_on_timeout=True)
@@ -490,7 +312,7 @@ class Emr(AccountSetup):
                         raise failed from exc
                 raise
         cluster_id = ids[0]
-        if st["state"] not in _CLUSTER_DONE:
+        if st["state"] not in CLUSTER_DONE:
             self.down(cluster_id)
         out = settings.output.rstrip("/")
         success = self.read(f"{out}/_SUCCESS") is not None

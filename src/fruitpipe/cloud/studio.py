@@ -8,7 +8,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fruitpipe.cloud.plan import policy_values, render_policy
+from fruitpipe.cloud.iam import policy_values, render_policy
 from fruitpipe.cloud.preflight import _code
 from fruitpipe.cloud.settings import EMR_MANAGED_TAG, EmrError, EmrSettings, split_s3
 
