@@ -300,7 +300,9 @@ def test_the_operator_policy_covers_every_call_of_the_operator_commands() -> Non
               "ec2:DescribeInstances", "servicequotas:GetServiceQuota", "servicequotas:GetAWSDefaultServiceQuota",
               "s3:GetBucketLocation", "s3:PutObject", "s3:GetObject", "s3:ListBucket",
               "elasticmapreduce:RunJobFlow", "elasticmapreduce:DescribeCluster", "elasticmapreduce:ListSteps",
-              "elasticmapreduce:TerminateJobFlows", "iam:PassRole", "iam:ListRolePolicies", "iam:GetRolePolicy"}
+              "elasticmapreduce:TerminateJobFlows", "iam:PassRole", "iam:ListRolePolicies", "iam:GetRolePolicy",
+              "elasticmapreduce:ListStudios", "elasticmapreduce:DescribeStudio",  # up --notebook-idle's subnet check
+              "elasticmapreduce:PutAutoTerminationPolicy"}  # a notebook cluster's idle auto-termination
     assert needed <= allowed and not any("*" in a for a in allowed)
     passed = [st for st in policy["Statement"] if st["Action"] == "iam:PassRole"][0]
     assert passed["Resource"] == ["arn:aws:iam::123456789012:role/fruitpipe-emr-service",
