@@ -12,7 +12,7 @@ ARGS ?=
 REAL_PHOTOS ?= out/real-photos
 MODELS_ENV := $(if $(wildcard $(MODELS)/mobilenet_v2_features.onnx),FRUITPIPE_MODELS=$(abspath $(MODELS)),)
 
-.PHONY: setup run test test-nodes
+.PHONY: setup run test test-nodes docs
 # `make run` installs what the commands need (the package and its [serve] extra); `make test` adds the test tools.
 setup:
 	./scripts/setup.sh dev
@@ -41,3 +41,7 @@ test: setup
 test-nodes: setup
 	./scripts/nodes-env.sh
 	.venv-nodes/bin/python -m pytest -q -m nodes $$(grep -l 'pytest.mark.nodes' tests/test_*.py)
+
+# docs/cli.md from the parser itself (tests/test_cli.py fails when it is stale).
+docs: setup
+	.venv/bin/python -m fruitpipe.cli_reference > docs/cli.md

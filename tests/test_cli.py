@@ -264,3 +264,27 @@ def test_a_bad_serve_host_is_one_line(tmp_path: Path, capsys, monkeypatch) -> No
     assert main(["serve", str(tmp_path), "--host", "lcoalhost"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'lcoalhost'" in err[0] and "Name or service not known" in err[0], err
+
+
+def test_the_cli_reference_is_the_parsers_own_help() -> None:
+    """docs/cli.md is every command's --help, generated (`make docs`): an option added, renamed or re-defaulted in the
+    code and not in the page fails here, so the reference cannot drift."""
+    from fruitpipe.cli_reference import render
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    assert page == render(), "docs/cli.md differs from the parser: run `make docs` and commit it"
+    for command in COMMANDS:
+        assert f"## `fruitpipe {command}`" in page
+
+
+def test_the_readmes_first_screen_says_what_for_whom_how_and_the_real_photo_figure() -> None:
+    """The front door: within its first 40 lines the README says what fruitpipe does and for whom, the two
+    commands, what to expect on real shop photos (the held-out figure) and where the rest is (the tour)."""
+    first = (ROOT / "README.md").read_text().splitlines()[:40]
+    text = "\n".join(first)
+    for needed in ("For data scientists", "make run", "make test", "What to expect on a real shop photo",
+                   "held_out", "**Tour**", "docs/cli.md", "docs/index.md"):
+        assert needed in text, needed
+    assert (ROOT / "docs" / "index.md").is_file()
+    linked = set(re.findall(r"\]\(([a-z-]+\.md)\)", (ROOT / "docs" / "index.md").read_text()))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}  # every page has its line

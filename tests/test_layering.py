@@ -25,6 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("drift", "cloud", "serve"),
     ("cli_apps", "cli_emr"),
     ("cli",),
+    ("cli_reference",),
 ]
 
 
