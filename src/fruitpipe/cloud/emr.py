@@ -223,7 +223,7 @@ class Emr(AccountSetup, ClusterWatch):
             log.warning("network not checked (%s): if the launch fails, check the subnet's and VPC's tag %s=true",
                         exc.response.get("Error", {}).get("Code", exc), EMR_MANAGED_TAG)
         if settings.notebook_idle_min is not None:
-            Studio(self).check_subnet(subnet)  # Workspaces attach only to clusters in the Studio's subnets
+            Studio(self).check_subnet(subnet or settings.subnet_id)  # Workspaces reach only the Studio's subnets
         quota = self.quota(settings)
         if quota.get("checked") and not quota["ok"]:
             if not settings.ignore_quota:

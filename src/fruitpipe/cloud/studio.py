@@ -244,6 +244,10 @@ class Studio:
                         "cluster's subnet", STUDIO_NAME)
             return
         subnets = studio.get("SubnetIds", [])
+        if subnet_id is None:  # the network could not be read: EMR picks the subnet
+            log.warning("the notebook cluster's subnet is unknown (the network could not be read): pass --subnet-id "
+                        "one of the EMR Studio's subnets (%s)", ", ".join(subnets))
+            return
         if subnet_id not in subnets:
             raise EmrError(f"the notebook cluster's subnet {subnet_id} is not one of the EMR Studio's "
                            f"({', '.join(subnets)}): its Workspaces could not attach; pass --subnet-id "
