@@ -288,3 +288,39 @@ def test_the_readmes_first_screen_says_what_for_whom_how_and_the_real_photo_figu
     assert (ROOT / "docs" / "index.md").is_file()
     linked = set(re.findall(r"\]\(([a-z-]+\.md)\)", (ROOT / "docs" / "index.md").read_text()))
     assert linked == {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}  # every page has its line
+
+
+def test_shared_options_and_defaults_are_written_once() -> None:
+    """One place per shared option and per default (issue 36): the storage and verbosity options are declared in
+    cli_args only, the decode limit's default (64 Mpx) is images.DEFAULT_MAX_PIXELS and the EU region is
+    storage_options.DEFAULT_REGION, everywhere else by name, help strings included; every command's parser
+    shows those defaults."""
+    import io
+    import tokenize
+
+    from fruitpipe.images import DEFAULT_MAX_PIXELS
+    from fruitpipe.storage_options import DEFAULT_REGION
+
+    strings: dict[str, list[str]] = {}
+    numbers: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "src" / "fruitpipe").rglob("*.py")):
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            where = str(path.relative_to(ROOT / "src" / "fruitpipe"))
+            if tok.type == tokenize.STRING:
+                strings.setdefault(tok.string.strip("\"'"), []).append(where)
+            elif tok.type == tokenize.NUMBER:
+                numbers.setdefault(tok.string.replace("_", ""), []).append(where)
+    for flag in ("--s3-endpoint", "--region", "--quiet", "--verbose"):
+        declared = [str(p.relative_to(ROOT / "src" / "fruitpipe")) for p in sorted((ROOT / "src").rglob("*.py"))
+                    for _ in re.finditer(rf'add_argument\(\s*"{flag}"', p.read_text())]
+        # emr's --region is the cluster's (a default, EU-checked), once for cluster commands and once for the others
+        assert declared == (["cli_args.py", "cli_emr.py", "cli_emr.py"] if flag == "--region" else ["cli_args.py"]), \
+            (flag, declared)
+    assert numbers[str(DEFAULT_MAX_PIXELS)] == ["images.py"]
+    assert sorted(strings[DEFAULT_REGION]) == ["cloud/settings.py", "storage_options.py"]  # the default; the prices'
+    parser = build_parser()
+    for argv in (["run", "a", "b"], ["evaluate", "a", "b"], ["serve", "a"]):
+        args = parser.parse_args(argv)
+        assert args.max_pixels in (None, DEFAULT_MAX_PIXELS)  # run's None: Config's default, the same constant
+    assert fruitpipe.Config(input="a", output="b").max_pixels == DEFAULT_MAX_PIXELS
+    assert fruitpipe.Config(input="a", output="b").region == DEFAULT_REGION

@@ -10,6 +10,8 @@ from typing import Any
 from fruitpipe.cli_args import (
     EPILOG,
     add_metrics,
+    add_storage,
+    add_verbosity,
     export_metrics,
     in_range,
     key_values,
@@ -20,6 +22,7 @@ from fruitpipe.cli_args import (
     whole_number,
 )
 from fruitpipe.errors import FruitpipeError, disk_full
+from fruitpipe.images import DEFAULT_MAX_PIXELS
 from fruitpipe.logs import error_line, json_mode
 
 log = logging.getLogger("fruitpipe")
@@ -76,13 +79,11 @@ def add_train(sub: Any) -> None:
     p.add_argument("--no-pca-table", action="store_true",
                    help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% variance")
     p.add_argument("--model-path", metavar="FILE", help="the run's embedding model file, if not the registry's")
-    p.add_argument("--quiet", "-q", action="store_true", help="warnings only, no table")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_verbosity(p, "warnings only, no table")
     p.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
     p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    add_storage(p)
     add_metrics(p)
 
 
@@ -109,13 +110,11 @@ def add_evaluate(sub: Any) -> None:
     p.add_argument("--name", help="name of the evaluation file (default: PHOTOS' folder name, with the crop if "
                    "not the default)")
     _add_crop(p)
-    p.add_argument("--max-pixels", type=in_range(1), default=64_000_000,
-                   help="largest decoded image (default 64000000; decompression-bomb guard)")
+    p.add_argument("--max-pixels", type=in_range(1), default=DEFAULT_MAX_PIXELS,
+                   help=f"largest decoded image (default {DEFAULT_MAX_PIXELS}; decompression-bomb guard)")
     p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_storage(p)
+    add_verbosity(p, "no progress bar, no table")
 
 
 def _evaluate_main(args: argparse.Namespace) -> int:
@@ -160,8 +159,8 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--port", type=in_range(0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--max-bytes", type=in_range(1), default=15 * 1024 * 1024,
                    help="largest upload in bytes (default 15728640); larger ones get 413")
-    p.add_argument("--max-pixels", type=in_range(1), default=64_000_000,
-                   help="largest decoded image (default 64000000; decompression-bomb guard)")
+    p.add_argument("--max-pixels", type=in_range(1), default=DEFAULT_MAX_PIXELS,
+                   help=f"largest decoded image (default {DEFAULT_MAX_PIXELS}; decompression-bomb guard)")
     p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
     _add_crop(p)
     p.add_argument("--decoders", type=in_range(0), default=0,
@@ -186,10 +185,8 @@ def add_serve(sub: Any) -> None:
                    help="upload bytes held in memory by all requests together, MiB (default 256); beyond, 503")
     p.add_argument("--api-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
-    p.add_argument("--quiet", "-q", action="store_true", help="warnings only (no access log)")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_storage(p)
+    add_verbosity(p, "warnings only (no access log)")
 
 
 def add_sample(sub: Any) -> None:
@@ -215,8 +212,7 @@ def add_sample(sub: Any) -> None:
                        help="real shop photos instead: the Grocery Store Dataset's train (1,200) and val (110) "
                             "splits of 21 fruit families (MIT, 28 MB) into DIR/train/<family>/ and DIR/val/<family>/, "
                             "with DIR/families.json mapping the families to Fruits-360 classes (for train --also)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_verbosity(p, "no progress bar, warnings only")
 
 
 def _sample_main(args: argparse.Namespace) -> int:
@@ -276,10 +272,8 @@ def add_drift(sub: Any) -> None:
                        help=f"{text} (default {getattr(d, name)})")
     p.add_argument("--report-dir", metavar="DIR",
                    help="where to write drift.json and drift.html (default CURRENT_OUT/drift/)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no summary, warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_storage(p)
+    add_verbosity(p, "no summary, warnings only")
     add_metrics(p)
 
 

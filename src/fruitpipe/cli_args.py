@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.storage_options import DEFAULT_REGION
 
 EPILOG = (
     "Paths are local folders or s3://bucket/prefix URIs. Settings merge as --config TOML < FRUITPIPE_* "
@@ -74,12 +75,24 @@ def key_values(items: Sequence[str], flag: str, example: str) -> dict[str, str]:
     return found
 
 
+def add_storage(p: argparse.ArgumentParser) -> None:
+    """The object-store options every command that reads or writes s3:// has, declared once."""
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help=f"AWS region for s3:// URIs (default {DEFAULT_REGION}; env AWS_REGION)")
+
+
+def add_verbosity(p: argparse.ArgumentParser, quiet: str = "warnings only", quiet_default: bool | None = False) -> None:
+    """--quiet (what it silences, said per command) and --verbose, declared once."""
+    p.add_argument("--quiet", "-q", action="store_true", default=quiet_default, help=quiet)
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
 def storage_options(args: argparse.Namespace) -> Any:
-    """StorageOptions from --s3-endpoint / --region, else AWS_ENDPOINT_URL / AWS_REGION, else AWS in eu-west-3."""
+    """StorageOptions from --s3-endpoint / --region, else AWS_ENDPOINT_URL / AWS_REGION, else AWS in DEFAULT_REGION."""
     from fruitpipe.storage import StorageOptions
 
     return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
-                          args.region or os.environ.get("AWS_REGION") or "eu-west-3")
+                          args.region or os.environ.get("AWS_REGION") or DEFAULT_REGION)
 
 
 def add_metrics(p: argparse.ArgumentParser) -> None:

@@ -7,9 +7,10 @@ import json
 import sys
 from typing import Any
 
-from fruitpipe.cli_args import Parser, key_values, positive_float, whole_number
+from fruitpipe.cli_args import Parser, add_verbosity, key_values, positive_float, whole_number
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.logs import error_line
+from fruitpipe.storage_options import DEFAULT_REGION
 
 EMR_EPILOG = (
     "Credentials come from the standard AWS chain (environment, profile, instance role); AWS_ENDPOINT_URL points "
@@ -22,7 +23,8 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("input", metavar="INPUT", help="s3://bucket/prefix of the images")
     p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix for the results")
-    p.add_argument("--region", default="eu-west-3", help="AWS region (default eu-west-3; non-EU needs --allow-non-eu)")
+    p.add_argument("--region", default=DEFAULT_REGION,
+                   help=f"AWS region (default {DEFAULT_REGION}; non-EU needs --allow-non-eu)")
     p.add_argument("--allow-non-eu", action="store_true", help="accept a region outside the EU")
     p.add_argument("--artifacts", metavar="S3_PREFIX",
                    help="where the wheel, bootstrap script and model go "
@@ -61,20 +63,19 @@ def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
                    help="up/run: launch into a subnet whose route to S3 fruitpipe cannot find (refused otherwise)")
     p.add_argument("--step-timeout", type=positive_float, metavar="MINUTES",
                    help="kill the step (and so the cluster) after this long (default: 3x the estimate, >= 30)")
-    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_verbosity(p)
 
 
 def _add_emr_cluster_id(p: argparse.ArgumentParser) -> None:
     p.add_argument("cluster_id", metavar="CLUSTER_ID", help="the j-... id printed by `emr up`")
-    p.add_argument("--region", default="eu-west-3", help="AWS region (default eu-west-3)")
-    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--region", default=DEFAULT_REGION, help=f"AWS region (default {DEFAULT_REGION})")
+    add_verbosity(p)
 
 
 def add_emr(sub: Any) -> None:
     p_emr = sub.add_parser("emr", help="run on AWS EMR: plan, setup, upload, up, status, logs, down, run",
-                           description="Run fruitpipe on an AWS EMR cluster (eu-west-3 by default).", epilog=EMR_EPILOG)
+                           description=f"Run fruitpipe on an AWS EMR cluster ({DEFAULT_REGION} by default).",
+                           epilog=EMR_EPILOG)
     emr = p_emr.add_subparsers(dest="emr_command", metavar="EMR_COMMAND", parser_class=Parser)
     emr.required = True
     specs = (

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fruitpipe.errors import ConfigError
+from fruitpipe.images import DEFAULT_MAX_PIXELS
+from fruitpipe.storage_options import DEFAULT_REGION
 
 #: Prefix of the environment variables that override config fields (FRUITPIPE_K=30, FRUITPIPE_MASTER=...).
 ENV_PREFIX = "FRUITPIPE_"
@@ -65,11 +67,11 @@ class Config:
     #: more fans the listing out by split and class prefix, for millions of objects on S3 (storage.LIST_THREADS).
     list_threads: int = 1
     #: Images whose header claims more pixels than this are rejected before decoding (decompression bombs).
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     #: S3 endpoint (a loopback server in tests); None = the AWS default for the region.
     s3_endpoint: str | None = None
     #: AWS region for s3:// URIs; EU by default (GDPR).
-    region: str = "eu-west-3"
+    region: str = DEFAULT_REGION
     #: Replace an output made with another input or model instead of refusing it.
     overwrite: bool = False
     quiet: bool = False

@@ -40,6 +40,10 @@ FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 #: pixels the model sees a 7x blow-up of a few pixels. Unit-level decoding (decode_rgb's default) has no minimum.
 MIN_SIDE = 32
 
+#: The largest decoded image every command accepts by default (--max-pixels): a decompression-bomb guard, 64 Mpx
+#: (a 7999 x 7999 photo; phones take 12-50 Mpx). serve's decode budget is sized from it (serve/app.py).
+DEFAULT_MAX_PIXELS = 64_000_000
+
 #: Modes Pillow's reduce() takes; 16/32-bit ones are subsampled in _to_rgb instead, P and 1 after conversion.
 _REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK", "I", "F", "YCbCr")
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from fruitpipe.cli_args import EPILOG, Parser, add_metrics, share, whole_number
+from fruitpipe.cli_args import EPILOG, Parser, add_metrics, add_storage, add_verbosity, share, whole_number
+from fruitpipe.images import DEFAULT_MAX_PIXELS
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """The flags every batch command has: config, logging, Spark, S3, metrics."""
     p.add_argument("--config", metavar="TOML", help="read settings from a TOML file (table [fruitpipe])")
-    p.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bar, warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_verbosity(p, "no progress bar, warnings only", quiet_default=None)  # None: TOML and env may set it
     p.add_argument("--master", help="Spark master URL (default local[*]; spark://host:7077, yarn)")
     p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable (e.g. spark.executor.memory=4g)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS; env AWS_ENDPOINT_URL)")
-    p.add_argument("--region", help="AWS region for s3:// URIs (default eu-west-3; env AWS_REGION)")
+    add_storage(p)
     add_metrics(p)
 
 
@@ -54,7 +53,8 @@ def add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-ahead", type=whole_number, help="inputs read concurrently per task (default 8)")
     p.add_argument("--list-threads", type=whole_number,
                    help="threads listing an s3:// INPUT (default 1: flat; e.g. 16 for millions of objects)")
-    p.add_argument("--max-pixels", type=whole_number, help="reject images larger than this (default 64000000)")
+    p.add_argument("--max-pixels", type=whole_number,
+                   help=f"reject images larger than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an OUTPUT made with another input or model")
 

@@ -151,7 +151,7 @@ def _job(spark: Any, todo: list[tuple[str, str]], aug: Augmentation, spec: Model
 
 def ensure(spark: Any, output_root: str, files: list[str], aug: Augmentation, spec: ModelSpec, model_sha256: str,
            backbone: bytes, opts: StorageOptions, guard: Callable[[], None] | None = None,
-           max_pixels: int = 64_000_000, quiet: bool = False) -> Made:
+           max_pixels: int = images.DEFAULT_MAX_PIXELS, quiet: bool = False) -> Made:
     """The augmented part of each embeddings part in `files`, made where missing (under the caller's lease:
     `guard` is checked before anything is written); parts of embeddings parts no longer committed are deleted."""
     root = folder(output_root, aug, model_sha256, spec)

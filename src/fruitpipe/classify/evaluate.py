@@ -43,7 +43,7 @@ class EvaluateSettings:
     name: str | None = None
     crop: str = images.DEFAULT_CROP
     storage: StorageOptions = StorageOptions()
-    max_pixels: int = 64_000_000
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
     threads: int = 0
     quiet: bool = False
 

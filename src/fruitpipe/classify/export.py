@@ -11,6 +11,7 @@ import numpy as np
 
 from fruitpipe import jsonio
 from fruitpipe.classify.openset import species_proba
+from fruitpipe.images import DEFAULT_MAX_PIXELS
 
 #: Output tensor of the exported graph: (N, classes) probabilities.
 PROBABILITIES = "probabilities"
@@ -190,7 +191,7 @@ class FruitClassifier:
         self.preprocess = meta.get("preprocess", "tf")
         self.layout = meta.get("layout", "nhwc")
 
-    def model_input(self, image: bytes, max_pixels: int = 64_000_000) -> np.ndarray:
+    def model_input(self, image: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """One photo's input for this file, through the batch pipeline's decode and preprocessing; raises
         images.Rejected for a photo that cannot be used."""
         from fruitpipe import images
@@ -201,7 +202,7 @@ class FruitClassifier:
         """(N, classes) for a batch of model_input() arrays."""
         return self.session.run([PROBABILITIES], {self.input_name: batch})[0]
 
-    def photo_probabilities(self, image: bytes, max_pixels: int = 64_000_000) -> np.ndarray:
+    def photo_probabilities(self, image: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """(classes,) for one photo: the mean over the views of its crop (one view unless crop is "three");
         raises images.Rejected for a photo that cannot be used."""
         from fruitpipe import images
@@ -222,7 +223,7 @@ class FruitClassifier:
                 "not_sure": self.not_sure_below is not None and top_p < self.not_sure_below,
                 "not_sure_below": self.not_sure_below}
 
-    def top(self, image: bytes, k: int = 5, max_pixels: int = 64_000_000) -> list[tuple[str, float]]:
+    def top(self, image: bytes, k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, float]]:
         """The k most probable classes of one image; an image that cannot be used raises images.Rejected."""
         p = self.photo_probabilities(image, max_pixels)
         best = np.argsort(-p)[:k]

@@ -141,7 +141,7 @@ class Photos:
     rgb: list[np.ndarray]
 
 
-def decode(items: Sequence[tuple[str, bytes, int]], max_pixels: int = 64_000_000) -> Photos:
+def decode(items: Sequence[tuple[str, bytes, int]], max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Photos:
     """(content id, bytes, class) -> Photos; a photo that cannot be used is skipped and counted in the log."""
     ids, ys, rgbs, bad = [], [], [], 0
     for cid, data, y in items:
@@ -190,7 +190,8 @@ def make_views(session: Any, photos: Photos, views: int, seed: int,
     return np.stack(out)
 
 
-def center_views(session: Any, photos: Sequence[bytes], max_pixels: int = 64_000_000) -> tuple[np.ndarray, list[int]]:
+def center_views(session: Any, photos: Sequence[bytes],
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[int]]:
     """The trunk's activations of each photo's centre view, made by `images.model_views` from its bytes (the path
     `serve` and `evaluate` feed the exported file), and the indices of the photos kept: one that cannot be used
     (images.Rejected) is left out."""

@@ -14,6 +14,7 @@ from fruitpipe.cloud.settings import (
     MEASURED_IMG_PER_VCPU_S,
     NODE_PRICES_EU_WEST_3,
     PRICES_DATE,
+    PRICES_REGION,
     S3_GET_PER_1000,
     S3_PUT_LIST_PER_1000,
     THROUGHPUT_BASIS,
@@ -138,7 +139,7 @@ def estimate(settings: EmrSettings) -> dict[str, Any]:
         "s3_requests": requests,
         "usd": {"nodes": round(compute, 3), "ebs": round(ebs, 4), "s3_requests": round(s3_usd, 4),
                 "total": round(compute + ebs + s3_usd, 2)},
-        "prices": {"region": "eu-west-3", "stated_on": PRICES_DATE,
+        "prices": {"region": PRICES_REGION, "stated_on": PRICES_DATE,
                    "node_usd_per_hour": {"master": round(master_h, 4), "core": round(core_h, 4)},
                    "source": "--node-price" if settings.node_price is not None else
                    "AWS public on-demand price pages (EC2 + EMR fee), written down offline, not fetched live: "

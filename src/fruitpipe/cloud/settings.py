@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.storage_options import DEFAULT_REGION
 
 log = logging.getLogger(__name__)
 
 #: Newest EMR release in the EMR release guide when this was written: Spark 3.5.6, Python 3.11 on the nodes.
 DEFAULT_RELEASE = "emr-7.13.0"
-DEFAULT_REGION = "eu-west-3"
 #: Where the bootstrap action installs fruitpipe on every node, and the .py file spark-submit runs.
 VENV_PYTHON = "/opt/fruitpipe/venv/bin/python"
 SUBMIT_SCRIPT = "/opt/fruitpipe/submit.py"
@@ -27,6 +27,8 @@ EMR_MANAGED_TAG = "for-use-with-amazon-emr-managed-policies"
 #: the AWS EC2, EMR, EBS and S3 public price pages as of PRICES_DATE. This machine is offline: they were not
 #: fetched live; pass --node-price to use a current or negotiated figure.
 PRICES_DATE = "2026-11-25"
+#: The region those prices are for (the default region happens to be the same; see storage_options).
+PRICES_REGION = "eu-west-3"
 NODE_PRICES_EU_WEST_3 = {  # instance type: (EC2 on-demand, EMR fee)
     "m5.xlarge": (0.224, 0.048),
     "m5.2xlarge": (0.448, 0.096),

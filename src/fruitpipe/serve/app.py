@@ -45,7 +45,7 @@ class ServeSettings:
     #: Largest accepted upload, bytes (a phone photo is 2-6 MB).
     max_bytes: int = 15 * 1024 * 1024
     #: Largest decoded image, pixels (decompression-bomb guard, as --max-pixels in the batch pipeline).
-    max_pixels: int = 64_000_000
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
     #: onnxruntime threads per request (0: onnxruntime's default).
     threads: int = 0
     #: How a photo that is not square is fed (images.CROPS); `evaluate` measures each on labelled photos.
