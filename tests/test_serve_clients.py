@@ -41,7 +41,13 @@ def test_a_dripping_upload_meets_the_whole_upload_deadline(trained) -> None:
         sock = _upload_head(srv.port, 100_000)
         sock.setblocking(False)
         started, answer = time.monotonic(), b""
-        while b"\r\n\r\n" not in answer:
+
+        def whole(answer: bytes) -> bool:  # headers and the body their content-length announces
+            head, sep, body = answer.partition(b"\r\n\r\n")
+            length = [int(ln.split(b":")[1]) for ln in head.lower().split(b"\r\n") if ln.startswith(b"content-length:")]
+            return bool(sep) and len(body) >= (length[0] if length else 0)
+
+        while not whole(answer):
             assert time.monotonic() - started < 30, "the dripping upload was never cut off"
             try:
                 got = sock.recv(65536)
@@ -112,6 +118,43 @@ def test_pipelined_requests_are_bounded_per_connection(trained) -> None:
         assert ok == MAX_PIPELINED + 1 and answers.count(b"HTTP/1.1 ") == ok, (ok, answers[-300:])
         assert srv.request("GET", "/health")[0] == 200
         assert _metric(srv, "fruitpipe_connections_refused_total", reason="pipelined") == 1
+    finally:
+        srv.stop()
+
+
+def test_queued_pipelined_requests_count_in_the_memory_budget(trained) -> None:
+    """The requests a connection queues by pipelining hold their request line and headers in memory: they are
+    counted in the one budget uploads count in (--max-buffered-mb), and the queue stops where it is full (here 10,000
+    bytes: two queued requests of about 4 KiB fit, the third does not), well before MAX_PIPELINED; the queued ones
+    are answered, the connection closes, and every counted byte is given back."""
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]), max_buffered=10_000)), _protocols()[1],
+                   header_timeout=30.0)
+    try:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 4000 + b"\r\n\r\n"
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            sock.sendall(request * 10)  # one read: httptools parses all of it at once
+        except OSError:
+            pass
+        sock.settimeout(60)
+        answers = b""
+        while True:
+            try:
+                got = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not got:
+                break
+            answers += got
+        sock.close()
+        ok = answers.count(b"HTTP/1.1 200")
+        assert ok == 3 < MAX_PIPELINED + 1 and answers.count(b"HTTP/1.1 ") == ok, (ok, answers[-300:])
+        assert _metric(srv, "fruitpipe_connections_refused_total", reason="pipelined") == 1
+        deadline = time.monotonic() + 30
+        while _buffered(srv) != 0:  # observable: every queued request's bytes given back
+            assert time.monotonic() < deadline, _buffered(srv)
+            time.sleep(0.05)
+        assert srv.request("GET", "/health")[0] == 200
     finally:
         srv.stop()
 

@@ -182,7 +182,8 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--max-connections", type=in_range(1), default=256,
                    help="open connections and requests at once; beyond, 503 (default 256)")
     p.add_argument("--max-buffered-mb", type=in_range(1), default=256,
-                   help="upload bytes held in memory by all requests together, MiB (default 256); beyond, 503")
+                   help="request bytes held in memory by all requests together (upload bodies, queued pipelined "
+                        "requests), MiB (default 256); beyond, 503")
     p.add_argument("--api-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")
     add_storage(p)

@@ -24,6 +24,7 @@ from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe, species_name
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.serve.server import HeldBytes
 from fruitpipe.storage import StorageOptions
 from fruitpipe.version import __version__
 
@@ -67,8 +68,9 @@ class ServeSettings:
     #: every 4 s was served forever). 120 s carries the largest upload (15 MiB) at 1 Mbit/s, a 4 MB phone photo at
     #: 270 kbit/s.
     upload_timeout: float = 120.0
-    #: Upload bytes all requests together may hold in memory (their bodies as they arrive, until answered); beyond,
-    #: 503 with Retry-After: 100 uploads stalled at 14 MiB each held 1.4 GB without it.
+    #: Request bytes all requests together may hold in memory (upload bodies as they arrive, until answered, and
+    #: the request line and headers of pipelined requests queued on a connection); beyond, an upload gets 503 with
+    #: Retry-After and a connection's queue stops there: 100 uploads stalled at 14 MiB each held 1.4 GB without it.
     max_buffered: int = 256 * 1024 * 1024
     #: Serve /docs, /redoc and /openapi.json (off: they load Swagger UI from a CDN and describe the API to anyone).
     api_docs: bool = False
@@ -141,9 +143,12 @@ def create_app(settings: ServeSettings) -> Any:
     Gauge("fruitpipe_decode_bytes_reserved", "Estimated peak bytes of the decodes running or admitted",
           registry=registry).set_function(lambda: budget.used)
     admitted = [0]  # uploads decoding or waiting for a decoder (the event loop's thread only: no lock)
-    buffered = [0]  # upload bytes held by requests not yet answered (the event loop's thread only)
-    Gauge("fruitpipe_upload_bytes_buffered", "Upload bytes held in memory by requests not yet answered",
-          registry=registry).set_function(lambda: buffered[0])
+    # Request bytes held by requests not yet answered: upload bodies, and pipelined requests queued by the
+    # connection layer (server.py), one budget (the event loop's thread only).
+    buffered = HeldBytes(settings.max_buffered)
+    app.state.held_bytes = buffered
+    Gauge("fruitpipe_upload_bytes_buffered", "Request bytes held in memory by requests not yet answered (upload "
+          "bodies, and queued pipelined requests)", registry=registry).set_function(lambda: buffered.used)
 
     refused = Counter("fruitpipe_connections_refused", "Connections refused by the connection layer, by reason "
                       "(max_connections, header_too_large, pipelined)", ["reason"], registry=registry)
@@ -194,7 +199,7 @@ def create_app(settings: ServeSettings) -> Any:
         try:
             return await identify(request, held)
         finally:
-            buffered[0] -= held[0]
+            buffered.give(held[0])
 
     async def identify(request: Request, held: list[int]) -> Any:
         t0 = time.perf_counter()
@@ -228,10 +233,9 @@ def create_app(settings: ServeSettings) -> Any:
             received += len(chunk)
             if received > settings.max_bytes + FRAMING:
                 return refuse(413, "too_big", f"upload over {settings.max_bytes} bytes", close=True)
-            if buffered[0] + len(chunk) > settings.max_buffered:
+            if not buffered.take(len(chunk)):
                 return refuse(503, "busy", "the server holds as many uploads as it may: try again in a second",
                               {"Retry-After": "1"}, close=True)
-            buffered[0] += len(chunk)
             held[0] += len(chunk)
             chunks.append(chunk)
         request._body = b"".join(chunks)  # Starlette's form parser reads the cached body (no second read)

@@ -63,6 +63,27 @@ class Refusals:
             self.last = loop.time()
 
 
+class HeldBytes:
+    """Request bytes held in memory by requests not yet answered, against one limit (--max-buffered-mb): upload
+    bodies (the app counts them as they arrive) and the requests a connection queued by pipelining (counted here,
+    by their request line and headers). The event loop's thread only: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Count `n` more bytes if they fit under the limit; False (nothing counted) if not."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Stop counting `n` bytes."""
+        self.used -= n
+
+
 class _PipelineFull(Exception):
     """Raised inside httptools' parser to stop it at the pipelining bound."""
 
@@ -77,10 +98,12 @@ def _not_our_stop(record: logging.LogRecord) -> bool:
 
 
 def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connections: int,
-            refusals: Refusals | None = None) -> type[Any]:
+            refusals: Refusals | None = None, held: HeldBytes | None = None) -> type[Any]:
     """`protocol` (uvicorn's h11 or httptools one) with the header deadline and size limit, the connection cap, the
-    pipelining bound and the shutdown of uploads still arriving."""
+    pipelining bound (a count, and the queued requests' bytes in `held`, the memory budget uploads count in too)
+    and the shutdown of uploads still arriving."""
     refused = refusals or Refusals()
+    budget = held or HeldBytes(1 << 62)
     uvicorn_log = logging.getLogger("uvicorn.error")
     if _not_our_stop not in uvicorn_log.filters:
         uvicorn_log.addFilter(_not_our_stop)
@@ -93,6 +116,7 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
         _fp_header_bytes = 0
         _fp_tail = b""
         _fp_drop = False
+        _fp_queued: dict[int, int] | None = None  # id(cycle) -> bytes counted in `held`, while it waits
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -121,15 +145,26 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
 
         def on_headers_complete(self) -> None:  # httptools' callback (h11 queues pipelined requests itself)
             pipeline = getattr(self, "pipeline", ())
-            if len(pipeline) >= MAX_PIPELINED:
+            size = len(getattr(self, "url", b"")) + sum(len(k) + len(v) + 4 for k, v in getattr(self, "headers", ()))
+            queued = bool(pipeline) or (getattr(self, "cycle", None) is not None and not self.cycle.response_complete)
+            over = len(pipeline) >= MAX_PIPELINED
+            if queued and not over and not budget.take(size):
+                over = True
+                refused.add(self.loop, "pipelined", f"queued requests past the memory budget ({budget.limit} bytes)")
+            elif over:
+                refused.add(self.loop, "pipelined", f"over {MAX_PIPELINED} requests queued on one connection")
+            if over:
                 # Stop parsing this read: httptools would turn all of it into queued requests. The requests already
                 # queued are answered, then the connection closes; the client sends the rest again (RFC 9112 9.3.2).
                 self._fp_drop = True
                 _quiet[0] = True
                 (pipeline[0][0] if pipeline else self.cycle).keep_alive = False
-                refused.add(self.loop, "pipelined", f"over {MAX_PIPELINED} requests queued on one connection")
                 raise _PipelineFull
             super().on_headers_complete()
+            if queued:  # this request waits behind another: its bytes stay counted until it is taken up
+                if self._fp_queued is None:
+                    self._fp_queued = {}
+                self._fp_queued[id(self.pipeline[0][0] if self.pipeline else self.cycle)] = size
 
         def send_400_response(self, msg: str) -> None:  # httptools' answer to a parse error: ours is not one
             _quiet[0] = False
@@ -137,7 +172,11 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
                 super().send_400_response(msg)
 
         def on_response_complete(self) -> None:
+            waiting = {id(c) for c, _ in getattr(self, "pipeline", ())}
             super().on_response_complete()
+            if self._fp_queued:  # the queued request uvicorn took up now is no longer waiting
+                for taken in waiting - {id(c) for c, _ in getattr(self, "pipeline", ())}:
+                    budget.give(self._fp_queued.pop(taken, 0))
             self._fp_started()  # a pipelined request may have begun inside
             cycle = getattr(self, "cycle", None)
             if not self.transport.is_closing() and (cycle is None or cycle.response_complete):
@@ -155,6 +194,9 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._fp_cancel()
+            if self._fp_queued:  # requests that were never taken up
+                budget.give(sum(self._fp_queued.values()))
+                self._fp_queued = None
             super().connection_lost(exc)
 
         def _fp_refuse(self, response: bytes, reason: str, detail: str) -> None:
@@ -222,10 +264,12 @@ def config(app: Any, *, host: str, port: int, header_timeout: float, max_connect
     # uvicorn answers 503 to a request once `limit_concurrency` connections are open: one more than the cap, so
     # that the connections the cap lets in are all served. h11 refuses headers past its own limit with 400: set
     # above ours, so that both protocols answer 431 at MAX_HEADER_BYTES.
-    refusals = Refusals(getattr(getattr(app, "state", None), "count_refused", None))
+    state = getattr(app, "state", None)
+    refusals = Refusals(getattr(state, "count_refused", None))
     return uvicorn.Config(app, host=host, port=port, limit_concurrency=max_connections + 1,
                           h11_max_incomplete_event_size=2 * MAX_HEADER_BYTES + 65536,
-                          http=bounded(protocol or http_protocol(), header_timeout, max_connections, refusals),
+                          http=bounded(protocol or http_protocol(), header_timeout, max_connections, refusals,
+                                       getattr(state, "held_bytes", None)),
                           **kwargs)
 
 
