@@ -324,3 +324,57 @@ def test_shared_options_and_defaults_are_written_once() -> None:
         assert args.max_pixels in (None, DEFAULT_MAX_PIXELS)  # run's None: Config's default, the same constant
     assert fruitpipe.Config(input="a", output="b").max_pixels == DEFAULT_MAX_PIXELS
     assert fruitpipe.Config(input="a", output="b").region == DEFAULT_REGION
+
+
+@pytest.mark.parametrize("command, option, env_value, toml_value, flag_value, dest, expected", [
+    (["train", "out"], "seed", "7", 3, "11", "seed", (3, 7, 11)),
+    (["evaluate", "out", "photos"], "max-pixels", "2000", 1000, "3000", "max_pixels", (1000, 2000, 3000)),
+    (["serve", "out"], "port", "8081", 8080, "8082", "port", (8080, 8081, 8082)),
+    (["drift", "ref", "cur"], "report-dir", "env-dir", "toml-dir", "flag-dir", "report_dir",
+     ("toml-dir", "env-dir", "flag-dir")),
+    (["sample", "photos"], "quiet", "false", True, None, "quiet", (True, False, True)),
+    (["emr", "plan", "s3://a-in/x", "s3://a-out/y"], "core-nodes", "3", 4, "5", "core_nodes", (4, 3, 5)),
+])
+def test_every_command_reads_a_toml_table_and_its_variables_and_flags_win(tmp_path: Path, monkeypatch, command,
+                                                                         option, env_value, toml_value,
+                                                                         flag_value, dest, expected) -> None:
+    """Every command reads settings the way `run` does: its TOML table ([fruitpipe.<command>]), then
+    FRUITPIPE_<COMMAND>_<OPTION>, then flags, each layer over the one before; from the options the parser declares
+    (none written out per command), typed and checked as the flag is."""
+    from fruitpipe.cli import _with_layers
+
+    table = command[0]
+    key = f"{'FRUITPIPE_'}{table.upper()}_{option.upper().replace('-', '_')}"
+    toml = tmp_path / "settings.toml"
+    value = f'"{toml_value}"' if isinstance(toml_value, str) else str(toml_value).lower()
+    toml.write_text(f"[fruitpipe]\nk = 30\n\n[fruitpipe.{table}]\n{option} = {value}\n")
+    monkeypatch.delenv(key, raising=False)
+    layers = [[*command, "--config", str(toml)]]
+    for argv, env in ((layers[0], None), (layers[0], env_value),
+                      ([*layers[0], f"--{option}", *([flag_value] if flag_value else [])], env_value)):
+        if env is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, env)
+        parser = build_parser()
+        args = _with_layers(parser, parser.parse_args(argv), argv)
+        assert getattr(args, dest) == expected[len(layers) - 1], (argv, env)
+        layers.append(argv)
+    # run's own table and variables are untouched by the other commands' tables (its [fruitpipe] k = 30 reads)
+    assert fruitpipe.load_config({"input": "a", "output": "b"}, toml_path=str(toml), env={}).k == 30
+
+
+def test_a_bad_setting_in_a_file_or_a_variable_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    toml = tmp_path / "settings.toml"
+    toml.write_text("[fruitpipe.serve]\nprot = 8080\n")
+    assert main(["serve", "out", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting(s) prot in [fruitpipe.serve]" in err and "port" in err and err.count("\n") == 1
+    monkeypatch.setenv("FRUITPIPE_SERVE_PORT", "70000")
+    assert main(["serve", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "environment FRUITPIPE_SERVE_PORT: --port '70000'" in err and err.count("\n") == 1
+    monkeypatch.setenv("FRUITPIPE_SERVE_PORT", "8080")
+    monkeypatch.setenv("FRUITPIPE_TRAIN_SEEED", "1")
+    assert main(["train", "out"]) == 2
+    assert "FRUITPIPE_TRAIN_SEEED: `fruitpipe train` has no option --seeed" in capsys.readouterr().err

@@ -24,6 +24,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("__init__", "classify"),
     ("drift", "cloud", "serve"),
     ("cli_apps", "cli_emr"),
+    ("cli_layers",),
     ("cli",),
     ("cli_reference",),
 ]

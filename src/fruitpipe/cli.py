@@ -11,6 +11,8 @@ from typing import Any
 
 from fruitpipe import cli_apps, cli_args, cli_emr
 from fruitpipe.cli_args import EPILOG, Parser, add_log_format, key_values
+from fruitpipe.cli_layers import add_config, layered_defaults
+from fruitpipe.config import COMMAND_TABLES
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.logs import error_line, setup_logging
 from fruitpipe.run_args import add_common, add_embed, add_reduce
@@ -48,8 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
     cli_apps.add_drift(sub)
     cli_apps.add_sample(sub)
     cli_emr.add_emr(sub)
+    for name, command in _layered_commands(parser):
+        add_config(command, name)
     add_log_format(parser)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _layered_commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    """(table, parser) of every command whose settings come from [fruitpipe.<table>] (cli_layers.py)."""
+    found = []
+    for name, command in _subparsers(parser).items():
+        if name == "emr":
+            found += [("emr", p) for p in _subparsers(command).values()]
+        elif name in COMMAND_TABLES:
+            found.append((name, command))
+    return found
+
+
+def _with_layers(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 argv: Sequence[str] | None) -> argparse.Namespace:
+    """`args` again, the command's TOML table and FRUITPIPE_* variables as its defaults (flags win)."""
+    import os
+
+    command = _subparsers(parser)[args.command]
+    siblings = None
+    if args.command == "emr":
+        siblings = list(_subparsers(command).values())
+        command = _subparsers(command)[args.emr_command]
+    defaults = layered_defaults(command, args.command, args.config, os.environ, siblings)
+    if not defaults:
+        return args
+    command.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +104,14 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fruitpipe` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in COMMAND_TABLES:
+        try:
+            args = _with_layers(parser, args, argv)
+        except FruitpipeError as exc:
+            error_line(f"fruitpipe {args.command}: error: {exc}")
+            return 2
     setup_logging(bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False)), args.log_format)
     if args.command == "emr":
         return cli_emr.main(args)

@@ -17,6 +17,9 @@ from fruitpipe.storage_options import DEFAULT_REGION
 
 #: Prefix of the environment variables that override config fields (FRUITPIPE_K=30, FRUITPIPE_MASTER=...).
 ENV_PREFIX = "FRUITPIPE_"
+#: The tables [fruitpipe.<name>] of the other commands' settings in the same TOML file (cli_layers.py): `run` skips
+#: them, and FRUITPIPE_<NAME>_* variables are theirs.
+COMMAND_TABLES = ("train", "evaluate", "serve", "drift", "sample", "emr")
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,7 @@ def load_config(
         data = data.get("fruitpipe", data)
         if not isinstance(data, dict):
             raise ConfigError(f"--config {toml_path}: [fruitpipe] must be a table of settings, not {data!r}")
+        data = {k: v for k, v in data.items() if not (k in COMMAND_TABLES and isinstance(v, dict))}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {toml_path}; "
