@@ -348,18 +348,16 @@ def test_every_command_reads_a_toml_table_and_its_variables_and_flags_win(tmp_pa
     toml = tmp_path / "settings.toml"
     value = f'"{toml_value}"' if isinstance(toml_value, str) else str(toml_value).lower()
     toml.write_text(f"[fruitpipe]\nk = 30\n\n[fruitpipe.{table}]\n{option} = {value}\n")
-    monkeypatch.delenv(key, raising=False)
-    layers = [[*command, "--config", str(toml)]]
-    for argv, env in ((layers[0], None), (layers[0], env_value),
-                      ([*layers[0], f"--{option}", *([flag_value] if flag_value else [])], env_value)):
-        if env is None:
+    with_file = [*command, "--config", str(toml)]
+    with_flag = [*with_file, f"--{option}", *([flag_value] if flag_value else [])]
+    for (argv, env), want in zip(((with_file, None), (with_file, env_value), (with_flag, env_value)), expected):
+        if env is None:  # the file alone, then the variable over it, then the flag over both
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, env)
         parser = build_parser()
         args = _with_layers(parser, parser.parse_args(argv), argv)
-        assert getattr(args, dest) == expected[len(layers) - 1], (argv, env)
-        layers.append(argv)
+        assert getattr(args, dest) == want, (argv, env)
     # run's own table and variables are untouched by the other commands' tables (its [fruitpipe] k = 30 reads)
     assert fruitpipe.load_config({"input": "a", "output": "b"}, toml_path=str(toml), env={}).k == 30
 
