@@ -7,11 +7,10 @@ there with no code of its own."""
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from fruitpipe.config import COMMAND_TABLES, ENV_PREFIX
+from fruitpipe.config import COMMAND_TABLES, ENV_PREFIX, read_toml
 from fruitpipe.errors import ConfigError
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -28,17 +27,7 @@ def add_config(p: argparse.ArgumentParser, table: str) -> None:
 
 
 def _toml_table(path: str, table: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path} does not exist: give the path of a TOML file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config {path} is a folder: give the path of a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"--config {path} cannot be read ({exc.strerror}): check the path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path} is not valid TOML ({exc}): fix the file") from None
+    data = read_toml(path)
     found = data.get("fruitpipe", {}).get(table, {}) if isinstance(data.get("fruitpipe"), dict) else {}
     if not isinstance(found, dict):
         raise ConfigError(f"--config {path}: [fruitpipe.{table}] must be a table of settings, not {found!r}")

@@ -217,6 +217,21 @@ def _layer(merged: dict[str, Any], values: Mapping[str, Any]) -> None:
     merged.update({k: v for k, v in values.items() if v is not None})
 
 
+def read_toml(path: str) -> dict[str, Any]:
+    """A --config file's contents, or one line saying what is wrong with it (every command's --config)."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist: give the path of a TOML file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a folder: give the path of a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror}): check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not valid TOML ({exc}): fix the file") from None
+
+
 def load_config(
     flags: Mapping[str, Any],
     toml_path: str | None = None,
@@ -228,17 +243,7 @@ def load_config(
     known = {f.name for f in fields(Config)}
     merged: dict[str, Any] = {}
     if toml_path:
-        try:
-            with open(toml_path, "rb") as fh:
-                data: Any = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"--config {toml_path} does not exist: give the path of a TOML file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"--config {toml_path} is a folder: give the path of a TOML file") from None
-        except OSError as exc:
-            raise ConfigError(f"--config {toml_path} cannot be read ({exc.strerror}): check the path") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--config {toml_path} is not valid TOML ({exc}): fix the file") from None
+        data: Any = read_toml(toml_path)
         data = data.get("fruitpipe", data)
         if not isinstance(data, dict):
             raise ConfigError(f"--config {toml_path}: [fruitpipe] must be a table of settings, not {data!r}")
