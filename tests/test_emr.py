@@ -334,14 +334,10 @@ def test_default_vpc_is_found_and_its_absence_explained(aws) -> None:
         emr.Emr(region).network(emr_settings(region=region))
 
 
-def test_plan_checks_the_vcpu_quota(aws, monkeypatch, capsys) -> None:
-    """The on-demand standard vCPU quota (Service Quotas L-1216C47A) against the cluster plus what already runs;
-    moto has no EC2 quotas, so the test gives its in-process backend one, as AWS would answer."""
+def _quota_of_16_with_one_m5_running(aws, monkeypatch):
+    """Give moto's in-process Service Quotas backend (it has no EC2 quotas) an on-demand standard vCPU quota of 16,
+    as AWS would answer, and start one m5.xlarge (4 vCPUs): (the ec2 client, run_instances' answer)."""
     from moto.servicequotas.models import ServiceQuotasBackend
-
-    assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # moto knows no EC2 quota: reported, not fatal
-    quota = json.loads(capsys.readouterr().out)["quota"]
-    assert quota["checked"] is False and "could not read the quota" in quota["why"]
 
     real = ServiceQuotasBackend.get_service_quota
 
@@ -354,7 +350,17 @@ def test_plan_checks_the_vcpu_quota(aws, monkeypatch, capsys) -> None:
     monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", ec2_quota)
     ec2 = _client("ec2", aws["endpoint"])
     image = ec2.describe_images()["Images"][0]["ImageId"]
-    running = ec2.run_instances(ImageId=image, InstanceType="m5.xlarge", MinCount=1, MaxCount=1)
+    return ec2, ec2.run_instances(ImageId=image, InstanceType="m5.xlarge", MinCount=1, MaxCount=1)
+
+
+def test_plan_checks_the_vcpu_quota(aws, monkeypatch, capsys) -> None:
+    """The on-demand standard vCPU quota (Service Quotas L-1216C47A) against the cluster plus what already runs;
+    moto has no EC2 quotas, so the test gives its in-process backend one, as AWS would answer."""
+    assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # moto knows no EC2 quota: reported, not fatal
+    quota = json.loads(capsys.readouterr().out)["quota"]
+    assert quota["checked"] is False and "could not read the quota" in quota["why"]
+
+    ec2, running = _quota_of_16_with_one_m5_running(aws, monkeypatch)
     try:
         assert main(["emr", "plan", INPUT, OUTPUT]) == 0  # 4 + 2 x 4 vCPUs, 4 running: 16 fits
         quota = json.loads(capsys.readouterr().out)["quota"]
@@ -943,20 +949,7 @@ def test_up_waits_for_iam_to_propagate_new_roles_and_nothing_else(aws) -> None:
 def test_up_refuses_a_cluster_the_vcpu_quota_cannot_hold_unless_told(aws, monkeypatch, capsys) -> None:
     """A quota read too small for the plan is a refusal before anything is billed (it was a warning, and the
     cluster then waited in STARTING and failed); --ignore-quota launches anyway."""
-    from moto.servicequotas.models import ServiceQuotasBackend
-
-    real = ServiceQuotasBackend.get_service_quota
-
-    def ec2_quota(self, service_code: str, quota_code: str) -> dict:
-        if (service_code, quota_code) == ("ec2", "L-1216C47A"):
-            return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": "Running On-Demand Standard "
-                    "(A, C, D, H, I, M, R, T, Z) instances", "Value": 16.0, "Unit": "None"}
-        return real(self, service_code, quota_code)
-
-    monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", ec2_quota)
-    ec2 = _client("ec2", aws["endpoint"])
-    image = ec2.describe_images()["Images"][0]["ImageId"]
-    running = ec2.run_instances(ImageId=image, InstanceType="m5.xlarge", MinCount=1, MaxCount=1)
+    ec2, running = _quota_of_16_with_one_m5_running(aws, monkeypatch)
     before = _clusters(aws["endpoint"])
     try:
         assert main(["emr", "up", INPUT, OUTPUT, "--core-nodes", "3", "-q"]) == 2

@@ -25,6 +25,22 @@ def _metric(srv, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def _read_to_close(sock: socket.socket) -> bytes:
+    """Every byte the server sends until it closes the connection (or resets it), then close our end."""
+    sock.settimeout(60)
+    answers = b""
+    while True:
+        try:
+            got = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not got:
+            break
+        answers += got
+    sock.close()
+    return answers
+
+
 def _upload_head(port: int, length: int) -> socket.socket:
     body, ctype = _multipart(b"\xff" * length)
     sock = socket.create_connection(("127.0.0.1", port))
@@ -103,17 +119,7 @@ def test_pipelined_requests_are_bounded_per_connection(trained) -> None:
             sock.sendall(request * (1024 * 1024 // len(request)))
         except OSError:  # the server closed while we were still sending: what is asked of it
             pass
-        sock.settimeout(60)
-        answers = b""
-        while True:
-            try:
-                got = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not got:
-                break
-            answers += got
-        sock.close()
+        answers = _read_to_close(sock)
         ok = answers.count(b"HTTP/1.1 200")
         assert ok == MAX_PIPELINED + 1 and answers.count(b"HTTP/1.1 ") == ok, (ok, answers[-300:])
         assert srv.request("GET", "/health")[0] == 200
@@ -136,17 +142,7 @@ def test_queued_pipelined_requests_count_in_the_memory_budget(trained) -> None:
             sock.sendall(request * 10)  # one read: httptools parses all of it at once
         except OSError:
             pass
-        sock.settimeout(60)
-        answers = b""
-        while True:
-            try:
-                got = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not got:
-                break
-            answers += got
-        sock.close()
+        answers = _read_to_close(sock)
         ok = answers.count(b"HTTP/1.1 200")
         assert ok == 3 < MAX_PIPELINED + 1 and answers.count(b"HTTP/1.1 ") == ok, (ok, answers[-300:])
         assert _metric(srv, "fruitpipe_connections_refused_total", reason="pipelined") == 1
