@@ -40,15 +40,20 @@ class _Client:
 
 
 class _Server(_Client):
-    """uvicorn in a thread on a free loopback port; ready when uvicorn says it started (an event, not a sleep)."""
+    """The server `fruitpipe serve` runs (uvicorn with fruitpipe's bounded protocol, serve/server.py, with serve's
+    default limits unless given) in a thread on a free loopback port; ready when uvicorn says it started (an event,
+    not a sleep). `protocol`: uvicorn's h11 or httptools one, default as `serve` picks."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, protocol=None, header_timeout: float = 5.0, max_connections: int = 256) -> None:
         import time
 
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
+        from fruitpipe.serve.server import config
+
+        self.server = uvicorn.Server(config(app, host="127.0.0.1", port=0, header_timeout=header_timeout,
+                                            max_connections=max_connections, protocol=protocol,
+                                            log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

@@ -196,6 +196,30 @@ def test_an_early_413_closes_the_connection(trained) -> None:
         srv.stop()
 
 
+@pytest.mark.parametrize("protocol", _protocols(), ids=lambda p: p.__name__)
+def test_an_upload_answered_before_its_end_is_not_reset(trained, protocol) -> None:
+    """A client that sends its whole body before reading (http.client, most libraries) reads the 413, then a clean
+    end. Before, the server closed with the body unread and the kernel's reset could reach the client first (CI of
+    stop 41: ConnectionResetError on a 3 MB upload). The client sends the body only after the answer came: closing at
+    once fails this every time; lingering (answer, shut the write side, drop what comes) passes."""
+    srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]), max_bytes=1_000_000)), protocol,
+                   header_timeout=5.0)
+    try:
+        body, ctype = _multipart(b"\xff" * 3_000_000)
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        status, raw = _status(sock)
+        assert status == 413 and b"too_big" in raw and b"connection: close" in raw.lower()
+        sock.sendall(body)  # the rest, as a client that writes before it reads does
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(60)
+        assert sock.recv(65536) == b""  # the server's end, not a reset
+        sock.close()
+    finally:
+        srv.stop()
+
+
 def test_refused_connections_are_counted_and_summarised_not_logged_each(trained, caplog) -> None:
     srv = _Bounded(create_app(ServeSettings(output=str(trained["out"]))), _protocols()[1], header_timeout=30.0,
                    max_connections=2)

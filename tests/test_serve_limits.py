@@ -194,24 +194,10 @@ def test_api_docs_on_request(trained) -> None:
 # -- the connection layer: headers on time, a cap on connections, one budget for buffered uploads --------------
 
 class _Bounded(_Server):
-    """_Server with fruitpipe's bounded protocol (serve/server.py) instead of uvicorn's own."""
+    """_Server with a chosen protocol and tighter limits, for the connection-layer tests."""
 
     def __init__(self, app, protocol, header_timeout: float = 1.0, max_connections: int = 64) -> None:
-        import time
-
-        import uvicorn
-
-        from fruitpipe.serve.server import config
-
-        self.server = uvicorn.Server(config(app, host="127.0.0.1", port=0, header_timeout=header_timeout,
-                                            max_connections=max_connections, protocol=protocol,
-                                            log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        super().__init__(app, protocol, header_timeout, max_connections)
 
 
 def _protocols() -> list:

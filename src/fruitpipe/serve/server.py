@@ -126,6 +126,8 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
                 transport.write(_503)
                 transport.close()
                 return
+            # The request cycles close through this one: an answer given before the upload's end lingers.
+            self.transport = _Lingering(transport, self)
             self._fp_arm()
 
         def data_received(self, data: bytes) -> None:
@@ -206,14 +208,27 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
         def _fp_close_with(self, response: bytes) -> None:
             """Answer `response` and close, lingering: the client's bytes still coming are read and dropped for up
             to LINGER seconds, so that its kernel does not reset the connection before it reads the answer."""
+            self.transport.write(response)
+            self._fp_linger()
+
+        def _fp_linger(self) -> None:
+            """Close after the answer written, lingering (RFC 9112 9.6): the write side is shut, so the client
+            reads the answer and the end, while its bytes still coming are read and dropped until it stops sending
+            or for LINGER seconds, so that its kernel does not reset the connection and lose the answer."""
             self._fp_cancel()
             self._fp_drop = True  # data_received drops what comes
-            self.transport.write(response)
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-                self.loop.call_later(LINGER, self.transport.close)
-            else:
-                self.transport.close()
+            proxy = self.transport if isinstance(self.transport, _Lingering) else None
+            transport = proxy.real if proxy else self.transport
+            if transport.is_closing() or (proxy and proxy.lingering):
+                return
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            if proxy:
+                proxy.lingering = True
+            transport.write_eof()
+            self.flow.resume_reading()  # uvicorn paused reading while the unread body filled its buffer
+            self.loop.call_later(LINGER, transport.close)
 
         def _fp_arm(self) -> None:
             self._fp_cancel()
@@ -242,6 +257,31 @@ def bounded(protocol: type[asyncio.Protocol], header_timeout: float, max_connect
 
     Bounded.__name__ = f"Bounded{protocol.__name__}"
     return Bounded
+
+
+class _Lingering:
+    """A connection's transport as uvicorn's request cycles see it: the app may answer before the upload's end (413,
+    408, 503 with Connection: close); closing then at once would leave the client's bytes unread, and the kernel
+    would answer them with a reset that can arrive before the client reads the answer. Such a close lingers
+    instead; every other call goes to the real transport."""
+
+    def __init__(self, real: Any, protocol: Any) -> None:
+        self.real = real
+        self.protocol = protocol
+        self.lingering = False
+
+    def close(self) -> None:
+        cycle = getattr(self.protocol, "cycle", None)
+        if cycle is not None and cycle.more_body and not self.real.is_closing():
+            self.protocol._fp_linger()  # a request whose body is still arriving
+        else:
+            self.real.close()
+
+    def is_closing(self) -> bool:
+        return self.lingering or self.real.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 def http_protocol() -> type[asyncio.Protocol]:
