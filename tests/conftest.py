@@ -36,6 +36,24 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ.pop(var, None)
 
 
+@pytest.fixture(autouse=True)
+def _cli_logging_stays_in_its_test():
+    """`main()` configures the root logger as a command does once per process (its stderr handler, JSON or text,
+    and the level); in this one test process that outlived the test, so a later test's library call logged INFO
+    lines in JSON. Each test starts from the root logger as it found it."""
+    import logging
+
+    from fruitpipe import logs
+
+    root = logging.getLogger()
+    handlers, level, json_mode = list(root.handlers), root.level, logs._json_mode
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    logs._json_mode = json_mode
+
+
 @pytest.fixture
 def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No FRUITPIPE_MODELS and a private, empty model cache: what a new user has; yields the cache folder."""
