@@ -37,8 +37,10 @@ def render() -> str:
     out = ["# fruitpipe: command-line reference", "",
            "Generated from the parser (`python -m fruitpipe.cli_reference > docs/cli.md`; `make docs` does it):",
            "each command's `--help`, word for word. `tests/test_cli.py` fails when this page and the code differ.",
-           "Settings shared by `run`, `embed` and `reduce` can also come from a TOML file (`--config`) and",
-           "`FRUITPIPE_*` variables; see the README.", "", "Commands:", ""]
+           "Every command that takes `--config` reads its settings as TOML < environment < flags: `run`, `embed`",
+           "and `reduce` from the file's top level and `FRUITPIPE_<NAME>`, the others from the table",
+           "`[fruitpipe.<command>]` (one `[fruitpipe.emr]` for every `emr` sub-command) and",
+           "`FRUITPIPE_<COMMAND>_<OPTION>`; see the README's settings section.", "", "Commands:", ""]
     out += [f"- [`{line}`](#{line.replace(' ', '-')})" for line, _ in commands[1:]]
     for line, text in commands:
         out += ["", f'<a id="{line.replace(" ", "-")}"></a>', "", f"## `{line}`", "", "```text", text.rstrip(), "```"]
