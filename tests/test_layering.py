@@ -14,7 +14,7 @@ SRC = Path(fruitpipe.__file__).parent
 #: Areas from the ground up: a module may import its own area and the ones below. Within an area, no cycles.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "jsonio", "vectors", "schemas", "images", "augment", "version", "storage_options", "plots", "logs",
-     "layout", "s3_objects"),
+     "layout", "s3_objects", "options"),
     ("storage", "download"),
     ("models", "lease", "commits", "sample"),
     ("output", "config"),

@@ -9,13 +9,14 @@ from typing import Any
 
 from fruitpipe.cli_args import (
     EPILOG,
+    add_fields,
     add_metrics,
     add_storage,
     add_verbosity,
     export_metrics,
+    from_args,
     in_range,
     key_values,
-    positive_float,
     share,
     sigterm_as_interrupt,
     storage_options,
@@ -29,58 +30,14 @@ log = logging.getLogger("fruitpipe")
 
 
 def add_train(sub: Any) -> None:
-    from fruitpipe.classify.finetune import FinetuneSettings
+    from fruitpipe.classify.settings import TrainSettings
 
     p = sub.add_parser("train", help="fit a classifier on OUTPUT's Training split, evaluate on Test, export ONNX",
                        epilog=EPILOG, description="Fit a classifier on the embeddings of a complete OUTPUT (Training), "
                        "evaluate it on Test, and write OUTPUT/classifier/: metrics.json, confusion.png, "
                        "test_predictions.parquet, the Spark model and fruit_classifier.onnx (photo -> probabilities).")
-    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT written to the end by `fruitpipe run`")
-    p.add_argument("--features", choices=["embeddings", "reduced"], default="embeddings",
-                   help="full embeddings (default) or OUTPUT's PCA-reduced vectors")
-    p.add_argument("--classifier", choices=["linear", "logreg", "mlp"], default="linear",
-                   help="linear (default): shrinkage LDA or ridge from one pass of statistics summed on the "
-                        "executors, chosen and calibrated by cross-validation, seconds at any size; logreg / mlp: "
-                        "Spark ML's logistic regression or one-hidden-layer perceptron (minutes), for comparison")
-    p.add_argument("--folds", type=whole_number, default=3, help="cross-validation folds on Training (default 3)")
-    p.add_argument("--seed", type=whole_number, default=7, help="seed of the folds and of a hold-out (default 7)")
-    p.add_argument("--holdout", type=share, default=0.2,
-                   help="share of Training held out as the test set when OUTPUT has no Test split (default 0.2)")
-    p.add_argument("--also", action="append", default=[], metavar="OTHER_OUTPUT",
-                   help="another complete OUTPUT (same embedding model) whose photos join the fit, e.g. your own "
-                        "labelled real photos embedded by `fruitpipe run`: each of its folders becomes a class of "
-                        "its own that stands for Fruits-360 classes; cross-validated per source in metrics.json; "
-                        "repeatable")
-    p.add_argument("--also-val", action="append", default=[], metavar="VAL_OUTPUT",
-                   help="a complete OUTPUT of labelled photos taken apart from every photo of the fit (e.g. the "
-                        "val/ of `fruitpipe sample DIR --real`): never fitted, scored by the final classifier, "
-                        "its figure in metrics.json `held_out` (the honest real-photo figure); repeatable")
-    p.add_argument("--also-families", metavar="FILE",
-                   help="JSON mapping the folders of the --also and --also-val outputs to Fruits-360 classes "
-                        "(DIR/families.json of `fruitpipe sample DIR --real`); without it their folders must be "
-                        "named as classes")
-    p.add_argument("--augment", type=whole_number, default=0, metavar="N",
-                   help="also fit on N phone-like variants of each Training photo (the fruit cut from its white "
-                        "background, on varied scenes, light, blur and JPEG), embedded once and kept under "
-                        "OUTPUT/augmented/; e.g. 4 (default 0: none; about 1 minute per 1,000 photos and variant "
-                        "per core)")
-    p.add_argument("--augment-weight", type=float, default=None, metavar="W",
-                   help="weight of a variant against 1 for a photo (default 0.1: the largest that kept Fruits-360 "
-                        "Test top-1 at 98 %% on the shared sample)")
-    p.add_argument("--finetune", action="store_true",
-                   help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 "
-                        "Training photos per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the "
-                        "published file is the fine-tuned one, scored on Test and --also-val like the linear one")
-    p.add_argument("--finetune-epochs", type=whole_number, metavar="N",
-                   help=f"passes over the fine-tuning's photos (default {FinetuneSettings.epochs})")
-    p.add_argument("--finetune-blocks", type=whole_number, metavar="B",
-                   help=f"how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (1 to 4, "
-                        f"default {FinetuneSettings.blocks})")
-    p.add_argument("--no-pca-table", action="store_true",
-                   help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% variance")
-    p.add_argument("--model-path", metavar="FILE", help="the run's embedding model file, if not the registry's")
+    add_fields(p, TrainSettings)  # every train option: its field in classify/settings.py
     add_verbosity(p, "warnings only, no table")
-    p.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
     p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable")
     add_storage(p)
@@ -154,38 +111,10 @@ def add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="answer 'which fruit is this?' over HTTP with OUTPUT's trained classifier",
                        epilog=EPILOG, description="Serve OUTPUT/classifier/fruit_classifier.onnx: POST /predict "
                        "(multipart field 'image') -> top-5, GET /health, GET /metrics (Prometheus).")
-    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)")
-    p.add_argument("--port", type=in_range(0, 65535), default=8000, help="port (default 8000)")
-    p.add_argument("--max-bytes", type=in_range(1), default=15 * 1024 * 1024,
-                   help="largest upload in bytes (default 15728640); larger ones get 413")
-    p.add_argument("--max-pixels", type=in_range(1), default=DEFAULT_MAX_PIXELS,
-                   help=f"largest decoded image (default {DEFAULT_MAX_PIXELS}; decompression-bomb guard)")
-    p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
+    from fruitpipe.serve.app import ServeSettings
+
+    add_fields(p, ServeSettings)  # every serve option but --crop (evaluate's too): its field in serve/app.py
     _add_crop(p)
-    p.add_argument("--decoders", type=in_range(0), default=0,
-                   help="photos decoded and identified at once (default: one per core)")
-    p.add_argument("--decode-mb", type=in_range(1), default=1100,
-                   help="memory all decodes at once may take, MiB, each admitted by its estimate from the image's "
-                   "header (default 1100: the costliest image under the default --max-pixels; a phone JPEG takes "
-                   "about 6); an image estimated over it gets 422")
-    p.add_argument("--queue", type=in_range(0), default=32,
-                   help="uploads that may wait for a decoder (default 32); beyond, 503 with Retry-After")
-    p.add_argument("--body-timeout", type=positive_float, default=10.0,
-                   help="seconds an upload may send nothing before it gets 408 (default 10)")
-    p.add_argument("--upload-timeout", type=positive_float, default=120.0,
-                   help="seconds a whole upload may take, headers to last byte, before 408 (default 120: 15 MiB "
-                   "at 1 Mbit/s)")
-    p.add_argument("--header-timeout", type=positive_float, default=5.0,
-                   help="seconds a request's headers may take to arrive before 408 and a closed connection "
-                   "(default 5)")
-    p.add_argument("--max-connections", type=in_range(1), default=256,
-                   help="open connections and requests at once; beyond, 503 (default 256)")
-    p.add_argument("--max-buffered-mb", type=in_range(1), default=256,
-                   help="request bytes held in memory by all requests together (upload bodies, queued pipelined "
-                        "requests), MiB (default 256); beyond, 503")
-    p.add_argument("--api-docs", action="store_true",
-                   help="serve /docs, /redoc and /openapi.json (off by default: Swagger UI comes from a CDN)")
     add_storage(p)
     add_verbosity(p, "warnings only (no access log)")
 
@@ -308,17 +237,14 @@ def _serve_main(args: argparse.Namespace) -> int:
         from fruitpipe.serve.server import serve
     except ImportError:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
-    app = create_app(ServeSettings(output=args.output, storage=storage_options(args), max_bytes=args.max_bytes,
-                                   max_pixels=args.max_pixels, threads=args.threads, crop=args.crop,
-                                   decoders=args.decoders, queue=args.queue, body_timeout=args.body_timeout,
-                                   upload_timeout=args.upload_timeout, decode_budget=args.decode_mb * 1024 * 1024,
-                                   max_buffered=args.max_buffered_mb * 1024 * 1024, api_docs=args.api_docs))
+    settings = from_args(ServeSettings, args, storage=storage_options(args), crop=args.crop)
+    app = create_app(settings)
     # In json mode uvicorn's own log config is skipped: its lines go through ours, one JSON object each.
     extra: dict[str, Any] = {"log_config": None} if json_mode() else {}
     # Past --max-connections a new connection gets 503; headers must be complete within --header-timeout; kept-alive
     # connections that send nothing close after 5 s.
-    return serve(app, host=args.host, port=args.port, header_timeout=args.header_timeout,
-                 max_connections=args.max_connections, log_level="warning" if args.quiet else "info",
+    return serve(app, host=settings.host, port=settings.port, header_timeout=settings.header_timeout,
+                 max_connections=settings.max_connections, log_level="warning" if args.quiet else "info",
                  access_log=not args.quiet, timeout_keep_alive=5, **extra)
 
 
@@ -326,15 +252,9 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
     from fruitpipe.classify import TrainSettings, train
 
     opts = storage_options(args)
-    settings = TrainSettings(
-        output=args.output, features=args.features, classifier=args.classifier, folds=args.folds, seed=args.seed,
-        holdout=args.holdout, compare_pca=not args.no_pca_table, model_path=args.model_path, master=args.master,
-        also=tuple(args.also), also_families=args.also_families, also_val=tuple(args.also_val), augment=args.augment,
-        finetune=args.finetune, **{k: v for k, v in (("finetune_epochs", args.finetune_epochs),
-                                                        ("finetune_blocks", args.finetune_blocks)) if v is not None},
-        **({"augment_weight": args.augment_weight} if args.augment_weight is not None else {}),
-        quiet=args.quiet or json_mode(),  # no progress bar among JSON log lines
-        storage=opts, spark_conf=key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g"))
+    conf = key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g")
+    settings = from_args(TrainSettings, args, quiet=args.quiet or json_mode(),  # no progress bar among JSON lines
+                         storage=opts, spark_conf=conf)
     result = train(settings)
     export_metrics(args, "train", started, result, args.output)
     if not args.quiet:

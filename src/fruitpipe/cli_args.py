@@ -1,17 +1,21 @@
-"""Shared by the command-line modules: argument types, the one-line-error parser, KEY=VALUE flags, S3 options."""
+"""Shared by the command-line modules: the one-line-error parser, flags generated from settings dataclasses,
+KEY=VALUE flags, the shared option groups (storage, verbosity, metrics, log format)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, fields
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.options import Flag, in_range, positive_float, share, whole_number
+
+__all__ = ["in_range", "positive_float", "share", "whole_number"]  # the flag types, for the CLI modules
 from fruitpipe.storage_options import DEFAULT_REGION
 
 EPILOG = (
@@ -28,40 +32,53 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def whole_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    return value
+def _flagged(cls: type) -> Iterator[tuple[Any, Flag]]:
+    for f in fields(cls):
+        if "flag" in f.metadata:
+            yield f, f.metadata["flag"]
 
 
-def in_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number from `low` to `high` (no upper bound when None), else a one-line error."""
-    def check(text: str) -> int:
-        value = whole_number(text)
-        if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give a whole number {bound}")
-        return value
-    return check
+def _dest(f: Any, flag: Flag) -> str:
+    """The flag's own name (the key a TOML table and a FRUITPIPE_* variable use), else the field's."""
+    return flag.flag.lstrip("-").replace("-", "_") if flag.flag else f.name
 
 
-def share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 0.95") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give one such as 0.95")
-    return value
+def add_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """The flags of `cls`'s fields declared with options.option(), in field order: the settings dataclass is the
+    one place an option's name, default, type and help are written."""
+    for f, flag in _flagged(cls):
+        default = None if f.default is MISSING else f.default
+        if flag.positional:
+            p.add_argument(f.name, metavar=flag.metavar, help=flag.help)
+        elif flag.negate or isinstance(default, bool):
+            p.add_argument(flag.flag or "--" + f.name.replace("_", "-"), dest=_dest(f, flag), action="store_true",
+                           help=flag.help)
+        else:
+            kind: Any = flag.type or (whole_number if isinstance(default, int) else share
+                                      if isinstance(default, float) else None)
+            repeat = isinstance(default, tuple)
+            shown = default // flag.unit if flag.unit != 1 and default is not None else default
+            p.add_argument(flag.flag or "--" + f.name.replace("_", "-"), dest=_dest(f, flag), type=kind,
+                           action="append" if repeat else "store", default=[] if repeat else shown,
+                           choices=flag.choices, metavar=flag.metavar, help=flag.help)
 
 
-def positive_float(text: str) -> float:
-    value = share(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
+def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """`cls` from the parsed flags of add_fields, and `given` for the fields the command fills itself (storage,
+    quiet, ...)."""
+    values: dict[str, Any] = {}
+    for f, flag in _flagged(cls):
+        if f.name in given:
+            continue
+        value = getattr(args, _dest(f, flag))
+        if flag.negate:
+            value = not value
+        elif isinstance(f.default, tuple):
+            value = tuple(value)
+        elif flag.unit != 1 and value is not None:
+            value *= flag.unit
+        values[f.name] = value
+    return cls(**values, **given)
 
 
 def key_values(items: Sequence[str], flag: str, example: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from fruitpipe import storage
 from fruitpipe.classify.augmented import DEFAULT_WEIGHT
 from fruitpipe.classify.finetune import FinetuneSettings
 from fruitpipe.classify.published import TrainError
+from fruitpipe.options import option
 from fruitpipe.storage import StorageOptions
 
 
@@ -16,34 +17,61 @@ from fruitpipe.storage import StorageOptions
 class TrainSettings:
     """One `fruitpipe train`: which OUTPUT, which features and classifier, how it is validated, where Spark runs."""
 
-    output: str
-    features: str = "embeddings"
-    #: linear (default: the one-pass statistics classifier), or Spark ML's logreg / mlp.
-    classifier: str = "linear"
-    folds: int = 3
-    seed: int = 7
-    #: Share of Training held out (stratified) as the test set when OUTPUT has no Test split.
-    holdout: float = 0.2
-    compare_pca: bool = True
-    model_path: str | None = None
-    master: str = "local[*]"
+    output: str = option(positional=True, metavar="OUTPUT",
+                         help="an OUTPUT written to the end by `fruitpipe run`")
+    features: str = option("embeddings", choices=("embeddings", "reduced"),
+                           help="full embeddings (default) or OUTPUT's PCA-reduced vectors")
+    classifier: str = option(
+        "linear", choices=("linear", "logreg", "mlp"),
+        help="linear (default): shrinkage LDA or ridge from one pass of statistics summed on the executors, chosen "
+             "and calibrated by cross-validation, seconds at any size; logreg / mlp: Spark ML's logistic regression "
+             "or one-hidden-layer perceptron (minutes), for comparison")
+    folds: int = option(3, help="cross-validation folds on Training (default %(default)s)")
+    seed: int = option(7, help="seed of the folds and of a hold-out (default %(default)s)")
+    holdout: float = option(0.2, help="share of Training held out as the test set when OUTPUT has no Test split "
+                                      "(default %(default)s)")
+    compare_pca: bool = option(True, flag="--no-pca-table", negate=True,
+                               help="skip the table of top-1 on full embeddings vs PCA at k = 20, 50 and 95 %% "
+                                    "variance")
+    model_path: str | None = option(None, metavar="FILE",
+                                    help="the run's embedding model file, if not the registry's")
+    master: str = option("local[*]", help="Spark master URL (default %(default)s)")
     storage: StorageOptions = field(default_factory=StorageOptions)
     spark_conf: dict[str, str] = field(default_factory=dict)
-    #: Other outputs whose photos join the fit (--also), e.g. a user's own labelled real photos, and the file
-    #: mapping their folders to Fruits-360 classes (--also-families).
-    also: tuple[str, ...] = ()
-    also_families: str | None = None
-    #: Outputs of labelled photos taken apart from every photo of the fit (--also-val, e.g. the real photos' val
-    #: split): scored by the final classifier, the honest real-photo figure; never in any fit.
-    also_val: tuple[str, ...] = ()
-    #: Fine-tune the backbone's last blocks with the head on the fit's photos (--finetune, classify.tuning), starting
-    #: from the linear head; the published file is then the fine-tuned one.
-    finetune: bool = False
-    finetune_epochs: int = FinetuneSettings.epochs
-    finetune_blocks: int = FinetuneSettings.blocks
-    #: Phone-like variants of each Training photo joining the fit (--augment, classify.augmented), and their weight.
-    augment: int = 0
-    augment_weight: float = DEFAULT_WEIGHT
+    also: tuple[str, ...] = option(
+        (), metavar="OTHER_OUTPUT",
+        help="another complete OUTPUT (same embedding model) whose photos join the fit, e.g. your own labelled real "
+             "photos embedded by `fruitpipe run`: each of its folders becomes a class of its own that stands for "
+             "Fruits-360 classes; cross-validated per source in metrics.json; repeatable")
+    also_val: tuple[str, ...] = option(
+        (), metavar="VAL_OUTPUT",
+        help="a complete OUTPUT of labelled photos taken apart from every photo of the fit (e.g. the val/ of "
+             "`fruitpipe sample DIR --real`): never fitted, scored by the final classifier, its figure in "
+             "metrics.json `held_out` (the honest real-photo figure); repeatable")
+    also_families: str | None = option(
+        None, metavar="FILE",
+        help="JSON mapping the folders of the --also and --also-val outputs to Fruits-360 classes (DIR/families.json "
+             "of `fruitpipe sample DIR --real`); without it their folders must be named as classes")
+    augment: int = option(
+        0, metavar="N",
+        help="also fit on N phone-like variants of each Training photo (the fruit cut from its white background, on "
+             "varied scenes, light, blur and JPEG), embedded once and kept under OUTPUT/augmented/; e.g. 4 (default "
+             "%(default)s: none; about 1 minute per 1,000 photos and variant per core)")
+    augment_weight: float = option(
+        DEFAULT_WEIGHT, metavar="W",
+        help="weight of a variant against 1 for a photo (default %(default)s: the largest that kept Fruits-360 Test "
+             "top-1 at 98 %% on the shared sample)")
+    finetune: bool = option(
+        False,
+        help="then fine-tune the backbone's last blocks with the head on the --also photos and 20 Training photos "
+             "per class (JAX on the CPU: pip install 'fruitpipe[finetune]'); the published file is the fine-tuned "
+             "one, scored on Test and --also-val like the linear one")
+    finetune_epochs: int = option(FinetuneSettings.epochs, metavar="N",
+                                  help="passes over the fine-tuning's photos (default %(default)s)")
+    finetune_blocks: int = option(
+        FinetuneSettings.blocks, metavar="B",
+        help="how many of MobileNetV2's last inverted-residual blocks learn, with Conv_1 (1 to 4, default "
+             "%(default)s)")
     quiet: bool = False
 
     def finetune_settings(self) -> FinetuneSettings:
