@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -57,6 +58,13 @@ def test_top_level_help_lists_commands() -> None:
     assert set(COMMANDS) == set(_subparsers())
     for command in COMMANDS:
         assert command.split()[0] in proc.stdout
+
+
+def test_every_command_is_dispatched_through_the_table() -> None:
+    from fruitpipe.cli import HANDLERS, build_parser
+
+    commands = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(HANDLERS) == set(commands)
 
 
 def test_readme_documents_every_command_and_option() -> None:

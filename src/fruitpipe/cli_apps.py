@@ -15,7 +15,6 @@ from fruitpipe.cli_args import (
     add_verbosity,
     export_metrics,
     from_args,
-    in_range,
     key_values,
     share,
     sigterm_as_interrupt,
@@ -23,7 +22,6 @@ from fruitpipe.cli_args import (
     whole_number,
 )
 from fruitpipe.errors import FruitpipeError, disk_full
-from fruitpipe.images import DEFAULT_MAX_PIXELS
 from fruitpipe.logs import error_line, json_mode
 
 log = logging.getLogger("fruitpipe")
@@ -59,17 +57,10 @@ def add_evaluate(sub: Any) -> None:
                        "answers with: same decode, preprocessing and crop) on PHOTOS/<label>/*, local or s3://, and "
                        "write OUTPUT/classifier/evaluations/NAME.json: top-1, top-5, species top-1, per label, "
                        "confusion, confidence of right and wrong answers, coverage by threshold, rejects by reason.")
-    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
-    p.add_argument("photos", metavar="PHOTOS", help="a folder (or s3:// prefix) of <label>/ folders of photos")
-    p.add_argument("--families", metavar="FILE", help="JSON mapping each folder of PHOTOS to Fruits-360 classes "
-                   "(real-photos-dev/families.json's format): any class of the family counts as right; without "
-                   "it each folder must be a class of the classifier")
-    p.add_argument("--name", help="name of the evaluation file (default: PHOTOS' folder name, with the crop if "
-                   "not the default)")
+    from fruitpipe.classify.evaluate import EvaluateSettings
+
+    add_fields(p, EvaluateSettings)  # every evaluate option but --crop (serve's too): its field in classify/evaluate.py
     _add_crop(p)
-    p.add_argument("--max-pixels", type=in_range(1), default=DEFAULT_MAX_PIXELS,
-                   help=f"largest decoded image (default {DEFAULT_MAX_PIXELS}; decompression-bomb guard)")
-    p.add_argument("--threads", type=in_range(0), default=0, help="onnxruntime threads (default: its own)")
     add_storage(p)
     add_verbosity(p, "no progress bar, no table")
 
@@ -77,9 +68,7 @@ def add_evaluate(sub: Any) -> None:
 def _evaluate_main(args: argparse.Namespace) -> int:
     from fruitpipe.classify.evaluate import EvaluateSettings, evaluate
 
-    r = evaluate(EvaluateSettings(output=args.output, photos=args.photos, families=args.families, name=args.name,
-                                  crop=args.crop, storage=storage_options(args), max_pixels=args.max_pixels,
-                                  threads=args.threads, quiet=args.quiet))
+    r = evaluate(from_args(EvaluateSettings, args, crop=args.crop, storage=storage_options(args), quiet=args.quiet))
     if args.quiet:
         return 0
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from fruitpipe.images import DEFAULT_MAX_PIXELS
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -67,3 +69,14 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
     return value
+
+
+def max_pixels_option() -> Any:
+    """--max-pixels of the commands that decode uploaded or labelled photos (serve, evaluate), declared once."""
+    return option(DEFAULT_MAX_PIXELS, type=in_range(1),
+                  help="largest decoded image (default %(default)s; decompression-bomb guard)")
+
+
+def threads_option() -> Any:
+    """--threads of the commands that run the classifier in onnxruntime (serve, evaluate), declared once."""
+    return option(0, type=in_range(0), help="onnxruntime threads (default: its own)")

@@ -22,6 +22,7 @@ from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.classify.sources import check_families, read_families
 from fruitpipe.errors import ConfigError, FruitpipeError
+from fruitpipe.options import max_pixels_option, option, threads_option
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images
 from fruitpipe.storage import StorageOptions
@@ -37,14 +38,21 @@ BATCH = 32
 class EvaluateSettings:
     """What to evaluate, on which photos, and how they are fed."""
 
-    output: str
-    photos: str
-    families: str | None = None
-    name: str | None = None
+    output: str = option(positional=True, metavar="OUTPUT",
+                         help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
+    photos: str = option(positional=True, metavar="PHOTOS",
+                         help="a folder (or s3:// prefix) of <label>/ folders of photos")
+    families: str | None = option(
+        None, metavar="FILE",
+        help="JSON mapping each folder of PHOTOS to Fruits-360 classes (real-photos-dev/families.json's format): "
+             "any class of the family counts as right; without it each folder must be a class of the classifier")
+    name: str | None = option(None, help="name of the evaluation file (default: PHOTOS' folder name, with the crop "
+                                         "if not the default)")
+    #: How a photo that is not square is fed; its flag is serve's too (cli_apps).
     crop: str = images.DEFAULT_CROP
     storage: StorageOptions = StorageOptions()
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    threads: int = 0
+    max_pixels: int = max_pixels_option()
+    threads: int = threads_option()
     quiet: bool = False
 
 

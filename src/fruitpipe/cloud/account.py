@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from fruitpipe.cloud.iam import policy_values, render_policy
+from fruitpipe.cloud.iam import ensure_role, policy_values, render_policy
 from fruitpipe.cloud.plan import security_configuration
 from fruitpipe.cloud.preflight import Preflight, _code, _read_or_absent
 from fruitpipe.cloud.settings import (
@@ -298,12 +298,7 @@ class AccountSetup(Preflight):
         roles = ((settings.service_role, "emr-service-trust", "emr-service-role"),
                  (settings.instance_role, "ec2-trust", "ec2-instance-role"))
         for role, trust, inline in roles:
-            try:
-                iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(render_policy(trust, **values)),
-                                Tags=[{"Key": "project", "Value": "fruitpipe"}])
-            except iam.exceptions.EntityAlreadyExistsException:
-                iam.update_assume_role_policy(RoleName=role,
-                                              PolicyDocument=json.dumps(render_policy(trust, **values)))
+            ensure_role(iam, role, render_policy(trust, **values), {"project": "fruitpipe"})
             # The instance role gets one policy per (INPUT, output grant) pair, added beside the others: a setup for
             # run B never revokes run A's access mid-run. The service role's one policy is the same for every run.
             name = pair_policy_name(settings) if role == settings.instance_role else "fruitpipe"

@@ -69,3 +69,15 @@ def _operator_policy(settings: EmrSettings, checks: Preflight | None) -> tuple[d
         return policy, {"checked": False, "why": str(exc).splitlines()[0][:200]}
     policy["Statement"] += operator_key_statements(decrypt, write, settings.region)
     return policy, {"checked": True, "customer_keys": decrypt}
+
+
+def ensure_role(iam: Any, name: str, trust: dict[str, Any], tags: dict[str, str]) -> bool:
+    """Role `name` with the trust policy `trust`: created (with `tags`) when missing, else its trust policy set to
+    `trust`, so a re-run repairs an edited one. True when it was created."""
+    try:
+        iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                        Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        return True
+    except iam.exceptions.EntityAlreadyExistsException:
+        iam.update_assume_role_policy(RoleName=name, PolicyDocument=json.dumps(trust))
+        return False

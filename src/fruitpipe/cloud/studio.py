@@ -8,7 +8,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fruitpipe.cloud.iam import policy_values, render_policy
+from fruitpipe.cloud.iam import ensure_role, policy_values, render_policy
 from fruitpipe.cloud.preflight import _code
 from fruitpipe.cloud.settings import EMR_MANAGED_TAG, EmrError, EmrSettings, split_s3
 
@@ -175,12 +175,8 @@ class Studio:
         iam = self.aws.client("iam")
         changed = []
         for name, trust, policy in _roles(settings, account):
-            try:
-                iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
-                                Tags=[{"Key": k, "Value": v} for k, v in STUDIO_TAGS.items()])
+            if ensure_role(iam, name, trust, STUDIO_TAGS):
                 changed.append(f"role {name} created")
-            except iam.exceptions.EntityAlreadyExistsException:
-                iam.update_assume_role_policy(RoleName=name, PolicyDocument=json.dumps(trust))
             iam.put_role_policy(RoleName=name, PolicyName="fruitpipe-studio",
                                 PolicyDocument=json.dumps(policy, separators=(",", ":")))
         return changed

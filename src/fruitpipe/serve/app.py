@@ -24,7 +24,7 @@ from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import describe, species_name
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.options import in_range, option, positive_float
+from fruitpipe.options import in_range, max_pixels_option, option, positive_float, threads_option
 from fruitpipe.serve.server import HeldBytes
 from fruitpipe.storage import StorageOptions
 from fruitpipe.version import __version__
@@ -53,10 +53,9 @@ class ServeSettings:
     max_bytes: int = option(15 * MIB, type=in_range(1),
                             help="largest upload in bytes (default %(default)s); larger ones get 413")
     #: Largest decoded image, pixels (decompression-bomb guard, as --max-pixels in the batch pipeline).
-    max_pixels: int = option(images.DEFAULT_MAX_PIXELS, type=in_range(1),
-                             help="largest decoded image (default %(default)s; decompression-bomb guard)")
+    max_pixels: int = max_pixels_option()
     #: onnxruntime threads per request (0: onnxruntime's default).
-    threads: int = option(0, type=in_range(0), help="onnxruntime threads (default: its own)")
+    threads: int = threads_option()
     #: How a photo that is not square is fed (images.CROPS); `evaluate` measures each on labelled photos. Its flag
     #: is the one `evaluate` has too (cli_apps).
     crop: str = images.DEFAULT_CROP
