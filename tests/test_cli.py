@@ -321,8 +321,9 @@ def test_shared_options_and_defaults_are_written_once() -> None:
     for flag in ("--s3-endpoint", "--region", "--quiet", "--verbose"):
         declared = [str(p.relative_to(ROOT / "src" / "fruitpipe")) for p in sorted((ROOT / "src").rglob("*.py"))
                     for _ in re.finditer(rf'add_argument\(\s*"{flag}"', p.read_text())]
-        # emr's --region is the cluster's (a default, EU-checked), once for cluster commands and once for the others
-        assert declared == (["cli_args.py", "cli_emr.py", "cli_emr.py"] if flag == "--region" else ["cli_args.py"]), \
+        # emr's --region is the cluster's (a default, EU-checked): the field EmrSettings.region for the cluster
+        # commands (its flag generated), and once in cli_emr for status, logs and down
+        assert declared == (["cli_args.py", "cli_emr.py"] if flag == "--region" else ["cli_args.py"]), \
             (flag, declared)
     assert numbers[str(DEFAULT_MAX_PIXELS)] == ["images.py"]
     assert sorted(strings[DEFAULT_REGION]) == ["cloud/settings.py", "storage_options.py"]  # the default; the prices'

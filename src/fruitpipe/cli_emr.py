@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fruitpipe.cli_args import Parser, add_verbosity, key_values, positive_float, whole_number
+from fruitpipe.cli_args import Parser, add_fields, add_verbosity, from_args, key_values, positive_float, whole_number
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.logs import error_line
 from fruitpipe.storage_options import DEFAULT_REGION
@@ -19,50 +19,10 @@ EMR_EPILOG = (
 
 
 def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
-    from fruitpipe.cloud.emr import DEFAULT_RELEASE, MEASURED_IMG_PER_VCPU_S
+    from fruitpipe.cloud.settings import EmrSettings
 
-    p.add_argument("input", metavar="INPUT", help="s3://bucket/prefix of the images")
-    p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix for the results")
-    p.add_argument("--region", default=DEFAULT_REGION,
-                   help=f"AWS region (default {DEFAULT_REGION}; non-EU needs --allow-non-eu)")
-    p.add_argument("--allow-non-eu", action="store_true", help="accept a region outside the EU")
-    p.add_argument("--artifacts", metavar="S3_PREFIX",
-                   help="where the wheel, bootstrap script and model go "
-                        "(default s3://<OUTPUT bucket>/fruitpipe-artifacts)")
-    p.add_argument("--logs", metavar="S3_PREFIX", help="EMR log prefix (default s3://<OUTPUT bucket>/fruitpipe-logs)")
-    p.add_argument("--output-root", metavar="S3_PREFIX",
-                   help="with setup: let the instance role write every run below this prefix (e.g. s3://b/runs "
-                        "for dated outputs), granted once; up checks OUTPUT is inside what was granted")
-    p.add_argument("--release-label", default=DEFAULT_RELEASE, help=f"EMR release (default {DEFAULT_RELEASE})")
-    p.add_argument("--master-type", default="m5.xlarge", help="master instance type (default m5.xlarge)")
-    p.add_argument("--core-type", default="m5.xlarge", help="core instance type (default m5.xlarge)")
-    p.add_argument("--core-nodes", type=whole_number, default=2, help="number of core nodes (default 2)")
-    p.add_argument("--ebs-gb", type=whole_number, default=64, help="gp3 volume per node, GB (default 64)")
-    p.add_argument("--name", default="fruitpipe", help="cluster name (default fruitpipe)")
-    p.add_argument("--service-role", default="fruitpipe-emr-service", help="EMR service role name")
-    p.add_argument("--instance-role", default="fruitpipe-emr-ec2", help="EC2 instance role and profile name")
-    p.add_argument("--subnet-id", help="VPC subnet for the nodes (default: the account's default VPC)")
-    p.add_argument("--model", default="mobilenet_v2", help="backbone (default mobilenet_v2)")
-    p.add_argument("--model-path", metavar="FILE", help="local ONNX file to upload instead of the registry's")
+    add_fields(p, EmrSettings)  # every cluster option but --tag: its field in cloud/settings.py
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra cluster tag, repeatable")
-    p.add_argument("--run-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for the step's `fruitpipe run`, repeatable (e.g. --run-arg=--k --run-arg=50)")
-    p.add_argument("--images", type=whole_number, default=138_704,
-                   help="images expected, for the cost estimate (default 138704: Fruits-360)")
-    p.add_argument("--img-per-vcpu-s", type=positive_float, default=MEASURED_IMG_PER_VCPU_S,
-                   help=f"throughput per vCPU for the estimate (default {MEASURED_IMG_PER_VCPU_S}, measured)")
-    p.add_argument("--node-price", type=positive_float, metavar="USD_PER_HOUR",
-                   help="price per node-hour (EC2 + EMR) instead of the stated eu-west-3 list prices")
-    p.add_argument("--notebook-idle", type=positive_float, metavar="MINUTES",
-                   help="a cluster for notebooks (EMR Studio): Livy and Jupyter Enterprise Gateway, no step, "
-                        "terminated by EMR after MINUTES idle (up, plan)")
-    p.add_argument("--ignore-quota", action="store_true",
-                   help="up/run: launch even when the vCPU quota read is too small for the cluster (refused "
-                        "otherwise)")
-    p.add_argument("--skip-network-check", action="store_true",
-                   help="up/run: launch into a subnet whose route to S3 fruitpipe cannot find (refused otherwise)")
-    p.add_argument("--step-timeout", type=positive_float, metavar="MINUTES",
-                   help="kill the step (and so the cluster) after this long (default: 3x the estimate, >= 30)")
     add_verbosity(p)
 
 
@@ -121,18 +81,8 @@ def add_emr(sub: Any) -> None:
 def _emr_settings(args: argparse.Namespace) -> Any:
     from fruitpipe.cloud.emr import EmrSettings
 
-    tags = key_values(args.tag, "--tag", "team=vision")
-    return EmrSettings(
-        input=args.input, output=args.output, region=args.region, allow_non_eu=args.allow_non_eu,
-        artifacts=args.artifacts, logs=args.logs, output_root=args.output_root, release_label=args.release_label,
-        master_type=args.master_type,
-        core_type=args.core_type, core_nodes=args.core_nodes, ebs_gb=args.ebs_gb, name=args.name,
-        service_role=args.service_role, instance_role=args.instance_role, subnet_id=args.subnet_id,
-        model=args.model, model_path=args.model_path, run_args=tuple(args.run_arg), tags=tags, images=args.images,
-        img_per_vcpu_s=args.img_per_vcpu_s, node_price=args.node_price, step_timeout_min=args.step_timeout,
-        notebook_idle_min=args.notebook_idle, ignore_quota=args.ignore_quota,
-        skip_network_check=args.skip_network_check,
-    )  # validated by each emr command it is handed to
+    # validated by each emr command it is handed to
+    return from_args(EmrSettings, args, tags=key_values(args.tag, "--tag", "team=vision"))
 
 
 def _emr_main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.options import option, positive_float
 from fruitpipe.storage_options import DEFAULT_REGION
 
 log = logging.getLogger(__name__)
@@ -98,44 +99,63 @@ def split_s3(uri: str, what: str) -> tuple[str, str]:
 class EmrSettings:
     """One EMR run: where data and artifacts live, the cluster shape, and the `fruitpipe run` arguments."""
 
-    input: str
-    output: str
-    region: str = DEFAULT_REGION
-    allow_non_eu: bool = False
+    input: str = option(positional=True, metavar="INPUT", help="s3://bucket/prefix of the images")
+    output: str = option(positional=True, metavar="OUTPUT", help="s3://bucket/prefix for the results")
+    region: str = option(DEFAULT_REGION, help="AWS region (default %(default)s; non-EU needs --allow-non-eu)")
+    allow_non_eu: bool = option(False, help="accept a region outside the EU")
     #: s3:// prefix for the wheel, bootstrap script and model (default: s3://<output bucket>/fruitpipe-artifacts).
-    artifacts: str | None = None
+    artifacts: str | None = option(None, metavar="S3_PREFIX",
+                                   help="where the wheel, bootstrap script and model go (default s3://<OUTPUT "
+                                        "bucket>/fruitpipe-artifacts)")
     #: s3:// prefix for EMR's logs (default: s3://<output bucket>/fruitpipe-logs).
-    logs: str | None = None
+    logs: str | None = option(None, metavar="S3_PREFIX",
+                              help="EMR log prefix (default s3://<OUTPUT bucket>/fruitpipe-logs)")
     #: s3:// prefix the instance role may write (OUTPUT inside it): granted once by `setup`, for every run below it
     #: (dated outputs). Default: OUTPUT itself.
-    output_root: str | None = None
-    release_label: str = DEFAULT_RELEASE
-    master_type: str = "m5.xlarge"
-    core_type: str = "m5.xlarge"
-    core_nodes: int = 2
-    ebs_gb: int = 64
-    name: str = "fruitpipe"
-    service_role: str = "fruitpipe-emr-service"
-    instance_role: str = "fruitpipe-emr-ec2"
-    subnet_id: str | None = None
-    model: str = "mobilenet_v2"
-    model_path: str | None = None
+    output_root: str | None = option(None, metavar="S3_PREFIX",
+                                     help="with setup: let the instance role write every run below this prefix "
+                                          "(e.g. s3://b/runs for dated outputs), granted once; up checks OUTPUT is "
+                                          "inside what was granted")
+    release_label: str = option(DEFAULT_RELEASE, help="EMR release (default %(default)s)")
+    master_type: str = option("m5.xlarge", help="master instance type (default %(default)s)")
+    core_type: str = option("m5.xlarge", help="core instance type (default %(default)s)")
+    core_nodes: int = option(2, help="number of core nodes (default %(default)s)")
+    ebs_gb: int = option(64, help="gp3 volume per node, GB (default %(default)s)")
+    name: str = option("fruitpipe", help="cluster name (default %(default)s)")
+    service_role: str = option("fruitpipe-emr-service", help="EMR service role name")
+    instance_role: str = option("fruitpipe-emr-ec2", help="EC2 instance role and profile name")
+    subnet_id: str | None = option(None, help="VPC subnet for the nodes (default: the account's default VPC)")
+    model: str = option("mobilenet_v2", help="backbone (default %(default)s)")
+    model_path: str | None = option(None, metavar="FILE", help="local ONNX file to upload instead of the registry's")
     #: Extra `fruitpipe run` flags for the step (e.g. ["--k", "50"]).
-    run_args: tuple[str, ...] = ()
+    run_args: tuple[str, ...] = option((), flag="--run-arg", metavar="ARG",
+                                       help="extra argument for the step's `fruitpipe run`, repeatable (e.g. "
+                                            "--run-arg=--k --run-arg=50)")
+    #: Extra cluster tags; its flag --tag KEY=VALUE is read by the command (cli_emr).
     tags: Mapping[str, str] = field(default_factory=dict)
     #: For the cost estimate only.
-    images: int = 138_704
-    img_per_vcpu_s: float = MEASURED_IMG_PER_VCPU_S
-    node_price: float | None = None
+    images: int = option(138_704, help="images expected, for the cost estimate (default %(default)s: Fruits-360)")
+    img_per_vcpu_s: float = option(MEASURED_IMG_PER_VCPU_S, type=positive_float,
+                                   help="throughput per vCPU for the estimate (default %(default)s, measured)")
+    node_price: float | None = option(None, type=positive_float, metavar="USD_PER_HOUR",
+                                      help="price per node-hour (EC2 + EMR) instead of the stated eu-west-3 list "
+                                           "prices")
     #: Minutes after which the step is killed (and the cluster with it); None: derived from the estimate.
-    step_timeout_min: float | None = None
+    step_timeout_min: float | None = option(None, flag="--step-timeout", type=positive_float, metavar="MINUTES",
+                                            help="kill the step (and so the cluster) after this long (default: 3x "
+                                                 "the estimate, >= 30)")
     #: A cluster for notebooks (EMR Studio) instead of a step: Livy and Jupyter Enterprise Gateway, no step, and
     #: terminated by EMR once idle for this many minutes.
-    notebook_idle_min: float | None = None
+    notebook_idle_min: float | None = option(
+        None, flag="--notebook-idle", type=positive_float, metavar="MINUTES",
+        help="a cluster for notebooks (EMR Studio): Livy and Jupyter Enterprise Gateway, no step, terminated by EMR "
+             "after MINUTES idle (up, plan)")
     #: Launch even when the vCPU quota read is too small for the plan (`up` refuses otherwise).
-    ignore_quota: bool = False
+    ignore_quota: bool = option(False, help="up/run: launch even when the vCPU quota read is too small for the "
+                                            "cluster (refused otherwise)")
     #: Launch into a subnet whose route to S3 fruitpipe cannot find (a proxy, a route it does not know).
-    skip_network_check: bool = False
+    skip_network_check: bool = option(False, help="up/run: launch into a subnet whose route to S3 fruitpipe cannot "
+                                                  "find (refused otherwise)")
 
     def validate(self) -> EmrSettings:
         """Refuse what would fail on AWS or break the EU-only rule; messages say which flag to change."""
