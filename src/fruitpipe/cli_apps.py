@@ -16,13 +16,12 @@ from fruitpipe.cli_args import (
     export_metrics,
     from_args,
     key_values,
-    share,
     sigterm_as_interrupt,
     storage_options,
-    whole_number,
 )
 from fruitpipe.errors import FruitpipeError, disk_full
 from fruitpipe.logs import error_line, json_mode
+from fruitpipe.options import share, whole_number
 
 log = logging.getLogger("fruitpipe")
 

@@ -13,9 +13,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
-from fruitpipe.options import Flag, in_range, positive_float, share, whole_number
-
-__all__ = ["in_range", "positive_float", "share", "whole_number"]  # the flag types, for the CLI modules
+from fruitpipe.options import Flag, share, whole_number
 from fruitpipe.storage_options import DEFAULT_REGION
 
 EPILOG = (

@@ -7,9 +7,10 @@ import json
 import sys
 from typing import Any
 
-from fruitpipe.cli_args import Parser, add_fields, add_verbosity, from_args, key_values, positive_float, whole_number
+from fruitpipe.cli_args import Parser, add_fields, add_verbosity, from_args, key_values
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.logs import error_line
+from fruitpipe.options import positive_float, whole_number
 from fruitpipe.storage_options import DEFAULT_REGION
 
 EMR_EPILOG = (

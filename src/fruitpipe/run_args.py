@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from fruitpipe.cli_args import EPILOG, Parser, add_metrics, add_storage, add_verbosity, share, whole_number
+from fruitpipe.cli_args import EPILOG, Parser, add_metrics, add_storage, add_verbosity
 from fruitpipe.images import DEFAULT_MAX_PIXELS
+from fruitpipe.options import share, whole_number
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
