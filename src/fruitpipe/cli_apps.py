@@ -21,7 +21,7 @@ from fruitpipe.cli_args import (
 )
 from fruitpipe.errors import FruitpipeError, disk_full
 from fruitpipe.logs import error_line, json_mode
-from fruitpipe.options import share, whole_number
+from fruitpipe.options import whole_number
 
 log = logging.getLogger("fruitpipe")
 
@@ -158,26 +158,10 @@ def _sample_main(args: argparse.Namespace) -> int:
     return 0
 
 
-#: `fruitpipe drift`'s flags: one per DriftSettings field, with its type and meaning.
-_DRIFT_FLAGS = (
-    ("alpha", share, "false-alarm budget of the whole check, split over its tests"),
-    ("ks_min", share, "KS statistic a component needs to count as drifted"),
-    ("mmd_min", share, "MMD^2 floor"),
-    ("reject_rate_min", share, "reject-rate change floor"),
-    ("class_shift_min", share, "total-variation floor of predicted class frequencies"),
-    ("confidence_min", share, "change of mean top-1 probability floor"),
-    ("sample", whole_number, "rows read per output"),
-    ("mmd_sample", whole_number, "rows per side in the MMD"),
-    ("permutations", whole_number, "permutations of the MMD p-value"),
-    ("seed", whole_number, "seed of the permutations"),
-)
-
-
 def add_drift(sub: Any) -> None:
     from fruitpipe.drift.compare import DRIFT_EXIT_CODE
     from fruitpipe.drift.stats import DriftSettings
 
-    d = DriftSettings()
     p = sub.add_parser("drift", help="compare two outputs: has the incoming data (or the model's answers) drifted?",
                        epilog=EPILOG, description="Compare CURRENT_OUT with REFERENCE_OUT in the reference's PCA "
                        "basis (KS per component, MMD, reject rates, and the reference classifier's predictions and "
@@ -185,9 +169,7 @@ def add_drift(sub: Any) -> None:
                        f"{DRIFT_EXIT_CODE} with drift, 2 on an error.")
     p.add_argument("reference", metavar="REFERENCE_OUT", help="the output the model was built on (with its PCA)")
     p.add_argument("current", metavar="CURRENT_OUT", help="the output of the new photos (same embedding model)")
-    for name, kind, text in _DRIFT_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
-                       help=f"{text} (default {getattr(d, name)})")
+    add_fields(p, DriftSettings)  # the thresholds: their fields in drift/stats.py
     p.add_argument("--report-dir", metavar="DIR",
                    help="where to write drift.json and drift.html (default CURRENT_OUT/drift/)")
     add_storage(p)
@@ -199,7 +181,7 @@ def _drift_main(args: argparse.Namespace, started: float) -> int:
     from fruitpipe.drift.compare import DRIFT_EXIT_CODE, run_drift, summary
     from fruitpipe.drift.stats import DriftSettings
 
-    settings = DriftSettings(**{name: getattr(args, name) for name, _, _ in _DRIFT_FLAGS})
+    settings = from_args(DriftSettings, args)
     result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)
     export_metrics(args, "drift", started, result, args.current)
     if not args.quiet:

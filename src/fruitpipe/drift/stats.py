@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from fruitpipe.options import option
+
 
 @dataclass(frozen=True)
 class DriftSettings:
@@ -15,23 +17,25 @@ class DriftSettings:
     A significant test counts as drift only when its effect size also passes its floor: with thousands of photos,
     differences too small to matter are significant (docs/drift.md measures both rates)."""
 
-    alpha: float = 0.01
+    alpha: float = option(0.01, help="false-alarm budget of the whole check, split over its tests (default "
+                                     "%(default)s)")
     #: KS statistic (largest gap between the two CDFs) a component needs to count as drifted.
-    ks_min: float = 0.1
+    ks_min: float = option(0.1, help="KS statistic a component needs to count as drifted (default %(default)s)")
     #: MMD^2 (RBF kernel, median bandwidth) needed for the multivariate test to count.
-    mmd_min: float = 0.01
+    mmd_min: float = option(0.01, help="MMD^2 floor (default %(default)s)")
     #: Change of the reject rate (share of listed inputs) needed to count.
-    reject_rate_min: float = 0.01
+    reject_rate_min: float = option(0.01, help="reject-rate change floor (default %(default)s)")
     #: Total-variation distance between predicted class frequencies needed to count.
-    class_shift_min: float = 0.1
+    class_shift_min: float = option(0.1, help="total-variation floor of predicted class frequencies (default "
+                                              "%(default)s)")
     #: Change of the mean top-1 probability needed to count.
-    confidence_min: float = 0.05
+    confidence_min: float = option(0.05, help="change of mean top-1 probability floor (default %(default)s)")
     #: Rows per side read from each output (chosen by content id: a deterministic, uniform sample).
-    sample: int = 2000
+    sample: int = option(2000, help="rows read per output (default %(default)s)")
     #: Rows per side of the MMD's kernel matrix, and its permutations.
-    mmd_sample: int = 500
-    permutations: int = 1000
-    seed: int = 7
+    mmd_sample: int = option(500, help="rows per side in the MMD (default %(default)s)")
+    permutations: int = option(1000, help="permutations of the MMD p-value (default %(default)s)")
+    seed: int = option(7, help="seed of the permutations (default %(default)s)")
 
     def validate(self) -> DriftSettings:
         """One-line errors naming the flag."""
