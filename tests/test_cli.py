@@ -60,6 +60,21 @@ def test_top_level_help_lists_commands() -> None:
         assert command.split()[0] in proc.stdout
 
 
+def test_the_command_line_is_built_without_the_extras() -> None:
+    """Every command's parser builds, and `fruitpipe run --help` answers, without the optional extras (serve:
+    FastAPI, Starlette, uvicorn, python-multipart; finetune: JAX; monitor: SciPy): a core install and the EMR nodes'
+    environment lack them. Once, generating serve's flags imported FastAPI and every command failed there."""
+    blocked = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "jax", "scipy")
+    code = (f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None  # importing it raises ImportError\n"
+            "from fruitpipe.cli import build_parser, main\n"
+            "p = build_parser()\n"
+            "for argv in (['run', 'a', 'b'], ['serve', 'o'], ['evaluate', 'o', 'p'], ['train', 'o'], ['drift', 'a', 'b'],"
+            " ['emr', 'plan', 's3://a/b', 's3://c/d']):\n    p.parse_args(argv)\n"
+            "sys.exit(main(['run', '--help']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: fruitpipe run" in proc.stdout, proc.stderr
+
+
 def test_every_command_is_dispatched_through_the_table() -> None:
     from fruitpipe.cli import HANDLERS, build_parser
 

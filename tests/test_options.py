@@ -67,7 +67,7 @@ def test_the_toml_table_and_the_environment_read_a_new_field_with_no_code(tmp_pa
 
 @pytest.mark.parametrize("argv, cls, by_the_command", [
     (["train", "out"], "fruitpipe.classify.settings:TrainSettings", {"storage", "spark_conf", "quiet"}),
-    (["serve", "out"], "fruitpipe.serve.app:ServeSettings", {"storage", "crop"}),
+    (["serve", "out"], "fruitpipe.serve.settings:ServeSettings", {"storage", "crop"}),
     (["evaluate", "out", "photos"], "fruitpipe.classify.evaluate:EvaluateSettings", {"storage", "crop", "quiet"}),
     (["emr", "plan", "s3://a/in", "s3://b/out"], "fruitpipe.cloud.settings:EmrSettings", {"tags"}),
     (["drift", "ref", "cur"], "fruitpipe.drift.stats:DriftSettings", set()),

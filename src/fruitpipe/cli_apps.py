@@ -99,7 +99,7 @@ def add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="answer 'which fruit is this?' over HTTP with OUTPUT's trained classifier",
                        epilog=EPILOG, description="Serve OUTPUT/classifier/fruit_classifier.onnx: POST /predict "
                        "(multipart field 'image') -> top-5, GET /health, GET /metrics (Prometheus).")
-    from fruitpipe.serve.app import ServeSettings
+    from fruitpipe.serve.settings import ServeSettings
 
     add_fields(p, ServeSettings)  # every serve option but --crop (evaluate's too): its field in serve/app.py
     _add_crop(p)
