@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import fruitpipe
 from fruitpipe import cli_apps, cli_args, cli_emr
 from fruitpipe.cli_args import EPILOG, Parser, add_log_format, key_values
 from fruitpipe.cli_layers import add_config, layered_defaults
-from fruitpipe.config import COMMAND_TABLES
+from fruitpipe.config import COMMAND_TABLES, load_config
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.logs import error_line, setup_logging
+from fruitpipe.models import REGISTRY
+from fruitpipe.pipeline.run import read_marker
+from fruitpipe.pipeline.run import run as run_stages
 from fruitpipe.run_args import add_common, add_embed, add_reduce
+from fruitpipe.version import __version__
 
 log = logging.getLogger("fruitpipe")
 
@@ -24,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The `fruitpipe` parser with its commands; --help of each is the reference documentation."""
     parser = Parser(prog="fruitpipe", description="Images -> ONNX embeddings -> PCA -> Parquet, on Spark.",
                      epilog=EPILOG)
-    from fruitpipe.version import __version__
-
     parser.add_argument("--version", action="version", version=f"fruitpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -74,8 +79,6 @@ def _layered_commands(parser: argparse.ArgumentParser) -> list[tuple[str, argpar
 def _with_layers(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  argv: Sequence[str] | None) -> argparse.Namespace:
     """`args` again, the command's TOML table and FRUITPIPE_* variables as its defaults (flags win)."""
-    import os
-
     command = _subparsers(parser)[args.command]
     siblings = None
     if args.command == "emr":
@@ -89,8 +92,6 @@ def _with_layers(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     flags = {k: v for k, v in vars(args).items() if v is not None and k != "spark_conf"}
     conf = key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g")
     if conf:
@@ -118,8 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     """`fruitpipe models`: the registered backbones, one per line."""
-    from fruitpipe.models import REGISTRY
-
     for spec in REGISTRY.values():
         sys.stdout.write(f"{spec.name}\t{spec.dim}-d\t{spec.input_size}x{spec.input_size}\t{spec.filename}\t{spec.sha256}\n")
     return 0
@@ -127,11 +126,6 @@ def _models(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     """`fruitpipe run`, `embed` and `reduce`: the settings merged (config.load_config), the stages, the summary."""
-    import time
-
-    import fruitpipe
-    from fruitpipe.config import load_config
-
     started = time.time()
     try:
         flags = _flags(args)
@@ -144,15 +138,11 @@ def _pipeline(args: argparse.Namespace) -> int:
             if listed is not None:
                 flags.update(input=listed, input_list=True)
         if args.command == "reduce":
-            from fruitpipe.pipeline.run import read_marker
-
             marker = read_marker(args.output, cli_args.storage_options(args))
             flags.setdefault("input", marker["input"])
             flags["model"] = marker["model"]
         config = load_config(flags, toml_path=args.config)
         if dry_run:
-            from fruitpipe.pipeline.run import run as run_stages
-
             plan = run_stages(config, ("embed",), dry_run=True).report
             if not args.quiet:
                 sys.stdout.write(json.dumps(plan, indent=2) + "\n")

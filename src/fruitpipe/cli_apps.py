@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
+import time
 from typing import Any
 
+from fruitpipe import images, sample
+from fruitpipe.classify import train
+from fruitpipe.classify.evaluate import EvaluateSettings, evaluate
+from fruitpipe.classify.settings import TrainSettings
 from fruitpipe.cli_args import (
     EPILOG,
     add_fields,
@@ -19,16 +25,18 @@ from fruitpipe.cli_args import (
     sigterm_as_interrupt,
     storage_options,
 )
+from fruitpipe.drift.compare import DRIFT_EXIT_CODE, run_drift, summary
+from fruitpipe.drift.stats import DriftSettings
 from fruitpipe.errors import FruitpipeError, disk_full
 from fruitpipe.logs import error_line, json_mode
 from fruitpipe.options import whole_number
+from fruitpipe.serve.server import serve
+from fruitpipe.serve.settings import ServeSettings
 
 log = logging.getLogger("fruitpipe")
 
 
 def add_train(sub: Any) -> None:
-    from fruitpipe.classify.settings import TrainSettings
-
     p = sub.add_parser("train", help="fit a classifier on OUTPUT's Training split, evaluate on Test, export ONNX",
                        epilog=EPILOG, description="Fit a classifier on the embeddings of a complete OUTPUT (Training), "
                        "evaluate it on Test, and write OUTPUT/classifier/: metrics.json, confusion.png, "
@@ -42,8 +50,6 @@ def add_train(sub: Any) -> None:
 
 
 def _add_crop(p: Any) -> None:
-    from fruitpipe import images
-
     p.add_argument("--crop", choices=images.CROPS, default=images.DEFAULT_CROP,
                    help=f"how a photo that is not square is fed: squash (the whole frame), center (its central "
                         f"square), three (three squares along the long side, averaged; 3x the work); default "
@@ -56,8 +62,6 @@ def add_evaluate(sub: Any) -> None:
                        "answers with: same decode, preprocessing and crop) on PHOTOS/<label>/*, local or s3://, and "
                        "write OUTPUT/classifier/evaluations/NAME.json: top-1, top-5, species top-1, per label, "
                        "confusion, confidence of right and wrong answers, coverage by threshold, rejects by reason.")
-    from fruitpipe.classify.evaluate import EvaluateSettings
-
     add_fields(p, EvaluateSettings)  # every evaluate option but --crop (serve's too): its field in classify/evaluate.py
     _add_crop(p)
     add_storage(p)
@@ -65,8 +69,6 @@ def add_evaluate(sub: Any) -> None:
 
 
 def _evaluate_main(args: argparse.Namespace) -> int:
-    from fruitpipe.classify.evaluate import EvaluateSettings, evaluate
-
     r = evaluate(from_args(EvaluateSettings, args, crop=args.crop, storage=storage_options(args), quiet=args.quiet))
     if args.quiet:
         return 0
@@ -99,8 +101,6 @@ def add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="answer 'which fruit is this?' over HTTP with OUTPUT's trained classifier",
                        epilog=EPILOG, description="Serve OUTPUT/classifier/fruit_classifier.onnx: POST /predict "
                        "(multipart field 'image') -> top-5, GET /health, GET /metrics (Prometheus).")
-    from fruitpipe.serve.settings import ServeSettings
-
     add_fields(p, ServeSettings)  # every serve option but --crop (evaluate's too): its field in serve/app.py
     _add_crop(p)
     add_storage(p)
@@ -108,8 +108,6 @@ def add_serve(sub: Any) -> None:
 
 
 def add_sample(sub: Any) -> None:
-    from fruitpipe import sample
-
     p = sub.add_parser("sample", help="get photos to try fruitpipe on: Fruits-360 (shipped, or a pinned download) or "
                        "real shop photos (--real)",
                        epilog=EPILOG, description="Put a Fruits-360 sample in DIR, in the dataset's layout "
@@ -134,8 +132,6 @@ def add_sample(sub: Any) -> None:
 
 
 def _sample_main(args: argparse.Namespace) -> int:
-    from fruitpipe import sample
-
     if args.real:
         result = sample.fetch_real(args.dir, args.quiet)
         if not args.quiet:
@@ -159,9 +155,6 @@ def _sample_main(args: argparse.Namespace) -> int:
 
 
 def add_drift(sub: Any) -> None:
-    from fruitpipe.drift.compare import DRIFT_EXIT_CODE
-    from fruitpipe.drift.stats import DriftSettings
-
     p = sub.add_parser("drift", help="compare two outputs: has the incoming data (or the model's answers) drifted?",
                        epilog=EPILOG, description="Compare CURRENT_OUT with REFERENCE_OUT in the reference's PCA "
                        "basis (KS per component, MMD, reject rates, and the reference classifier's predictions and "
@@ -178,9 +171,6 @@ def add_drift(sub: Any) -> None:
 
 
 def _drift_main(args: argparse.Namespace, started: float) -> int:
-    from fruitpipe.drift.compare import DRIFT_EXIT_CODE, run_drift, summary
-    from fruitpipe.drift.stats import DriftSettings
-
     settings = from_args(DriftSettings, args)
     result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)
     export_metrics(args, "drift", started, result, args.current)
@@ -194,8 +184,6 @@ def _drift_main(args: argparse.Namespace, started: float) -> int:
 
 
 def _serve_main(args: argparse.Namespace) -> int:
-    import socket
-
     try:  # before the classifier is loaded: a typo in --host is one line, not six of uvicorn's
         socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
@@ -203,8 +191,7 @@ def _serve_main(args: argparse.Namespace) -> int:
                              f"({getattr(exc, 'strerror', None) or exc}): give an IP address such as 127.0.0.1 or "
                              "0.0.0.0, or a host name that resolves") from None
     try:
-        from fruitpipe.serve import ServeSettings, create_app
-        from fruitpipe.serve.server import serve
+        from fruitpipe.serve.app import create_app
     except ImportError:
         raise FruitpipeError("fruitpipe serve needs its extra: pip install 'fruitpipe[serve]'") from None
     settings = from_args(ServeSettings, args, storage=storage_options(args), crop=args.crop)
@@ -219,8 +206,6 @@ def _serve_main(args: argparse.Namespace) -> int:
 
 
 def _train_main(args: argparse.Namespace, started: float) -> int:
-    from fruitpipe.classify import TrainSettings, train
-
     opts = storage_options(args)
     conf = key_values(args.spark_conf, "--spark-conf", "spark.executor.memory=4g")
     settings = from_args(TrainSettings, args, quiet=args.quiet or json_mode(),  # no progress bar among JSON lines
@@ -268,8 +253,6 @@ def _train_main(args: argparse.Namespace, started: float) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run `train`, `serve`, `drift` or `sample`; errors are one line (and a failed run in the metrics)."""
-    import time
-
     started = time.time()
     try:
         if args.command == "serve":  # uvicorn handles its signals: it finishes the requests in flight first

@@ -13,7 +13,10 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.logs import FORMATS
+from fruitpipe.monitor.metrics import command_metrics, export
 from fruitpipe.options import Flag, share, whole_number
+from fruitpipe.storage import StorageOptions
 from fruitpipe.storage_options import DEFAULT_REGION
 
 EPILOG = (
@@ -104,8 +107,6 @@ def add_verbosity(p: argparse.ArgumentParser, quiet: str = "warnings only", quie
 
 def storage_options(args: argparse.Namespace) -> Any:
     """StorageOptions from --s3-endpoint / --region, else AWS_ENDPOINT_URL / AWS_REGION, else AWS in DEFAULT_REGION."""
-    from fruitpipe.storage import StorageOptions
-
     return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
                           args.region or os.environ.get("AWS_REGION") or DEFAULT_REGION)
 
@@ -121,8 +122,6 @@ def add_metrics(p: argparse.ArgumentParser) -> None:
 
 def add_log_format(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """--log-format on every command and sub-command of `parser` (one place, so none is forgotten)."""
-    from fruitpipe.logs import FORMATS
-
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     # Before or after the command: the top level holds the default, a command's flag only overrides it.
     parser.add_argument("--log-format", choices=FORMATS, default="text" if top else argparse.SUPPRESS,
@@ -136,8 +135,6 @@ def export_metrics(args: argparse.Namespace, command: str, started: float, repor
     """Export the command's metrics where --metrics-file / --pushgateway ask; a report of None = it failed."""
     if not (getattr(args, "metrics_file", None) or getattr(args, "pushgateway", None)):
         return
-    from fruitpipe.monitor.metrics import command_metrics, export
-
     registry = command_metrics(command, report is not None, started, report)
     export(registry, args.metrics_file, args.pushgateway, command, output)
 

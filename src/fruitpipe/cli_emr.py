@@ -8,6 +8,9 @@ import sys
 from typing import Any
 
 from fruitpipe.cli_args import Parser, add_fields, add_verbosity, from_args, key_values
+from fruitpipe.cloud import emr as emr_mod
+from fruitpipe.cloud.settings import EmrSettings
+from fruitpipe.cloud.studio import Studio
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.logs import error_line
 from fruitpipe.options import positive_float, whole_number
@@ -20,8 +23,6 @@ EMR_EPILOG = (
 
 
 def _add_emr_cluster(p: argparse.ArgumentParser) -> None:
-    from fruitpipe.cloud.settings import EmrSettings
-
     add_fields(p, EmrSettings)  # every cluster option but --tag: its field in cloud/settings.py
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra cluster tag, repeatable")
     add_verbosity(p)
@@ -80,15 +81,11 @@ def add_emr(sub: Any) -> None:
 
 
 def _emr_settings(args: argparse.Namespace) -> Any:
-    from fruitpipe.cloud.emr import EmrSettings
-
     # validated by each emr command it is handed to
     return from_args(EmrSettings, args, tags=key_values(args.tag, "--tag", "team=vision"))
 
 
 def _emr_main(args: argparse.Namespace) -> int:
-    from fruitpipe.cloud import emr as emr_mod
-
     def show(obj: Any) -> None:
         sys.stdout.write((obj if isinstance(obj, str) else json.dumps(obj, indent=2)) + "\n")
 
@@ -107,8 +104,6 @@ def _emr_main(args: argparse.Namespace) -> int:
     else:
         settings = _emr_settings(args)
         if cmd == "studio":
-            from fruitpipe.cloud.studio import Studio
-
             studio = Studio(aws)
             if args.down:
                 show(studio.down(settings))

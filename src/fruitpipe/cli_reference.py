@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+from fruitpipe.cli import build_parser
+
 #: The width the help is wrapped to, whatever terminal generates the page.
 WIDTH = 116
 
@@ -23,8 +25,6 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "fruitpipe") -> Ite
 
 def render() -> str:
     """The whole page, Markdown."""
-    from fruitpipe.cli import build_parser
-
     saved = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(WIDTH)  # argparse's HelpFormatter reads it
     try:

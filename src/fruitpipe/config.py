@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fruitpipe.errors import ConfigError
-from fruitpipe.images import DEFAULT_MAX_PIXELS
+from fruitpipe.images import DEFAULT_MAX_PIXELS, LAYOUTS, PREPROCESS
+from fruitpipe.models.registry import CUSTOM, get_spec
 from fruitpipe.storage_options import DEFAULT_REGION
 
 #: Prefix of the environment variables that override config fields (FRUITPIPE_K=30, FRUITPIPE_MASTER=...).
@@ -83,15 +84,11 @@ class Config:
 
     def validate(self) -> Config:
         """Check every field; raise ConfigError with a message that says how to fix the value."""
-        from fruitpipe.models.registry import get_spec
-
         if not self.input:
             raise ConfigError("INPUT is empty: pass a folder or an s3://bucket/prefix holding Class/ folders")
         if not self.output:
             raise ConfigError("OUTPUT is empty: pass a folder or an s3://bucket/prefix for the results")
         if self.is_custom:
-            from fruitpipe.images import LAYOUTS, PREPROCESS
-
             if self.preprocess is not None and self.preprocess not in PREPROCESS:
                 raise ConfigError(f"--preprocess {self.preprocess!r} is not one of {', '.join(PREPROCESS)}")
             if self.layout is not None and self.layout not in LAYOUTS:
@@ -132,8 +129,6 @@ class Config:
     @property
     def is_custom(self) -> bool:
         """True for a model given by file and flags rather than by a registered name."""
-        from fruitpipe.models.registry import CUSTOM
-
         return self.model == CUSTOM or any(v is not None for v in (self.input_size, self.preprocess, self.layout,
                                                                     self.output_name))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.logs import json_mode
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,6 @@ def fetch_all(files: Iterable[PinnedFile], folder: Path, *, workers: int = 8, re
     """Fetch every pinned file missing from `folder` (resuming: a file already there with the pinned sha256 is kept),
     `workers` at a time; the first file that cannot be had stops the rest and raises DownloadError."""
     from tqdm import tqdm
-
-    from fruitpipe.logs import json_mode
 
     retry = retry or Retry()
     base = base_url()

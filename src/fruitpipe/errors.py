@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class FruitpipeError(Exception):
     """Base class of every error fruitpipe reports to a user instead of a traceback."""
@@ -21,8 +23,6 @@ class OutputError(FruitpipeError):
 
 def disk_full(exc: BaseException) -> bool:
     """An OSError that says the disk (or quota) is full: Python's errno, or pyarrow's message, which has none."""
-    import errno
-
     return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
                                          or "No space left on device" in str(exc)
                                          or "Disk quota exceeded" in str(exc))

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from fruitpipe import download
+from fruitpipe import download, storage
 from fruitpipe.errors import ConfigError, FruitpipeError
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,6 @@ def _write_notes(folder: Path, rows: list[tuple[str, str, int]], source: str) ->
 
 def _write(path: Path, text: str | bytes) -> None:
     """Write a file whole or not at all (a full disk leaves neither a cut file nor a temporary one)."""
-    from fruitpipe import storage
-
     storage.write_bytes(str(path), text.encode("utf-8") if isinstance(text, str) else text, storage.StorageOptions())
 
 
@@ -207,8 +206,6 @@ def pinned_real() -> list[RealPhoto]:
 
 def real_families() -> dict[str, list[str]]:
     """The shipped mapping of the real photos' family folders to Fruits-360 classes."""
-    import json
-
     with (_data() / REAL_FAMILIES).open(encoding="utf-8") as fh:
         mapping: dict[str, list[str]] = json.load(fh)
     return mapping
@@ -236,8 +233,6 @@ family (file names unchanged); `MANIFEST.tsv` gives each photo's path here, sha2
 def fetch_real(dest: str, quiet: bool = False, workers: int = 16) -> SampleResult:
     """Fetch the pinned real shop photos into `dest` (train/<family>/, val/<family>/) with their licence, attribution
     and family mapping, resuming: photos already there with the pinned sha256 are kept."""
-    import json
-
     rows = pinned_real()
     folder = Path(dest)
     _prepare(folder, _REAL_HEADER)

@@ -5,11 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from fruitpipe import storage
+from fruitpipe.errors import ConfigError, OutputError
+from fruitpipe.logs import current_run_id, json_mode
+from fruitpipe.monitor.resources import SPARK_CONF
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -23,8 +35,6 @@ ArrowFn = Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]
 def _log4j_options() -> str:
     """JVM options for the packaged log4j2 config that keeps Spark's own logs at WARN from the first line; with
     --log-format json, merged with the one whose lines are JSON objects carrying this run's id."""
-    from fruitpipe.logs import current_run_id, json_mode
-
     files = ["log4j2.properties", "log4j2-json.properties"] if json_mode() else ["log4j2.properties"]
     paths = ",".join(f"file:{resources.files('fruitpipe').joinpath(f)}" for f in files)
     run_id = f" -Dfruitpipe.run_id={current_run_id()}" if json_mode() else ""
@@ -80,8 +90,6 @@ def spark_session(
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.shuffle.partitions", "8")
     )
-    from fruitpipe.monitor.resources import SPARK_CONF
-
     for key, value in {**SPARK_CONF, **(conf or {})}.items():  # executor peak memory in run.json
         if key in java_opts:
             value = f"{java_opts[key]} {value}"  # the cluster's and our options stay, the user's come last
@@ -122,8 +130,6 @@ def _drain(spark: Any, timeout_s: float = 30.0) -> None:
     """Before stopping a context that an error or Ctrl-C left with running jobs: cancel them and wait until they
     have ended, so that stop() does not shut Spark's thread pools under callbacks still on their way (the JVM then
     printed a RejectedExecutionException trace after the CLI's one-line message)."""
-    import time
-
     try:
         sc = spark.sparkContext
         sc.cancelAllJobs()
@@ -141,14 +147,6 @@ def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
     through Hadoop and publishes them with storage.write_bytes, the path every other output file takes (pyarrow.fs:
     on s3:// the IAM-tested one). Hadoop never sees `dest`: no EMRFS, whose probes fall outside the instance role's
     prefix-scoped ListBucket, and no S3 connector."""
-    import shutil
-    import tempfile
-    import uuid
-    from pathlib import Path
-
-    from fruitpipe import storage
-    from fruitpipe.errors import OutputError
-
     sc = spark.sparkContext
     jvm = sc._jvm
     local_dir = tempfile.mkdtemp(prefix="fruitpipe-model-") if sc.master.startswith("local") else None
@@ -192,8 +190,6 @@ def yarn_verdict(node_mb: list[int], expected_mb: int | None, dynamic: str, exec
     """The step log's line on YARN (NodeManagers' memory, dynamic allocation, executors asked for); a
     ConfigError when a node has less memory than the plan sized the executors for (YARN would never grant them:
     the step would wait until its timeout, billing)."""
-    from fruitpipe.errors import ConfigError
-
     line = (f"YARN: {len(node_mb)} NodeManager(s), memory {', '.join(f'{mb} MB' for mb in node_mb) or 'none yet'}; "
             f"dynamic allocation {'on' if dynamic.lower() == 'true' else 'off'}; executors asked for: {executors}")
     short = [mb for mb in node_mb if expected_mb is not None and mb < expected_mb]
@@ -252,8 +248,6 @@ def from_arrow(spark: pyspark.sql.SparkSession, table: pa.Table) -> pyspark.sql.
 
 def to_arrow(df: pyspark.sql.DataFrame) -> pa.Table:  # type: ignore[name-defined]  # noqa: F821
     """Collect a DataFrame as an Arrow table: DataFrame.toArrow on Spark 4, its Arrow batches on Spark 3.5."""
-    import pyarrow as pa
-
     if hasattr(df, "toArrow"):
         return df.toArrow()
     from pyspark.sql.pandas.types import to_arrow_schema
@@ -303,8 +297,6 @@ class JobProgress:
 
     def _loop(self) -> None:
         from tqdm import tqdm
-
-        from fruitpipe.logs import json_mode
 
         # No bar in json mode: a log collector reads stderr line by line, and a bar is not a JSON line.
         with tqdm(total=self._total, unit=self._unit, desc=self._desc, disable=self._quiet or json_mode(),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -95,8 +97,6 @@ def _s3_infos(fs: pafs.FileSystem, path: str, threads: int) -> Iterator[pafs.Fil
             if info.type == pafs.FileType.File:
                 yield info
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     def one_level(prefix: str) -> list[pafs.FileInfo]:
         return fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
 
@@ -175,8 +175,6 @@ def walk_input(uri: str, opts: StorageOptions | None = None, threads: int | None
         root = normalize(uri)
         infos = _s3_infos(fs, path, LIST_THREADS if threads is None else threads)
         return [Entry(to_uri(root, i.path), int(i.size or 0), int(i.mtime_ns or 0)) for i in infos], []
-    import stat
-
     root = normalize(uri)
     entries: list[Entry] = []
     ignored: list[tuple[str, str]] = []
@@ -357,8 +355,6 @@ def move_all(pairs: list[tuple[str, str]], opts: StorageOptions) -> None:
     """move() each (src, dst): on S3 MOVE_THREADS at a time, locally one after the other (a rename is instant).
     Callers name the files in the commit record only once every move is done, so their order does not matter."""
     if len(pairs) > 1 and any(is_s3(dst) for _, dst in pairs):
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(MOVE_THREADS) as pool:
             for _ in pool.map(lambda pair: move(pair[0], pair[1], opts), pairs):
                 pass

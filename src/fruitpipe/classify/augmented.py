@@ -19,7 +19,11 @@ import pyarrow as pa
 
 from fruitpipe import augment, images, storage
 from fruitpipe.layout import AUGMENTED
+from fruitpipe.models import runner
 from fruitpipe.models.registry import ModelSpec
+from fruitpipe.pipeline.embed import read_input
+from fruitpipe.pipeline.frames import output_errors, over_files
+from fruitpipe.spark import JobProgress
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
 
@@ -87,8 +91,6 @@ def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec, 
                      predict: Callable[[np.ndarray], np.ndarray], max_pixels: int) -> dict[str, int]:
     """Make, embed and write (atomically, to `target`) the variants of one embeddings part's Training photos; a
     photo gone or changed since it was embedded is counted and skipped. Returns the counts."""
-    from fruitpipe.pipeline.embed import read_input
-
     t = storage.read_parquet(uri, opts, columns=["id", "uri", "label", "split"])
     out: dict[str, list[Any]] = {"id": [], "uri": [], "label": [], "split": [], "variant": []}
     feats: list[np.ndarray] = []
@@ -123,10 +125,6 @@ def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec, 
 def _job(spark: Any, todo: list[tuple[str, str]], aug: Augmentation, spec: ModelSpec, model_sha256: str,
          backbone: bytes, opts: StorageOptions, max_pixels: int, quiet: bool) -> list[Any]:
     """One task per missing part, on the executors, the backbone broadcast once."""
-    from fruitpipe.models import runner
-    from fruitpipe.pipeline.frames import output_errors, over_files
-    from fruitpipe.spark import JobProgress
-
     bc = spark.sparkContext.broadcast(backbone)
     targets = dict(todo)
 

@@ -23,8 +23,10 @@ from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classif
 from fruitpipe.classify.sources import check_families, read_families
 from fruitpipe.errors import ConfigError, FruitpipeError
 from fruitpipe.options import max_pixels_option, option, threads_option
+from fruitpipe.output import RunDir
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images
+from fruitpipe.report import write_report
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -214,9 +216,6 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     dest = storage.join(settings.output, CLASSIFIER_DIR, EVALUATIONS_DIR, f"{result['name']}.json")
     storage.write_bytes(dest, jsonio.dumps(result, indent=2).encode(), settings.storage)
     result["written_to"] = dest
-    from fruitpipe.output import RunDir
-    from fruitpipe.report import write_report
-
     write_report(RunDir(settings.output, settings.storage))
     log.info("evaluated %d photo(s) (%d rejected): top-1 %s, species top-1 %s -> %s", result["photos_scored"],
              sum(rejected.values()), result["top1"], result["species_top1"], dest)

@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe import jsonio
+from fruitpipe import images, jsonio
+from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.openset import species_proba
+from fruitpipe.classify.stats import transform
+from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import DEFAULT_MAX_PIXELS
 
 #: Output tensor of the exported graph: (N, classes) probabilities.
@@ -29,8 +32,6 @@ class Head:
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """(N, classes) from (N, dim) embeddings, in numpy: the same arithmetic as the exported graph's head."""
-        from fruitpipe.classify.stats import transform
-
         x = transform(np.asarray(features, np.float64), self.transform)
         if self.projection is not None:
             x = x @ self.projection
@@ -49,8 +50,6 @@ def read_head(onnx_bytes: bytes) -> tuple[Head, list[str]]:
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        from fruitpipe.errors import FruitpipeError
-
         raise FruitpipeError("reading the classifier's head needs onnx: pip install onnx") from None
     model = onnx.load_model_from_string(onnx_bytes)
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
@@ -60,8 +59,6 @@ def read_head(onnx_bytes: bytes) -> tuple[Head, list[str]]:
         layers.append((weights[f"fp_w{len(layers)}"], weights[f"fp_b{len(layers)}"]))
     meta = {p.key: p.value for p in model.metadata_props}
     if not layers or "classes" not in meta:
-        from fruitpipe.errors import FruitpipeError
-
         raise FruitpipeError("this ONNX file is not a classifier written by `fruitpipe train`")
     return Head(weights.get("fp_pca_components"), layers, meta.get("transform", "none")), json.loads(meta["classes"])
 
@@ -92,8 +89,6 @@ def export(backbone: bytes, feature_output: str, head: Head, metadata: dict[str,
         import onnx
         from onnx import helper, numpy_helper
     except ImportError:
-        from fruitpipe.errors import FruitpipeError
-
         raise FruitpipeError("exporting the classifier needs onnx: pip install onnx") from None
 
     outputs, classes = int(head.layers[-1][0].shape[1]), len(metadata.get("classes", []))
@@ -163,8 +158,6 @@ class FruitClassifier:
     def __init__(self, onnx_bytes: bytes, threads: int = 0, crop: str | None = None) -> None:
         import onnxruntime as ort
 
-        from fruitpipe import images
-
         #: How a photo that is not square is fed (images.CROPS): the same in `serve` and `evaluate`.
         self.crop = crop or images.DEFAULT_CROP
 
@@ -176,8 +169,6 @@ class FruitClassifier:
         self.classes: list[str] = json.loads(meta["classes"])
         self.metadata = meta
         # Files written before these keys existed: species from the package's table, no "not sure" threshold.
-        from fruitpipe.classify.fruits import species_name
-
         names = json.loads(meta["species"]) if "species" in meta else [species_name(c) for c in self.classes]
         self.species_names = sorted(set(names))
         self.species = np.array([self.species_names.index(s) for s in names], dtype=np.int64)
@@ -194,8 +185,6 @@ class FruitClassifier:
     def model_input(self, image: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """One photo's input for this file, through the batch pipeline's decode and preprocessing; raises
         images.Rejected for a photo that cannot be used."""
-        from fruitpipe import images
-
         return images.model_input(image, self.input_size, max_pixels, self.preprocess, self.layout, self.crop)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -205,8 +194,6 @@ class FruitClassifier:
     def photo_probabilities(self, image: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """(classes,) for one photo: the mean over the views of its crop (one view unless crop is "three");
         raises images.Rejected for a photo that cannot be used."""
-        from fruitpipe import images
-
         views = images.model_views(image, self.input_size, max_pixels, self.preprocess, self.layout, self.crop)
         return self.probabilities(views).mean(axis=0)
 

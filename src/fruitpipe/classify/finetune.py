@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from fruitpipe import images
+from fruitpipe.errors import ConfigError
 from fruitpipe.models import build_mobilenet_v2 as mnv2
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ class FinetuneSettings:
     seed: int = 7
 
     def validate(self) -> FinetuneSettings:
-        from fruitpipe.errors import ConfigError
-
         if not 1 <= self.blocks <= 4:
             raise ConfigError(f"--finetune-blocks {self.blocks} must be from 1 to 4 (the last blocks that learn)")
         if not 1 <= self.epochs <= 100:

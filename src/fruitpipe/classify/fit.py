@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fruitpipe.classify.metrics import top_k
 from fruitpipe.pipeline.reduce import choose_k, project
 from fruitpipe.vectors import to_list_array, to_matrix
 
@@ -106,8 +107,6 @@ def pca_table(kind: str, chosen: Any, train_emb: Any, test_emb: Any, dim: int, n
     """Top-1 on Test of the same classifier (the chosen parameter) on the full embeddings and on their PCA
     projections at k = 20, 50 and the fewest components reaching 95 % of the variance (PCA fitted on Training)."""
     from pyspark.ml.feature import PCA, VectorSlicer
-
-    from fruitpipe.classify.metrics import top_k
 
     rows: list[dict[str, Any]] = []
     if full_top1 is None:

@@ -16,8 +16,10 @@ import numpy as np
 
 from fruitpipe.classify import groups, linear, metrics, openset, scoring, stats
 from fruitpipe.classify.export import Head
+from fruitpipe.classify.metrics import top_k
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.pipeline.reduce import choose_k
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
@@ -163,8 +165,6 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     and parts of outputs whose photos the fit never sees (photos taken apart: `--also-val`), scored by the final,
     calibrated model."""
     relabel = relabel or Relabel()
-    from fruitpipe.pipeline.reduce import choose_k
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     seen = scoring.survey(spark, files, opts, relabel)
@@ -251,8 +251,6 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     proba = linear.softmax(logits[known] / temperature)
     table = []
     if compare_pca:
-        from fruitpipe.classify.metrics import top_k
-
         table.append({"features": "embeddings", "k": st.dim, "top1": round(top_k(proba, y, 1), 5)})
         for j, (k, why) in enumerate(ks):
             table.append({"features": why, "k": k, "explained_variance": round(float(explained[:k].sum()), 4),

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from fruitpipe import storage
+from fruitpipe import images, storage
 from fruitpipe.classify import export as export_mod
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.images import content_id
 from fruitpipe.layout import CLASSIFIER
 from fruitpipe.output import RunDir
 from fruitpipe.storage import StorageOptions
@@ -60,8 +61,6 @@ def recorded_ids(files: list[str], opts: StorageOptions) -> dict[str, str]:
 def probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> None:
     """Refuse in one line, before any fit, when the output's photos are gone or all changed since `run` (the export
     check reads some and compares the classifier with Spark on them: changed bytes would give another answer)."""
-    from fruitpipe.images import content_id
-
     if not files:
         return
     try:
@@ -93,8 +92,6 @@ def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: St
     embeddings, not the photos): its top-1 must be Spark's on each. Photos moved since the run, or changed (their
     bytes no longer the content id `ids` records), are skipped and counted; with none left the file is not written
     (train refuses before fitting when it can tell)."""
-    from fruitpipe import images
-
     clf = export_mod.FruitClassifier(onnx_bytes)
     order: np.ndarray = np.linspace(0, max(len(uris) - 1, 0), num=len(uris), dtype=int)
     order = np.concatenate([order[:: max(1, len(uris) // EXPORT_CHECK_IMAGES)], order])

@@ -15,6 +15,7 @@ from fruitpipe.classify.linear import TEMPERATURES, Linear, log_softmax, softmax
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.classify.stats import FeatureMap, Holdout, holdout_order, training_rows
 from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
+from fruitpipe.pipeline.sums import sum_over_parts
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
@@ -106,8 +107,6 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
     """Score every Training row with the models fitted without its fold (models[fold][m]): per candidate m the
     rows right and, per temperature, the summed negative log-likelihood. Rows of a class absent from their
     fold's fit (all its photos in one fold) are counted apart. One pass, whatever the number of candidates."""
-    from fruitpipe.pipeline.sums import sum_over_parts
-
     m_count, t_count = len(models[0]), len(TEMPERATURES)
     w = spark.sparkContext.broadcast(np.stack([np.stack([m.w for m in fm]) for fm in models]).astype(np.float32))
     b = spark.sparkContext.broadcast(np.stack([np.stack([m.b for m in fm]) for fm in models]))
@@ -154,8 +153,6 @@ def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Row
     """Histograms (openset.BINS) of the top-species confidence of every Training row (a) scored by the fit
     without its fold, when its class is in that fit: known fruits, and (b) scored by the fit without its
     species' group: fruits that fit never saw. The models are the chosen one, calibrated. One pass."""
-    from fruitpipe.pipeline.sums import sum_over_parts
-
     folds = len(fold_models)
     usable = [m for m in group_models if m is not None]
     w = spark.sparkContext.broadcast(np.stack([m.w for m in [*fold_models, *usable]]).astype(np.float32))
@@ -239,8 +236,6 @@ def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: R
     class or a class it stands for; the app's species answer right (one of its classes stands for the label);
     and, per threshold on the top species' probability, the photos answered and those answered right (the
     coverage table to choose the app's "not sure" threshold). One pass over the other sources' parts only."""
-    from fruitpipe.pipeline.sums import sum_over_parts
-
     thresholds = np.array(openset.COVERAGE_THRESHOLDS)
 
     index = {c: i for i, c in enumerate(classes)}

@@ -9,6 +9,7 @@ from fruitpipe import storage
 from fruitpipe.classify.augmented import DEFAULT_WEIGHT
 from fruitpipe.classify.finetune import FinetuneSettings
 from fruitpipe.classify.published import TrainError
+from fruitpipe.classify.tuning import require_jax
 from fruitpipe.options import option
 from fruitpipe.storage import StorageOptions
 
@@ -104,8 +105,6 @@ class TrainSettings:
             raise TrainError("--also-val names an output the fit learns from (OUTPUT or an --also): pass photos "
                              "taken apart from them")
         if self.finetune:
-            from fruitpipe.classify.tuning import require_jax
-
             self.finetune_settings()
             require_jax()  # before minutes of fitting, not after
             if self.classifier != "linear" or self.features != "embeddings" or not self.also:

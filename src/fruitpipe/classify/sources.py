@@ -4,6 +4,7 @@ the Fruits-360 classes it stands for; their labels are rewritten as the parts ar
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -13,9 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fruitpipe.classify.fruits import species_key
+from fruitpipe import storage
+from fruitpipe.classify.fruits import SPECIES, UNCERTAIN, display_name, species_key
 from fruitpipe.classify.groups import GroupedFolds, fold_of
 from fruitpipe.errors import ConfigError
+from fruitpipe.pipeline.frames import part_batches
 from fruitpipe.storage import StorageOptions
 
 
@@ -58,8 +61,6 @@ class Relabel:
 
     def batches(self, uri: str, opts: StorageOptions, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """part_batches(uri, columns) with the source's labels and split applied (columns unchanged)."""
-        from fruitpipe.pipeline.frames import part_batches
-
         source = self.source_of(uri)
         screen = source is not None and bool(self.left_out) and "label" in columns
         read = [*columns, "id"] if screen and "id" not in columns else columns
@@ -92,8 +93,6 @@ class Relabel:
 def read_families(uri: str, opts: StorageOptions) -> dict[str, list[str]]:
     """A mapping file (folder -> Fruits-360 classes, the format of real-photos-dev/families.json), checked: a
     ConfigError saying what is wrong."""
-    from fruitpipe import storage
-
     try:
         raw = json.loads(storage.read_bytes(uri, opts))
     except FileNotFoundError:
@@ -113,10 +112,6 @@ def check_families(families: dict[str, list[str]], known: list[str], uri: str) -
     class, and class names that are typos: one of the output's classes spelled otherwise (case, a letter), or a
     name whose fruit fruitpipe's species table does not know. A Fruits-360 class the output lacks ("Banana 1" on an
     output of apples) is not a typo: its folder becomes a species of its own, as the shipped mapping needs."""
-    import difflib
-
-    from fruitpipe.classify.fruits import SPECIES, UNCERTAIN, display_name
-
     have = set(known)
     lowered = {c.lower(): c for c in known}
     bad: list[str] = []
@@ -143,8 +138,6 @@ def _misspelt(name: str, known: str) -> bool:
     number ("Apple Red 2" beside "Apple Red 1": the display names are equal), another word ("Cactus fruit green"
     beside "Cactus fruit red"), a word more ("Cactus fruit" beside "Cactus fruit red") or another fruit ("Peach"
     beside "Pear")."""
-    import difflib
-
     a, b = name.split(), known.split()
     differ = [(x, y) for x, y in zip(a, b) if x != y]
     return (len(a) == len(b) and len(differ) == 1

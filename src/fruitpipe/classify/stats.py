@@ -16,6 +16,7 @@ import numpy as np
 from fruitpipe import storage
 from fruitpipe.classify.groups import fold_of as fold_of  # where the rest of the code looks for it
 from fruitpipe.classify.sources import Relabel
+from fruitpipe.pipeline.sums import sum_per_task
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
@@ -214,8 +215,6 @@ def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[
               relabel: Relabel | None = None) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
     packed; the driver (or a tree, when many tasks) adds them (pipeline.sums.sum_per_task)."""
-    from fruitpipe.pipeline.sums import sum_per_task
-
     index = {c: i for i, c in enumerate(classes)}
 
     def task(items: Any) -> np.ndarray:

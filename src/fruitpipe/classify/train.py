@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fruitpipe import jsonio, lease, storage
+from fruitpipe.classify import augmented, fit, metrics, onepass, scoring, sources, tuning
 from fruitpipe.classify import export as export_mod
-from fruitpipe.classify import fit, metrics
 from fruitpipe.classify.fruits import species_name
 from fruitpipe.classify.published import (
     CLASSIFIER_DIR,
@@ -30,8 +30,16 @@ from fruitpipe.classify.published import (
     recorded_ids,
 )
 from fruitpipe.classify.settings import TrainSettings
-from fruitpipe.models.registry import ModelSpec
+from fruitpipe.classify.stats import STATS_FILE, FeatureMap
+from fruitpipe.models import resolve_model
+from fruitpipe.models.custom import spec_of
+from fruitpipe.models.registry import CUSTOM, ModelSpec
 from fruitpipe.output import SUCCESS, RunDir
+from fruitpipe.pipeline.frames import output_errors
+from fruitpipe.pipeline.pca_files import load_components
+from fruitpipe.pipeline.reduce import embeddings_df
+from fruitpipe.report import write_report
+from fruitpipe.spark import save_ml_model, spark_session
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -39,10 +47,6 @@ log = logging.getLogger(__name__)
 
 def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, ModelSpec]:
     """The embedding model the run used (its bytes, its spec), checked by sha256 against run.json."""
-    from fruitpipe.models import resolve_model
-    from fruitpipe.models.custom import spec_of
-    from fruitpipe.models.registry import CUSTOM
-
     spec = spec_of(report["model"])
     if spec.name == CUSTOM and not model_path:
         raise TrainError(f"the embeddings were made with a model given by file ({spec.filename}): pass the same "
@@ -115,8 +119,6 @@ def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--al
 def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list[tuple[str, list[str]]],
              fitted: bool = True) -> Any:
     """The label maps of the other outputs (classify.sources), from their labels and the main output's classes."""
-    from fruitpipe.classify import scoring, sources
-
     known = sorted({lb for lb, sp in scoring.labels(spark, files, settings.storage) if sp == "Training"})
     families = None
     if settings.also_families:
@@ -140,9 +142,6 @@ def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list
 def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str], components: np.ndarray | None,
                 spec: ModelSpec, model_sha256: str, timings: dict[str, float], backbone: bytes) -> _Fitted:
     """The default: the one-pass statistics classifier (classify.onepass)."""
-    from fruitpipe.classify import augmented, onepass
-    from fruitpipe.classify.stats import STATS_FILE, FeatureMap
-
     made = None
     if settings.augment:  # variants of this output's own Training photos (not of --also outputs' photos)
         t0 = time.perf_counter()
@@ -175,8 +174,6 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     fitted = _Fitted(got.classes, got.head, got.uris, got.y, got.proba, got.n_train, got.unseen, got.test_source,
                      got.cross_validation, got.pca_table, dim, extra)
     if settings.finetune and relabel is not None:
-        from fruitpipe.classify import tuning
-
         t0 = time.perf_counter()
         tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, rundir.opts, relabel, held_out,
                             rundir.guard, settings.quiet)
@@ -187,14 +184,9 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
                   components: np.ndarray | None, timings: dict[str, float]) -> _Fitted:
     """Spark ML's logistic regression or perceptron with its CrossValidator (--classifier logreg / mlp)."""
-    from fruitpipe.pipeline.reduce import embeddings_df
-    from fruitpipe.spark import save_ml_model
-
     opts = rundir.opts
     t0 = time.perf_counter()
     emb = embeddings_df(spark, files, opts)
-    from fruitpipe.classify import onepass, scoring
-
     training = scoring.survey(spark, files, opts).training
     classes = sorted(training)
     folds = onepass.cap_folds(settings.folds, training)
@@ -246,10 +238,6 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
 def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
-    from fruitpipe.pipeline.frames import output_errors
-    from fruitpipe.pipeline.pca_files import load_components
-    from fruitpipe.spark import spark_session
-
     settings.validate()
     opts = settings.storage
     rundir = RunDir(settings.output, opts)
@@ -352,7 +340,5 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
                                  token)
     finally:
         storage.delete(staging, opts)
-    from fruitpipe.report import write_report
-
     write_report(rundir)  # refreshed with the classifier's section
     return out

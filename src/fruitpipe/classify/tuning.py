@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from fruitpipe import download, storage
-from fruitpipe.classify import finetune, openset
+from fruitpipe.classify import export as export_mod
+from fruitpipe.classify import finetune, metrics, openset
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.models import build_mobilenet_v2 as mnv2
+from fruitpipe.models import registry
+from fruitpipe.models.fetch import cache_dir
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,6 @@ def weights_loader(model_name: str, opts_quiet: bool = False) -> mnv2.Loader:
     """The published weights of the registered MobileNetV2 (the files its ONNX graph is built from): from
     FRUITPIPE_MODELS/mobilenet_v2_keras_weights/weights when that folder has them, else fetched (pinned,
     sha256-checked) into the model cache."""
-    from fruitpipe.models import registry
-    from fruitpipe.models.fetch import cache_dir
-
     if model_name != "mobilenet_v2":
         raise FinetuneError(f"--finetune fine-tunes mobilenet_v2 (the registered backbone), not {model_name!r}: "
                             "run with --model mobilenet_v2")
@@ -222,9 +222,6 @@ def replace_head(fitted: Any, settings: finetune.FinetuneSettings, model_name: s
     """Fine-tune from train's fitted linear head (train._Fitted) and put the fine-tuned model in its place: the
     test rows' probabilities, the head, the backbone of the export and the held-out figures become the fine-tuned
     model's; the linear head's figures stay in `finetune.linear_head`."""
-    from fruitpipe.classify import export as export_mod
-    from fruitpipe.classify import metrics
-
     (w, b), = fitted.head.layers
     tuned = run(settings, model_name, files, opts, relabel, fitted.classes, (w, b), fitted.uris, held_out,
                 relabel.maps_to, quiet)

@@ -3,8 +3,10 @@ that are never weakened, and the GDPR check of where every bucket lives."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import urllib.parse
 from typing import Any
 
 from fruitpipe.cloud.iam import ensure_role, policy_values, render_policy
@@ -31,8 +33,6 @@ ROLE_INLINE_LIMIT = 10_240
 def pair_policy_name(settings: EmrSettings) -> str:
     """The instance role's inline policy for one (INPUT, output grant) pair: named by their hash, so that a second
     setup for the same pair replaces it and one for another pair adds its own."""
-    import hashlib
-
     pair = f"{settings.input.rstrip('/')}|{settings.output_grant}"
     return f"fruitpipe-{hashlib.sha256(pair.encode()).hexdigest()[:12]}"
 
@@ -145,8 +145,6 @@ class AccountSetup(Preflight):
 
     def _check_inline_room(self, iam: Any, role: str, name: str, document: str) -> None:
         """Refuse, before writing, a pair policy that would pass IAM's size limit on the role's inline policies."""
-        import urllib.parse
-
         used = 0
         for other in iam.list_role_policies(RoleName=role)["PolicyNames"]:
             if other != name:

@@ -11,17 +11,20 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
+from importlib import resources
 from pathlib import Path
 
 from fruitpipe.cloud.settings import EmrError, EmrSettings
-from fruitpipe.version import code_sha256, files_digest
+from fruitpipe.models import get_spec
+from fruitpipe.models.fetch import sha256_file
+from fruitpipe.run_args import run_parser
+from fruitpipe.version import __version__, code_sha256, files_digest
 
 log = logging.getLogger(__name__)
 
 
 def _version() -> str:
-    from fruitpipe.version import __version__
-
     return __version__
 
 
@@ -32,9 +35,6 @@ def wheel_name() -> str:
 
 def model_file(settings: EmrSettings) -> tuple[str, str]:
     """(file name, sha256) of the model the step will use: the registry's, or the --model-path file's."""
-    from fruitpipe.models import get_spec
-    from fruitpipe.models.fetch import sha256_file
-
     spec = get_spec(settings.model)
     if settings.model_path:
         if not os.path.isfile(settings.model_path):
@@ -50,8 +50,6 @@ def node_requirements(settings: EmrSettings) -> list[str]:
 
 def wheel_code_sha256(wheel: Path) -> str:
     """The digest of the fruitpipe code a wheel holds (version.code_sha256 of its install)."""
-    import zipfile
-
     with zipfile.ZipFile(wheel) as zf:
         return files_digest((n, zf.read(n)) for n in zf.namelist() if n.startswith("fruitpipe/") and
                             not n.endswith("/"))
@@ -92,8 +90,6 @@ NODE_MARKERS = {"python_version": NODE_PYTHON, "python_full_version": f"{NODE_PY
 def run_options(run_args: tuple[str, ...]) -> argparse.Namespace:
     """The step's `fruitpipe run` flags as `run` itself parses them (abbreviations and --flag=value included);
     a flag `run` would refuse is refused here, before anything is uploaded or billed."""
-    from fruitpipe.run_args import run_parser
-
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -116,8 +112,6 @@ NODES_LOCK = "nodes.txt"
 
 def node_lock() -> dict[str, str]:
     """The pins of cloud/nodes.txt: {canonical name: 'name==version'}."""
-    from importlib import resources
-
     from packaging.utils import canonicalize_name
 
     pins: dict[str, str] = {}

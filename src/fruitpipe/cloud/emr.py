@@ -3,6 +3,7 @@ watch.py, the request plan.py, sizing and cost sizing.py and cost.py, the polici
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from fruitpipe.cloud.settings import (
 )
 from fruitpipe.cloud.studio import Studio
 from fruitpipe.cloud.watch import CLUSTER_DONE, ClusterWatch, signals_ignored, signals_interrupt
+from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.version import code_sha256
 
 #: The names `fruitpipe.cloud.emr` has always offered (the CLI and the tests use them), from their new homes.
@@ -148,8 +150,6 @@ class Emr(AccountSetup, ClusterWatch):
         """Put the wheel, the bootstrap script, the nodes' wheelhouse and the model in S3; the wheelhouse and the
         model only if not there yet (they are keyed by content)."""
         from botocore.exceptions import ClientError
-
-        from fruitpipe.models import get_spec, resolve_model
 
         settings.validate()
         uris = artifact_uris(settings)
@@ -277,8 +277,6 @@ class Emr(AccountSetup, ClusterWatch):
         """Terminate a cluster `run` started, deaf to a second Ctrl-C, SIGTERM or SIGHUP meanwhile. When AWS refuses
         (credentials expired during a long wait: SSO sessions last an hour), the error says the cluster still runs,
         when it ends by itself and the command that stops it sooner; None once terminated."""
-        import datetime as dt
-
         log.warning("terminating cluster %s", cluster_id)
         with signals_ignored():
             try:

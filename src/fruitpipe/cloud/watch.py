@@ -4,6 +4,7 @@ the signal handling that makes sure a cluster `run` started is terminated."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gzip
 import logging
 import re
@@ -58,15 +59,11 @@ def signals_ignored() -> Iterator[None]:
 
 def _iso(when: Any) -> str:
     """A timeline datetime as ISO 8601 in UTC (JSON-printable), or ''."""
-    import datetime as dt
-
     return when.astimezone(dt.UTC).isoformat() if isinstance(when, dt.datetime) else ""
 
 
 def _when_logs_come(st: dict[str, Any]) -> str:
     """When EMR will have pushed this cluster's logs, from its state and timeline."""
-    import datetime as dt
-
     now = dt.datetime.now(dt.UTC)
     by = (now + dt.timedelta(minutes=5)).strftime("%H:%M UTC")
     if st["state"] not in CLUSTER_DONE:

@@ -14,9 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fruitpipe import jsonio, lease, storage
+from fruitpipe.classify.export import read_head
+from fruitpipe.classify.published import read_classifier
+from fruitpipe.drift.html import drift_html
 from fruitpipe.drift.stats import DriftSettings, detect
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, index_columns, read_part_index
+from fruitpipe.pipeline.pca_files import load_basis
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
@@ -78,9 +82,6 @@ def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
     uri = rundir.join(CLASSIFIER, "fruit_classifier.onnx")
     if not storage.exists(uri, rundir.opts):
         return None
-    from fruitpipe.classify.export import read_head
-    from fruitpipe.classify.published import read_classifier
-
     return read_head(read_classifier(rundir.uri, rundir.opts))
 
 
@@ -89,8 +90,6 @@ def compare(reference: str, current: str, settings: DriftSettings, opts: Storage
     settings.validate()
     cur_dir = _complete(current, opts, "CURRENT_OUT")
     cur_report = cur_dir.previous_report()
-    from fruitpipe.pipeline.pca_files import load_basis
-
     # The reference's committed PCA, refused unless the output is complete, has one, and was embedded with the
     # current output's model; its fingerprint is the one run.json's pca.basis and --pca-from record.
     basis = load_basis(reference, opts, str((cur_report.get("model") or {}).get("sha256")), None,
@@ -180,8 +179,6 @@ def run_drift(reference: str, current: str, settings: DriftSettings, opts: Stora
               report_dir: str | None = None) -> dict[str, Any]:
     """compare(), then drift.json and drift.html under `report_dir` (default CURRENT_OUT/drift/, written under
     CURRENT_OUT's lease); returns drift.json's content plus the URIs written."""
-    from fruitpipe.drift.html import drift_html
-
     target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
     if report_dir:
         _check_writable(target, opts)  # before the comparison, not after it

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from fruitpipe.errors import ConfigError
 from fruitpipe.options import option
 
 
@@ -39,8 +40,6 @@ class DriftSettings:
 
     def validate(self) -> DriftSettings:
         """One-line errors naming the flag."""
-        from fruitpipe.errors import ConfigError
-
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha {self.alpha} must be between 0 and 1, e.g. 0.01")
         for name in ("sample", "mmd_sample", "permutations"):

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fruitpipe import download
+from fruitpipe import download, storage
 from fruitpipe.errors import ModelError
 from fruitpipe.models import source
 from fruitpipe.models.registry import ModelSpec
+from fruitpipe.storage import StorageOptions
 
 if TYPE_CHECKING:
     from fruitpipe.storage import StorageOptions
@@ -48,8 +49,6 @@ def cache_dir() -> Path:
 
 def _fetch_from_store(spec: ModelSpec, uri: str, opts: StorageOptions) -> str:
     """Copy an s3:// model into the cache once (keyed by its sha256) and return the local path."""
-    from fruitpipe import storage
-
     try:
         data = storage.read_bytes(uri, opts)
     except OSError as exc:
@@ -69,8 +68,6 @@ def resolve_model(spec: ModelSpec, model_path: str | None = None,
     """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), or build it from its public
     weights on first use (downloaded, verified and cached)."""
     if model_path and model_path.startswith("s3://"):
-        from fruitpipe.storage import StorageOptions
-
         model_path = _fetch_from_store(spec, model_path, opts or StorageOptions())
     if model_path:
         if not os.path.isfile(model_path):

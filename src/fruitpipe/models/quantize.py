@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,6 @@ def quantize_int8(fp32_path: str, calibration: np.ndarray, input_name: str, dest
 
 def _features(model: bytes | str, batch: np.ndarray, input_name: str, output_name: str) -> tuple[np.ndarray, float]:
     """(features, img/s of the inference alone) of `batch`, one session on this CPU."""
-    import time
-
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fruitpipe.errors import ModelError
+
 if TYPE_CHECKING:
     from fruitpipe.models.fetch import ResolvedModel
 
@@ -94,8 +96,6 @@ def check_model(model: ResolvedModel) -> None:
     """Load a model on the driver and run one blank image through it, before any output is claimed: a file that
     is not ONNX, a truncated one, a wrong input or output name or size is one ModelError line, not a worker trace."""
     import onnxruntime as ort
-
-    from fruitpipe.errors import ModelError
 
     spec = model.spec
     where = f"model file {model.path} ({model.source})"

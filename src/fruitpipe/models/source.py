@@ -17,6 +17,7 @@ import numpy as np
 
 from fruitpipe import download
 from fruitpipe.errors import ModelError
+from fruitpipe.models.build_mobilenet_v2 import build_features_model, folder_loader
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ def cached_build(cache: Path, name: str, source: WeightsSource, filename: str) -
 def build_and_cache(cache: Path, name: str, source: WeightsSource, filename: str, input_name: str,
                     output_name: str, quiet: bool = False) -> tuple[Path, str]:
     """Fetch the weights (resuming what an earlier try fetched), build, check, cache; returns (path, sha256)."""
-    from fruitpipe.models.build_mobilenet_v2 import build_features_model, folder_loader
-
     files = source.files()
     weights = cache / "weights" / f"{name}-{source.digest[:16]}"
     log.info("%s: first use, building it from its published weights (%d files, %.1f MB, from %s/%s)", name,

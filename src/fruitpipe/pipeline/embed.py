@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from fruitpipe import images, storage
 from fruitpipe.config import task_count
 from fruitpipe.models import runner
+from fruitpipe.pipeline.frames import files_frame
 from fruitpipe.schemas import (
     INDEX_SCHEMA,
     REJECTS_SCHEMA,
@@ -25,7 +26,7 @@ from fruitpipe.schemas import (
     TASK_SUMMARY_SCHEMA,
     embeddings_schema,
 )
-from fruitpipe.spark import ArrowFn
+from fruitpipe.spark import ArrowFn, JobProgress, default_parallelism, to_arrow
 from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
 
@@ -270,8 +271,6 @@ def run_embed_job(
 ) -> pa.Table:
     """Embed the `todo` manifest rows (a DataFrame of `n` rows) on the cluster; returns one summary row per task
     (TASK_SUMMARY_SCHEMA), the per-input index being staged under INDEX_DIR."""
-    from fruitpipe.spark import JobProgress, default_parallelism, to_arrow
-
     sc = spark.sparkContext  # type: ignore[attr-defined]
     parts = task_count(n, partition_size, default_parallelism(spark))
     model_bc = sc.broadcast(model_bytes)  # shipped once per executor, not once per task
@@ -288,8 +287,6 @@ def run_embed_job(
 
 def index_frame(spark: object, settings: EmbedSettings) -> object:
     """The staged per-input index of this run's embed job, read by the executors."""
-    from fruitpipe.pipeline.frames import files_frame
-
     files = storage.parquet_files(storage.join(settings.staging_uri, INDEX_DIR), settings.storage)
     return files_frame(spark, files, lambda _pos, uri: [storage.read_parquet(uri, settings.storage)], INDEX_SCHEMA)
 

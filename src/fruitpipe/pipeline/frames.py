@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fruitpipe import schemas, storage
 from fruitpipe.errors import OutputError
 from fruitpipe.output import corrupt_part, index_columns, read_part_index
+from fruitpipe.spark import default_parallelism, from_arrow
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def output_errors() -> Iterator[None]:
 
 def file_tasks(spark: Any, files: int) -> int:
     """Tasks that read `files` part files: one per core at least, at most FILES_PER_TASK files each."""
-    from fruitpipe.spark import default_parallelism
-
     return max(1, min(files, max(default_parallelism(spark), math.ceil(files / FILES_PER_TASK))))
 
 
@@ -68,8 +68,6 @@ def part_batches(uri: str, opts: StorageOptions, columns: list[str], batch_size:
                  ) -> Iterator[pa.RecordBatch]:
     """The given columns of one committed part file, a batch at a time, inside a task: a worker holds one batch,
     whatever the size of the part; an unreadable or corrupt part is the marked error output_errors() expects."""
-    import pyarrow.parquet as pq
-
     fs, path = storage.resolve(uri, opts)
     try:
         with fs.open_input_file(path) as fh:
@@ -81,8 +79,6 @@ def part_batches(uri: str, opts: StorageOptions, columns: list[str], batch_size:
 def empty_frame(spark: Any, schema: pa.Schema) -> Any:
     """A DataFrame with no rows, made in the JVM from Arrow: createDataFrame([]) parallelizes a Python list, and
     the Python RDD workers that takes were a second pool, forked (1.3 s) for nothing."""
-    from fruitpipe.spark import from_arrow
-
     return from_arrow(spark, schema.empty_table())
 
 

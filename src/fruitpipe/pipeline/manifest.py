@@ -16,11 +16,16 @@ from urllib.parse import unquote_plus
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pyarrow import orc
 
 from fruitpipe import storage
 from fruitpipe.errors import ConfigError, OutputError
+from fruitpipe.pipeline.frames import files_frame, output_errors, stage
 from fruitpipe.pipeline.listing import SPLITS, Listing
 from fruitpipe.schemas import MANIFEST_SCHEMA, REJECTS_SCHEMA
+from fruitpipe.spark import from_arrow, to_arrow
 from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -106,8 +111,6 @@ def list_files(uri: str, opts: StorageOptions) -> ListSource:
 
 
 def _csv_options(source: ListSource) -> dict[str, Any]:
-    import pyarrow.csv as pacsv
-
     # Every column as text: a class named "1" stays a label, and sizes are parsed below.
     names = list(source.csv_columns) if source.csv_columns else None
     types = {n: t for n, t in _CSV_TYPES.items() if names is None or n in names}
@@ -119,9 +122,6 @@ def _csv_options(source: ListSource) -> dict[str, Any]:
 
 def _batches(uri: str, opts: StorageOptions, source: ListSource) -> Iterator[pa.RecordBatch]:
     """The file's rows, a batch at a time (memory flat in the file's size)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     fs, path = storage.resolve(uri, opts)
     lower = uri.lower()
     if lower.endswith(".parquet"):
@@ -129,8 +129,6 @@ def _batches(uri: str, opts: StorageOptions, source: ListSource) -> Iterator[pa.
             yield from pq.ParquetFile(fh).iter_batches(batch_size=_BATCH)
         return
     if lower.endswith(".orc"):
-        from pyarrow import orc
-
         with fs.open_input_file(path) as fh:
             f = orc.ORCFile(fh)
             for i in range(f.nstripes):  # a stripe is AWS's unit, tens of MB at most
@@ -147,9 +145,6 @@ _CSV_TYPES = {"uri": pa.string(), "bucket": pa.string(), "key": pa.string(), "la
 
 def columns_of(uri: str, opts: StorageOptions, source: ListSource | None = None) -> list[str]:
     """Column names of one list file (a Parquet or ORC footer, a CSV header or the inventory's fileSchema)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     if source is not None and source.csv_columns and uri.lower().endswith((".csv", ".csv.gz")):
         return list(source.csv_columns)
     fs, path = storage.resolve(uri, opts)
@@ -158,8 +153,6 @@ def columns_of(uri: str, opts: StorageOptions, source: ListSource | None = None)
             with fs.open_input_file(path) as fh:
                 return list(pq.ParquetFile(fh).schema_arrow.names)
         if uri.lower().endswith(".orc"):
-            from pyarrow import orc
-
             with fs.open_input_file(path) as fh:
                 return list(orc.ORCFile(fh).schema.names)
         compression = "gzip" if uri.lower().endswith(".gz") else None
@@ -247,8 +240,6 @@ def to_manifest(batch: pa.RecordBatch, source: ListSource | None = None) -> pa.T
 
 def read_list(spark: Any, uri: str, opts: StorageOptions) -> Any:
     """The list as a DataFrame of manifest rows, read by the executors (one file per task), one row per URI."""
-    from fruitpipe.pipeline.frames import files_frame
-
     source = list_files(uri, opts)
     check(source, opts)
 
@@ -285,9 +276,6 @@ class Inputs:
     def frame(self, spark: Any, where: str | None, opts: StorageOptions) -> tuple[Any, int]:
         """(the manifest as a DataFrame, one row per URI, a list's staged under `where`; the number of listed
         inputs, the listing's own rejects included)."""
-        from fruitpipe.pipeline.frames import output_errors, stage
-        from fruitpipe.spark import from_arrow
-
         if self.listing is not None:  # already in the driver's memory: handed to the JVM once, as Arrow
             return from_arrow(spark, self.listing.manifest.select(MANIFEST_SCHEMA.names)), self.listing.count
         assert self.list_uri is not None
@@ -306,8 +294,6 @@ class Inputs:
         """Up to about `n` manifest rows spread over the input (int8 calibration), read without staging."""
         if self.listing is not None:
             return self.listing.manifest
-        from fruitpipe.spark import to_arrow
-
         df = read_list(spark, self.list_uri or "", opts)
         total = int(df.count())
         picked = df if total <= n else df.sample(fraction=min(1.0, 2.0 * n / total), seed=0)

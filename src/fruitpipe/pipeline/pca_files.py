@@ -3,6 +3,7 @@ output's basis read back for --pca-from."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 
 from fruitpipe import jsonio, storage
 from fruitpipe.errors import FruitpipeError
+from fruitpipe.output import SUCCESS, RunDir
 from fruitpipe.pipeline.reduce import PcaFit
 from fruitpipe.plots import load_plotting as load_plotting
 from fruitpipe.plots import scree_png
@@ -42,8 +44,6 @@ def components_npy(components: np.ndarray) -> bytes:
 def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | None, fingerprint: dict[str, object],
                         opts: StorageOptions) -> dict[str, object]:
     """explained_variance.json, scree.png and components.npy under `pca_uri`; returns the report."""
-    import hashlib
-
     report = variance_report(fit, k, variance)
     report["fingerprint"] = fingerprint
     raw = components_npy(fit.components[:, :k])
@@ -71,10 +71,6 @@ def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int | N
                what: str = "--pca-from") -> Basis:
     """The committed PCA of output `other` (named `what` in messages), checked to come from the same embedding model
     and, when `dim` is given, to have that many rows; FruitpipeError with the fix otherwise."""
-    import hashlib
-
-    from fruitpipe.output import SUCCESS, RunDir
-
     other = storage.normalize(other)
     rundir = RunDir(other, opts)
     if rundir.read_marker() is None or not storage.exists(rundir.join(SUCCESS), opts) \

@@ -4,6 +4,7 @@ curve, the Spark ML PCAModel, reduced vectors as Parquet."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -220,8 +221,6 @@ def check_pca(measured: np.ndarray, claimed: np.ndarray, rtol: float = 1e-4) -> 
 def spark_pca_model(spark: Any, components: np.ndarray, explained: np.ndarray) -> Any:
     """A pyspark.ml.feature.PCAModel holding `components` (dim x k) and their variance shares (k): its transform()
     of a `features` vector column gives `pca` = features @ components, the reduced vectors of this output."""
-    import uuid
-
     from pyspark.ml.common import _py2java
     from pyspark.ml.feature import PCAModel
     from pyspark.ml.linalg import DenseMatrix, DenseVector

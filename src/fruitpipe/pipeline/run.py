@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
+import PIL
 import pyarrow as pa
 
 from fruitpipe import images, lease, storage
@@ -73,9 +75,7 @@ def _fingerprint(config: Config, model: ResolvedModel) -> dict[str, Any]:
 
 
 def _versions(spark: Any) -> dict[str, str]:
-    import numpy
     import onnxruntime
-    import PIL
     import pyspark
 
     versions = {

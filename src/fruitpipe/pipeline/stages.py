@@ -28,7 +28,7 @@ from fruitpipe.pipeline.failures import watch_interrupts
 from fruitpipe.pipeline.frames import file_tasks
 from fruitpipe.pipeline.manifest import Inputs
 from fruitpipe.schemas import REJECTS_SCHEMA
-from fruitpipe.spark import JobProgress, save_ml_model, spark_session
+from fruitpipe.spark import JobProgress, default_parallelism, save_ml_model, spark_session
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     log.info("%d listed, %d already done, %d to embed", listed, listed - pending, plan.todo_rows)
     timings["plan"] = time.perf_counter() - t0
     if dry_run:
-        from fruitpipe.spark import default_parallelism
-
         tasks = task_count(plan.todo_rows, config.partition_size, default_parallelism(session))
         return EmbedOutcome(
             {"listed": listed, **inputs.ignored(), "already_done": listed - pending, "to_embed": plan.todo_rows,

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from fruitpipe.errors import OutputError
 from fruitpipe.pipeline.frames import file_tasks, output_error_text, output_errors, over_files
+from fruitpipe.spark import to_arrow
 
 #: Up to this many tasks' sums are collected and added by the driver; beyond it Spark combines them in a tree
 #: (treeReduce), so the driver receives a few whatever the number of tasks.
@@ -67,8 +68,6 @@ def sum_per_task(spark: Any, files: list[str], size: int, task: Any) -> np.ndarr
     failed JVM side instead of ending early) and checks every (task, chunk) arrived once; with more, Spark adds
     them in a tree after each partition has put its task's vector back together, and the tree's task count (one
     value appended to each vector) must equal the number of tasks."""
-    from fruitpipe.spark import to_arrow
-
     tasks = file_tasks(spark, len(files))
 
     def run(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import pyarrow as pa
 
+from fruitpipe import storage
 from fruitpipe.layout import SUCCESS
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline.bookkeeping import ALWAYS_RETRIED
@@ -62,8 +64,6 @@ def stamp(report: dict[str, Any], rundir: RunDir, key: str | None) -> None:
 def previous_if_unchanged(rundir: RunDir, key: str) -> dict[str, Any] | None:
     """The last run's report when it is complete (_SUCCESS), was made from `key` and the output's rows are still
     the ones it left; else None (the run goes on as usual)."""
-    from fruitpipe import storage
-
     if not storage.exists(rundir.join(SUCCESS), rundir.opts):
         return None
     try:
@@ -88,8 +88,6 @@ def unchanged_report(previous: dict[str, Any], token: str, started: float, timin
                      ) -> dict[str, Any]:
     """run.json of a run that found nothing to do: the last run's report (its output, model, PCA, the key a later
     re-run compares with) with this run's id, time, counts and timings; the PCA kept, not refitted."""
-    import time
-
     pca = previous.get("pca")
     return {**previous, "run_id": token,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -9,10 +9,13 @@ import logging
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from fruitpipe import storage
 from fruitpipe.output import CLASSIFIER, REPORT, RunDir
+from fruitpipe.plots import scree_png
 from fruitpipe.report.parts import STYLE as _STYLE
 from fruitpipe.report.parts import escape as _e
 from fruitpipe.report.parts import png_img as _png
@@ -29,9 +32,6 @@ REJECT_EXAMPLES = 3
 def _reject_examples(rundir: RunDir, reasons: set[str]) -> list[list[Any]]:
     """Up to REJECT_EXAMPLES rejects per reason, reading the rejects' part files a batch at a time until each reason
     has its examples (never the whole dataset, nor a whole part, at once)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     found: dict[str, list[list[Any]]] = {reason: [] for reason in reasons}
 
     def complete() -> bool:
@@ -169,8 +169,6 @@ def _real_photos(metrics: dict[str, Any]) -> list[str]:
 
 def build_report(rundir: RunDir) -> bytes:
     """The report of the output as it stands (run.json, rejects, pca/, reduced/, classifier/)."""
-    from fruitpipe.plots import scree_png
-
     run = rundir.previous_report()
     counts = run.get("counts", {})
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fruitpipe report: "

@@ -10,7 +10,7 @@ __all__ = ["ServeSettings", "create_app"]
 def __getattr__(name: str) -> Any:
     """`create_app` on first use: it needs FastAPI (the serve extra), the settings do not."""
     if name == "create_app":
-        from fruitpipe.serve.app import create_app  # the serve extra, imported on use
+        from fruitpipe.serve.app import create_app
 
         return create_app
     raise AttributeError(f"module 'fruitpipe.serve' has no attribute {name!r}")

@@ -16,7 +16,12 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations from here
+from fastapi import FastAPI, Request  # Request at module level: FastAPI resolves the endpoints' annotations here
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from fruitpipe import images, storage
 from fruitpipe.classify.export import FruitClassifier
@@ -72,13 +77,6 @@ def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
 
 def create_app(settings: ServeSettings) -> Any:
     """The ASGI app, with its own Prometheus registry (several apps in one process stay apart)."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from starlette.concurrency import run_in_threadpool
-    from starlette.formparsers import MultiPartParser
-    from starlette.requests import ClientDisconnect
-
     # Uploads stay in memory up to the size limit: Starlette would spool larger parts to a temporary file.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_bytes + 1)
     classifier, sha = load_classifier(settings)
