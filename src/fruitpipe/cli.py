@@ -21,7 +21,7 @@ from fruitpipe.logs import error_line, setup_logging
 from fruitpipe.models import REGISTRY
 from fruitpipe.pipeline.run import read_marker
 from fruitpipe.pipeline.run import run as run_stages
-from fruitpipe.run_args import add_common, add_embed, add_reduce
+from fruitpipe.run_args import add_pipeline
 from fruitpipe.version import __version__
 
 log = logging.getLogger("fruitpipe")
@@ -34,20 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fruitpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    p_run = sub.add_parser("run", help="list, embed and reduce: the whole pipeline", epilog=EPILOG,
-                           description="List INPUT, embed new images, fit PCA, write everything under OUTPUT.")
-    add_embed(p_run)
-    add_reduce(p_run)
-    add_common(p_run)
-    p_embed = sub.add_parser("embed", help="list and embed only (embeddings/, rejects/)", epilog=EPILOG,
-                             description="List INPUT and embed the images no earlier run has handled.")
-    add_embed(p_embed)
-    add_common(p_embed)
-    p_reduce = sub.add_parser("reduce", help="PCA on the embeddings of an OUTPUT (pca/, reduced/)", epilog=EPILOG,
-                              description="Fit PCA on OUTPUT/embeddings and write OUTPUT/pca and OUTPUT/reduced.")
-    p_reduce.add_argument("output", metavar="OUTPUT", help="an OUTPUT written by `fruitpipe embed` or `run`")
-    add_reduce(p_reduce)
-    add_common(p_reduce)
+    add_pipeline(sub)
     cli_apps.add_train(sub)
     cli_apps.add_evaluate(sub)
     cli_apps.add_serve(sub)

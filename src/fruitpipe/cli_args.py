@@ -40,28 +40,41 @@ def _flagged(cls: type) -> Iterator[tuple[Any, Flag]]:
 
 
 def _dest(f: Any, flag: Flag) -> str:
-    """The flag's own name (the key a TOML table and a FRUITPIPE_* variable use), else the field's."""
-    return flag.flag.lstrip("-").replace("-", "_") if flag.flag else f.name
+    """The key a TOML table and a FRUITPIPE_* variable use: Flag.key, else the flag's own name, else the field's."""
+    return flag.key or (flag.flag.lstrip("-").replace("-", "_") if flag.flag else f.name)
 
 
-def add_fields(p: argparse.ArgumentParser, cls: type) -> None:
+def add_fields(p: argparse.ArgumentParser, cls: type, sections: tuple[str, ...] | None = None,
+               layered: bool = False) -> None:
     """The flags of `cls`'s fields declared with options.option(), in field order: the settings dataclass is the
-    one place an option's name, default, type and help are written."""
+    one place an option's name, default, type and help are written. `sections`: only the fields of these sections
+    (and those of none). `layered`: every flag's parsed default is None, so that a value merged from TOML and the
+    environment below the flags (config.load_config) is not hidden by the default; the help still shows it."""
+    groups: dict[str, Any] = {}
     for f, flag in _flagged(cls):
+        if sections is not None and flag.section is not None and flag.section not in sections:
+            continue
         default = None if f.default is MISSING else f.default
+        target: Any = p
+        if flag.exclusive:
+            if flag.exclusive not in groups:
+                groups[flag.exclusive] = p.add_mutually_exclusive_group()
+            target = groups[flag.exclusive]
+        text = flag.help.replace("%(default)s", str(default)) if layered else flag.help
+        name = flag.flag or "--" + f.name.replace("_", "-")
         if flag.positional:
-            p.add_argument(f.name, metavar=flag.metavar, help=flag.help)
+            target.add_argument(f.name, metavar=flag.metavar, help=text)
         elif flag.negate or isinstance(default, bool):
-            p.add_argument(flag.flag or "--" + f.name.replace("_", "-"), dest=_dest(f, flag), action="store_true",
-                           help=flag.help)
+            target.add_argument(name, dest=_dest(f, flag), action="store_true", help=text,
+                                default=None if layered else False)
         else:
             kind: Any = flag.type or (whole_number if isinstance(default, int) else share
                                       if isinstance(default, float) else None)
             repeat = isinstance(default, tuple)
             shown = default // flag.unit if flag.unit != 1 and default is not None else default
-            p.add_argument(flag.flag or "--" + f.name.replace("_", "-"), dest=_dest(f, flag), type=kind,
-                           action="append" if repeat else "store", default=[] if repeat else shown,
-                           choices=flag.choices, metavar=flag.metavar, help=flag.help)
+            target.add_argument(name, dest=_dest(f, flag), type=kind, action="append" if repeat else "store",
+                                default=None if layered else [] if repeat else shown, choices=flag.choices,
+                                metavar=flag.metavar, help=text)
 
 
 def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:

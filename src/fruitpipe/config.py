@@ -14,6 +14,7 @@ from typing import Any
 from fruitpipe.errors import ConfigError
 from fruitpipe.images import DEFAULT_MAX_PIXELS, LAYOUTS, PREPROCESS
 from fruitpipe.models.registry import CUSTOM, get_spec
+from fruitpipe.options import option, share, whole_number
 from fruitpipe.storage_options import DEFAULT_REGION
 
 #: Prefix of the environment variables that override config fields (FRUITPIPE_K=30, FRUITPIPE_MASTER=...).
@@ -25,59 +26,82 @@ COMMAND_TABLES = ("train", "evaluate", "serve", "drift", "sample", "emr")
 
 @dataclass(frozen=True)
 class Config:
-    """Everything one run needs; paths are URIs (a local path, file://, or s3://bucket/prefix)."""
+    """Everything one run needs; paths are URIs (a local path, file://, or s3://bucket/prefix). The fields declared
+    with option() are `run`'s, `embed`'s (section embed) and `reduce`'s (section reduce) flags (run_args.py)."""
 
     input: str
     output: str
     #: INPUT is a list of images (Parquet or CSV with a uri column, or a folder of them: S3 Inventory), not a folder.
     input_list: bool = False
-    model: str = "mobilenet_v2"
+    model: str = option("mobilenet_v2", section="embed",
+                        help="backbone from the registry (default %(default)s; see `fruitpipe models`)")
     #: An ONNX file (local, or s3:// read once by the driver) used instead of the registry's download; its
     #: sha256 is recorded and compared with the registry's (a mismatch is logged: custom weights).
-    model_path: str | None = None
+    model_path: str | None = option(None, section="embed", metavar="FILE",
+                                    help="ONNX file to use instead of downloading: a local path or s3:// URI (read "
+                                         "once, broadcast)")
     #: Any ONNX image model (--model-path with these): its input size, pixel scaling (tf, torch, raw), layout (nhwc,
     #: nchw) and embedding output; unset ones are read from the file where it says them (models/custom.py).
-    input_size: int | None = None
-    preprocess: str | None = None
-    layout: str | None = None
-    output_name: str | None = None
+    input_size: int | None = option(None, section="embed", type=whole_number, metavar="N",
+                                    help="with --model-path: the model's square input size (default: the file's, "
+                                         "else 224)")
+    preprocess: str | None = option(None, section="embed", choices=PREPROCESS,
+                                    help="with --model-path: pixel scaling, tf = pixel/127.5-1 (default), torch = "
+                                         "ImageNet mean/std, raw = 0..255")
+    layout: str | None = option(None, section="embed", choices=LAYOUTS,
+                                help="with --model-path: input layout (default: from the file's input shape, else "
+                                     "nhwc)")
+    output_name: str | None = option(None, section="embed", flag="--output", key="output_name", metavar="NAME",
+                                     help="with --model-path: the output tensor holding the embedding (default: the "
+                                          "only output)")
     #: Number of PCA components; ignored when `variance` is set.
-    k: int = 20
+    k: int = option(20, section="reduce", exclusive="pca", help="number of PCA components (default %(default)s)")
     #: Keep the fewest components whose cumulative explained variance reaches this share (0 < v <= 1).
-    variance: float | None = None
+    variance: float | None = option(None, section="reduce", exclusive="pca", type=share,
+                                    help="keep the fewest components reaching this explained-variance share, e.g. "
+                                         "0.95")
     #: Project with the PCA of this other OUTPUT (same model) instead of fitting one: a stable reduced space across
     #: runs, so a classifier trained on last month's vectors reads this month's; k comes from that basis.
-    pca_from: str | None = None
-    master: str = "local[*]"
+    pca_from: str | None = option(None, section="reduce", metavar="OTHER_OUTPUT",
+                                  help="project with the PCA already fitted in OTHER_OUTPUT (same model) instead of "
+                                       "refitting: a stable basis across runs; k is that basis's")
+    master: str = option("local[*]", section="common",
+                         help="Spark master URL (default %(default)s; spark://host:7077, yarn)")
     #: onnxruntime threads per task = spark.task.cpus; one task per core with 1 thread each measured 162 img/s
     #: against 145 for one task with 2 threads (decoding then runs on one core only; docs/performance.md).
-    task_cpus: int = 1
+    task_cpus: int = option(1, section="embed", help="onnxruntime threads per Spark task (default %(default)s)")
     #: Inference device: "auto" uses CUDA where onnxruntime-gpu and a GPU are present, else the CPU (logged);
     #: "cuda" asks for it (falls back to the CPU with a warning); "cpu" never uses a GPU.
-    device: str = "auto"
+    device: str = option("auto", section="embed", choices=("auto", "cpu", "cuda"),
+                         help="inference device (default %(default)s: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
     #: "fp32", or "int8": a static-quantized copy (QDQ, per channel) calibrated on 200 Training images of the
     #: input, kept in OUTPUT/model/. Measured on the sample: model 2.25x faster, embed stage 1.69x (286 against 170
     #: img/s), Test accuracy of a linear probe 98.48 % against 98.71 % (bench/int8.py): opt-in, as it costs accuracy.
-    precision: str = "fp32"
+    precision: str = option("fp32", section="embed", choices=("fp32", "int8"),
+                            help="fp32 or int8 (default %(default)s): int8 embeds 1.7x faster, slightly less "
+                                 "accurate")
     #: Images per onnxruntime call: the raw onnxruntime sweep peaked at 32 (16: 195, 32: 204, 64: 195 img/s).
-    batch_size: int = 32
+    batch_size: int = option(32, section="embed", help="images per onnxruntime call (default %(default)s)")
     #: Images per Spark task. Measured on the 5,280-image sample, local[2] (docs/performance.md): 256 -> 162 img/s,
     #: 512 -> 180, 1024 -> 178, 2048 -> 156 (too few tasks to balance); 512 keeps retries cheap and progress smooth.
-    partition_size: int = 512
+    partition_size: int = option(512, section="embed", help="images per Spark task (default %(default)s)")
     #: Inputs read concurrently by each task on S3, to hide its latency (20-50 ms per small object); local
     #: inputs are read one at a time (the sweep showed no gain from a pool there).
-    read_ahead: int = 8
+    read_ahead: int = option(8, section="embed", help="inputs read concurrently per task (default %(default)s)")
     #: Threads listing an s3:// INPUT: 1 lists flat (fastest measured up to 20,000 objects on a loopback server);
     #: more fans the listing out by split and class prefix, for millions of objects on S3 (storage.LIST_THREADS).
-    list_threads: int = 1
+    list_threads: int = option(1, section="embed",
+                               help="threads listing an s3:// INPUT (default %(default)s: flat; e.g. 16 for millions "
+                                    "of objects)")
     #: Images whose header claims more pixels than this are rejected before decoding (decompression bombs).
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, section="embed",
+                             help="reject images larger than this (default %(default)s)")
     #: S3 endpoint (a loopback server in tests); None = the AWS default for the region.
     s3_endpoint: str | None = None
     #: AWS region for s3:// URIs; EU by default (GDPR).
     region: str = DEFAULT_REGION
     #: Replace an output made with another input or model instead of refusing it.
-    overwrite: bool = False
+    overwrite: bool = option(False, section="embed", help="replace an OUTPUT made with another input or model")
     quiet: bool = False
     #: Extra Spark settings (key -> value), e.g. {"spark.executor.memory": "4g"}.
     spark_conf: Mapping[str, str] = field(default_factory=dict)

@@ -28,6 +28,13 @@ class Flag:
     #: The field holds the flag's value times this (--decode-mb N for a field in bytes: 1024 * 1024).
     unit: int = 1
     positional: bool = False
+    #: The name a TOML table and a FRUITPIPE_* variable use (default: the flag's own, e.g. --output -> output).
+    key: str | None = None
+    #: Flags of one settings class shared by several commands: which of them has this one (`run`'s Config: embed,
+    #: reduce; cli_args.add_fields(sections=...)). None: every command of the class.
+    section: str | None = None
+    #: Flags with the same name here are mutually exclusive (--k and --variance).
+    exclusive: str | None = None
 
 
 def option(default: Any = MISSING, *, help: str, **how: Any) -> Any:

@@ -4,17 +4,19 @@ step check (cloud/artifacts.py) parses a step's `run` flags with the same parser
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from fruitpipe.cli_args import EPILOG, Parser, add_metrics, add_storage, add_verbosity
-from fruitpipe.images import DEFAULT_MAX_PIXELS
-from fruitpipe.options import share, whole_number
+from fruitpipe.cli_args import EPILOG, Parser, add_fields, add_metrics, add_storage, add_verbosity
+from fruitpipe.config import Config
+
+RUN = "List INPUT, embed new images, fit PCA, write everything under OUTPUT."
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """The flags every batch command has: config, logging, Spark, S3, metrics."""
     p.add_argument("--config", metavar="TOML", help="read settings from a TOML file (table [fruitpipe])")
     add_verbosity(p, "no progress bar, warnings only", quiet_default=None)  # None: TOML and env may set it
-    p.add_argument("--master", help="Spark master URL (default local[*]; spark://host:7077, yarn)")
+    add_fields(p, Config, sections=("common",), layered=True)
     p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable (e.g. spark.executor.memory=4g)")
     add_storage(p)
@@ -22,7 +24,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_embed(p: argparse.ArgumentParser) -> None:
-    """INPUT, OUTPUT and the embedding flags of `run` and `embed`."""
+    """INPUT, OUTPUT and the embedding flags of `run` and `embed` (Config's fields of section embed)."""
     p.add_argument("input", metavar="INPUT", nargs="?",
                    help="folder or s3:// prefix with Training/<Class>/, Test/<Class>/ or <Class>/")
     p.add_argument("output", metavar="OUTPUT", help="folder or s3:// prefix for the results")
@@ -32,50 +34,38 @@ def add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list INPUT, compare it with OUTPUT and print the plan (to embed, to drop, tasks); "
                         "write nothing")
-    p.add_argument("--model", help="backbone from the registry (default mobilenet_v2; see `fruitpipe models`)")
-    p.add_argument("--model-path", metavar="FILE",
-                   help="ONNX file to use instead of downloading: a local path or s3:// URI (read once, broadcast)")
-    p.add_argument("--input-size", type=whole_number, metavar="N",
-                   help="with --model-path: the model's square input size (default: the file's, else 224)")
-    p.add_argument("--preprocess", choices=["tf", "torch", "raw"],
-                   help="with --model-path: pixel scaling, tf = pixel/127.5-1 (default), torch = ImageNet mean/std, "
-                        "raw = 0..255")
-    p.add_argument("--layout", choices=["nhwc", "nchw"],
-                   help="with --model-path: input layout (default: from the file's input shape, else nhwc)")
-    p.add_argument("--output", dest="output_name", metavar="NAME",
-                   help="with --model-path: the output tensor holding the embedding (default: the only output)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="inference device (default auto: CUDA if onnxruntime-gpu sees a GPU, else CPU)")
-    p.add_argument("--precision", choices=["fp32", "int8"],
-                   help="fp32 (default) or int8: embedding 1.7x faster, slightly less accurate")
-    p.add_argument("--task-cpus", type=whole_number, help="onnxruntime threads per Spark task (default 1)")
-    p.add_argument("--batch-size", type=whole_number, help="images per onnxruntime call (default 32)")
-    p.add_argument("--partition-size", type=whole_number, help="images per Spark task (default 512)")
-    p.add_argument("--read-ahead", type=whole_number, help="inputs read concurrently per task (default 8)")
-    p.add_argument("--list-threads", type=whole_number,
-                   help="threads listing an s3:// INPUT (default 1: flat; e.g. 16 for millions of objects)")
-    p.add_argument("--max-pixels", type=whole_number,
-                   help=f"reject images larger than this (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an OUTPUT made with another input or model")
+    add_fields(p, Config, sections=("embed",), layered=True)
 
 
 def add_reduce(p: argparse.ArgumentParser) -> None:
-    """The PCA flags of `run` and `reduce`."""
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--k", type=whole_number, help="number of PCA components (default 20)")
-    group.add_argument("--variance", type=share,
-                       help="keep the fewest components reaching this explained-variance share, e.g. 0.95")
-    p.add_argument("--pca-from", metavar="OTHER_OUTPUT",
-                   help="project with the PCA already fitted in OTHER_OUTPUT (same model) instead of refitting: "
-                        "a stable basis across runs; k is that basis's")
+    """The PCA flags of `run` and `reduce` (Config's fields of section reduce)."""
+    add_fields(p, Config, sections=("reduce",), layered=True)
+
+
+def add_pipeline(sub: Any) -> None:
+    """The commands `run`, `embed` and `reduce`."""
+    add_run(sub.add_parser("run", help="list, embed and reduce: the whole pipeline", epilog=EPILOG,
+                           description=RUN))
+    p_embed = sub.add_parser("embed", help="list and embed only (embeddings/, rejects/)", epilog=EPILOG,
+                             description="List INPUT and embed the images no earlier run has handled.")
+    add_embed(p_embed)
+    add_common(p_embed)
+    p_reduce = sub.add_parser("reduce", help="PCA on the embeddings of an OUTPUT (pca/, reduced/)", epilog=EPILOG,
+                              description="Fit PCA on OUTPUT/embeddings and write OUTPUT/pca and OUTPUT/reduced.")
+    p_reduce.add_argument("output", metavar="OUTPUT", help="an OUTPUT written by `fruitpipe embed` or `run`")
+    add_reduce(p_reduce)
+    add_common(p_reduce)
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    """`fruitpipe run`'s arguments."""
+    add_embed(p)
+    add_reduce(p)
+    add_common(p)
 
 
 def run_parser() -> argparse.ArgumentParser:
     """`fruitpipe run`'s own parser, as `fruitpipe run --help` shows it."""
-    p = Parser(prog="fruitpipe run", epilog=EPILOG,
-               description="List INPUT, embed new images, fit PCA, write everything under OUTPUT.")
-    add_embed(p)
-    add_reduce(p)
-    add_common(p)
+    p = Parser(prog="fruitpipe run", epilog=EPILOG, description=RUN)
+    add_run(p)
     return p
