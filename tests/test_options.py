@@ -86,3 +86,35 @@ def test_every_setting_of_a_command_is_its_flag_with_the_fields_default(argv, cl
         if f.name not in by_the_command and not f.metadata["flag"].positional:
             assert getattr(made, f.name) == f.default, f.name
     assert {f.name for f in fields(settings) if "flag" not in f.metadata} == by_the_command
+
+
+def test_the_pipeline_commands_flags_are_configs_fields_merged_below_toml_and_the_environment(tmp_path) -> None:
+    """`run`, `embed` and `reduce`: every Config field but those the command fills itself is a flag of the commands
+    of its section; the parsed flags hold None until given, so TOML and FRUITPIPE_* decide below them (load_config),
+    and the help shows the field's default."""
+    from fruitpipe.cli import _flags, build_parser
+    from fruitpipe.config import Config, load_config
+
+    by_the_command = {"input", "output", "input_list", "s3_endpoint", "region", "quiet", "spark_conf"}
+    flagged = {f.name: f for f in fields(Config) if "flag" in f.metadata}
+    assert set(flagged) == {f.name for f in fields(Config)} - by_the_command
+    parser = build_parser()
+    commands = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"].choices
+    for command, sections in (("run", {"embed", "reduce", "common"}), ("embed", {"embed", "common"}),
+                              ("reduce", {"reduce", "common"})):
+        dests = {a.dest for a in commands[command]._actions}
+        assert {n for n, f in flagged.items() if f.metadata["flag"].section in sections} <= dests, command
+        assert not {n for n, f in flagged.items() if f.metadata["flag"].section not in sections} & dests, command
+        text = " ".join(commands[command].format_help().split())
+        for name, f in flagged.items():
+            if f.metadata["flag"].section in sections and f.default not in (None, False):
+                assert f"default {f.default}" in text, (command, name)
+    args = parser.parse_args(["run", "in", "out"])
+    assert all(getattr(args, name) is None for name in flagged)
+    made = load_config(_flags(args), env={})
+    assert all(getattr(made, name) == f.default for name, f in flagged.items())
+    toml = tmp_path / "run.toml"
+    toml.write_text("[fruitpipe]\nbatch_size = 8\nk = 5\n")
+    merged = load_config(_flags(parser.parse_args(["run", "in", "out", "--variance", "0.9"])), str(toml),
+                         env={"FRUITPIPE_BATCH_SIZE": "16"})
+    assert (merged.batch_size, merged.variance) == (16, 0.9)  # the environment over the file, a flag over both
