@@ -71,9 +71,11 @@ def test_the_toml_table_and_the_environment_read_a_new_field_with_no_code(tmp_pa
     (["evaluate", "out", "photos"], "fruitpipe.classify.evaluate:EvaluateSettings", {"storage", "crop", "quiet"}),
     (["emr", "plan", "s3://a/in", "s3://b/out"], "fruitpipe.cloud.settings:EmrSettings", {"tags"}),
     (["drift", "ref", "cur"], "fruitpipe.drift.stats:DriftSettings", set()),
+    (["sample", "dir"], "fruitpipe.sample:SampleSettings", {"quiet"}),
 ])
 def test_every_setting_of_a_command_is_its_flag_with_the_fields_default(argv, cls, by_the_command) -> None:
-    """The flags of `train`, `serve`, `evaluate`, `drift` and the `emr` cluster commands are their settings' fields: a default changed on the field is the flag's
+    """The flags of `train`, `serve`, `evaluate`, `drift`, `sample` and the `emr` cluster commands are their
+    settings' fields: a default changed on the field is the flag's
     default (units included: --decode-mb is in MiB, the field in bytes)."""
     import importlib
 

@@ -29,7 +29,6 @@ from fruitpipe.drift.compare import DRIFT_EXIT_CODE, run_drift, summary
 from fruitpipe.drift.stats import DriftSettings
 from fruitpipe.errors import FruitpipeError, disk_full
 from fruitpipe.logs import error_line, json_mode
-from fruitpipe.options import whole_number
 from fruitpipe.serve.server import serve
 from fruitpipe.serve.settings import ServeSettings
 
@@ -117,24 +116,15 @@ def add_sample(sub: Any) -> None:
                        "sha256-checked; an interrupted download resumes where it stopped. "
                        f"{sample.download.BASE_ENV} replaces the host (a mirror). With --real: the Grocery Store "
                        "Dataset's real shop photos instead, for `train --also` and `--also-val`.")
-    p.add_argument("dir", metavar="DIR", help="folder to fill (created; photos already there and intact are kept)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--classes", type=whole_number, metavar="N",
-                       help="only N of the 66 classes, spread over the alphabet (80 photos each)")
-    group.add_argument("--full", action="store_true", help="all 66 classes, 5,280 photos (the default)")
-    group.add_argument("--mini", action="store_true",
-                       help="the 150 photos shipped with fruitpipe (10 classes x 15), copied: no network")
-    group.add_argument("--real", action="store_true",
-                       help="real shop photos instead: the Grocery Store Dataset's train (1,200) and val (110) "
-                            "splits of 21 fruit families (MIT, 28 MB) into DIR/train/<family>/ and DIR/val/<family>/, "
-                            "with DIR/families.json mapping the families to Fruits-360 classes (for train --also)")
+    add_fields(p, sample.SampleSettings)
     add_verbosity(p, "no progress bar, warnings only")
 
 
 def _sample_main(args: argparse.Namespace) -> int:
-    if args.real:
-        result = sample.fetch_real(args.dir, args.quiet)
-        if not args.quiet:
+    settings = from_args(sample.SampleSettings, args, quiet=args.quiet)
+    if settings.real:
+        result = sample.fetch_real(settings.dir, settings.quiet)
+        if not settings.quiet:
             d = result.folder
             text = (f"{d}: {result.photos} real shop photos of {result.classes} fruit families ({result.fetched} "
                     f"downloaded, {result.kept} already there); next: fruitpipe run {d}/train OUT_REAL, fruitpipe "
@@ -142,10 +132,11 @@ def _sample_main(args: argparse.Namespace) -> int:
                     f"{d}/families.json --also-val OUT_VAL")
             log.info(text) if json_mode() else sys.stdout.write(text + "\n")
         return 0
-    result = sample.copy_mini(args.dir) if args.mini else sample.fetch_sample(args.dir, args.classes, args.quiet)
-    if not args.quiet:
+    result = sample.copy_mini(settings.dir) if settings.mini else \
+        sample.fetch_sample(settings.dir, settings.classes, settings.quiet)
+    if not settings.quiet:
         text = (f"{result.folder}: {result.photos} photos of {result.classes} classes ({result.fetched} "
-                f"{'copied' if args.mini else 'downloaded'}, {result.kept} already there); next: fruitpipe run "
+                f"{'copied' if settings.mini else 'downloaded'}, {result.kept} already there); next: fruitpipe run "
                 f"{result.folder} OUTPUT")
         if json_mode():
             log.info(text)

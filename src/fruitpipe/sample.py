@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fruitpipe import download, storage
 from fruitpipe.errors import ConfigError, FruitpipeError
+from fruitpipe.options import option, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,25 @@ REAL_LICENSE = download.PinnedFile(f"{REAL_HOST_DIR}/LICENSE", "LICENSE-GroceryS
 #: The manifests' first lines: a folder holding one set is never filled with the other.
 _HEADER = "path\tsha256\tbytes"
 _REAL_HEADER = "path\tsha256\tbytes\tsource"
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """`fruitpipe sample`'s settings: the folder, and which photos (one of --classes, --full, --mini, --real)."""
+
+    dir: str = option(positional=True, metavar="DIR",
+                      help="folder to fill (created; photos already there and intact are kept)")
+    classes: int | None = option(None, exclusive="which", type=whole_number, metavar="N",
+                                 help="only N of the 66 classes, spread over the alphabet (80 photos each)")
+    full: bool = option(False, exclusive="which", help="all 66 classes, 5,280 photos (the default)")
+    mini: bool = option(False, exclusive="which",
+                        help="the 150 photos shipped with fruitpipe (10 classes x 15), copied: no network")
+    real: bool = option(False, exclusive="which",
+                        help="real shop photos instead: the Grocery Store Dataset's train (1,200) and val (110) "
+                             "splits of 21 fruit families (MIT, 28 MB) into DIR/train/<family>/ and "
+                             "DIR/val/<family>/, with DIR/families.json mapping the families to Fruits-360 classes "
+                             "(for train --also)")
+    quiet: bool = False
 
 
 class SampleError(FruitpipeError):
