@@ -87,3 +87,8 @@ def max_pixels_option() -> Any:
 def threads_option() -> Any:
     """--threads of the commands that run the classifier in onnxruntime (serve, evaluate), declared once."""
     return option(0, type=in_range(0), help="onnxruntime threads (default: its own)")
+
+
+def classifier_output_option() -> Any:
+    """OUTPUT of the commands that read its trained classifier (serve, evaluate), declared once."""
+    return option(positional=True, metavar="OUTPUT", help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")

@@ -22,7 +22,7 @@ from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.classify.sources import check_families, read_families
 from fruitpipe.errors import ConfigError, FruitpipeError
-from fruitpipe.options import max_pixels_option, option, threads_option
+from fruitpipe.options import classifier_output_option, max_pixels_option, option, threads_option
 from fruitpipe.output import RunDir
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.listing import list_images
@@ -40,8 +40,7 @@ BATCH = 32
 class EvaluateSettings:
     """What to evaluate, on which photos, and how they are fed."""
 
-    output: str = option(positional=True, metavar="OUTPUT",
-                         help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
+    output: str = classifier_output_option()
     photos: str = option(positional=True, metavar="PHOTOS",
                          help="a folder (or s3:// prefix) of <label>/ folders of photos")
     families: str | None = option(

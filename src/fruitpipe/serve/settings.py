@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fruitpipe import images
-from fruitpipe.options import in_range, max_pixels_option, option, positive_float, threads_option
+from fruitpipe.options import (
+    classifier_output_option,
+    in_range,
+    max_pixels_option,
+    option,
+    positive_float,
+    threads_option,
+)
 from fruitpipe.storage_options import StorageOptions
 
 MIB = 1024 * 1024
@@ -16,8 +23,7 @@ MIB = 1024 * 1024
 class ServeSettings:
     """Where the classifier comes from and what an upload may be."""
 
-    output: str = option(positional=True, metavar="OUTPUT",
-                         help="an OUTPUT with a classifier (`fruitpipe train OUTPUT`)")
+    output: str = classifier_output_option()
     storage: StorageOptions = StorageOptions()
     #: Where the server listens (serve/server.py): loopback unless the user opens it.
     host: str = option("127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 for a LAN)")
