@@ -19,8 +19,9 @@ import pytest
 import fruitpipe
 from conftest import REGION, copy_classes, sample_classes
 
-# Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
-pytestmark = pytest.mark.nodes
+# Marked `nodes`: also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x): the cluster run
+# and spark-submit's defaults. The killed worker tests fruitpipe's commit under Spark's task retry, the same calls as
+# the cluster run; it runs on the laptop's packages only.
 
 
 def _spark_class() -> str:
@@ -138,6 +139,7 @@ def _assert_same_outputs(out: Path, reference: Path) -> None:
     np.testing.assert_allclose(a * signs, b, atol=1e-3)
 
 
+@pytest.mark.nodes
 def test_cluster_run_to_s3_equals_local(cluster: Cluster, cluster_input, s3_endpoint: str, spark,
                                        tmp_path: Path) -> None:
     """A standalone cluster writing to S3 (the loopback server): the same rows as local mode, and the Spark ML PCA
@@ -192,6 +194,7 @@ def test_killed_worker_loses_and_duplicates_nothing(cluster: Cluster, cluster_in
           f"(total {finished - started:.1f} s)")
 
 
+@pytest.mark.nodes
 def test_spark_submit_defaults_are_appended_to_not_replaced(tmp_path: Path) -> None:
     """Under spark-submit (EMR's steps), spark-defaults.conf already carries extraJavaOptions (EMR's OutOfMemory
     and GC flags): fruitpipe's session keeps them and appends its own, then the user's --spark-conf."""
