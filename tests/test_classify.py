@@ -211,7 +211,7 @@ def test_the_classifier_is_published_whole_and_something_whole_is_always_served(
     real_move = storage.move
     moved: list[str] = []
 
-    def dies_on_cue(src: str, dst: str, opts) -> None:
+    def dies_on_cue(src: str, dst: str, opts=None) -> None:
         published_name = ".pending-" not in dst and "/classifier/" in dst
         if (dies == "before_the_record" and len(moved) == 1) or (dies == "after_the_record" and published_name):
             raise KeyboardInterrupt  # the process is gone: nothing after this point runs
@@ -224,7 +224,7 @@ def test_the_classifier_is_published_whole_and_something_whole_is_always_served(
     monkeypatch.setattr(storage, "move", real_move)
     assert moved and ".pending-" in moved[0] and moved[0].endswith("fruit_classifier.onnx")
     assert hashlib.sha256(onnx.read_bytes()).hexdigest() == old_sha  # never overwritten before the record
-    served = read_classifier(str(out), storage.StorageOptions())
+    served = read_classifier(str(out))
     named = RunDir(str(out), storage.StorageOptions()).classifier_sha256("fruit_classifier.onnx")
     assert hashlib.sha256(served).hexdigest() == named
     assert (named == old_sha) == (dies == "before_the_record")
@@ -359,7 +359,7 @@ def _full_disk(monkeypatch, full) -> None:
     from fruitpipe import storage
 
     real = storage.resolve
-    def resolve(uri: str, opts):
+    def resolve(uri: str, opts=None):
         fs, path = real(uri, opts)
         return (_FullDisk(fs, full) if full(path) else fs), path
 

@@ -152,7 +152,7 @@ def test_symlink_loops_end_and_real_folders_keep_their_labels(spark, tmp_path: P
     os.symlink(training / kiwi, training / apple / "aa-kiwi")  # sorts before Kiwi's own folder
     os.symlink(training / "nowhere", training / apple / "dangling.jpg")
     os.mkfifo(training / kiwi / "pipe.jpg")
-    listing = list_images(str(data), StorageOptions())
+    listing = list_images(str(data))
     assert listing.count == 20
     labels = {Path(r["uri"]).parent.name: r["label"] for r in listing.manifest.to_pylist()}
     assert labels == {apple: apple, kiwi: kiwi}  # Kiwi photos are never labelled Apple through the link
@@ -168,6 +168,6 @@ def test_a_linked_folder_outside_the_input_is_listed_once(tmp_path: Path) -> Non
     data.mkdir(parents=True)
     os.symlink(photos / "Training" / sample_classes(1)[0], data / "Linked class")
     os.symlink(photos / "Training" / sample_classes(1)[0], data / "Same again")
-    listing = list_images(str(tmp_path / "in"), StorageOptions())
+    listing = list_images(str(tmp_path / "in"))
     assert listing.count == 4 and {r["label"] for r in listing.manifest.to_pylist()} == {"Linked class"}
     assert listing.skipped_by_reason() == {"symlink_repeat": 1}

@@ -146,7 +146,7 @@ def test_read_ahead_keeps_order_and_turns_missing_files_into_rejections(tmp_path
         path.write_bytes(bytes([i]) * (i + 1))
         uris.append(str(path))
     uris.insert(7, str(tmp_path / "gone.jpg"))
-    got = list(read_ahead(uris, StorageOptions(), window=4))
+    got = list(read_ahead(uris, window=4))
     assert len(got) == 26
     assert isinstance(got[7], images.Rejected) and got[7].reason == "unreadable"
     assert [g for i, g in enumerate(got) if i != 7] == [bytes([i]) * (i + 1) for i in range(25)]

@@ -237,11 +237,11 @@ def test_a_downloaded_parquet_or_orc_inventory_reads_its_data_files_beside_it(ph
         (pq.write_table if fmt == "Parquet" else orc.write_table)(table, str(report / name))
         (report / "2026-11-06T21-32Z" / "manifest.json").write_bytes(
             _manifest(fmt, schema, [f"{_REPORT}/{name}"]))
-        source = manifest.list_files(str(report / "2026-11-06T21-32Z"), StorageOptions())
+        source = manifest.list_files(str(report / "2026-11-06T21-32Z"))
         assert source.files == (str(report / name),) and not source.url_encoded_keys
-        manifest.check(source, StorageOptions())
+        manifest.check(source)
         got = pa.concat_tables(manifest.to_manifest(b, source)
-                               for b in manifest._batches(source.files[0], StorageOptions(), source))
+                               for b in manifest._batches(source.files[0], source))
         assert got.column("uri").to_pylist() == [f"s3://inv/{r['key']}" for r in rows[:-2]]
         assert got.column("mtime_ns").to_pylist() == [1762464720000 * 1_000_000] * (len(rows) - 2)
         assert set(got.column("label").to_pylist()) == set(CLASSES)

@@ -99,9 +99,9 @@ def test_without_vnni_the_non_saturating_scheme_is_chosen_and_nothing_is_written
     monkeypatch.setattr(quantize, "cpu_features",
                         lambda: {"machine": "x86_64", "int8_flags": ["avx2"], "vnni": False})
     data = copy_classes(tmp_path / "in", sample_classes(3), splits=("Training",), per_split=12)
-    manifest = list_images(str(data), StorageOptions()).manifest
+    manifest = list_images(str(data)).manifest
     int8 = quantize.prepare_int8_model(resolve_model(get_spec("mobilenet_v2")), manifest, str(tmp_path / "out"),
-                                       StorageOptions(), 10**8)
+                                       10**8)
     assert int8.meta["scheme"] == "u8u8" and list(int8.meta["schemes_tried"]) == ["u8u8"]
     assert quantize.passes(int8.meta["agreement"]) and int8.meta["cpu"]["vnni"] is False
     assert int8.new_bytes and not (tmp_path / "out").exists()  # stored only once the run has claimed OUTPUT

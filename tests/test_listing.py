@@ -34,7 +34,7 @@ def test_list_fruits360_layout(tmp_path: Path) -> None:
                 "Training/Kiwi 1/._a.jpg", "LICENSE"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    listing = list_images(str(tmp_path), StorageOptions())
+    listing = list_images(str(tmp_path))
     rows = listing.manifest.to_pylist()
     assert [(Path(r["uri"]).name, r["label"], r["split"]) for r in rows] == [
         ("notes.txt", "Fig 1", "Test"), ("c", "Kiwi 1", "Test"),  # extension decides nothing
@@ -48,10 +48,10 @@ def test_list_flat_layout(tmp_path: Path) -> None:
     for rel in ["Apple/1.jpg", "Apple/2.jpg", "Pear/1.jpg"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    rows = list_images(str(tmp_path), StorageOptions()).manifest.to_pylist()
+    rows = list_images(str(tmp_path)).manifest.to_pylist()
     assert [(r["label"], r["split"]) for r in rows] == [("Apple", None), ("Apple", None), ("Pear", None)]
 
 
 def test_missing_input_says_what_to_pass(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a folder"):
-        list_images(str(tmp_path / "nope"), StorageOptions())
+        list_images(str(tmp_path / "nope"))

@@ -52,7 +52,7 @@ def _direct(out: Path, classes: list[str], folds: int = 3) -> stats.Stats:
 
 
 def _kept(out: Path) -> tuple[stats.Stats, list[str], list[str]]:
-    got = stats.load(str(out / "classifier" / stats.STATS_FILE), StorageOptions())
+    got = stats.load(str(out / "classifier" / stats.STATS_FILE))
     assert got is not None
     return got[0], got[1], got[2]
 
@@ -102,7 +102,7 @@ def test_a_retrain_reads_only_the_new_parts_and_equals_a_fit_from_scratch(grown:
     assert second["statistics"] == {**second["statistics"], "mode": "incremental",
                                     "parts_reused": len(grown["first_parts"]), "parts_read": len(new)}
     incremental, classes, _ = _kept(grown["out"])
-    scratch = stats.sum_stats(spark, grown["parts"], StorageOptions(), classes, 3, stats.FeatureMap("sqrt_l2"),
+    scratch = stats.sum_stats(spark, grown["parts"], classes, 3, stats.FeatureMap("sqrt_l2"),
                               1280, None, openset.groups_of(classes), openset.GROUPS)
     _assert_equal(incremental, scratch)
     # the model solved from either is the same model

@@ -189,7 +189,7 @@ def test_crash_while_replacing_the_pca_is_redone_not_trusted(spark, tmp_path: Pa
     moves = {"n": 0}
     real_move = storage.move
 
-    def crashing_move(src: str, dst: str, opts: StorageOptions) -> None:
+    def crashing_move(src: str, dst: str, opts: StorageOptions | None = None) -> None:
         if "/_staging/" in src and ("/pca/" in src or "/reduced/" in src):
             moves["n"] += 1
             if moves["n"] > crash_after_moves:
@@ -318,7 +318,7 @@ def _stop_the_writer(monkeypatch, out: str, stop_at: str) -> None:
             raise lease.LeaseLostError(f"{out}: lease lost (test)")
         real_write(self, rec, token)
 
-    def dies_while_renaming(src, dst, opts):
+    def dies_while_renaming(src, dst, opts=None):
         if "/.pending-" in src and "/embeddings/" in src and dies_while_renaming.moved:
             raise _Crash("killed")
         dies_while_renaming.moved += "/.pending-" in src and "/embeddings/" in src

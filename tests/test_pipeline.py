@@ -72,7 +72,7 @@ def e2e(spark, tmp_path_factory: pytest.TempPathFactory):
     shutil.copyfile(dup_of, data / "Test" / BASE_CLASSES[1] / "zz-copy.jpg")  # same bytes, sorts after
     (data / "README.txt").write_text("not in a class folder: ignored by the layout\n")
     opts = StorageOptions()
-    listing = list_images(str(data), opts)
+    listing = list_images(str(data))
     (odd_dir / "deleted-after-listing.jpg").unlink()  # gone between listing and reading
     config = fruitpipe.Config(input=str(data), output=str(root / "out"), k=10, partition_size=64, quiet=True)
     result = run_stages(config, listing=listing)
@@ -200,7 +200,7 @@ def test_pca_matches_numpy_and_spark_transform(e2e, spark) -> None:
     assert components.shape == (1280, 10)
     from fruitpipe.pipeline.pca_files import load_components  # what the serving path will load
 
-    np.testing.assert_array_equal(load_components(str(out / "pca"), StorageOptions()), components)
+    np.testing.assert_array_equal(load_components(str(out / "pca")), components)
     red = {r["id"]: r["pca"] for r in _table(out / "reduced").select(["id", "pca"]).to_pylist()}
     ids = emb.column("id").to_pylist()
     got = np.array([red[i] for i in ids])
@@ -268,7 +268,7 @@ def _parquet_digest(out: Path) -> dict[str, str]:
 
 def test_rerun_does_no_work_and_changes_nothing(e2e) -> None:
     out = e2e["out"]
-    listing = list_images(str(e2e["input"]), StorageOptions())
+    listing = list_images(str(e2e["input"]))
     # The first re-run drops the reject row of the file deleted after the first listing (it is no longer listed)
     first = run_stages(e2e["config"], listing=listing).counts
     assert first["dropped_before_embedding"] == {"deleted": 1} and first["not_listed_anymore"] == 0
@@ -322,11 +322,11 @@ def test_pca_guard_rejects_a_wrong_decomposition(e2e, spark) -> None:
     components = np.load(out / "pca" / "components.npy")
     report = json.loads((out / "pca" / "explained_variance.json").read_text())
     claimed = np.array(report["per_component"][: components.shape[1]])
-    n, measured = reduce_mod.project_parts(spark, files, StorageOptions(), components)
+    n, measured = reduce_mod.project_parts(spark, files, components)
     assert n == report["n_samples"]
     reduce_mod.check_pca(measured, claimed)  # the published fit passes
     wrong, _ = np.linalg.qr(np.random.default_rng(0).normal(size=components.shape))  # orthonormal, arbitrary
-    _, measured_wrong = reduce_mod.project_parts(spark, files, StorageOptions(), wrong)
+    _, measured_wrong = reduce_mod.project_parts(spark, files, wrong)
     with pytest.raises(reduce_mod.PcaCheckError, match="the PCA is inconsistent"):
         reduce_mod.check_pca(measured_wrong, claimed)
 

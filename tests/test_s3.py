@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fruitpipe
+from fruitpipe import storage
 from conftest import REGION, copy_classes, sample_classes, upload_folder
 
 # Also run on the EMR nodes' packages (scripts/nodes-env.sh: PySpark 3.5, numpy 1.x).
@@ -79,7 +80,8 @@ def test_s3_outage_fails_cleanly_and_resume_completes(spark, tmp_path: Path) -> 
     upload_folder(data, endpoint, "outage", "fruits")
     config = fruitpipe.Config(input="s3://outage/fruits", output=str(tmp_path / "out"), k=3, quiet=True,
                               s3_endpoint=endpoint, region=REGION)
-    listing = list_images(config.input, StorageOptions(endpoint, REGION))
+    with storage.configured(StorageOptions(endpoint, REGION)):
+        listing = list_images(config.input)
     server.stop()  # gone between listing and reading
     with pytest.raises(JobFailedError) as info:
         run_stages(config, listing=listing)
@@ -110,7 +112,8 @@ def test_object_deleted_after_listing_is_rejected_unreadable(spark, s3_endpoint:
     upload_folder(data, s3_endpoint, "vanishing", "fruits")
     config = fruitpipe.Config(input="s3://vanishing/fruits", output="s3://vanishing/out", k=2, quiet=True,
                               s3_endpoint=s3_endpoint, region=REGION)
-    listing = list_images(config.input, StorageOptions(s3_endpoint, REGION))
+    with storage.configured(StorageOptions(s3_endpoint, REGION)):
+        listing = list_images(config.input)
     gone = listing.manifest.column("uri")[3].as_py()
     boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION).delete_object(
         Bucket="vanishing", Key=gone[len("s3://vanishing/"):])
@@ -150,10 +153,38 @@ def test_a_key_with_an_empty_folder_name_is_a_reject_with_its_reason(s3_endpoint
     s3.create_bucket(Bucket="odd", CreateBucketConfiguration={"LocationConstraint": REGION})
     for key in ("odd/Training//empty/4.jpg", "odd/Training/Kiwi/1.jpg", "odd//2.jpg"):
         s3.put_object(Bucket="odd", Key=key, Body=b"x")
-    listing = list_images("s3://odd/odd", StorageOptions(s3_endpoint, REGION))
+    with storage.configured(StorageOptions(s3_endpoint, REGION)):
+        listing = list_images("s3://odd/odd")
     assert listing.manifest.column("uri").to_pylist() == ["s3://odd/odd/Training/Kiwi/1.jpg"]
     assert "" not in listing.manifest.column("label").to_pylist()
     rejected = listing.rejected.to_pylist()
     assert [r["uri"] for r in rejected] == ["s3://odd/odd/Training//empty/4.jpg"]
     assert rejected[0]["reason"] == "empty_folder" and "'//'" in rejected[0]["detail"]
     assert listing.count == 2 and listing.ignored == ["s3://odd/odd//2.jpg"]  # a file at the root, as elsewhere
+
+
+def test_the_storage_context_reaches_threads_and_spark_tasks_and_is_restored(spark, s3_endpoint: str) -> None:
+    """No function between a command and storage.py takes the storage options: they are set once
+    (storage.configured) and read by every call, in the driver's threads and in the Spark tasks."""
+    import boto3
+    import pyarrow as pa
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fruitpipe.output import RunDir
+    from fruitpipe.pipeline.frames import files_frame
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    s3.create_bucket(Bucket="context", CreateBucketConfiguration={"LocationConstraint": REGION})
+    opts = storage.StorageOptions(s3_endpoint, REGION)
+    before = storage.current()
+    table = pa.table({"n": list(range(7))})
+    with storage.configured(opts):
+        parts = [f"s3://context/parts/part-{i}.parquet" for i in range(3)]
+        for uri in parts:
+            storage.write_parquet(table, uri)  # no options passed: the context's endpoint
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(lambda u: storage.read_parquet(u).num_rows, parts)) == [7, 7, 7]
+        assert RunDir("s3://context/out").opts == opts
+        read = files_frame(spark, parts, lambda _pos, uri: [storage.read_parquet(uri)], table.schema)
+        assert read.count() == 21  # each task read its part from the loopback server, not from AWS
+    assert storage.current() == before

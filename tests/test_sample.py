@@ -37,7 +37,7 @@ def test_mini_copies_150_photos_in_10_classes(tmp_path: Path, capsys: pytest.Cap
     dest = tmp_path / "mini"
     assert main(["sample", str(dest), "--mini"]) == 0
     assert "150 photos of 10 classes (150 copied, 0 already there)" in capsys.readouterr().out
-    listing = list_images(str(dest), StorageOptions())
+    listing = list_images(str(dest))
     assert listing.count == 150  # ATTRIBUTION.md and MANIFEST.tsv at the root are not inputs
     labels = listing.manifest.column("label").to_pylist()
     splits = listing.manifest.column("split").to_pylist()
@@ -156,7 +156,7 @@ def test_real_photos_are_fetched_pinned_and_resumed(tmp_path: Path, monkeypatch:
     assert "Permission is hereby granted" in (dest / "LICENSE-GroceryStoreDataset.txt").read_text()
     assert json.loads((dest / "families.json").read_text()) == sample.real_families()
     # `run` reads each split's family folders as labels
-    listing = list_images(str(dest / "val"), StorageOptions())
+    listing = list_images(str(dest / "val"))
     assert listing.count == 110 and len(set(listing.manifest.column("label").to_pylist())) == 18
     # a folder holding the other set is refused before anything is written
     assert main(["sample", str(dest), "--mini"]) == 2

@@ -94,9 +94,9 @@ def test_the_pca_refuses_non_finite_embeddings_and_says_how_many(spark, tmp_path
     path = tmp_path / "part-00000.parquet"
     pq.write_table(pa.table({"features": pa.array(list(x), pa.list_(pa.float32()))}), path)
     with pytest.raises(OutputError, match=r"^2 of 10 embeddings hold NaN or infinite features"):
-        reduce.gramian(spark, [str(path)], 4, StorageOptions())
+        reduce.gramian(spark, [str(path)], 4)
     pq.write_table(pa.table({"features": pa.array(list(np.delete(x, [3, 7], axis=0)), pa.list_(pa.float32()))}),
                    path)
-    n, sums, gram = reduce.gramian(spark, [str(path)], 4, StorageOptions())
+    n, sums, gram = reduce.gramian(spark, [str(path)], 4)
     good = np.delete(x, [3, 7], axis=0).astype(np.float64)
     assert n == 8 and np.allclose(sums, good.sum(0)) and np.allclose(gram, good.T @ good)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import fruitpipe
-from fruitpipe import cli_apps, cli_args, cli_emr
+from fruitpipe import cli_apps, cli_args, cli_emr, storage
 from fruitpipe.cli_args import EPILOG, Parser, add_log_format, key_values
 from fruitpipe.cli_layers import add_config, layered_defaults
 from fruitpipe.config import COMMAND_TABLES, load_config
@@ -101,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_line(f"fruitpipe {args.command}: error: {exc}")
             return 2
     setup_logging(bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False)), args.log_format)
-    return HANDLERS[args.command](args)
+    # The command's storage context, set once: every storage call below reaches S3 with these options (`run`,
+    # `embed` and `reduce` set their own from the merged Config, TOML and FRUITPIPE_* included).
+    with storage.configured(cli_args.storage_options(args)):
+        return HANDLERS[args.command](args)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -125,7 +128,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             if listed is not None:
                 flags.update(input=listed, input_list=True)
         if args.command == "reduce":
-            marker = read_marker(args.output, cli_args.storage_options(args))
+            marker = read_marker(args.output)
             flags.setdefault("input", marker["input"])
             flags["model"] = marker["model"]
         config = load_config(flags, toml_path=args.config)

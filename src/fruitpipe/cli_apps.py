@@ -163,7 +163,7 @@ def add_drift(sub: Any) -> None:
 
 def _drift_main(args: argparse.Namespace, started: float) -> int:
     settings = from_args(DriftSettings, args)
-    result = run_drift(args.reference, args.current, settings, storage_options(args), args.report_dir)
+    result = run_drift(args.reference, args.current, settings, args.report_dir)
     export_metrics(args, "drift", started, result, args.current)
     if not args.quiet:
         text = summary(result) + "\nwritten: " + ", ".join(result["written"])

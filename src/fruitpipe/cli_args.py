@@ -120,8 +120,8 @@ def add_verbosity(p: argparse.ArgumentParser, quiet: str = "warnings only", quie
 
 def storage_options(args: argparse.Namespace) -> Any:
     """StorageOptions from --s3-endpoint / --region, else AWS_ENDPOINT_URL / AWS_REGION, else AWS in DEFAULT_REGION."""
-    return StorageOptions(args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"),
-                          args.region or os.environ.get("AWS_REGION") or DEFAULT_REGION)
+    return StorageOptions(getattr(args, "s3_endpoint", None) or os.environ.get("AWS_ENDPOINT_URL"),
+                          getattr(args, "region", None) or os.environ.get("AWS_REGION") or DEFAULT_REGION)
 
 
 def add_metrics(p: argparse.ArgumentParser) -> None:

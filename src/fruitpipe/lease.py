@@ -281,10 +281,10 @@ class Lease:
 
 
 @contextlib.contextmanager
-def hold(out: str, token: str, opts: StorageOptions, ttl_s: float = TTL_S) -> Iterator[Lease]:
+def hold(out: str, token: str, opts: StorageOptions | None = None, ttl_s: float = TTL_S) -> Iterator[Lease]:
     """Hold the lease of `out` for the block, renewing it every ttl_s / 4 from a daemon thread."""
     owner = {"token": token, **identity()}
-    lease = Lease(storage.normalize(out), owner, opts, ttl_s)
+    lease = Lease(storage.normalize(out), owner, opts or storage.current(), ttl_s)
     lease.acquire()
     stop = threading.Event()
 

@@ -52,7 +52,8 @@ def _inside(child: str, parent: str) -> bool:
 _AFRESH = "re-run `fruitpipe run` or `embed` with --overwrite to start this output afresh"
 
 
-def _read_json(uri: str, opts: StorageOptions, what: str, fix: str = _AFRESH, etag_of: Any = None) -> dict[str, Any]:
+def _read_json(uri: str, opts: StorageOptions | None, what: str, fix: str = _AFRESH,
+               etag_of: Any = None) -> dict[str, Any]:
     """A JSON object; with `etag_of` (a RunDir), an S3 object's ETag is kept there for its conditional rewrite."""
     try:
         if etag_of is not None and storage.is_s3(uri):
@@ -79,12 +80,12 @@ def index_columns(columns: list[str], schema: pa.Schema) -> pa.Schema:
     return pa.schema([schema.field(c) for c in columns] + [("_file", pa.string()), ("_row", pa.int64())])
 
 
-def read_part_index(uri: str, opts: StorageOptions, columns: list[str], schema: pa.Schema) -> pa.Table:
+def read_part_index(uri: str, columns: list[str], schema: pa.Schema) -> pa.Table:
     """The given columns of one committed part file (only those column chunks are read, never the features),
     conformed to the dataset's `schema`, plus _file (the part's name) and _row (the row in it); an unreadable part is
     corrupt_part's error. The executors' index_frame and the driver's drift sample (a part at a time) both use it."""
     try:
-        t = storage.read_parquet_columns(uri, opts, columns)
+        t = storage.read_parquet_columns(uri, columns)
     except (OSError, pa.ArrowInvalid) as exc:
         raise corrupt_part(uri, exc) from None
     t = conform(t, pa.schema([schema.field(c) for c in columns]))
@@ -95,9 +96,10 @@ def read_part_index(uri: str, opts: StorageOptions, columns: list[str], schema: 
 class RunDir(Commits):
     """One output directory (local path or s3:// prefix) and the protocol every stage uses to change it."""
 
-    def __init__(self, uri: str, opts: StorageOptions) -> None:
+    def __init__(self, uri: str, opts: StorageOptions | None = None) -> None:
         self.uri = storage.normalize(uri)
-        self.opts = opts
+        #: How to reach it: the command's storage context (storage.configured) unless given.
+        self.opts = opts or storage.current()
         self._record: dict[str, Any] | None = None
         #: Called before every write of the commit record (the lease's check): a run that lost its lease stops
         #: before it could publish anything over the run that took over.
@@ -209,7 +211,7 @@ class RunDir(Commits):
             if not storage.is_s3(uri):
                 storage.write_bytes(uri, body, self.opts)
                 return
-            etag = storage.put_if(uri, body, self.opts, self._record_etag)
+            etag = storage.put_if(uri, body, self._record_etag, self.opts)
             if etag is None:  # a retried PUT whose first answer was lost finds its own write: that is success
                 current, current_etag = storage.read_with_etag(uri, self.opts)
                 etag = current_etag if current == body else None

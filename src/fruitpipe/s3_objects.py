@@ -6,14 +6,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from fruitpipe.storage_options import StorageOptions
+from fruitpipe.storage_options import StorageOptions, current
 
 _CLIENTS: dict[tuple[str | None, str], Any] = {}
 _LOCK = threading.Lock()
 
 
-def client(opts: StorageOptions) -> Any:
+def client(opts: StorageOptions | None = None) -> Any:
     """One boto3 S3 client per process and endpoint (clients are thread-safe; sessions are not)."""
+    opts = opts or current()
     key = (opts.s3_endpoint, opts.region)
     with _LOCK:
         found = _CLIENTS.get(key)
@@ -34,7 +35,7 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def get(uri: str, opts: StorageOptions) -> tuple[bytes, str]:
+def get(uri: str, opts: StorageOptions | None = None) -> tuple[bytes, str]:
     """(bytes, ETag) of the object at the s3:// `uri`, in one GET. Missing: FileNotFoundError; refused:
     PermissionError; anything else: OSError (a caller's task is then retried)."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -54,7 +55,7 @@ def get(uri: str, opts: StorageOptions) -> tuple[bytes, str]:
         raise OSError(f"{uri}: {exc}") from None
 
 
-def put_if(uri: str, data: bytes, opts: StorageOptions, etag: str | None) -> str | None:
+def put_if(uri: str, data: bytes, etag: str | None, opts: StorageOptions | None = None) -> str | None:
     """PUT `data` at the s3:// `uri` only if the object is the version `etag` names (None: only if there is none);
     the new ETag, or None when another writer changed it first."""
     from botocore.exceptions import BotoCoreError, ClientError

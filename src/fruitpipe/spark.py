@@ -140,7 +140,7 @@ def _drain(spark: Any, timeout_s: float = 30.0) -> None:
         log.debug("could not drain the Spark jobs before stopping: %s", exc)
 
 
-def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
+def save_ml_model(spark: Any, model: Any, dest: str) -> None:
     """Save a Spark ML model (readable by its class's load()) under `dest`, on every master the same way. Spark's ML
     writer runs on the executors through Hadoop's filesystem, so it writes a temporary folder on the cluster's own
     default filesystem (this machine's disk in local mode, HDFS on EMR); the driver reads its few files back
@@ -168,7 +168,7 @@ def save_ml_model(spark: Any, model: Any, dest: str, opts: Any) -> None:
                 data = bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
             finally:
                 stream.close()
-            storage.write_bytes(storage.join(dest, rel), data, opts)
+            storage.write_bytes(storage.join(dest, rel), data)
             published.append(rel)
         if not any(rel.startswith("metadata/") for rel in published):
             raise OutputError(f"the Spark ML model written to {fs.makeQualified(path).toString()} cannot be read back "

@@ -17,7 +17,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fruitpipe import s3_objects
-from fruitpipe.storage_options import StorageOptions as StorageOptions  # the name every caller imports from here
+
+# The names every caller imports from here: the options, and the context that carries them to every call.
+from fruitpipe.storage_options import StorageOptions as StorageOptions
+from fruitpipe.storage_options import configure as configure
+from fruitpipe.storage_options import configured as configured
+from fruitpipe.storage_options import current as current
 
 _FS_CACHE: dict[tuple[str, str | None, str], pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
@@ -37,10 +42,11 @@ def normalize(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def resolve(uri: str, opts: StorageOptions) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for `uri`; one filesystem object per process and endpoint."""
     uri = normalize(uri)
     if is_s3(uri):
+        opts = opts or current()
         key = ("s3", opts.s3_endpoint, opts.region)
         with _FS_LOCK:
             fs = _FS_CACHE.get(key)
@@ -69,13 +75,13 @@ def to_uri(uri_root: str, fs_path: str) -> str:
     return "s3://" + fs_path if is_s3(uri_root) else fs_path
 
 
-def exists(uri: str, opts: StorageOptions) -> bool:
+def exists(uri: str, opts: StorageOptions | None = None) -> bool:
     """Whether a file or directory exists at `uri`."""
     fs, path = resolve(uri, opts)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def is_dir(uri: str, opts: StorageOptions) -> bool:
+def is_dir(uri: str, opts: StorageOptions | None = None) -> bool:
     """Whether `uri` is a directory (or a non-empty prefix on S3)."""
     fs, path = resolve(uri, opts)
     return fs.get_file_info(path).type == pafs.FileType.Directory
@@ -118,7 +124,7 @@ def _s3_infos(fs: pafs.FileSystem, path: str, threads: int) -> Iterator[pafs.Fil
             yield from (info for info in infos if info.type == pafs.FileType.File)
 
 
-def list_files(uri: str, opts: StorageOptions, threads: int | None = None) -> Iterator[tuple[str, int]]:
+def list_files(uri: str, opts: StorageOptions | None = None, threads: int | None = None) -> Iterator[tuple[str, int]]:
     """Every file below `uri`, recursively, as (URI, size in bytes): fruitpipe's own outputs (no links followed).
 
     S3 with one thread (the default, LIST_THREADS) is listed in one recursive pass, which pyarrow paginates. With
@@ -171,7 +177,7 @@ def walk_input(uri: str, opts: StorageOptions | None = None, threads: int | None
     listed with a problem (it becomes a reject), never stops the listing.
     """
     if is_s3(uri):
-        fs, path = resolve(uri, opts or StorageOptions())
+        fs, path = resolve(uri, opts)
         root = normalize(uri)
         infos = _s3_infos(fs, path, LIST_THREADS if threads is None else threads)
         return [Entry(to_uri(root, i.path), int(i.size or 0), int(i.mtime_ns or 0)) for i in infos], []
@@ -247,14 +253,14 @@ def walk_input(uri: str, opts: StorageOptions | None = None, threads: int | None
     return entries, ignored
 
 
-def read_bytes(uri: str, opts: StorageOptions) -> bytes:
+def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     """The whole object at `uri`."""
     fs, path = resolve(uri, opts)
     with fs.open_input_stream(path) as fh:
         return fh.read()
 
 
-def read_object(uri: str, opts: StorageOptions) -> bytes:
+def read_object(uri: str, opts: StorageOptions | None = None) -> bytes:
     """The whole object at `uri` in as few requests as possible: on S3 one GET (pyarrow's reader sends a HEAD
     first, for the size, then ranged GETs), locally one read. A missing object raises FileNotFoundError, a refused
     one PermissionError; other failures propagate as OSError so that the caller's task is retried."""
@@ -263,22 +269,22 @@ def read_object(uri: str, opts: StorageOptions) -> bytes:
     return s3_objects.get(normalize(uri), opts)[0]
 
 
-def read_with_etag(uri: str, opts: StorageOptions) -> tuple[bytes, str]:
+def read_with_etag(uri: str, opts: StorageOptions | None = None) -> tuple[bytes, str]:
     """An S3 object's bytes and ETag, in one GET (what a later put_if compares against)."""
     return s3_objects.get(normalize(uri), opts)
 
 
-def put_if(uri: str, data: bytes, opts: StorageOptions, etag: str | None) -> str | None:
+def put_if(uri: str, data: bytes, etag: str | None, opts: StorageOptions | None = None) -> str | None:
     """Write an S3 object only if it is still the version `etag` names (None: only if it does not exist), with
     S3's conditional writes; returns the new ETag, or None when another writer changed it first."""
-    return s3_objects.put_if(normalize(uri), data, opts, etag)
+    return s3_objects.put_if(normalize(uri), data, etag, opts)
 
 
 def _tmp_sibling(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
-def write_bytes(uri: str, data: bytes, opts: StorageOptions) -> None:
+def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
     """Write an object whole: on S3 a PUT is atomic; locally write a sibling then rename over."""
     fs, path = resolve(uri, opts)
     if is_s3(uri):
@@ -297,20 +303,20 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions) -> None:
         raise
 
 
-def write_parquet(table: pa.Table, uri: str, opts: StorageOptions) -> None:
+def write_parquet(table: pa.Table, uri: str, opts: StorageOptions | None = None) -> None:
     """Write a Parquet file whole (never half-visible), zstd-compressed."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue(), opts)
 
 
-def read_parquet(uri: str, opts: StorageOptions, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(uri: str, opts: StorageOptions | None = None, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file into a table."""
     fs, path = resolve(uri, opts)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def read_parquet_columns(uri: str, opts: StorageOptions, columns: list[str]) -> pa.Table:
+def read_parquet_columns(uri: str, columns: list[str], opts: StorageOptions | None = None) -> pa.Table:
     """The given columns of one Parquet file, those it lacks left out (older files); only their column chunks are
     read, never e.g. the features of an embeddings file."""
     fs, path = resolve(uri, opts)
@@ -320,12 +326,12 @@ def read_parquet_columns(uri: str, opts: StorageOptions, columns: list[str]) -> 
         return pf.read(columns=present)
 
 
-def parquet_files(uri: str, opts: StorageOptions) -> list[str]:
+def parquet_files(uri: str, opts: StorageOptions | None = None) -> list[str]:
     """Committed part files of a dataset directory, sorted (temporary siblings are skipped)."""
     return sorted(u for u, _ in list_files(uri, opts) if u.endswith(".parquet"))
 
 
-def delete(uri: str, opts: StorageOptions) -> None:
+def delete(uri: str, opts: StorageOptions | None = None) -> None:
     """Remove a file or a whole directory if it exists."""
     fs, path = resolve(uri, opts)
     info = fs.get_file_info(path)
@@ -335,7 +341,7 @@ def delete(uri: str, opts: StorageOptions) -> None:
         fs.delete_file(path)
 
 
-def move(src: str, dst: str, opts: StorageOptions) -> None:
+def move(src: str, dst: str, opts: StorageOptions | None = None) -> None:
     """Rename a file (local: atomic rename; S3: copy then delete, each object appearing whole)."""
     fs, src_path = resolve(src, opts)
     _, dst_path = resolve(dst, opts)
@@ -351,7 +357,7 @@ def move(src: str, dst: str, opts: StorageOptions) -> None:
 MOVE_THREADS = 16
 
 
-def move_all(pairs: list[tuple[str, str]], opts: StorageOptions) -> None:
+def move_all(pairs: list[tuple[str, str]], opts: StorageOptions | None = None) -> None:
     """move() each (src, dst): on S3 MOVE_THREADS at a time, locally one after the other (a rename is instant).
     Callers name the files in the commit record only once every move is done, so their order does not matter."""
     if len(pairs) > 1 and any(is_s3(dst) for _, dst in pairs):

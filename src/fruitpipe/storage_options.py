@@ -1,8 +1,10 @@
-"""How to reach object stores: the one setting every storage call takes, on the ground floor (storage.py and
-s3_objects.py both read it)."""
+"""How to reach object stores: the options, and the storage context that carries them to every storage call of a
+command (storage.py and s3_objects.py both read it), on the ground floor."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 #: The one default region of every command (GDPR: the data stays in the EU): S3 for `run`, `train`, `serve`..., and
@@ -16,3 +18,33 @@ class StorageOptions:
 
     s3_endpoint: str | None = None
     region: str = DEFAULT_REGION
+
+
+# One process runs one command, and a command reaches one object store: its options are set once, where the
+# command starts (and at the start of each Spark task: frames.over_files, frames.stage, embed's partitions), and
+# every storage call below reads them here, instead of receiving them through each function on the way. A plain
+# module global, not a ContextVar: the storage calls made in thread pools (listing, read-ahead, moves) see it too.
+_current = StorageOptions()
+
+
+def current() -> StorageOptions:
+    """The options of the command running in this process (the AWS defaults until one is configured)."""
+    return _current
+
+
+@contextlib.contextmanager
+def configured(opts: StorageOptions) -> Iterator[StorageOptions]:
+    """Every storage call inside the block, in any thread of this process, reaches object stores with `opts`; the
+    previous options come back after it."""
+    global _current
+    before, _current = _current, opts
+    try:
+        yield opts
+    finally:
+        _current = before
+
+
+def configure(opts: StorageOptions) -> None:
+    """Set the options for the rest of this process: what a Spark task does first, with the driver's options."""
+    global _current
+    _current = opts

@@ -24,7 +24,6 @@ from fruitpipe.models.registry import ModelSpec
 from fruitpipe.pipeline.embed import read_input
 from fruitpipe.pipeline.frames import output_errors, over_files
 from fruitpipe.spark import JobProgress
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array
 
 log = logging.getLogger(__name__)
@@ -87,11 +86,11 @@ def _inputs(rgb: np.ndarray, aug: Augmentation, cid: str, spec: ModelSpec) -> np
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if spec.layout == "nchw" else x
 
 
-def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec, opts: StorageOptions,
+def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec,
                      predict: Callable[[np.ndarray], np.ndarray], max_pixels: int) -> dict[str, int]:
     """Make, embed and write (atomically, to `target`) the variants of one embeddings part's Training photos; a
     photo gone or changed since it was embedded is counted and skipped. Returns the counts."""
-    t = storage.read_parquet(uri, opts, columns=["id", "uri", "label", "split"])
+    t = storage.read_parquet(uri, columns=["id", "uri", "label", "split"])
     out: dict[str, list[Any]] = {"id": [], "uri": [], "label": [], "split": [], "variant": []}
     feats: list[np.ndarray] = []
     counts = {"photos": 0, "variants": 0, "unreadable": 0, "changed": 0, "not_finite": 0}
@@ -99,7 +98,7 @@ def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec, 
         if split != "Training" or label is None:
             continue
         try:
-            data = read_input(src, opts)
+            data = read_input(src)
             if images.content_id(data) != cid:
                 counts["changed"] += 1
                 continue
@@ -118,12 +117,12 @@ def variants_of_part(uri: str, target: str, aug: Augmentation, spec: ModelSpec, 
             feats.append(vec)
     counts["variants"] = len(feats)
     features = to_list_array(np.stack(feats) if feats else np.zeros((0, 1), np.float32))
-    storage.write_parquet(pa.table({**out, "features": features}, schema=SCHEMA), target, opts)
+    storage.write_parquet(pa.table({**out, "features": features}, schema=SCHEMA), target)
     return counts
 
 
 def _job(spark: Any, todo: list[tuple[str, str]], aug: Augmentation, spec: ModelSpec, model_sha256: str,
-         backbone: bytes, opts: StorageOptions, max_pixels: int, quiet: bool) -> list[Any]:
+         backbone: bytes, max_pixels: int, quiet: bool) -> list[Any]:
     """One task per missing part, on the executors, the backbone broadcast once."""
     bc = spark.sparkContext.broadcast(backbone)
     targets = dict(todo)
@@ -136,7 +135,7 @@ def _job(spark: Any, todo: list[tuple[str, str]], aug: Augmentation, spec: Model
         predict = runner.make_predict_fn(model_sha256, lambda: bc.value, threads, spec.input_name,
                                          spec.output_name)
         for _pos, uri in items:
-            counts = variants_of_part(uri, targets[uri], aug, spec, opts, predict, max_pixels)
+            counts = variants_of_part(uri, targets[uri], aug, spec, predict, max_pixels)
             yield pa.RecordBatch.from_pydict({"part": [uri], **{k: [v] for k, v in counts.items()}})
 
     try:
@@ -148,28 +147,28 @@ def _job(spark: Any, todo: list[tuple[str, str]], aug: Augmentation, spec: Model
 
 
 def ensure(spark: Any, output_root: str, files: list[str], aug: Augmentation, spec: ModelSpec, model_sha256: str,
-           backbone: bytes, opts: StorageOptions, guard: Callable[[], None] | None = None,
+           backbone: bytes, guard: Callable[[], None] | None = None,
            max_pixels: int = images.DEFAULT_MAX_PIXELS, quiet: bool = False) -> Made:
     """The augmented part of each embeddings part in `files`, made where missing (under the caller's lease:
     `guard` is checked before anything is written); parts of embeddings parts no longer committed are deleted."""
     root = folder(output_root, aug, model_sha256, spec)
     want = {f: storage.join(root, f.rsplit("/", 1)[-1]) for f in files}
-    have = {u for u, _ in storage.list_files(root, opts)} if storage.exists(root, opts) else set()
+    have = {u for u, _ in storage.list_files(root)} if storage.exists(root) else set()
     if guard is not None:
         guard()
     # Parts of embeddings parts no longer committed (`run` rewrote or dropped them) and what a killed task left
     # (`.tmp-` siblings): nobody else writes here while the lease is held.
     for stale in sorted(have - set(want.values()) - {storage.join(root, META)}):
-        storage.delete(stale, opts)
+        storage.delete(stale)
     todo = [(f, t) for f, t in want.items() if t not in have]
     t0 = time.perf_counter()
     made = {"photos": 0, "variants": 0, "unreadable": 0, "changed": 0, "not_finite": 0}
     if todo:
         storage.write_bytes(storage.join(root, META), (json.dumps(aug.record(model_sha256, spec), indent=1) + "\n"
-                                                       ).encode(), opts)
+                                                       ).encode())
         log.info("augment: %d variant(s) of the Training photos of %d part(s) to make (%d kept)", aug.variants,
                  len(todo), len(want) - len(todo))
-        for row in _job(spark, todo, aug, spec, model_sha256, backbone, opts, max_pixels, quiet):
+        for row in _job(spark, todo, aug, spec, model_sha256, backbone, max_pixels, quiet):
             for key in made:
                 made[key] += int(row[key])
         if made["unreadable"] or made["changed"]:

@@ -57,10 +57,10 @@ class EvaluateSettings:
     quiet: bool = False
 
 
-def load_families(uri: str, classes: list[str], opts: StorageOptions) -> dict[str, list[str]]:
+def load_families(uri: str, classes: list[str]) -> dict[str, list[str]]:
     """The mapping file (family -> Fruits-360 classes), checked (sources.read_families). Classes the model was not
     trained on stay: a class learned from photos (train --also) may stand for them."""
-    raw = read_families(uri, opts)
+    raw = read_families(uri)
     check_families(raw, classes, uri)
     unknown = sorted({c for v in raw.values() for c in v} - set(classes))
     if unknown:
@@ -86,7 +86,7 @@ def _score(clf: FruitClassifier, uris: list[str], settings: EvaluateSettings
 
     def load(i: int) -> tuple[int, np.ndarray | None, images.Rejected | None]:
         try:  # the batch pipeline's read: a missing or forbidden photo is "unreadable", an outage raises
-            data = read_input(uris[i], settings.storage)
+            data = read_input(uris[i])
             return i, images.model_views(data, clf.input_size, settings.max_pixels, clf.preprocess, clf.layout,
                                          clf.crop), None
         except images.Rejected as rj:
@@ -187,16 +187,21 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     """Score OUTPUT's classifier on PHOTOS; writes OUTPUT/classifier/evaluations/<name>.json and returns it."""
     if settings.crop not in images.CROPS:
         raise ConfigError(f"--crop {settings.crop}: one of {', '.join(images.CROPS)}")
+    with storage.configured(settings.storage):
+        return _evaluate(settings)
+
+
+def _evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     uri = storage.join(settings.output, CLASSIFIER_DIR, ONNX_NAME)
-    data = read_classifier(settings.output, settings.storage)
+    data = read_classifier(settings.output)
     try:
         clf = FruitClassifier(data, settings.threads, settings.crop)
     except Exception as exc:  # onnxruntime's own errors for a damaged file
         raise FruitpipeError(f"{uri} is not a usable ONNX classifier ({type(exc).__name__}): re-run `fruitpipe "
                              f"train {settings.output}`") from None
-    families = load_families(settings.families, clf.classes, settings.storage) if settings.families else None
-    listing = list_images(settings.photos, settings.storage)
+    families = load_families(settings.families, clf.classes) if settings.families else None
+    listing = list_images(settings.photos)
     table = listing.manifest
     uris, labels = table.column("uri").to_pylist(), table.column("label").to_pylist()
     if not uris:
@@ -213,9 +218,9 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 1)}
     assert result["photos_scored"] + sum(rejected.values()) == result["listed"], "every photo is accounted for"
     dest = storage.join(settings.output, CLASSIFIER_DIR, EVALUATIONS_DIR, f"{result['name']}.json")
-    storage.write_bytes(dest, jsonio.dumps(result, indent=2).encode(), settings.storage)
+    storage.write_bytes(dest, jsonio.dumps(result, indent=2).encode())
     result["written_to"] = dest
-    write_report(RunDir(settings.output, settings.storage))
+    write_report(RunDir(settings.output))
     log.info("evaluated %d photo(s) (%d rejected): top-1 %s, species top-1 %s -> %s", result["photos_scored"],
              sum(rejected.values()), result["top1"], result["species_top1"], dest)
     return result

@@ -20,7 +20,6 @@ from fruitpipe.classify.metrics import top_k
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.errors import FruitpipeError
 from fruitpipe.pipeline.reduce import choose_k
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 log = logging.getLogger(__name__)
@@ -63,13 +62,13 @@ class OnePassError(FruitpipeError):
     """The one-pass classifier cannot be fitted on this output; the message says why."""
 
 
-def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
+def _statistics(spark: Any, files: list[str], classes: list[str], folds: int,
                 fmap: stats.FeatureMap, dim: int, holdout: stats.Holdout | None, stats_uri: str, key: str,
                 relabel: Relabel) -> tuple[stats.Stats, dict[str, Any]]:
     """The statistics of `files`: the kept ones plus the new parts' when the kept ones still apply, else one full
     pass (and why)."""
     groups = openset.groups_of(classes)
-    kept = stats.load(stats_uri, opts)
+    kept = stats.load(stats_uri)
     reason = "no statistics kept from an earlier train"
     if kept is not None:
         old, old_classes, old_parts, old_key = kept
@@ -87,12 +86,12 @@ def _statistics(spark: Any, files: list[str], opts: StorageOptions, classes: lis
             new = [f for f in files if f not in set(old_parts)]
             total = stats.reindex(old, old_classes, classes)
             if new:
-                total = total + stats.sum_stats(spark, new, opts, classes, folds, fmap, dim, holdout,
+                total = total + stats.sum_stats(spark, new, classes, folds, fmap, dim, holdout,
                                                 groups, openset.GROUPS, relabel)
             log.info("statistics: %d kept part(s) reused, %d new part(s) read", len(old_parts), len(new))
             return total, {"mode": "incremental", "parts_reused": len(old_parts), "parts_read": len(new)}
     log.info("statistics: one pass over %d part(s) (%s)", len(files), reason)
-    return (stats.sum_stats(spark, files, opts, classes, folds, fmap, dim, holdout, groups, openset.GROUPS,
+    return (stats.sum_stats(spark, files, classes, folds, fmap, dim, holdout, groups, openset.GROUPS,
                             relabel),
             {"mode": "full", "parts_read": len(files), "why": reason})
 
@@ -115,7 +114,7 @@ def _choose(cv: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
                                "rows": int(n), "rows_of_classes_absent_from_their_fold_fit": int(cv["skipped"][0])}
 
 
-def _grouped(relabel: Relabel, files: list[str], opts: StorageOptions, fmap: stats.FeatureMap,
+def _grouped(relabel: Relabel, files: list[str], fmap: stats.FeatureMap,
              folds: int) -> Relabel:
     """`relabel` with the other sources' photos in folds of near-copy groups (classify.groups): their features are
     read on the driver (real photos: thousands, not the main output's hundreds of thousands)."""
@@ -123,7 +122,7 @@ def _grouped(relabel: Relabel, files: list[str], opts: StorageOptions, fmap: sta
     labels: list[str] = []
     feats: list[np.ndarray] = []
     for uri in files:
-        for batch in relabel.batches(uri, opts, ["id", "label", "features"]):
+        for batch in relabel.batches(uri, ["id", "label", "features"]):
             lbs = batch.column(1).to_pylist()
             keep = np.array([lb is not None for lb in lbs], bool)
             if keep.any():
@@ -152,37 +151,61 @@ def cap_folds(folds: int, training: dict[str, int]) -> int:
     return capped
 
 
-def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdout: float, dim: int,
-        fmap: stats.FeatureMap, compare_pca: bool, stats_uri: str, model_sha256: str,
-        relabel: Relabel | None = None, guard: Callable[[], None] | None = None,
-        augmented: list[str] | None = None, augment_weight: float = 0.0,
-        held_out: tuple[Relabel, list[str]] | None = None) -> OnePass:
-    """Fit, choose, calibrate and score the one-pass classifier on the embeddings `files` (with `relabel`, some
-    of them other sources' parts, read with their labels mapped: classify.sources). `guard` is called before the
-    kept statistics are written (the lease check: a writer that lost it leaves no file). `augmented`: parts of
-    variants of the Training photos (classify.augmented), added to the statistics and the cross-validation at
-    `augment_weight` per row, never scored as test rows nor in the open-set threshold. `held_out`: the label map
-    and parts of outputs whose photos the fit never sees (photos taken apart: `--also-val`), scored by the final,
-    calibrated model."""
-    relabel = relabel or Relabel()
+@dataclass(frozen=True)
+class FitData:
+    """What one fit reads: embeddings part files, and how the other sources' labels map."""
+
+    #: The embeddings parts: the output's own, then (with `relabel`) other sources' parts, read with their labels
+    #: mapped (classify.sources).
+    files: list[str]
+    relabel: Relabel | None = None
+    #: Parts of variants of the Training photos (classify.augmented), added to the statistics and the
+    #: cross-validation at FitPlan.augment_weight per row, never scored as test rows nor in the open-set threshold.
+    augmented: list[str] | None = None
+    #: The label map and parts of outputs whose photos the fit never sees (photos taken apart: `--also-val`),
+    #: scored by the final, calibrated model.
+    held_out: tuple[Relabel, list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How one fit runs: folds, held-out share, the features' map, where its statistics are kept."""
+
+    folds: int
+    holdout: float
+    dim: int
+    fmap: stats.FeatureMap
+    compare_pca: bool
+    #: The kept statistics (a re-run adds only the new parts' sums): OUTPUT/classifier/stats.npz.
+    stats_uri: str
+    model_sha256: str
+    augment_weight: float = 0.0
+
+
+def fit(spark: Any, data: FitData, plan: FitPlan, guard: Callable[[], None] | None = None) -> OnePass:
+    """Fit, choose, calibrate and score the one-pass classifier on `data`'s embeddings. `guard` is called before
+    the kept statistics are written (the lease check: a writer that lost it leaves no file)."""
+    files, relabel, augmented, held_out = data.files, data.relabel or Relabel(), data.augmented, data.held_out
+    folds, holdout, dim, fmap, stats_uri = plan.folds, plan.holdout, plan.dim, plan.fmap, plan.stats_uri
+    model_sha256, augment_weight = plan.model_sha256, plan.augment_weight
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    seen = scoring.survey(spark, files, opts, relabel)
+    seen = scoring.survey(spark, files, relabel)
     has_test = any(sp == "Test" for _, sp in seen.pairs)
     held = None if has_test else stats.Holdout.of(holdout, seen.last_held)
     labels = sorted({lb for lb, sp in seen.pairs if sp == "Training" and lb is not None})
     folds = cap_folds(folds, seen.training)
     if relabel.sources:
-        relabel = _grouped(relabel, [f for f in files if relabel.source_of(f) is not None], opts, fmap, folds)
+        relabel = _grouped(relabel, [f for f in files if relabel.source_of(f) is not None], fmap, folds)
     key = stats.fingerprint({"version": STATS_VERSION, "transform": fmap.kind, "folds": folds,
                              "holdout": held and held.key(),
                              "groups": openset.GROUPS, **({"sources": relabel.key()} if relabel.sources else {}),
                              "model": model_sha256, "projection": None if fmap.projection is None else
                              hashlib.sha256(np.ascontiguousarray(fmap.projection, np.float64).tobytes()).hexdigest()})
-    st, how = _statistics(spark, files, opts, labels, folds, fmap, dim, held, stats_uri, key, relabel)
+    st, how = _statistics(spark, files, labels, folds, fmap, dim, held, stats_uri, key, relabel)
     aug_uri = stats_uri.rsplit(".", 1)[0] + "-augmented.npz"
     aug_key = stats.fingerprint({"of": key, "augmented": sorted({f.rsplit("/", 2)[-2] for f in augmented or []})})
-    st_aug, how_aug = _statistics(spark, augmented, opts, labels, folds, fmap, dim, held, aug_uri, aug_key,
+    st_aug, how_aug = _statistics(spark, augmented, labels, folds, fmap, dim, held, aug_uri, aug_key,
                                   relabel) if augmented else (None, {})
     timings["statistics"] = time.perf_counter() - t0
     n_all = st.n.sum(0)
@@ -195,19 +218,19 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
         st_aug = st_aug.classes(keep) if st_aug is not None else None
     if guard is not None:
         guard()
-    stats.save(stats_uri, st, classes, files, key, opts)
+    stats.save(stats_uri, st, classes, files, key)
     photos = st
     if st_aug is not None and augmented:
-        stats.save(aug_uri, st_aug, classes, augmented, aug_key, opts)
+        stats.save(aug_uri, st_aug, classes, augmented, aug_key)
         st = st + st_aug.scaled(augment_weight)
         how = {**how, "augmented": {**how_aug, "rows": int(st_aug.n.sum()), "weight": augment_weight}}
     t1 = time.perf_counter()
     fold_models = [linear.solve_all(*st.totals(without=f)) for f in range(folds)]
     present = np.stack([st.totals(without=f)[0] > 0 for f in range(folds)])
     rows = scoring.Rows(classes, fmap, held, relabel)
-    cv = scoring.cv_scores(spark, files, opts, rows, folds, fold_models, present)
+    cv = scoring.cv_scores(spark, files, rows, folds, fold_models, present)
     if st_aug is not None and augmented:  # the variants count in the choice as in the fit: at their weight
-        cv_aug = scoring.cv_scores(spark, augmented, opts, rows, folds, fold_models, present)
+        cv_aug = scoring.cv_scores(spark, augmented, rows, folds, fold_models, present)
         cv = {k: v + augment_weight * cv_aug[k] for k, v in cv.items()}
     m, t, cv_report = _choose(cv)
     temperature = linear.TEMPERATURES[t]
@@ -217,8 +240,8 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     timings["cross_validate"] = time.perf_counter() - t1
     calibrated = [fm[m].scaled(temperature) for fm in fold_models]  # the chosen candidate of each fold fit
     other = [f for f in files if relabel.source_of(f) is not None]
-    per_source = scoring.source_scores(spark, other, opts, relabel, classes, fmap, folds, calibrated)
-    held_scores = scoring.source_scores(spark, held_out[1], opts, held_out[0], classes, fmap, 1,
+    per_source = scoring.source_scores(spark, other, relabel, classes, fmap, folds, calibrated)
+    held_scores = scoring.source_scores(spark, held_out[1], held_out[0], classes, fmap, 1,
                                         [final.scaled(temperature)]) if held_out and held_out[1] else {}
     t3 = time.perf_counter()
     species, species_names = openset.species_of(classes)
@@ -230,18 +253,18 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
         group_models.append(linear.solve(chosen.family, nk, sk, gk, [chosen.reg])[0].scaled(temperature)
                             if usable else None)
     known_hist, unknown_hist = scoring.openset_scores(
-        spark, files, opts, rows, calibrated, group_models, present, group_of_class, species, len(species_names))
+        spark, files, rows, calibrated, group_models, present, group_of_class, species, len(species_names))
     open_set = {**openset.choose(known_hist, unknown_hist),
                 "species_groups_held_out": sum(m is not None for m in group_models)}
     timings["open_set"] = time.perf_counter() - t3
     t2 = time.perf_counter()
     basis, explained = linear.pca_basis(n, s, g)
     ks: list[tuple[int, str]] = []
-    if compare_pca:
+    if plan.compare_pca:
         k95 = choose_k(explained, len(explained), 0.95)
         ks = [*((k, f"PCA-{k}") for k in (20, 50) if k < st.dim), (k95, "PCA variance 0.95")]
     extra = [linear.solve(chosen.family, n, s, g, [chosen.reg], basis[:, :k])[0] for k, _ in ks]
-    uris, test_labels, logits, picks = scoring.test_scores(spark, files, opts, rows, final, extra)
+    uris, test_labels, logits, picks = scoring.test_scores(spark, files, rows, final, extra)
     timings["test"] = time.perf_counter() - t2
     index = {c: i for i, c in enumerate(classes)}
     y_all = np.array([index.get(lb, -1) for lb in test_labels], dtype=np.int64)
@@ -250,7 +273,7 @@ def fit(spark: Any, files: list[str], opts: StorageOptions, *, folds: int, holdo
     raw = linear.softmax(logits[known])
     proba = linear.softmax(logits[known] / temperature)
     table = []
-    if compare_pca:
+    if plan.compare_pca:
         table.append({"features": "embeddings", "k": st.dim, "top1": round(top_k(proba, y, 1), 5)})
         for j, (k, why) in enumerate(ks):
             table.append({"features": why, "k": k, "explained_variance": round(float(explained[:k].sum()), 4),

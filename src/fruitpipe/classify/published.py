@@ -16,7 +16,6 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.images import content_id
 from fruitpipe.layout import CLASSIFIER
 from fruitpipe.output import RunDir
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +29,14 @@ class TrainError(FruitpipeError):
     """Training cannot start or finish; the message says what to do."""
 
 
-def read_classifier(output: str, opts: StorageOptions) -> bytes:
+def read_classifier(output: str) -> bytes:
     """OUTPUT's exported classifier, checked against the sha256 the commit record names (serve, evaluate, drift):
     a file from an interrupted publish, or replaced by hand, is refused in one line."""
-    rundir = RunDir(output, opts)
+    rundir = RunDir(output)
     uri = rundir.join(CLASSIFIER_DIR, ONNX_NAME)
     try:
         where, want = rundir.classifier_uri(ONNX_NAME)  # a publish interrupted after its record: the hidden file
-        data = storage.read_bytes(where, opts)
+        data = storage.read_bytes(where)
     except FileNotFoundError:
         raise TrainError(f"{uri} does not exist: run `fruitpipe train {output}` first") from None
     except OSError as exc:  # an endpoint that does not answer, refused credentials: pyarrow's message, one line
@@ -49,35 +48,35 @@ def read_classifier(output: str, opts: StorageOptions) -> bytes:
     return data
 
 
-def recorded_ids(files: list[str], opts: StorageOptions) -> dict[str, str]:
+def recorded_ids(files: list[str]) -> dict[str, str]:
     """uri -> content id (sha256 of the bytes `run` embedded) of the output's embeddings."""
     ids: dict[str, str] = {}
     for part in files:
-        table = storage.read_parquet(part, opts, columns=["uri", "id"])
+        table = storage.read_parquet(part, columns=["uri", "id"])
         ids.update(zip(table.column("uri").to_pylist(), table.column("id").to_pylist()))
     return ids
 
 
-def probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> None:
+def probe_photos(files: list[str], probes: int = 8) -> None:
     """Refuse in one line, before any fit, when the output's photos are gone or all changed since `run` (the export
     check reads some and compares the classifier with Spark on them: changed bytes would give another answer)."""
     if not files:
         return
     try:
-        table = storage.read_parquet(files[0], opts, columns=["uri", "id"]).slice(0, probes)
+        table = storage.read_parquet(files[0], columns=["uri", "id"]).slice(0, probes)
     except Exception:  # a damaged part: the fit's own read names it in one line
         return
     uris, ids = table.column("uri").to_pylist(), table.column("id").to_pylist()
     if not uris:
         return
-    if not any(storage.exists(u, opts) for u in uris):
+    if not any(storage.exists(u) for u in uris):
         raise TrainError(f"the photos this output was made from are not where `run` found them (e.g. {uris[0]}): "
                          "train checks its exported file on some of them; put them back (or run again from where "
                          "they are now) and train again")
     same = 0
     for uri, want in zip(uris, ids):
         try:
-            same += content_id(storage.read_object(uri, opts)) == want
+            same += content_id(storage.read_object(uri)) == want
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             continue
     if not same:
@@ -86,7 +85,7 @@ def probe_photos(files: list[str], opts: StorageOptions, probes: int = 8) -> Non
                          "run` again on the photos as they are now (it embeds what changed), then train")
 
 
-def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: StorageOptions,
+def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray,
                  ids: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the exported file on up to EXPORT_CHECK_IMAGES test photos that can still be read (the output holds the
     embeddings, not the photos): its top-1 must be Spark's on each. Photos moved since the run, or changed (their
@@ -102,7 +101,7 @@ def check_export(onnx_bytes: bytes, uris: list[str], proba: np.ndarray, opts: St
         if len(picked) == EXPORT_CHECK_IMAGES or tried == 8 * EXPORT_CHECK_IMAGES:
             break
         try:
-            data = storage.read_object(uris[i], opts)
+            data = storage.read_object(uris[i])
             if ids is not None and uris[i] in ids and images.content_id(data) != ids[uris[i]]:
                 changed += 1  # other bytes than `run` embedded: not a check of the export
                 continue

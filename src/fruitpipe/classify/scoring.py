@@ -16,7 +16,6 @@ from fruitpipe.classify.sources import Relabel
 from fruitpipe.classify.stats import FeatureMap, Holdout, holdout_order, training_rows
 from fruitpipe.pipeline.frames import file_tasks, output_errors, over_files, part_batches
 from fruitpipe.pipeline.sums import sum_over_parts
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 
@@ -30,7 +29,7 @@ class Survey:
     last_held: dict[str, str]
 
 
-def survey(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None) -> Survey:
+def survey(spark: Any, files: list[str], relabel: Relabel | None = None) -> Survey:
     """The Survey of the parts, read on the executors (the id, label and split columns only)."""
 
     rl = relabel or Relabel()
@@ -40,7 +39,7 @@ def survey(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel 
         count: dict[str, int] = {}
         top: dict[str, str] = {}
         for _pos, uri in items:
-            for batch in rl.batches(uri, opts, ["id", "label", "split"]):
+            for batch in rl.batches(uri, ["id", "label", "split"]):
                 ids, lbs, sps = (batch.column(i).to_pylist() for i in range(3))
                 seen.update(zip(lbs, sps))
                 for i, lb, sp in zip(ids, lbs, sps):
@@ -65,12 +64,12 @@ def survey(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel 
     return Survey({(r[0], r[1]) for r in rows}, training, last)
 
 
-def content_ids(spark: Any, files: list[str], opts: StorageOptions, split: str | None = None) -> set[str]:
+def content_ids(spark: Any, files: list[str], split: str | None = None) -> set[str]:
     """The content ids of the parts' rows (of one split only, when given), read on the executors."""
 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         for _pos, uri in items:
-            for batch in part_batches(uri, opts, ["id", "split"]):
+            for batch in part_batches(uri, ["id", "split"]):
                 ids, sps = batch.column(0).to_pylist(), batch.column(1).to_pylist()
                 yield pa.RecordBatch.from_pydict({"id": [i for i, sp in zip(ids, sps)
                                                          if split is None or sp == split]})
@@ -79,10 +78,10 @@ def content_ids(spark: Any, files: list[str], opts: StorageOptions, split: str |
         return {r[0] for r in over_files(spark, files, file_tasks(spark, len(files)), read, "id string").collect()}
 
 
-def labels(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel | None = None
+def labels(spark: Any, files: list[str], relabel: Relabel | None = None
            ) -> set[tuple[str, str | None]]:
     """The distinct (label, split) pairs of the parts."""
-    return survey(spark, files, opts, relabel).pairs
+    return survey(spark, files, relabel).pairs
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def _test_mask(ids: list[str], splits: list[str], rows: Rows) -> np.ndarray:
     return np.array([sp == "Training" for sp in splits], dtype=bool) & rows.holdout.mask(ids)
 
 
-def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, folds: int,
+def cv_scores(spark: Any, files: list[str], rows: Rows, folds: int,
               models: list[list[Linear]], present: np.ndarray) -> dict[str, np.ndarray]:
     """Score every Training row with the models fitted without its fold (models[fold][m]): per candidate m the
     rows right and, per temperature, the summed negative log-likelihood. Rows of a class absent from their
@@ -117,7 +116,7 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
         wv, bv = w.value, b.value
         counts, skipped = np.zeros(folds), 0.0
         right, nll = np.zeros(m_count), np.zeros((m_count, t_count))
-        for batch in rows.relabel.batches(uri, opts, ["id", "label", "split", "features"]):
+        for batch in rows.relabel.batches(uri, ["id", "label", "split", "features"]):
             ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
             if not keep.any():
@@ -147,7 +146,7 @@ def cv_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fo
             "nll": total[folds + 1 + m_count:].reshape(m_count, t_count)}
 
 
-def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, fold_models: list[Linear],
+def openset_scores(spark: Any, files: list[str], rows: Rows, fold_models: list[Linear],
                    group_models: list[Linear | None], present: np.ndarray, group_of_class: np.ndarray,
                    species: np.ndarray, n_species: int) -> tuple[np.ndarray, np.ndarray]:
     """Histograms (openset.BINS) of the top-species confidence of every Training row (a) scored by the fit
@@ -167,7 +166,7 @@ def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Row
     def partial(_pos: int, uri: str) -> np.ndarray:
         wv, bv = w.value, b.value
         known, unknown = np.zeros(openset.BINS), np.zeros(openset.BINS)
-        for batch in rows.relabel.batches(uri, opts, ["id", "label", "split", "features"]):
+        for batch in rows.relabel.batches(uri, ["id", "label", "split", "features"]):
             ids, lbs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             keep = training_rows(ids, lbs, batch.column(2).to_pylist(), index, rows.holdout)
             if not keep.any():
@@ -191,7 +190,7 @@ def openset_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Row
     return total[:openset.BINS], total[openset.BINS:]
 
 
-def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, final: Linear,
+def test_scores(spark: Any, files: list[str], rows: Rows, final: Linear,
                 extra: list[Linear]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(uris, labels, logits of `final`, top-1 class of each `extra` model) of the test rows, on the executors;
     rows of classes absent from Training included (the caller counts them apart)."""
@@ -203,7 +202,7 @@ def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         wv, bv = w.value, b.value
         for _pos, uri in items:
-            for batch in rows.relabel.batches(uri, opts, ["id", "uri", "label", "split", "features"]):
+            for batch in rows.relabel.batches(uri, ["id", "uri", "label", "split", "features"]):
                 keep = _test_mask(batch.column(0).to_pylist(), batch.column(3).to_pylist(), rows)
                 if not keep.any():
                     continue
@@ -229,7 +228,7 @@ def test_scores(spark: Any, files: list[str], opts: StorageOptions, rows: Rows, 
     return [r[0] for r in out], [r[1] for r in out], logits, picks
 
 
-def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: Relabel, classes: list[str],
+def source_scores(spark: Any, files: list[str], relabel: Relabel, classes: list[str],
                   fmap: FeatureMap, folds: int, fold_models: list[Linear]) -> dict[str, Any]:
     """Each other source's photos scored by the fit without their fold (cross-validation: no photo is scored by
     a model that saw it; `fold_models` calibrated): per label the photos and the share whose top-1 is the label's
@@ -261,7 +260,7 @@ def source_scores(spark: Any, files: list[str], opts: StorageOptions, relabel: R
 
     def partial(_pos: int, uri: str) -> np.ndarray:
         out = np.zeros((len(added), width))  # photos, right, species right, answered[t], answered right[t]
-        for batch in relabel.batches(uri, opts, ["id", "label", "features"]):
+        for batch in relabel.batches(uri, ["id", "label", "features"]):
             lbs = batch.column(1).to_pylist()
             keep = np.array([lb in slot for lb in lbs], bool)
             if not keep.any():

@@ -19,7 +19,6 @@ from fruitpipe.classify.fruits import SPECIES, UNCERTAIN, display_name, species_
 from fruitpipe.classify.groups import GroupedFolds, fold_of
 from fruitpipe.errors import ConfigError
 from fruitpipe.pipeline.frames import part_batches
-from fruitpipe.storage import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -59,12 +58,12 @@ class Relabel:
                 return s
         return None
 
-    def batches(self, uri: str, opts: StorageOptions, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    def batches(self, uri: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """part_batches(uri, columns) with the source's labels and split applied (columns unchanged)."""
         source = self.source_of(uri)
         screen = source is not None and bool(self.left_out) and "label" in columns
         read = [*columns, "id"] if screen and "id" not in columns else columns
-        for batch in part_batches(uri, opts, read):
+        for batch in part_batches(uri, read):
             if source is None:
                 yield batch
                 continue
@@ -90,11 +89,11 @@ class Relabel:
         return [{"output": s.root, "labels": dict(sorted(s.classes.items()))} for s in self.sources]
 
 
-def read_families(uri: str, opts: StorageOptions) -> dict[str, list[str]]:
+def read_families(uri: str) -> dict[str, list[str]]:
     """A mapping file (folder -> Fruits-360 classes, the format of real-photos-dev/families.json), checked: a
     ConfigError saying what is wrong."""
     try:
-        raw = json.loads(storage.read_bytes(uri, opts))
+        raw = json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         raise ConfigError(f"{uri} does not exist: pass a JSON file mapping each folder to its Fruits-360 "
                           "classes") from None

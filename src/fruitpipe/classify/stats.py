@@ -17,7 +17,6 @@ from fruitpipe import storage
 from fruitpipe.classify.groups import fold_of as fold_of  # where the rest of the code looks for it
 from fruitpipe.classify.sources import Relabel
 from fruitpipe.pipeline.sums import sum_per_task
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 log = logging.getLogger(__name__)
@@ -163,11 +162,11 @@ def reindex(stats: Stats, old: list[str], new: list[str]) -> Stats:
     return out
 
 
-def add_part(acc: Stats, uri: str, opts: StorageOptions, index: dict[str, int], fmap: FeatureMap,
+def add_part(acc: Stats, uri: str, index: dict[str, int], fmap: FeatureMap,
              holdout: Holdout | None, group_of_class: np.ndarray, relabel: Relabel | None = None) -> None:
     """Add one part file's Training rows to `acc` in place (read a batch at a time, on an executor). Each (fold,
     group) cell's Gramian is computed once and added to both its fold's and its group's."""
-    for batch in (relabel or Relabel()).batches(uri, opts, ["id", "label", "split", "features"]):
+    for batch in (relabel or Relabel()).batches(uri, ["id", "label", "split", "features"]):
         ids = batch.column(0).to_pylist()
         labels, splits = batch.column(1).to_pylist(), batch.column(2).to_pylist()
         keep = training_rows(ids, labels, splits, index, holdout)
@@ -210,7 +209,7 @@ def _unpack(v: np.ndarray, folds: int, classes: int, dim: int, groups: int) -> S
                  grams[folds:])
 
 
-def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[str], folds: int,
+def sum_stats(spark: Any, files: list[str], classes: list[str], folds: int,
               fmap: FeatureMap, dim: int, holdout: Holdout | None, group_of_class: np.ndarray, groups: int,
               relabel: Relabel | None = None) -> Stats:
     """One pass over `files` on the executors: each task adds its parts into one Stats in place and ships it
@@ -220,7 +219,7 @@ def sum_stats(spark: Any, files: list[str], opts: StorageOptions, classes: list[
     def task(items: Any) -> np.ndarray:
         acc = Stats.zeros(folds, len(classes), dim, groups)
         for _pos, uri in items:
-            add_part(acc, uri, opts, index, fmap, holdout, group_of_class, relabel)
+            add_part(acc, uri, index, fmap, holdout, group_of_class, relabel)
         return _pack(acc)
 
     if not files:
@@ -239,19 +238,19 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save(uri: str, stats: Stats, classes: list[str], parts: list[str], key: str, opts: StorageOptions) -> None:
+def save(uri: str, stats: Stats, classes: list[str], parts: list[str], key: str) -> None:
     """Write the statistics with the class list, the parts they sum and their settings' fingerprint (one file,
     replaced whole)."""
     buf = io.BytesIO()
     meta = json.dumps({"classes": classes, "parts": parts, "fingerprint": key}, allow_nan=False)
     np.savez(buf, n=stats.n, s=stats.s, g=stats.g, h=stats.h, meta=np.frombuffer(meta.encode(), dtype=np.uint8))
-    storage.write_bytes(uri, buf.getvalue(), opts)
+    storage.write_bytes(uri, buf.getvalue())
 
 
-def load(uri: str, opts: StorageOptions) -> tuple[Stats, list[str], list[str], str] | None:
+def load(uri: str) -> tuple[Stats, list[str], list[str], str] | None:
     """(stats, classes, parts, fingerprint) of an earlier train, or None when there are none (or unreadable)."""
     try:
-        data = storage.read_bytes(uri, opts)
+        data = storage.read_bytes(uri)
     except OSError:
         return None
     try:

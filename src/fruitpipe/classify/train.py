@@ -40,18 +40,17 @@ from fruitpipe.pipeline.pca_files import load_components
 from fruitpipe.pipeline.reduce import embeddings_df
 from fruitpipe.report import write_report
 from fruitpipe.spark import save_ml_model, spark_session
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
 
-def _backbone(report: dict[str, Any], model_path: str | None, opts: StorageOptions) -> tuple[bytes, ModelSpec]:
+def _backbone(report: dict[str, Any], model_path: str | None) -> tuple[bytes, ModelSpec]:
     """The embedding model the run used (its bytes, its spec), checked by sha256 against run.json."""
     spec = spec_of(report["model"])
     if spec.name == CUSTOM and not model_path:
         raise TrainError(f"the embeddings were made with a model given by file ({spec.filename}): pass the same "
                          "file with --model-path")
-    model = resolve_model(spec, model_path, opts)
+    model = resolve_model(spec, model_path)
     if model.sha256 != report["model"]["sha256"]:
         raise TrainError(f"the embeddings were made with a model of sha256 {report['model']['sha256'][:16]}..., "
                          f"not {model.sha256[:16]}... ({model.path}): pass --model-path to the run's model file")
@@ -105,8 +104,8 @@ def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--al
     same model."""
     out = []
     for other in settings.also if flag == "--also" else settings.also_val:
-        rd = RunDir(other, settings.storage)
-        if not storage.exists(rd.join(SUCCESS), settings.storage):
+        rd = RunDir(other)
+        if not storage.exists(rd.join(SUCCESS)):
             raise TrainError(f"{flag} {other} has no {SUCCESS}: run `fruitpipe run PHOTOS {other}` to the end first")
         sha = rd.previous_report().get("model", {}).get("sha256")
         if sha != model_sha256:
@@ -119,20 +118,20 @@ def _other_outputs(settings: TrainSettings, model_sha256: str, flag: str = "--al
 def _relabel(spark: Any, settings: TrainSettings, files: list[str], others: list[tuple[str, list[str]]],
              fitted: bool = True) -> Any:
     """The label maps of the other outputs (classify.sources), from their labels and the main output's classes."""
-    known = sorted({lb for lb, sp in scoring.labels(spark, files, settings.storage) if sp == "Training"})
+    known = sorted({lb for lb, sp in scoring.labels(spark, files) if sp == "Training"})
     families = None
     if settings.also_families:
-        families = sources.read_families(settings.also_families, settings.storage)
+        families = sources.read_families(settings.also_families)
         sources.check_families(families, known, settings.also_families)
-    relabel = sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts, settings.storage)})
+    relabel = sources.relabel_for([(root, {lb for lb, _ in scoring.labels(spark, parts)})
                                    for root, parts in others], families, known)
     if not fitted:  # --also-val: scored only, never learned from
         return relabel
     # Photos of the main output's Test split (same bytes) are left out of the fit: learned from, a Test photo
     # would score itself (60 of 60 once did).
     other_parts = [f for _, parts in others for f in parts]
-    shared = scoring.content_ids(spark, other_parts, settings.storage) & \
-        scoring.content_ids(spark, files, settings.storage, "Test")
+    shared = scoring.content_ids(spark, other_parts) & \
+        scoring.content_ids(spark, files, "Test")
     if shared:
         log.warning("%d photo(s) of %s are also in %s's Test split: left out of the fit, so that Test stays photos "
                     "the fit never saw", len(shared), ", ".join(root for root, _ in others), settings.output)
@@ -146,7 +145,7 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     if settings.augment:  # variants of this output's own Training photos (not of --also outputs' photos)
         t0 = time.perf_counter()
         made = augmented.ensure(spark, rundir.uri, files, augmented.Augmentation(
-            settings.augment, settings.augment_weight, settings.seed), spec, model_sha256, backbone, rundir.opts,
+            settings.augment, settings.augment_weight, settings.seed), spec, model_sha256, backbone,
             guard=rundir.guard, quiet=settings.quiet)
         timings["augment"] = time.perf_counter() - t0
     others = _other_outputs(settings, model_sha256) if settings.also else []
@@ -158,11 +157,10 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
 
     fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)
     dim = spec.dim if components is None else int(components.shape[1])
-    got = onepass.fit(spark, files, rundir.opts, folds=settings.folds, holdout=settings.holdout, dim=dim, fmap=fmap,
-                      compare_pca=settings.compare_pca, stats_uri=rundir.join(CLASSIFIER_DIR, STATS_FILE),
-                      model_sha256=model_sha256, relabel=relabel, guard=rundir.guard,
-                      augmented=made.parts if made else None, augment_weight=settings.augment_weight,
-                      held_out=held_out)
+    got = onepass.fit(spark, onepass.FitData(files, relabel, made.parts if made else None, held_out),
+                      onepass.FitPlan(settings.folds, settings.holdout, dim, fmap, settings.compare_pca,
+                                      rundir.join(CLASSIFIER_DIR, STATS_FILE), model_sha256, settings.augment_weight),
+                      rundir.guard)
     timings.update(got.timings)
     extra: dict[str, Any] = {"calibration": got.calibration, "statistics": got.statistics, "open_set": got.open_set}
     if made is not None:
@@ -175,7 +173,7 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
                      got.cross_validation, got.pca_table, dim, extra)
     if settings.finetune and relabel is not None:
         t0 = time.perf_counter()
-        tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, rundir.opts, relabel, held_out,
+        tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, relabel, held_out,
                             rundir.guard, settings.quiet)
         timings["finetune"] = time.perf_counter() - t0
     return fitted
@@ -184,10 +182,9 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
 def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: list[str],
                   components: np.ndarray | None, timings: dict[str, float]) -> _Fitted:
     """Spark ML's logistic regression or perceptron with its CrossValidator (--classifier logreg / mlp)."""
-    opts = rundir.opts
     t0 = time.perf_counter()
-    emb = embeddings_df(spark, files, opts)
-    training = scoring.survey(spark, files, opts).training
+    emb = embeddings_df(spark, files)
+    training = scoring.survey(spark, files).training
     classes = sorted(training)
     folds = onepass.cap_folds(settings.folds, training)
     if len(classes) < 2:
@@ -229,7 +226,7 @@ def _fit_spark_ml(spark: Any, settings: TrainSettings, rundir: RunDir, files: li
         head = export_mod.mlp_head(list(model.getLayers()), model.weights.toArray(), components)
     if rundir.guard is not None:
         rundir.guard()  # the lease: a train that lost it writes nothing
-    save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"), opts)
+    save_ml_model(spark, model, rundir.join(CLASSIFIER_DIR, "spark_model"))
     for frame in cached:
         frame.unpersist()  # a session shared with other work (tests, notebooks) gets its memory back
     return _Fitted(classes, head, uris, y, proba, int(n_train), int(unseen), test_source, cv, table, dim)
@@ -239,9 +236,13 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     """Fit, evaluate, export; returns metrics.json's content. `spark`: an existing SparkSession to use (never
     stopped by train), else the active one, else one started for the call."""
     settings.validate()
-    opts = settings.storage
-    rundir = RunDir(settings.output, opts)
-    if not storage.exists(rundir.join(SUCCESS), opts):
+    with storage.configured(settings.storage):  # every storage call of the fit, the executors' included
+        return _train(settings, spark)
+
+
+def _train(settings: TrainSettings, spark: Any) -> dict[str, Any]:
+    rundir = RunDir(settings.output)
+    if not storage.exists(rundir.join(SUCCESS)):
         raise TrainError(f"{settings.output} has no {SUCCESS}: run `fruitpipe run INPUT {settings.output}` to the "
                          "end first (train reads a complete output only)")
     report = rundir.previous_report()
@@ -250,14 +251,14 @@ def train(settings: TrainSettings, spark: Any = None) -> dict[str, Any]:
     if settings.features == "reduced":
         if rundir.reduce_entry() is None:
             raise TrainError(f"{settings.output} has no PCA: run `fruitpipe reduce {settings.output}` first")
-        components = load_components(rundir.join("pca"), opts)
-    backbone, spec = _backbone(report, settings.model_path, opts)
-    probe_photos(files, opts)
+        components = load_components(rundir.join("pca"))
+    backbone, spec = _backbone(report, settings.model_path)
+    probe_photos(files)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     token = f"train-{uuid.uuid4().hex[:8]}"
     # The lease is held to the last write: a `run --overwrite` cannot start between the fit and the publish.
-    with lease.hold(settings.output, token, opts) as held:
+    with lease.hold(settings.output, token) as held:
         rundir.guard = held.check
         rundir.under_lease = held.publish
         # output_errors: a part the tasks cannot read is the one-line error `run` and `reduce` give.
@@ -277,7 +278,6 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
                           token: str) -> dict[str, Any]:
     """Metrics, export and its check, then every classifier file staged and published at once (under the
     caller's lease)."""
-    opts = rundir.opts
     classes, uris, y, proba = got.classes, got.uris, got.y, got.proba
     result = metrics.report(proba, y, classes, got.extra.get("maps_to"))
     open_set = got.extra.setdefault("open_set", {"threshold": None, "why": "chosen by --classifier linear only"})
@@ -297,7 +297,7 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     if got.backbone is not None:
         onnx_meta["finetuned"] = {k: got.extra["finetune"][k] for k in ("blocks", "epochs", "seed")}
     onnx_bytes = export_mod.export(got.backbone or backbone, spec.output_name, got.head, onnx_meta)
-    agreement = check_export(onnx_bytes, uris, proba, opts, recorded_ids(rundir.files("embeddings"), opts))
+    agreement = check_export(onnx_bytes, uris, proba, recorded_ids(rundir.files("embeddings")))
     pred = np.argmax(proba, axis=1)
     out = {
         **result,
@@ -328,17 +328,17 @@ def _evaluate_and_publish(settings: TrainSettings, rundir: RunDir, report: dict[
     blobs["test_predictions.parquet"] = buf.getvalue()
     blobs["metrics.json"] = (jsonio.dumps(out, indent=1) + "\n").encode()
     staging = rundir.join(CLASSIFIER_DIR, f"_staging-{token}")
-    for uri, _ in list(storage.list_files(rundir.join(CLASSIFIER_DIR), opts)):
+    for uri, _ in list(storage.list_files(rundir.join(CLASSIFIER_DIR))):
         if "/_staging-" in uri:  # what a killed train staged (this one holds the lease: nobody else writes here)
-            storage.delete(uri, opts)
+            storage.delete(uri)
     try:
         staged = {}
         for name, data in blobs.items():
             staged[name] = storage.join(staging, name)
-            storage.write_bytes(staged[name], data, opts)
+            storage.write_bytes(staged[name], data)
         rundir.commit_classifier(staged, {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
                                  token)
     finally:
-        storage.delete(staging, opts)
+        storage.delete(staging)
     write_report(rundir)  # refreshed with the classifier's section
     return out

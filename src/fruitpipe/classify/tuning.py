@@ -23,7 +23,6 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.models import build_mobilenet_v2 as mnv2
 from fruitpipe.models import registry
 from fruitpipe.models.fetch import cache_dir
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class Rows:
     y: list[int] = field(default_factory=list)
 
 
-def training_rows(files: list[str], opts: StorageOptions, relabel: Relabel, classes: list[str],
+def training_rows(files: list[str], relabel: Relabel, classes: list[str],
                   test_uris: set[str], per_class: int = STUDIO_PER_CLASS) -> tuple[Rows, int, int]:
     """The fine-tuning's photos: every Training photo of the other sources, and the first `per_class` Training
     photos (by content id) of each class of the main output; never a test row. Returns them with the counts of
@@ -81,7 +80,7 @@ def training_rows(files: list[str], opts: StorageOptions, relabel: Relabel, clas
     other = Rows()
     for uri in files:
         source = relabel.source_of(uri)
-        for batch in relabel.batches(uri, opts, ["id", "uri", "label", "split"]):
+        for batch in relabel.batches(uri, ["id", "uri", "label", "split"]):
             for cid, u, lb, sp in zip(*(batch.column(i).to_pylist() for i in range(4))):
                 if sp != "Training" or lb not in index or u in test_uris:
                     continue
@@ -104,11 +103,11 @@ def training_rows(files: list[str], opts: StorageOptions, relabel: Relabel, clas
     return rows, n_studio, len(other.ids)
 
 
-def held_out_rows(files: list[str], opts: StorageOptions, relabel: Relabel) -> tuple[Rows, list[str]]:
+def held_out_rows(files: list[str], relabel: Relabel) -> tuple[Rows, list[str]]:
     """The held-out photos (every row of the --also-val outputs: ids and uris) and their labels' classes."""
     rows, names = Rows(), []
     for uri in files:
-        for batch in relabel.batches(uri, opts, ["id", "uri", "label"]):
+        for batch in relabel.batches(uri, ["id", "uri", "label"]):
             for cid, u, lb in zip(*(batch.column(i).to_pylist() for i in range(3))):
                 if lb is not None:
                     rows.ids.append(cid)
@@ -117,8 +116,8 @@ def held_out_rows(files: list[str], opts: StorageOptions, relabel: Relabel) -> t
     return rows, names
 
 
-def _decode(rows: Rows, opts: StorageOptions) -> finetune.Photos:
-    return finetune.decode([(cid, storage.read_bytes(u, opts), y) for cid, u, y in zip(rows.ids, rows.uris, rows.y)])
+def _decode(rows: Rows) -> finetune.Photos:
+    return finetune.decode([(cid, storage.read_bytes(u), y) for cid, u, y in zip(rows.ids, rows.uris, rows.y)])
 
 
 def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]],
@@ -162,7 +161,7 @@ class Tuned:
     report: dict[str, Any]
 
 
-def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], opts: StorageOptions,
+def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
         relabel: Relabel, classes: list[str], head: tuple[np.ndarray, np.ndarray], test_uris: list[str],
         held_out: tuple[Relabel, list[str]] | None, maps_to: dict[str, list[str]], quiet: bool = False) -> Tuned:
     """Fine-tune from `head` (the linear head, calibrated) on the fit's photos, then score the test rows and the
@@ -173,11 +172,11 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
     require_jax()
     t0 = time.perf_counter()
     load = weights_loader(model_name, quiet)
-    rows, n_studio, n_other = training_rows(files, opts, relabel, classes, set(test_uris))
+    rows, n_studio, n_other = training_rows(files, relabel, classes, set(test_uris))
     if n_other == 0:
         raise FinetuneError("--finetune learns from real photos: pass --also OTHER_OUTPUT (e.g. `fruitpipe sample "
                             "DIR --real`'s train/, embedded by `fruitpipe run`)")
-    train = _decode(rows, opts)
+    train = _decode(rows)
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
     trunk = ort.InferenceSession(finetune.trunk_model(load, settings.blocks), so,
@@ -189,7 +188,7 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
         state = finetune.init_params(load, settings.blocks, len(classes), head)
         result = finetune.fit(state, views, train.y, len(classes), settings, progress=bar.update)
     del views
-    acts, kept = finetune.center_views(trunk, [storage.read_bytes(u, opts) for u in test_uris])
+    acts, kept = finetune.center_views(trunk, [storage.read_bytes(u) for u in test_uris])
     if len(kept) != len(test_uris):
         raise FinetuneError("a test photo could not be read again for the fine-tuned model: run `fruitpipe run` "
                             "again so that the output describes its photos")
@@ -198,8 +197,8 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
     if held_out is not None:
         for source in held_out[0].sources:
             parts = [f for f in held_out[1] if held_out[0].source_of(f) is source]
-            hrows, labels = held_out_rows(parts, opts, held_out[0])
-            acts, kept = finetune.center_views(trunk, [storage.read_bytes(u, opts) for u in hrows.uris])
+            hrows, labels = held_out_rows(parts, held_out[0])
+            acts, kept = finetune.center_views(trunk, [storage.read_bytes(u) for u in hrows.uris])
             labels = [labels[i] for i in kept]
             proba = finetune.predict(result, acts)
             held[source.root] = held_out_report(proba, labels, classes, maps_to,
@@ -217,13 +216,13 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str], 
 
 
 def replace_head(fitted: Any, settings: finetune.FinetuneSettings, model_name: str, files: list[str],
-                 opts: StorageOptions, relabel: Relabel, held_out: tuple[Relabel, list[str]] | None,
+                 relabel: Relabel, held_out: tuple[Relabel, list[str]] | None,
                  guard: Callable[[], None] | None, quiet: bool) -> None:
     """Fine-tune from train's fitted linear head (train._Fitted) and put the fine-tuned model in its place: the
     test rows' probabilities, the head, the backbone of the export and the held-out figures become the fine-tuned
     model's; the linear head's figures stay in `finetune.linear_head`."""
     (w, b), = fitted.head.layers
-    tuned = run(settings, model_name, files, opts, relabel, fitted.classes, (w, b), fitted.uris, held_out,
+    tuned = run(settings, model_name, files, relabel, fitted.classes, (w, b), fitted.uris, held_out,
                 relabel.maps_to, quiet)
     if guard is not None:
         guard()  # minutes have passed: a train that lost its lease stops here

@@ -22,7 +22,6 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.output import CLASSIFIER, DRIFT, SUCCESS, RunDir, index_columns, read_part_index
 from fruitpipe.pipeline.pca_files import load_basis
 from fruitpipe.schemas import EMBEDDINGS_SCHEMA
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_matrix
 
 log = logging.getLogger(__name__)
@@ -48,9 +47,9 @@ class Side:
     probabilities: np.ndarray | None = None
 
 
-def _complete(uri: str, opts: StorageOptions, what: str) -> RunDir:
-    rundir = RunDir(storage.normalize(uri), opts)
-    if not storage.exists(rundir.join(SUCCESS), opts):
+def _complete(uri: str, what: str) -> RunDir:
+    rundir = RunDir(storage.normalize(uri))
+    if not storage.exists(rundir.join(SUCCESS)):
         raise DriftError(f"{what} {uri} has no {SUCCESS}: run `fruitpipe run INPUT {uri}` to the end first")
     return rundir
 
@@ -63,7 +62,7 @@ def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, int]:
     best = index_columns(["id"], EMBEDDINGS_SCHEMA).empty_table()
     total = 0
     for uri in rundir.files("embeddings"):
-        part = read_part_index(uri, rundir.opts, ["id"], EMBEDDINGS_SCHEMA)
+        part = read_part_index(uri, ["id"], EMBEDDINGS_SCHEMA)
         total += part.num_rows
         best = pa.concat_tables([best, part])
         if best.num_rows > n:
@@ -72,7 +71,7 @@ def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, int]:
     feats: list[np.ndarray] = []
     for name in sorted(set(index.column("_file").to_pylist())):
         rows = index.filter(pc.equal(index.column("_file"), name)).column("_row")
-        table = storage.read_parquet_columns(rundir.join("embeddings", name), rundir.opts, ["features"])
+        table = storage.read_parquet_columns(rundir.join("embeddings", name), ["features"])
         feats.append(to_matrix(table.take(rows.combine_chunks()).column("features")).astype(np.float64))
     x = np.vstack(feats) if feats else np.zeros((0, 0))
     return x, total
@@ -80,22 +79,22 @@ def sample_rows(rundir: RunDir, n: int) -> tuple[np.ndarray, int]:
 
 def _classifier(rundir: RunDir) -> tuple[Any, list[str]] | None:
     uri = rundir.join(CLASSIFIER, "fruit_classifier.onnx")
-    if not storage.exists(uri, rundir.opts):
+    if not storage.exists(uri):
         return None
-    return read_head(read_classifier(rundir.uri, rundir.opts))
+    return read_head(read_classifier(rundir.uri))
 
 
-def compare(reference: str, current: str, settings: DriftSettings, opts: StorageOptions) -> dict[str, Any]:
+def compare(reference: str, current: str, settings: DriftSettings) -> dict[str, Any]:
     """Every drift test between two complete outputs made with the same embedding model; returns drift.json."""
     settings.validate()
-    cur_dir = _complete(current, opts, "CURRENT_OUT")
+    cur_dir = _complete(current, "CURRENT_OUT")
     cur_report = cur_dir.previous_report()
     # The reference's committed PCA, refused unless the output is complete, has one, and was embedded with the
     # current output's model; its fingerprint is the one run.json's pca.basis and --pca-from record.
-    basis = load_basis(reference, opts, str((cur_report.get("model") or {}).get("sha256")), None,
+    basis = load_basis(reference, str((cur_report.get("model") or {}).get("sha256")), None,
                        what="REFERENCE_OUT")
     components = basis.components
-    ref_dir = RunDir(basis.source, opts)
+    ref_dir = RunDir(basis.source)
     ref_report = ref_dir.previous_report()
     sides = []
     non_finite = []
@@ -163,38 +162,38 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_writable(target: str, opts: StorageOptions) -> None:
+def _check_writable(target: str) -> None:
     """Write and delete a probe file in `target`: a report directory that cannot take the report is one line."""
     probe = storage.join(target, f".fruitpipe-write-check-{uuid.uuid4().hex[:8]}")
     try:
-        storage.write_bytes(probe, b"", opts)
-        storage.delete(probe, opts)
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
     except OSError as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DriftError(f"--report-dir {target} cannot be written ({detail}): pass a folder you may write to") \
             from None
 
 
-def run_drift(reference: str, current: str, settings: DriftSettings, opts: StorageOptions,
+def run_drift(reference: str, current: str, settings: DriftSettings,
               report_dir: str | None = None) -> dict[str, Any]:
     """compare(), then drift.json and drift.html under `report_dir` (default CURRENT_OUT/drift/, written under
     CURRENT_OUT's lease); returns drift.json's content plus the URIs written."""
     target = storage.normalize(report_dir) if report_dir else storage.join(storage.normalize(current), DRIFT)
     if report_dir:
-        _check_writable(target, opts)  # before the comparison, not after it
-    result = compare(reference, current, settings, opts)
+        _check_writable(target)  # before the comparison, not after it
+    result = compare(reference, current, settings)
     plot = result.pop("_plot")
     body = jsonio.dumps(result, indent=2).encode()
     page = drift_html(result, plot).encode()
 
     def write() -> None:
-        storage.write_bytes(storage.join(target, "drift.json"), body, opts)
-        storage.write_bytes(storage.join(target, "drift.html"), page, opts)
+        storage.write_bytes(storage.join(target, "drift.json"), body)
+        storage.write_bytes(storage.join(target, "drift.html"), page)
 
     if report_dir:
         write()
     else:
-        with lease.hold(storage.normalize(current), f"drift-{uuid.uuid4().hex[:8]}", opts):
+        with lease.hold(storage.normalize(current), f"drift-{uuid.uuid4().hex[:8]}"):
             write()
     result["written"] = [storage.join(target, "drift.json"), storage.join(target, "drift.html")]
     return result

@@ -13,7 +13,6 @@ from fruitpipe.errors import ModelError
 from fruitpipe.images import LAYOUTS, PREPROCESS
 from fruitpipe.models.fetch import ResolvedModel, resolve_model
 from fruitpipe.models.registry import CUSTOM, ModelSpec, get_spec
-from fruitpipe.storage import StorageOptions
 
 #: The fields of a custom spec stored in the output's marker and run.json (`model_spec`).
 SPEC_FIELDS = ("filename", "sha256", "dim", "input_size", "input_name", "output_name", "preprocess", "layout")
@@ -86,14 +85,14 @@ def inspect(path: str, sha256: str, input_size: int | None, preprocess: str | No
 
 
 def resolve_custom(model_path: str | None, input_size: int | None, preprocess: str | None, layout: str | None,
-                   output: str | None, opts: StorageOptions) -> ResolvedModel:
+                   output: str | None) -> ResolvedModel:
     """The file of --model-path (local, or s3:// copied into the cache) and its validated spec."""
     if not model_path:
         raise ModelError("--input-size, --preprocess, --layout and --output describe a model file: add --model-path "
                          "FILE.onnx")
     provisional = ModelSpec(name=CUSTOM, filename=model_path.rstrip("/").rsplit("/", 1)[-1] or "model.onnx",
                             sha256="", size_bytes=0, dim=0)
-    found = resolve_model(provisional, model_path, opts)
+    found = resolve_model(provisional, model_path)
     spec = inspect(found.path, found.sha256, input_size, preprocess, layout, output)
     return ResolvedModel(spec, found.path, found.sha256, found.source)
 

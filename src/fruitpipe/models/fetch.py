@@ -12,10 +12,9 @@ from fruitpipe import download, storage
 from fruitpipe.errors import ModelError
 from fruitpipe.models import source
 from fruitpipe.models.registry import ModelSpec
-from fruitpipe.storage import StorageOptions
 
 if TYPE_CHECKING:
-    from fruitpipe.storage import StorageOptions
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,10 @@ def cache_dir() -> Path:
     return Path(base) / "fruitpipe" / "models"
 
 
-def _fetch_from_store(spec: ModelSpec, uri: str, opts: StorageOptions) -> str:
+def _fetch_from_store(spec: ModelSpec, uri: str) -> str:
     """Copy an s3:// model into the cache once (keyed by its sha256) and return the local path."""
     try:
-        data = storage.read_bytes(uri, opts)
+        data = storage.read_bytes(uri)
     except OSError as exc:
         raise ModelError(f"--model-path {uri} cannot be read ({exc}): check the URI and the credentials") from None
     dest = cache_bytes(data, spec.filename)
@@ -63,12 +62,11 @@ def cache_bytes(data: bytes, filename: str) -> Path:
     return source.cache_file(cache_dir(), data, filename)
 
 
-def resolve_model(spec: ModelSpec, model_path: str | None = None,
-                  opts: StorageOptions | None = None, quiet: bool = False) -> ResolvedModel:
+def resolve_model(spec: ModelSpec, model_path: str | None = None, quiet: bool = False) -> ResolvedModel:
     """Locate `spec`'s file (a local path, an s3:// URI, the models dir or the cache), or build it from its public
     weights on first use (downloaded, verified and cached)."""
     if model_path and model_path.startswith("s3://"):
-        model_path = _fetch_from_store(spec, model_path, opts or StorageOptions())
+        model_path = _fetch_from_store(spec, model_path)
     if model_path:
         if not os.path.isfile(model_path):
             raise ModelError(f"--model-path {model_path} is not a file: point it at a local .onnx file")

@@ -25,7 +25,6 @@ from fruitpipe.models.fetch import ResolvedModel, cache_bytes
 
 if TYPE_CHECKING:
     from fruitpipe.models.registry import ModelSpec
-    from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +157,11 @@ def passes(agree: dict[str, float]) -> bool:
     return agree["mean_cosine"] >= MIN_MEAN_COSINE and agree["min_cosine"] >= MIN_MIN_COSINE
 
 
-def _load(uris: list[str], opts: StorageOptions, spec: ModelSpec, max_pixels: int) -> list[np.ndarray]:
+def _load(uris: list[str], spec: ModelSpec, max_pixels: int) -> list[np.ndarray]:
     arrays = []
     for u in uris:
         try:
-            arrays.append(images.model_input(storage.read_bytes(u, opts), spec.input_size, max_pixels,
+            arrays.append(images.model_input(storage.read_bytes(u), spec.input_size, max_pixels,
                                              spec.preprocess, spec.layout))
         except (images.Rejected, OSError) as exc:
             log.debug("int8 calibration skips %s: %s", u, exc)
@@ -177,12 +176,12 @@ class Int8Model:
     meta: dict[str, Any]
     new_bytes: bytes | None
 
-    def store(self, out: str, opts: StorageOptions) -> None:
+    def store(self, out: str) -> None:
         """Keep a newly made model in OUTPUT/model/ (int8.json first: the model file's presence means both)."""
         name = self.model.spec.filename.replace(".onnx", ".int8.onnx")
-        storage.write_bytes(storage.join(out, "model", "int8.json"), jsonio.dumps(self.meta, indent=2).encode(), opts)
+        storage.write_bytes(storage.join(out, "model", "int8.json"), jsonio.dumps(self.meta, indent=2).encode())
         if self.new_bytes is not None:
-            storage.write_bytes(storage.join(out, "model", name), self.new_bytes, opts)
+            storage.write_bytes(storage.join(out, "model", name), self.new_bytes)
 
 
 def _refuse(agree: dict[str, float], cpu: dict[str, Any], what: str) -> ModelError:
@@ -194,7 +193,7 @@ def _refuse(agree: dict[str, float], cpu: dict[str, Any], what: str) -> ModelErr
     )
 
 
-def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts: StorageOptions,
+def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str,
                        max_pixels: int) -> Int8Model:
     """The int8 model of OUTPUT, checked against float32 on this CPU: the one kept in OUTPUT/model/ (so every
     incremental run embeds with the same weights), else a new one calibrated on the listing's Training images.
@@ -205,16 +204,16 @@ def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts:
     uri = storage.join(out, "model", name)
     cpu = cpu_features()
     cal_uris, check_uris = split_training(manifest)
-    if storage.exists(uri, opts):
-        data = storage.read_bytes(uri, opts)
+    if storage.exists(uri):
+        data = storage.read_bytes(uri)
         try:
-            meta = json.loads(storage.read_bytes(storage.join(out, "model", "int8.json"), opts))
+            meta = json.loads(storage.read_bytes(storage.join(out, "model", "int8.json")))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{out}/model/int8.json is missing or corrupt ({exc}): use a new OUTPUT") from None
         if meta.get("fp32_sha256") != model.sha256:
             raise ModelError(f"{uri} was quantized from another float model ({str(meta.get('fp32_sha256'))[:12]}): "
                              "use a new OUTPUT")
-        check = _load(meta.get("check_uris") or check_uris, opts, spec, max_pixels)
+        check = _load(meta.get("check_uris") or check_uris, spec, max_pixels)
         if check:  # the kept model is checked again on the CPU of this run
             agree = agreement(model.path, data, np.stack(check), spec.input_name, spec.output_name)
             if not passes(agree):
@@ -223,8 +222,8 @@ def prepare_int8_model(model: ResolvedModel, manifest: pa.Table, out: str, opts:
         log.info("int8 model of this output reused: %s", uri)
         new = None
     else:
-        calibration = _load(cal_uris, opts, spec, max_pixels)
-        check = _load(check_uris, opts, spec, max_pixels)
+        calibration = _load(cal_uris, spec, max_pixels)
+        check = _load(check_uris, spec, max_pixels)
         if len(calibration) < MIN_CALIBRATION_IMAGES or not check:
             raise ModelError(f"--precision int8 needs at least {MIN_CALIBRATION_IMAGES} readable Training images to "
                              f"calibrate on and a few more to check with, found {len(calibration) + len(check)}: "

@@ -47,10 +47,10 @@ class Plan:
 def _committed(spark: Any, rundir: RunDir) -> Any:
     from pyspark.sql import functions as F
 
-    emb = index_frame(spark, rundir.files("embeddings"), ["uri", "id", "size", "mtime_ns"], EMBEDDINGS_SCHEMA,
-                      rundir.opts).withColumn("ds", F.lit(0)).withColumn("reason", F.lit(None).cast("string"))
-    rej = index_frame(spark, rundir.files("rejects"), ["uri", "id", "reason", "size", "mtime_ns"], REJECTS_SCHEMA,
-                      rundir.opts).withColumn("ds", F.lit(1))
+    emb = index_frame(spark, rundir.files("embeddings"), ["uri", "id", "size", "mtime_ns"], EMBEDDINGS_SCHEMA
+                      ).withColumn("ds", F.lit(0)).withColumn("reason", F.lit(None).cast("string"))
+    rej = index_frame(spark, rundir.files("rejects"), ["uri", "id", "reason", "size", "mtime_ns"], REJECTS_SCHEMA
+                      ).withColumn("ds", F.lit(1))
     return emb.unionByName(rej)
 
 
@@ -79,7 +79,6 @@ def plan(spark: Any, rundir: RunDir, manifest: Any, listed: int, name_rejects: p
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    opts = rundir.opts
     empty = {name: pa.table({"_file": pa.array([], pa.string()), "_row": pa.array([], pa.int64())})
              for name in _DATASETS}
     if not any(rundir.files(name) for name in _DATASETS):  # a new output: everything listed is to do
@@ -105,7 +104,7 @@ def plan(spark: Any, rundir: RunDir, manifest: Any, listed: int, name_rejects: p
                      .otherwise(F.col("verdict")))
          .select(*_COMMITTED.names))
     with output_errors():
-        v, _ = stage(v, where and storage.join(where, "_committed"), _COMMITTED, opts)
+        v, _ = stage(v, where and storage.join(where, "_committed"), _COMMITTED)
         # The rows to drop come to the driver anyway: their counts per reason are taken from them.
         bad = to_arrow(v.filter(F.col("verdict").isNotNull()).select("ds", "_file", "_row", "verdict"))
     by_reason = {str(r["values"]): int(r["counts"]) for r in pc.value_counts(bad.column("verdict")).to_pylist()} \
@@ -114,7 +113,7 @@ def plan(spark: Any, rundir: RunDir, manifest: Any, listed: int, name_rejects: p
              for no, name in enumerate(_DATASETS)} if bad.num_rows else empty
     kept = v.filter(F.col("verdict").isNull())
     todo, todo_rows = stage(manifest.join(kept.select("uri"), "uri", "left_anti").select(*MANIFEST_SCHEMA.names),
-                            where and storage.join(where, "_todo"), MANIFEST_SCHEMA, opts)
+                            where and storage.join(where, "_todo"), MANIFEST_SCHEMA)
     pending = name_rejects
     if name_rejects.num_rows:
         done = {r["uri"] for r in from_arrow(spark, name_rejects.select(["uri"]))
@@ -155,9 +154,8 @@ def accounting(spark: Any, rundir: RunDir, manifest: Any, name_rejects: pa.Table
     three queries with two distinct counts took 2.8 s on the sample."""
     from pyspark.sql import functions as F
 
-    opts = rundir.opts
-    emb = index_frame(spark, rundir.files("embeddings"), ["uri", "id"], EMBEDDINGS_SCHEMA, opts)
-    rej = index_frame(spark, rundir.files("rejects"), ["uri", "reason"], REJECTS_SCHEMA, opts)
+    emb = index_frame(spark, rundir.files("embeddings"), ["uri", "id"], EMBEDDINGS_SCHEMA)
+    rej = index_frame(spark, rundir.files("rejects"), ["uri", "reason"], REJECTS_SCHEMA)
     rows = emb.select("uri", F.lit(1).alias("emb")).unionByName(rej.select("uri", F.lit(0).alias("emb")))
     listed_uris = _listed(spark, manifest, name_rejects).select("uri").withColumn("_l", F.lit(1))
     per_uri = (rows.join(listed_uris, "uri", "left").groupBy("uri")
@@ -215,4 +213,4 @@ def ids_digest(embeddings: Any) -> str:
 def committed_ids_digest(spark: Any, rundir: RunDir) -> str:
     """ids_digest of the committed embeddings."""
     with output_errors():
-        return ids_digest(index_frame(spark, rundir.files("embeddings"), ["id"], EMBEDDINGS_SCHEMA, rundir.opts))
+        return ids_digest(index_frame(spark, rundir.files("embeddings"), ["id"], EMBEDDINGS_SCHEMA))

@@ -59,14 +59,14 @@ class EmbedSettings:
     uint8_input: bool = False
 
 
-def read_input(uri: str, opts: StorageOptions) -> bytes:
+def read_input(uri: str) -> bytes:
     """Read one input; a missing or forbidden object is a Rejected('unreadable'), other I/O errors propagate.
 
     Propagating (instead of rejecting) errors such as a lost connection makes the task fail and Spark retry it,
     so an outage never turns good images into rejects.
     """
     try:
-        return storage.read_object(uri, opts)
+        return storage.read_object(uri)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise images.Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
@@ -76,27 +76,27 @@ def read_input(uri: str, opts: StorageOptions) -> bytes:
         raise
 
 
-def _fetch(uri: str, opts: StorageOptions) -> bytes | images.Rejected:
+def _fetch(uri: str) -> bytes | images.Rejected:
     try:
-        return read_input(uri, opts)
+        return read_input(uri)
     except images.Rejected as rj:
         return rj
 
 
-def read_ahead(uris: Iterable[str], opts: StorageOptions, window: int) -> Iterator[bytes | images.Rejected]:
+def read_ahead(uris: Iterable[str], window: int) -> Iterator[bytes | images.Rejected]:
     """The bytes of each uri, in order, with up to `window` reads in flight: an S3 GET of a small object takes
     20-50 ms, which one read at a time would make the bottleneck. Memory stays bounded by the window."""
     if window <= 1:
-        yield from (_fetch(uri, opts) for uri in uris)
+        yield from (_fetch(uri) for uri in uris)
         return
     it = iter(uris)
     with ThreadPoolExecutor(max_workers=window, thread_name_prefix="fruitpipe-read") as pool:
-        pending = deque(pool.submit(_fetch, uri, opts) for uri in itertools.islice(it, window))
+        pending = deque(pool.submit(_fetch, uri) for uri in itertools.islice(it, window))
         while pending:
             result = pending.popleft().result()  # infrastructure errors propagate: the task fails and retries
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_fetch, nxt, opts))
+                pending.append(pool.submit(_fetch, nxt))
             yield result
 
 
@@ -121,7 +121,7 @@ def _prepare(data: bytes | images.Rejected, settings: EmbedSettings) -> Prepared
 
 def prepared(uris: list[str], settings: EmbedSettings) -> Iterator[Prepared]:
     """_prepare of each uri's bytes, in order."""
-    return (_prepare(data, settings) for data in read_ahead(uris, settings.storage, settings.read_ahead))
+    return (_prepare(data, settings) for data in read_ahead(uris, settings.read_ahead))
 
 
 def embed_rows(
@@ -234,6 +234,7 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
     def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
+        storage.configure(settings.storage)  # the driver's storage context, in this worker
         ctx = TaskContext.get()
         assert ctx is not None, "runs inside a Spark task"
         part = f"part-{ctx.partitionId():05d}.parquet"
@@ -250,11 +251,10 @@ def make_partition_fn(settings: EmbedSettings, model_bc: object) -> ArrowFn:
         # On a GPU, decoding and inference overlap (bench/gpu.py); on a CPU both need the task's cores.
         emb, rej = embed_rows(rows, predict, settings, overlap=runner.uses_cuda(settings.device))
         if emb.num_rows:
-            storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part), settings.storage)
+            storage.write_parquet(emb, storage.join(settings.staging_uri, "embeddings", part))
         if rej.num_rows:
-            storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part), settings.storage)
-        storage.write_parquet(_index_table(emb, rej, part), storage.join(settings.staging_uri, INDEX_DIR, part),
-                              settings.storage)
+            storage.write_parquet(rej, storage.join(settings.staging_uri, "rejects", part))
+        storage.write_parquet(_index_table(emb, rej, part), storage.join(settings.staging_uri, INDEX_DIR, part))
         yield _summary(emb, rej, part, threads, settings.model_sha256)
 
     return embed_partition
@@ -287,17 +287,19 @@ def run_embed_job(
 
 def index_frame(spark: object, settings: EmbedSettings) -> object:
     """The staged per-input index of this run's embed job, read by the executors."""
-    files = storage.parquet_files(storage.join(settings.staging_uri, INDEX_DIR), settings.storage)
-    return files_frame(spark, files, lambda _pos, uri: [storage.read_parquet(uri, settings.storage)], INDEX_SCHEMA)
+    files = storage.parquet_files(storage.join(settings.staging_uri, INDEX_DIR))
+    return files_frame(spark, files, lambda _pos, uri: [storage.read_parquet(uri)], INDEX_SCHEMA)
 
 
-def drop_rows_from_parts(spark: object, files: dict[str, list[str]], opts: StorageOptions) -> None:
+def drop_rows_from_parts(spark: object, files: dict[str, list[str]]) -> None:
     """On the executors, rewrite each staged part file without the given uris."""
+    opts = storage.current()
 
     def rewrite(item: tuple[str, list[str]]) -> None:
+        storage.configure(opts)
         uri, drop = item
-        table = storage.read_parquet(uri, opts)
-        storage.write_parquet(table.filter(pc.invert(pc.is_in(table.column("uri"), pa.array(drop)))), uri, opts)
+        table = storage.read_parquet(uri)
+        storage.write_parquet(table.filter(pc.invert(pc.is_in(table.column("uri"), pa.array(drop)))), uri)
 
     items = sorted(files.items())
     if items:

@@ -16,7 +16,6 @@ from fruitpipe import schemas, storage
 from fruitpipe.errors import OutputError
 from fruitpipe.output import corrupt_part, index_columns, read_part_index
 from fruitpipe.spark import default_parallelism, from_arrow
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,11 @@ def task_error(exc: OutputError) -> RuntimeError:
     return RuntimeError(f"{_MARK} {exc}")
 
 
-def part_batches(uri: str, opts: StorageOptions, columns: list[str], batch_size: int = 2048
+def part_batches(uri: str, columns: list[str], batch_size: int = 2048
                  ) -> Iterator[pa.RecordBatch]:
     """The given columns of one committed part file, a batch at a time, inside a task: a worker holds one batch,
     whatever the size of the part; an unreadable or corrupt part is the marked error output_errors() expects."""
-    fs, path = storage.resolve(uri, opts)
+    fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as fh:
             yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
@@ -86,9 +85,12 @@ def over_files(spark: Any, files: list[str], tasks: int,
                fn: Callable[[Iterator[tuple[int, str]]], Iterator[pa.RecordBatch]], out_ddl: str) -> Any:
     """mapInArrow over a list of files: each of `tasks` tasks calls `fn` with its (position, uri) pairs, in order.
     The tasks are a JVM range indexing the list (shipped with the function), not a parallelized Python list: that
-    one needed Python RDD workers, a second pool next to the SQL one, and forking it cost 1.3 s per run."""
+    one needed Python RDD workers, a second pool next to the SQL one, and forking it cost 1.3 s per run. The tasks
+    run in the driver's storage context (storage.configured), shipped with the function."""
+    opts = storage.current()
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        storage.configure(opts)  # a worker process serves one task at a time, of this command or a later one
         yield from fn((pos, files[pos]) for batch in batches for pos in batch.column(0).to_pylist())
 
     return spark.range(0, len(files), 1, max(1, tasks)).mapInArrow(run, out_ddl)
@@ -112,20 +114,19 @@ def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterabl
     return over_files(spark, files, file_tasks(spark, len(files)), read_files, ddl(schema))
 
 
-def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema: pa.Schema,
-                opts: StorageOptions) -> Any:
+def index_frame(spark: Any, files: list[str], columns: list[str], dataset_schema: pa.Schema) -> Any:
     """The given columns of a committed dataset's part files, plus _file (part name), _fileno (its place in the
     commit record) and _row (row in that part), read on the executors (output.read_part_index)."""
     schema = index_columns(columns, dataset_schema).insert(len(columns) + 1, pa.field("_fileno", pa.int32()))
 
     def read(pos: int, uri: str) -> list[pa.Table]:
-        t = read_part_index(uri, opts, columns, dataset_schema)
+        t = read_part_index(uri, columns, dataset_schema)
         return [t.add_column(len(columns) + 1, "_fileno", pa.repeat(pa.scalar(pos, pa.int32()), t.num_rows))]
 
     return files_frame(spark, files, read, schema)
 
 
-def stage(df: Any, where: str | None, schema: pa.Schema, opts: StorageOptions) -> tuple[Any, int]:
+def stage(df: Any, where: str | None, schema: pa.Schema) -> tuple[Any, int]:
     """Materialise `df` once: (a DataFrame that reads it back, its row count). With `where`, each task writes its
     rows to a Parquet file there and later jobs read those files (a lost executor cannot lose them); without it
     (a dry run, which writes nothing) Spark keeps them on the executors' local disks."""
@@ -135,18 +136,21 @@ def stage(df: Any, where: str | None, schema: pa.Schema, opts: StorageOptions) -
         kept = df.persist(StorageLevel.DISK_ONLY)
         return kept, int(kept.count())
 
+    opts = storage.current()
+
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
+        storage.configure(opts)
         ctx = TaskContext.get()
         assert ctx is not None, "runs inside a Spark task"
         got = [b for b in batches if b.num_rows]
         if got:
             table = schemas.conform(pa.Table.from_batches(got), schema)
-            storage.write_parquet(table, storage.join(where, f"part-{ctx.partitionId():05d}.parquet"), opts)
+            storage.write_parquet(table, storage.join(where, f"part-{ctx.partitionId():05d}.parquet"))
         yield pa.RecordBatch.from_pydict({"rows": [sum(b.num_rows for b in got)]}, schema=pa.schema([("rows",
                                                                                                      pa.int64())]))
 
     rows = int(sum(r["rows"] for r in df.mapInArrow(write, "rows long").collect()))
-    files = storage.parquet_files(where, opts) if rows else []
-    return files_frame(df.sparkSession, files, lambda _pos, uri: [storage.read_parquet(uri, opts)], schema), rows
+    files = storage.parquet_files(where) if rows else []
+    return files_frame(df.sparkSession, files, lambda _pos, uri: [storage.read_parquet(uri)], schema), rows

@@ -11,7 +11,6 @@ import pyarrow as pa
 from fruitpipe import schemas, storage
 from fruitpipe.errors import ConfigError
 from fruitpipe.images import REASONS
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +67,25 @@ def parse_layout(rel_parts: list[str]) -> tuple[str, str | None] | None:
     return None
 
 
-def check_input(uri: str, opts: StorageOptions) -> None:
+def check_input(uri: str) -> None:
     """Raise ConfigError, saying what to pass, if `uri` is not a folder or prefix."""
-    if not storage.is_dir(storage.normalize(uri), opts):
+    if not storage.is_dir(storage.normalize(uri)):
         raise ConfigError(
             f"input {uri} is not a folder: pass a directory (or s3://bucket/prefix) holding "
             "Training/<Class>/ and Test/<Class>/ folders, or <Class>/ folders"
         )
 
 
-def list_images(uri: str, opts: StorageOptions, threads: int | None = None) -> Listing:
+def list_images(uri: str, threads: int | None = None) -> Listing:
     """List every candidate input below `uri` (`threads` > 1 fans an S3 listing out by prefix); raises
     ConfigError if `uri` is not a folder or prefix."""
     root = storage.normalize(uri)
-    check_input(root, opts)
+    check_input(root)
     rows: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
     bad: dict[str, list] = {"uri": [], "label": [], "split": [], "size": [], "mtime_ns": []}
     ignored: list[str] = []
     reasons: list[str] = []
-    entries, skipped = storage.walk_input(root, opts, threads)
+    entries, skipped = storage.walk_input(root, threads=threads)
     for entry in entries:
         rel = entry.uri[len(root) :].lstrip("/").split("/")
         parsed = parse_layout(rel)

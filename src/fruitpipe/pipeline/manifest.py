@@ -26,7 +26,6 @@ from fruitpipe.pipeline.frames import files_frame, output_errors, stage
 from fruitpipe.pipeline.listing import SPLITS, Listing
 from fruitpipe.schemas import MANIFEST_SCHEMA, REJECTS_SCHEMA
 from fruitpipe.spark import from_arrow, to_arrow
-from fruitpipe.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,11 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name.strip()).lower()
 
 
-def _inventory(uri: str, opts: StorageOptions) -> ListSource:
+def _inventory(uri: str) -> ListSource:
     """The data files an S3 Inventory manifest.json names, as AWS lays them out: `files[].key` in the destination
     bucket; for a downloaded copy (a local manifest), the same keys below the report's folder."""
     try:
-        doc = json.loads(storage.read_bytes(uri, opts))
+        doc = json.loads(storage.read_bytes(uri))
         fmt = str(doc["fileFormat"]).upper()
         keys = [str(f["key"]) for f in doc["files"]]
         schema = str(doc.get("fileSchema", ""))
@@ -89,22 +88,22 @@ def _inventory(uri: str, opts: StorageOptions) -> ListSource:
     return ListSource(tuple(files), columns, url_encoded_keys=fmt == "CSV")
 
 
-def list_files(uri: str, opts: StorageOptions) -> ListSource:
+def list_files(uri: str) -> ListSource:
     """The list's files: `uri` itself, the Parquet/CSV/ORC files below a folder, or those an S3 Inventory's
     manifest.json names; ConfigError saying what to pass."""
     uri = storage.normalize(uri)
     base = None if storage.is_s3(uri) else os.getcwd()
-    if storage.is_dir(uri, opts):
-        if storage.exists(storage.join(uri, INVENTORY_MANIFEST), opts):
-            return _inventory(storage.join(uri, INVENTORY_MANIFEST), opts)
-        files = sorted(u for u, _ in storage.list_files(uri, opts) if u.lower().endswith(FORMATS))
+    if storage.is_dir(uri):
+        if storage.exists(storage.join(uri, INVENTORY_MANIFEST)):
+            return _inventory(storage.join(uri, INVENTORY_MANIFEST))
+        files = sorted(u for u, _ in storage.list_files(uri) if u.lower().endswith(FORMATS))
         if not files:
             raise ConfigError(f"--input-list {uri} is a folder without .parquet or .csv files: pass {_HOW}")
         return ListSource(tuple(files), base=base)
-    if not storage.exists(uri, opts):
+    if not storage.exists(uri):
         raise ConfigError(f"--input-list {uri} does not exist: pass {_HOW}")
     if uri.rsplit("/", 1)[-1] == INVENTORY_MANIFEST:
-        return _inventory(uri, opts)
+        return _inventory(uri)
     if not uri.lower().endswith(FORMATS):
         raise ConfigError(f"--input-list {uri} is neither .parquet nor .csv: pass {_HOW}")
     return ListSource((uri,), base=base)
@@ -120,9 +119,9 @@ def _csv_options(source: ListSource) -> dict[str, Any]:
             "read_options": pacsv.ReadOptions(block_size=8 << 20, column_names=names)}
 
 
-def _batches(uri: str, opts: StorageOptions, source: ListSource) -> Iterator[pa.RecordBatch]:
+def _batches(uri: str, source: ListSource) -> Iterator[pa.RecordBatch]:
     """The file's rows, a batch at a time (memory flat in the file's size)."""
-    fs, path = storage.resolve(uri, opts)
+    fs, path = storage.resolve(uri)
     lower = uri.lower()
     if lower.endswith(".parquet"):
         with fs.open_input_file(path) as fh:
@@ -143,11 +142,11 @@ _CSV_TYPES = {"uri": pa.string(), "bucket": pa.string(), "key": pa.string(), "la
               "split": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64()}
 
 
-def columns_of(uri: str, opts: StorageOptions, source: ListSource | None = None) -> list[str]:
+def columns_of(uri: str, source: ListSource | None = None) -> list[str]:
     """Column names of one list file (a Parquet or ORC footer, a CSV header or the inventory's fileSchema)."""
     if source is not None and source.csv_columns and uri.lower().endswith((".csv", ".csv.gz")):
         return list(source.csv_columns)
-    fs, path = storage.resolve(uri, opts)
+    fs, path = storage.resolve(uri)
     try:
         if uri.lower().endswith(".parquet"):
             with fs.open_input_file(path) as fh:
@@ -162,10 +161,10 @@ def columns_of(uri: str, opts: StorageOptions, source: ListSource | None = None)
         raise ConfigError(f"--input-list {uri} cannot be read ({str(exc)[:120]}): pass {_HOW}") from None
 
 
-def check(source: ListSource, opts: StorageOptions) -> None:
+def check(source: ListSource) -> None:
     """ConfigError unless each file names its images (a `uri` column, or `bucket` and `key`)."""
     for uri in source.files:
-        names = set(columns_of(uri, opts, source))
+        names = set(columns_of(uri, source))
         if "uri" not in names and not {"bucket", "key"} <= names:
             raise ConfigError(f"--input-list {uri} has no `uri` column (columns: {', '.join(sorted(names)) or 'none'})"
                               f": pass {_HOW}")
@@ -238,14 +237,14 @@ def to_manifest(batch: pa.RecordBatch, source: ListSource | None = None) -> pa.T
     return out.set_column(1, "label", pc.fill_null(out.column("label"), ""))
 
 
-def read_list(spark: Any, uri: str, opts: StorageOptions) -> Any:
+def read_list(spark: Any, uri: str) -> Any:
     """The list as a DataFrame of manifest rows, read by the executors (one file per task), one row per URI."""
-    source = list_files(uri, opts)
-    check(source, opts)
+    source = list_files(uri)
+    check(source)
 
     def read(_pos: int, file_uri: str) -> Iterator[pa.Table]:
         try:
-            for batch in _batches(file_uri, opts, source):
+            for batch in _batches(file_uri, source):
                 yield to_manifest(batch, source)
         except (OSError, pa.ArrowInvalid) as exc:  # e.g. a malformed CSV row far into the file
             raise OutputError(f"--input-list {file_uri} cannot be read ({str(exc).splitlines()[0][:160]}): fix "
@@ -273,15 +272,15 @@ class Inputs:
         return {"ignored_outside_class_folders": len(self.listing.ignored),
                 "ignored": self.listing.skipped_by_reason()}
 
-    def frame(self, spark: Any, where: str | None, opts: StorageOptions) -> tuple[Any, int]:
+    def frame(self, spark: Any, where: str | None) -> tuple[Any, int]:
         """(the manifest as a DataFrame, one row per URI, a list's staged under `where`; the number of listed
         inputs, the listing's own rejects included)."""
         if self.listing is not None:  # already in the driver's memory: handed to the JVM once, as Arrow
             return from_arrow(spark, self.listing.manifest.select(MANIFEST_SCHEMA.names)), self.listing.count
         assert self.list_uri is not None
         with output_errors():
-            raw, rows = stage(read_list(spark, self.list_uri, opts), where and storage.join(where, "_manifest"),
-                              MANIFEST_SCHEMA, opts)
+            raw, rows = stage(read_list(spark, self.list_uri), where and storage.join(where, "_manifest"),
+                              MANIFEST_SCHEMA)
             manifest = raw.dropDuplicates(["uri"])
             unique = int(manifest.count())
         if unique < rows:
@@ -290,11 +289,11 @@ class Inputs:
         log.info("input list %s: %d input(s)", self.list_uri, unique)
         return manifest, unique
 
-    def sample(self, spark: Any, opts: StorageOptions, n: int) -> pa.Table:
+    def sample(self, spark: Any, n: int) -> pa.Table:
         """Up to about `n` manifest rows spread over the input (int8 calibration), read without staging."""
         if self.listing is not None:
             return self.listing.manifest
-        df = read_list(spark, self.list_uri or "", opts)
+        df = read_list(spark, self.list_uri or "")
         total = int(df.count())
         picked = df if total <= n else df.sample(fraction=min(1.0, 2.0 * n / total), seed=0)
         return to_arrow(picked).sort_by("uri")

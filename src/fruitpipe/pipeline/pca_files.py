@@ -17,7 +17,6 @@ from fruitpipe.output import SUCCESS, RunDir
 from fruitpipe.pipeline.reduce import PcaFit
 from fruitpipe.plots import load_plotting as load_plotting
 from fruitpipe.plots import scree_png
-from fruitpipe.storage import StorageOptions
 
 
 def variance_report(fit: PcaFit, k: int, variance: float | None) -> dict[str, object]:
@@ -41,8 +40,8 @@ def components_npy(components: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | None, fingerprint: dict[str, object],
-                        opts: StorageOptions) -> dict[str, object]:
+def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | None,
+                        fingerprint: dict[str, object]) -> dict[str, object]:
     """explained_variance.json, scree.png and components.npy under `pca_uri`; returns the report."""
     report = variance_report(fit, k, variance)
     report["fingerprint"] = fingerprint
@@ -50,9 +49,9 @@ def write_pca_artifacts(pca_uri: str, fit: PcaFit, k: int, variance: float | Non
     # The basis's fingerprint is the sha256 of components.npy: what --pca-from of a later run records.
     report["basis"] = {"from": "fitted on this output", "fingerprint": hashlib.sha256(raw).hexdigest()}
     storage.write_bytes(storage.join(pca_uri, "explained_variance.json"),
-                        jsonio.dumps(report, indent=2).encode(), opts)
-    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit.explained, fit.n_samples, k), opts)
-    storage.write_bytes(storage.join(pca_uri, "components.npy"), raw, opts)
+                        jsonio.dumps(report, indent=2).encode())
+    storage.write_bytes(storage.join(pca_uri, "scree.png"), scree_png(fit.explained, fit.n_samples, k))
+    storage.write_bytes(storage.join(pca_uri, "components.npy"), raw)
     return report
 
 
@@ -67,13 +66,13 @@ class Basis:
     fingerprint: str
 
 
-def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int | None,
+def load_basis(other: str, model_sha256: str, dim: int | None,
                what: str = "--pca-from") -> Basis:
     """The committed PCA of output `other` (named `what` in messages), checked to come from the same embedding model
     and, when `dim` is given, to have that many rows; FruitpipeError with the fix otherwise."""
     other = storage.normalize(other)
-    rundir = RunDir(other, opts)
-    if rundir.read_marker() is None or not storage.exists(rundir.join(SUCCESS), opts) \
+    rundir = RunDir(other)
+    if rundir.read_marker() is None or not storage.exists(rundir.join(SUCCESS)) \
             or rundir.reduce_entry() is None:
         raise FruitpipeError(f"{what} {other} is not a complete output with a PCA: point it at an OUTPUT "
                              "that `fruitpipe run` or `fruitpipe reduce` finished")
@@ -82,17 +81,17 @@ def load_basis(other: str, opts: StorageOptions, model_sha256: str, dim: int | N
         raise FruitpipeError(f"{what} {other} was fitted on embeddings of another model ({str(theirs)[:12]}... "
                              f"instead of {model_sha256[:12]}...): its basis does not apply; use an output of the "
                              "same model")
-    raw = storage.read_bytes(storage.join(other, "pca", "components.npy"), opts)
+    raw = storage.read_bytes(storage.join(other, "pca", "components.npy"))
     components = np.load(io.BytesIO(raw))
     if components.ndim != 2 or (dim is not None and components.shape[0] != dim):
         raise FruitpipeError(f"{what} {other}: pca/components.npy has shape {components.shape}, expected "
                              f"({dim or 'dim'}, k): re-run `fruitpipe reduce {other}`")
-    report = json.loads(storage.read_bytes(storage.join(other, "pca", "explained_variance.json"), opts))
+    report = json.loads(storage.read_bytes(storage.join(other, "pca", "explained_variance.json")))
     return Basis(components, report, other, hashlib.sha256(raw).hexdigest())
 
 
 def write_basis_artifacts(pca_uri: str, basis: Basis, n_samples: int, measured: np.ndarray,
-                          fingerprint: dict[str, object], opts: StorageOptions) -> dict[str, object]:
+                          fingerprint: dict[str, object]) -> dict[str, object]:
     """pca/ of an output projected with another output's basis: the same components.npy and scree.png, and an
     explained_variance.json that keeps the basis's curve and adds the variance shares measured on this output's
     embeddings (`measured_on_this_output`)."""
@@ -106,14 +105,14 @@ def write_basis_artifacts(pca_uri: str, basis: Basis, n_samples: int, measured: 
                                     "explained_at_k": float(np.sum(measured))},
         "fingerprint": fingerprint,
     })
-    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"), jsonio.dumps(report, indent=2).encode(), opts)
+    storage.write_bytes(storage.join(pca_uri, "explained_variance.json"), jsonio.dumps(report, indent=2).encode())
     explained = np.asarray(basis.report.get("per_component") or measured, dtype=np.float64)
     storage.write_bytes(storage.join(pca_uri, "scree.png"),
-                        scree_png(explained, int(basis.report.get("n_samples") or n_samples), k), opts)
-    storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(basis.components), opts)
+                        scree_png(explained, int(basis.report.get("n_samples") or n_samples), k))
+    storage.write_bytes(storage.join(pca_uri, "components.npy"), components_npy(basis.components))
     return report
 
 
-def load_components(pca_uri: str, opts: StorageOptions) -> np.ndarray:
+def load_components(pca_uri: str) -> np.ndarray:
     """The fitted model's components (dim x k) written by a run, for projecting new embeddings."""
-    return np.load(io.BytesIO(storage.read_bytes(storage.join(pca_uri, "components.npy"), opts)))
+    return np.load(io.BytesIO(storage.read_bytes(storage.join(pca_uri, "components.npy"))))

@@ -17,7 +17,6 @@ from fruitpipe.errors import FruitpipeError, OutputError
 from fruitpipe.pipeline.frames import over_files, part_batches
 from fruitpipe.pipeline.sums import sum_over_parts
 from fruitpipe.schemas import REDUCED_SCHEMA
-from fruitpipe.storage import StorageOptions
 from fruitpipe.vectors import to_list_array, to_matrix
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def project(features: np.ndarray, components: np.ndarray) -> np.ndarray:
     return (np.asarray(features, dtype=np.float64) @ components).astype(np.float32)
 
 
-def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
+def embeddings_df(spark: Any, files: list[str]) -> Any:
     """A DataFrame (id, uri, label, split, features) read from Parquet part files by the executors via
     pyarrow.fs, so local paths and s3:// work the same without Hadoop's S3 connector. One partition per part
     file (at most --partition-size rows) keeps each task's memory flat as the input grows: Spark's own reader
@@ -66,13 +65,13 @@ def embeddings_df(spark: Any, files: list[str], opts: StorageOptions) -> Any:
 
     def read(items: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         for _pos, uri in items:
-            yield from part_batches(uri, opts, ["id", "uri", "label", "split", "features"])
+            yield from part_batches(uri, ["id", "uri", "label", "split", "features"])
 
     return over_files(spark, files, len(files), read,
                       "id string, uri string, label string, split string, features array<float>")
 
 
-def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tuple[int, np.ndarray, np.ndarray]:
+def gramian(spark: Any, files: list[str], dim: int) -> tuple[int, np.ndarray, np.ndarray]:
     """(rows, column sums, X^T X) of the embeddings' `features`, in float64: each task reads its part files'
     features straight from storage (pyarrow.fs, a batch at a time) and sums them in numpy (sum_over_parts). No
     Spark rows are made of the 1280 floats: going through a DataFrame and its disk cache cost 7.7 of the fit's 8.6 s
@@ -80,7 +79,7 @@ def gramian(spark: Any, files: list[str], dim: int, opts: StorageOptions) -> tup
 
     def partial(_pos: int, uri: str) -> np.ndarray:
         n, bad, sums, gram = 0, 0, np.zeros(dim), np.zeros((dim, dim))
-        for batch in part_batches(uri, opts, ["features"]):
+        for batch in part_batches(uri, ["features"]):
             x = to_matrix(batch.column(0)).astype(np.float64)
             finite = np.isfinite(x).all(axis=1)
             bad += int((~finite).sum())
@@ -123,7 +122,7 @@ def too_few(n: int, where: str) -> OutputError:
                        "`fruitpipe embed` alone")
 
 
-def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions, where: str = "the output") -> PcaFit:
+def fit_pca(spark: Any, files: list[str], dim: int, where: str = "the output") -> PcaFit:
     """Fit PCA with every component (dim), so the whole explained-variance curve is known: the covariance is summed
     on the executors (gramian), decomposed on the driver (numpy.linalg.eigh). Its check runs with the projection
     (project_parts), which reads the embeddings anyway. `where` (the output) names it in the too-few error.
@@ -132,7 +131,7 @@ def fit_pca(spark: Any, files: list[str], dim: int, opts: StorageOptions, where:
     the eigendecomposition runs: there OpenBLAS's threads wait on each other, and one thread was faster (1280 x
     1280 on 2 cores: 0.47-0.61 s against 1.0 s; 0.30 s against 0.22 s on idle cores). A cluster's driver has its
     own cores and keeps the BLAS default."""
-    n, sums, gram = gramian(spark, files, dim, opts)
+    n, sums, gram = gramian(spark, files, dim)
     if n < 2:
         raise too_few(n, where)
     shared_cores = spark.sparkContext.master.startswith("local")
@@ -157,7 +156,7 @@ class PcaCheckError(FruitpipeError):
     """The fitted PCA disagrees with the variance of the data projected on its own components."""
 
 
-def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.ndarray,
+def project_parts(spark: Any, files: list[str], probe: np.ndarray,
                   kept: np.ndarray | None = None, where: str | None = None) -> tuple[int, np.ndarray]:
     """One pass over the embeddings' part files on the executors: with `kept` and `where`, each part's reduced vectors
     (features @ kept) are written as the part of the same position under `where`; in the same read, the variance
@@ -170,7 +169,7 @@ def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.
         n = 0
         pieces = []
         columns = ["features"] if where is None else ["id", "uri", "label", "split", "features"]
-        for batch in part_batches(uri, opts, columns):
+        for batch in part_batches(uri, columns):
             if not batch.num_rows:
                 continue
             x32 = to_matrix(batch.column("features"))
@@ -186,7 +185,7 @@ def project_parts(spark: Any, files: list[str], opts: StorageOptions, probe: np.
                     schema=REDUCED_SCHEMA,
                 ))
         if pieces and where is not None:
-            storage.write_parquet(pa.concat_tables(pieces), storage.join(where, f"part-{pos:05d}.parquet"), opts)
+            storage.write_parquet(pa.concat_tables(pieces), storage.join(where, f"part-{pos:05d}.parquet"))
         return np.concatenate([[float(n)], *acc])
 
     total = sum_over_parts(spark, files, 1 + 2 * d + 2 * m, one)

@@ -94,9 +94,11 @@ def _versions(spark: Any) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _run_context(config: Config, session: Any = None) -> Iterator[tuple[LazySpark, StorageOptions]]:
-    with contextlib.ExitStack() as stack:
-        yield LazySpark(config, stack, session), StorageOptions(config.s3_endpoint, config.region)
+def _run_context(config: Config, session: Any = None) -> Iterator[LazySpark]:
+    """The run's Spark (started on first use) inside its storage context: every storage call reaches the object
+    store with config's endpoint and region."""
+    with contextlib.ExitStack() as stack, storage.configured(StorageOptions(config.s3_endpoint, config.region)):
+        yield LazySpark(config, stack, session)
 
 
 @contextlib.contextmanager
@@ -122,7 +124,7 @@ def _refuse_if_nothing_read(rundir: RunDir, counts: dict[str, Any]) -> None:
     reason = max(by_reason, key=lambda r: by_reason[r]) if by_reason else "unknown"
     example = ""
     for uri in rundir.files("rejects"):
-        t = storage.read_parquet(uri, rundir.opts, columns=["uri", "reason"])
+        t = storage.read_parquet(uri, columns=["uri", "reason"])
         hits = [u for u, r in zip(t.column("uri").to_pylist(), t.column("reason").to_pylist()) if r == reason]
         if hits:
             example = f", e.g. {min(hits)}"
@@ -149,33 +151,33 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     resources: dict[str, Any] = {"bytes_read": 0, "peak_memory_bytes": {}}
     int8: Int8Model | None = None
     run_key: str | None = None  # set when this run can be told up to date next time (pipeline.uptodate)
-    with run_scope(token), interrupt_flag(), _run_context(config, session) as (spark, opts), \
+    with run_scope(token), interrupt_flag(), _run_context(config, session) as spark, \
             job_failures(out), _background(spark) as background:
-        rundir = RunDir(out, opts)
+        rundir = RunDir(out)
         if "embed" in stages:
             # Everything that can refuse is checked before the output is touched: a bad INPUT, OUTPUT or model
             # leaves it as it was.
             rundir.check_separate_from(config.input)
             if config.input_list:
-                manifest.check(manifest.list_files(config.input, opts), opts)
+                manifest.check(manifest.list_files(config.input))
             elif listing is None:
-                check_input(config.input, opts)
+                check_input(config.input)
             if config.is_custom:  # any ONNX image model: its spec from the file and the flags, checked on load
                 model = resolve_custom(config.model_path, config.input_size, config.preprocess, config.layout,
-                                       config.output_name, opts)
+                                       config.output_name)
                 if config.variance is None and config.k > model.spec.dim:
                     raise ConfigError(f"--k {config.k} exceeds the embedding size {model.spec.dim} of "
                                       f"{config.model_path}: use a smaller --k")
                 config = config.replace(model=CUSTOM)
             else:
-                model = resolve_model(get_spec(config.model), config.model_path, opts, quiet=config.quiet)
+                model = resolve_model(get_spec(config.model), config.model_path, quiet=config.quiet)
                 check_model(model)
             fingerprint = _fingerprint(config, model)
             # Refused before the lease is taken, so a refused command writes nothing there; claimed under it below.
             rundir.check_claimable(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
             if listing is None and not config.input_list:
                 t0 = time.perf_counter()
-                listing = list_images(config.input, opts, config.list_threads)
+                listing = list_images(config.input, config.list_threads)
                 timings["list"] = time.perf_counter() - t0
             if listing is not None and not (dry_run or config.overwrite or config.pca_from
                                             or config.precision != "fp32"):
@@ -188,7 +190,7 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                              timings["list"] if "list" in timings else 0.0)
                     timings["total"] = time.perf_counter() - t_total
                     unchanged = uptodate.unchanged_report(previous, token, started, timings)
-                    with lease.hold(out, token, opts) as held:
+                    with lease.hold(out, token) as held:
                         held.check()
                         rundir.publish(unchanged, True)
                     return RunResult(output=out, report=unchanged)
@@ -203,26 +205,26 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
                                                      "peak_memory_bytes": {"driver": driver_peak_rss()}})
             if config.precision == "int8":  # calibrated on the input's Training images, checked on this CPU
                 t0 = time.perf_counter()
-                sample = inputs.sample(spark.get(), opts, 2_000)
-                int8 = prepare_int8_model(model, sample, out, opts, config.max_pixels)
+                sample = inputs.sample(spark.get(), 2_000)
+                int8 = prepare_int8_model(model, sample, out, config.max_pixels)
                 model = int8.model
                 timings["int8_model"] = time.perf_counter() - t0
         else:
-            fingerprint = read_marker(out, opts)
+            fingerprint = read_marker(out)
             # Reducing needs only the embedding size: the model file itself is not fetched.
             model = ResolvedModel(spec_of(fingerprint), "", fingerprint["model_sha256"], "output")
             config = config.replace(input=fingerprint["input"], model=fingerprint["model"],
                                     input_list=bool(fingerprint.get("input_list")))
         # Another output's basis is read and checked before the output is touched: a typo leaves _SUCCESS in place.
-        basis = pca_files.load_basis(config.pca_from, opts, model.sha256, model.spec.dim) \
+        basis = pca_files.load_basis(config.pca_from, model.sha256, model.spec.dim) \
             if config.pca_from and "reduce" in stages else None
-        with lease.hold(out, token, opts) as held:
+        with lease.hold(out, token) as held:
             rundir.guard = held.check  # every commit-record write first checks the lease is still ours
             rundir.under_lease = held.publish  # ...in the same transaction as the write
             if "embed" in stages:
                 rundir.claim(fingerprint, config.overwrite, _FINGERPRINT_DEFAULTS)
                 if int8 is not None:
-                    int8.store(out, opts)
+                    int8.store(out)
             # From here until _SUCCESS is written again, readers know the output is being changed.
             rundir.begin(token)
             previous = rundir.previous_report() if "embed" not in stages else {}
@@ -300,9 +302,9 @@ def run(config: Config, stages: tuple[str, ...] = ("embed", "reduce"), listing: 
     return RunResult(output=out, report=report)
 
 
-def read_marker(out: str, opts: StorageOptions) -> dict[str, Any]:
+def read_marker(out: str) -> dict[str, Any]:
     """The fingerprint (input, model, sha256) of the run that owns `out`; OutputError if there is none."""
-    marker = RunDir(out, opts).read_marker()
+    marker = RunDir(out).read_marker()
     if marker is None:
         raise OutputError(f"{out} holds no fruitpipe embeddings: run `fruitpipe embed INPUT {out}` first")
     for key in ("input", "model", "model_sha256"):

@@ -94,11 +94,10 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     """Drop rows that are no longer valid, embed the listed inputs no committed row covers, deduplicate, commit;
     adds bytes read and the stage's peak memory to `resources`. The manifest, the committed rows and the run's
     index are compared on the executors (bookkeeping.py). A dry run stops after the plan and writes nothing."""
-    opts = rundir.opts
     session = spark.get()  # JVM start is timed apart from the stage
     t0 = time.perf_counter()
     staging = None if dry_run else rundir.staging(token)
-    manifest, listed = inputs.frame(session, staging, opts)
+    manifest, listed = inputs.frame(session, staging)
     plan = bookkeeping.plan(session, rundir, manifest, listed - inputs.name_rejects.num_rows, inputs.name_rejects,
                             rundir.settings(), config.max_pixels, staging)
     pending = plan.todo_rows + plan.name_rejects.num_rows
@@ -120,7 +119,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
     inference = dict(_NO_INFERENCE)
     embedded_now = rejected_now = 0
     if plan.name_rejects.num_rows:
-        storage.write_parquet(plan.name_rejects, storage.join(staging, "rejects", "part-names.parquet"), opts)
+        storage.write_parquet(plan.name_rejects, storage.join(staging, "rejects", "part-names.parquet"))
         rejected_now += plan.name_rejects.num_rows
     if plan.todo_rows:
         t1 = time.perf_counter()
@@ -130,7 +129,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
             model_sha256=wrapped.sha256, input_size=model.spec.input_size, input_name=wrapped.input_name,
             output_name=model.spec.output_name, dim=model.spec.dim, batch_size=config.batch_size,
             preprocess=model.spec.preprocess, layout=model.spec.layout, uint8_input=True,
-            max_pixels=config.max_pixels, staging_uri=staging, storage=opts, device=config.device,
+            max_pixels=config.max_pixels, staging_uri=staging, storage=storage.current(), device=config.device,
             # Local reads take microseconds: the pool only paid off on S3 (local sweep: no gain, within noise).
             read_ahead=config.read_ahead if config.input_list or storage.is_s3(config.input) else 1,
         )
@@ -151,7 +150,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
             by_part: dict[str, list[str]] = {}
             for uri, part in zip(dups.column("uri").to_pylist(), dups.column("part").to_pylist()):
                 by_part.setdefault(storage.join(staging, "embeddings", part), []).append(uri)
-            embed_mod.drop_rows_from_parts(session, by_part, opts)
+            embed_mod.drop_rows_from_parts(session, by_part)
             dup_rejects = pa.table(
                 {
                     "id": dups.column("id"), "uri": dups.column("uri"), "label": dups.column("label"),
@@ -161,7 +160,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
                 },
                 schema=REJECTS_SCHEMA,
             )
-            storage.write_parquet(dup_rejects, storage.join(staging, "rejects", "part-duplicates.parquet"), opts)
+            storage.write_parquet(dup_rejects, storage.join(staging, "rejects", "part-duplicates.parquet"))
     # Publish: the staged parts are moved in, then named in the commit record in one write.
     rundir.commit_parts(staging, token, settings={"max_pixels": config.max_pixels})
     rundir.ensure_datasets(token)  # readers always find both datasets with their schema
@@ -171,7 +170,7 @@ def embed_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir: 
         t1 = time.perf_counter()
         session.sparkContext.setJobGroup(ACCOUNTING_GROUP, "accounting")  # this thread's jobs, to cancel them
         counts = bookkeeping.accounting(session, rundir, manifest, inputs.name_rejects, listed)
-        storage.delete(staging, opts)  # after the accounting, which reads the staged manifest
+        storage.delete(staging)  # after the accounting, which reads the staged manifest
         timings["accounting"] = time.perf_counter() - t1
         return counts
 
@@ -191,7 +190,6 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
     runs while the PCA is fitted (every change to the embeddings clears the entry). `basis`: --pca-from's, read and
     checked by the caller before the output was touched."""
     t0 = time.perf_counter()
-    opts = rundir.opts
 
     def fingerprint() -> dict[str, Any]:
         if basis is not None:  # the basis decides k; no refit while these embeddings and that basis stay the same
@@ -201,7 +199,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
     entry = rundir.reduce_entry()
     if entry is not None and entry.get("fingerprint") == fingerprint():
         try:
-            report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json"), opts))
+            report = json.loads(storage.read_bytes(rundir.join("pca", "explained_variance.json")))
             summary = _pca_summary(report)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("pca/explained_variance.json is unreadable (%s): fitting the PCA again", exc)
@@ -223,7 +221,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
         fit: reduce_mod.PcaFit | None = None
         if basis is None:
             t1 = time.perf_counter()
-            fit = reduce_mod.fit_pca(session, files, model.spec.dim, opts, rundir.uri)
+            fit = reduce_mod.fit_pca(session, files, model.spec.dim, rundir.uri)
             timings["reduce_fit"] = time.perf_counter() - t1
             k = reduce_mod.choose_k(fit.explained, config.k, config.variance)
             kept = fit.components[:, :k]
@@ -231,7 +229,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
             # The fitted basis's files (the Spark ML model, the scree plot) are written while the executors
             # project; they are published only once the check passed.
             artifacts = pool.submit(_write_fit_artifacts, session, fit, k, config.variance, fingerprint,
-                                    storage.join(staging, "pca"), opts)
+                                    storage.join(staging, "pca"))
         else:
             kept, k = basis.components, int(basis.components.shape[1])
             probe = kept
@@ -242,7 +240,7 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
         total, unit = (fit.n_samples, "img") if fit else (len(files), "part")
         with JobProgress(session, reduce_mod.JOB_GROUP, total=total, unit=unit, desc="reduce", quiet=config.quiet,
                          tasks=file_tasks(session, len(files))):
-            rows, measured = reduce_mod.project_parts(session, files, opts, probe, kept,
+            rows, measured = reduce_mod.project_parts(session, files, probe, kept,
                                                       storage.join(staging, "reduced"))
         timings["reduce_project"] = time.perf_counter() - t1
         if fit is not None:
@@ -255,10 +253,10 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
         else:
             assert basis is not None
             report = pca_files.write_basis_artifacts(storage.join(staging, "pca"), basis, rows, measured,
-                                                     fingerprint(), opts)
+                                                     fingerprint())
             shares = np.asarray(basis.report.get("per_component") or measured)
             save_ml_model(session, reduce_mod.spark_pca_model(session, kept, shares),
-                          storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR), opts)
+                          storage.join(staging, "pca", reduce_mod.SPARK_MODEL_DIR))
         timings["reduce_artifacts"] = time.perf_counter() - t1 - timings["reduce_project"]
     except BaseException:
         # The files' thread may be waiting for the accounting's digest: stop the accounting's jobs first, so that
@@ -269,20 +267,20 @@ def reduce_stage(config: Config, model: ResolvedModel, spark: LazySpark, rundir:
         pool.shutdown()
         resources["peak_memory_bytes"]["reduce"] = stage_peaks(session, reduce_mod.JOB_GROUP, earlier_jobs)
     rundir.commit_reduce(staging, fingerprint(), token)
-    storage.delete(staging, opts)
+    storage.delete(staging)
     timings["reduce"] = time.perf_counter() - t0
     log.info("PCA: k=%d explains %.1f %% of the variance", k, 100 * float(report["explained_at_k"]))
     return {**_pca_summary(report), "skipped": False}
 
 
 def _write_fit_artifacts(session: Any, fit: reduce_mod.PcaFit, k: int, variance: float | None,
-                         fingerprint: Callable[[], dict[str, Any]], pca_uri: str, opts: Any) -> dict[str, Any]:
+                         fingerprint: Callable[[], dict[str, Any]], pca_uri: str) -> dict[str, Any]:
     """pca/ of a fitted PCA (explained_variance.json, scree.png, components.npy) and, so that Spark users lose
     nothing, the same basis as a PCAModel that PCAModel.load reads back; returns the report. The fingerprint is
     asked for last: it waits for the accounting."""
     save_ml_model(session, reduce_mod.spark_pca_model(session, fit.components[:, :k], fit.explained),
-                  storage.join(pca_uri, reduce_mod.SPARK_MODEL_DIR), opts)
-    return pca_files.write_pca_artifacts(pca_uri, fit, k, variance, fingerprint(), opts)
+                  storage.join(pca_uri, reduce_mod.SPARK_MODEL_DIR))
+    return pca_files.write_pca_artifacts(pca_uri, fit, k, variance, fingerprint())
 
 
 def _pca_summary(report: dict[str, Any]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def stamp(report: dict[str, Any], rundir: RunDir, key: str | None) -> None:
 def previous_if_unchanged(rundir: RunDir, key: str) -> dict[str, Any] | None:
     """The last run's report when it is complete (_SUCCESS), was made from `key` and the output's rows are still
     the ones it left; else None (the run goes on as usual)."""
-    if not storage.exists(rundir.join(SUCCESS), rundir.opts):
+    if not storage.exists(rundir.join(SUCCESS)):
         return None
     try:
         previous = rundir.previous_report()

@@ -66,7 +66,8 @@ class _ByteBudget:
 def load_classifier(settings: ServeSettings) -> tuple[FruitClassifier, str]:
     """The exported classifier of OUTPUT (local or s3://) and its sha256."""
     uri = storage.join(settings.output, CLASSIFIER_DIR, ONNX_NAME)
-    data = read_classifier(settings.output, settings.storage)
+    with storage.configured(settings.storage):
+        data = read_classifier(settings.output)
     try:
         clf = FruitClassifier(data, settings.threads, settings.crop)
     except Exception as exc:  # onnxruntime's own errors on a damaged file: one line, not its traceback
