@@ -138,7 +138,6 @@ def test_vectors_round_trip() -> None:
 
 def test_read_ahead_keeps_order_and_turns_missing_files_into_rejections(tmp_path) -> None:
     from fruitpipe.pipeline.embed import read_ahead
-    from fruitpipe.storage import StorageOptions
 
     uris = []
     for i in range(25):

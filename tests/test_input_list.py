@@ -222,7 +222,6 @@ def test_a_downloaded_parquet_or_orc_inventory_reads_its_data_files_beside_it(ph
     from pyarrow import orc
 
     from fruitpipe.pipeline import manifest
-    from fruitpipe.storage import StorageOptions
 
     rows = _inventory_rows(photos)
     table = pa.Table.from_pylist(rows).set_column(

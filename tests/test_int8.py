@@ -94,7 +94,6 @@ def test_without_vnni_the_non_saturating_scheme_is_chosen_and_nothing_is_written
     so its agreement does not depend on the machine) is tried first and passes the check."""
     from fruitpipe.models import get_spec, resolve_model
     from fruitpipe.pipeline.listing import list_images
-    from fruitpipe.storage import StorageOptions
 
     monkeypatch.setattr(quantize, "cpu_features",
                         lambda: {"machine": "x86_64", "int8_flags": ["avx2"], "vnni": False})

@@ -8,7 +8,6 @@ import pytest
 
 from fruitpipe.errors import ConfigError
 from fruitpipe.pipeline.listing import list_images, parse_layout
-from fruitpipe.storage import StorageOptions
 
 
 @pytest.mark.parametrize(

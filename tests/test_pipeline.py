@@ -71,7 +71,6 @@ def e2e(spark, tmp_path_factory: pytest.TempPathFactory):
     dup_of = sorted((data / "Test" / BASE_CLASSES[1]).iterdir())[0]
     shutil.copyfile(dup_of, data / "Test" / BASE_CLASSES[1] / "zz-copy.jpg")  # same bytes, sorts after
     (data / "README.txt").write_text("not in a class folder: ignored by the layout\n")
-    opts = StorageOptions()
     listing = list_images(str(data))
     (odd_dir / "deleted-after-listing.jpg").unlink()  # gone between listing and reading
     config = fruitpipe.Config(input=str(data), output=str(root / "out"), k=10, partition_size=64, quiet=True)
@@ -315,7 +314,6 @@ def test_pca_guard_rejects_a_wrong_decomposition(e2e, spark) -> None:
     """The check behind every fit: components that are not the data's principal axes are refused; the pass that
     measures them reads every committed row."""
     from fruitpipe.pipeline import reduce as reduce_mod
-    from fruitpipe.storage import StorageOptions
 
     out = e2e["out"]
     files = sorted(str(p) for p in (out / "embeddings").glob("*.parquet"))

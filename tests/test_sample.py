@@ -12,7 +12,6 @@ import pytest
 from fruitpipe import download, sample
 from fruitpipe.cli import main
 from fruitpipe.pipeline.listing import list_images
-from fruitpipe.storage import StorageOptions
 from conftest import SHARED
 from mirror import GROCERY, REAL_DIR, SAMPLE_DIR, serve_mirror
 

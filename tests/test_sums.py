@@ -87,7 +87,6 @@ def test_the_pca_refuses_non_finite_embeddings_and_says_how_many(spark, tmp_path
     import pyarrow.parquet as pq
 
     from fruitpipe.pipeline import reduce
-    from fruitpipe.storage import StorageOptions
 
     x = np.random.default_rng(0).random((10, 4)).astype(np.float32)
     x[3, 1], x[7, 0] = np.nan, np.inf
