@@ -131,6 +131,7 @@ def test_train_publishes_the_finetuned_file_with_its_figures(tuned: dict) -> Non
     assert f["blocks"] == 1 and f["epochs"] == 1 and f["photos"] == {"studio": 5 * 20, "other_sources": 18,
                                                                         "studio_per_class": 20}
     assert len(f["losses"]) == 1 and f["framework"] == "jax (CPU)"
+    assert f["cpu"]["machine"] and isinstance(f["cpu"]["int8_flags"], list)  # the figures move with the ISA
     # the export check ran the published file on test photos against the fine-tuned model's probabilities
     assert m["onnx"]["agreement_with_spark"]["same_top1"] == m["onnx"]["agreement_with_spark"]["images"] > 0
     held = m["held_out"][str(tuned["root"] / "val-out")]

@@ -23,6 +23,7 @@ from fruitpipe.errors import FruitpipeError
 from fruitpipe.models import build_mobilenet_v2 as mnv2
 from fruitpipe.models import registry
 from fruitpipe.models.fetch import cache_dir
+from fruitpipe.models.quantize import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,9 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
               "learning_rate": settings.learning_rate, "seed": settings.seed,
               "photos": {"studio": n_studio, "other_sources": n_other, "studio_per_class": STUDIO_PER_CLASS},
               "losses": [round(x, 5) for x in result.losses], "framework": "jax (CPU)",
+              # The same seed gives other weights on another instruction set (onnxruntime's and XLA's kernels
+              # differ by ISA): 80.0 % on the val split on an AVX-512 VM, 84.5 % on an AVX2 one (docs/real-photos.md).
+              "cpu": cpu_features(),
               "seconds": {"views": round(t_views, 1), "fit": round(result.seconds, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     log.info("fine-tuning: %d photos (%d studio, %d real), %d epochs in %.0f s", len(train.ids), n_studio, n_other,
