@@ -20,6 +20,7 @@ from fruitpipe import s3_objects
 
 # The names every caller imports from here: the options, and the context that carries them to every call.
 from fruitpipe.storage_options import StorageOptions as StorageOptions
+from fruitpipe.storage_options import carried as carried
 from fruitpipe.storage_options import configure as configure
 from fruitpipe.storage_options import configured as configured
 from fruitpipe.storage_options import current as current

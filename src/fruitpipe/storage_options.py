@@ -4,8 +4,11 @@ command (storage.py and s3_objects.py both read it), on the ground floor."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: The one default region of every command (GDPR: the data stays in the EU): S3 for `run`, `train`, `serve`..., and
 #: the cluster for `emr`.
@@ -21,7 +24,7 @@ class StorageOptions:
 
 
 # One process runs one command, and a command reaches one object store: its options are set once, where the
-# command starts (and at the start of each Spark task: frames.over_files, frames.stage, embed's partitions), and
+# command starts (and at the start of each Spark task: `carried`, and embed's partitions from their settings), and
 # every storage call below reads them here, instead of receiving them through each function on the way. A plain
 # module global, not a ContextVar: the storage calls made in thread pools (listing, read-ahead, moves) see it too.
 _current = StorageOptions()
@@ -48,3 +51,15 @@ def configure(opts: StorageOptions) -> None:
     """Set the options for the rest of this process: what a Spark task does first, with the driver's options."""
     global _current
     _current = opts
+
+
+def carried(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` as a Spark task runs it: this process's options are shipped with it and set in the worker first (a
+    worker process serves one task at a time, of this command or a later one)."""
+    opts = _current
+
+    def in_task(*args: Any, **kwargs: Any) -> T:
+        configure(opts)
+        return fn(*args, **kwargs)
+
+    return in_task

@@ -293,14 +293,12 @@ def index_frame(spark: object, settings: EmbedSettings) -> object:
 
 def drop_rows_from_parts(spark: object, files: dict[str, list[str]]) -> None:
     """On the executors, rewrite each staged part file without the given uris."""
-    opts = storage.current()
 
     def rewrite(item: tuple[str, list[str]]) -> None:
-        storage.configure(opts)
         uri, drop = item
         table = storage.read_parquet(uri)
         storage.write_parquet(table.filter(pc.invert(pc.is_in(table.column("uri"), pa.array(drop)))), uri)
 
     items = sorted(files.items())
     if items:
-        spark.sparkContext.parallelize(items, len(items)).foreach(rewrite)  # type: ignore[attr-defined]
+        spark.sparkContext.parallelize(items, len(items)).foreach(storage.carried(rewrite))  # type: ignore[attr-defined]

@@ -87,13 +87,11 @@ def over_files(spark: Any, files: list[str], tasks: int,
     The tasks are a JVM range indexing the list (shipped with the function), not a parallelized Python list: that
     one needed Python RDD workers, a second pool next to the SQL one, and forking it cost 1.3 s per run. The tasks
     run in the driver's storage context (storage.configured), shipped with the function."""
-    opts = storage.current()
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        storage.configure(opts)  # a worker process serves one task at a time, of this command or a later one
         yield from fn((pos, files[pos]) for batch in batches for pos in batch.column(0).to_pylist())
 
-    return spark.range(0, len(files), 1, max(1, tasks)).mapInArrow(run, out_ddl)
+    return spark.range(0, len(files), 1, max(1, tasks)).mapInArrow(storage.carried(run), out_ddl)
 
 
 def files_frame(spark: Any, files: list[str], read: Callable[[int, str], Iterable[pa.Table]],
@@ -136,12 +134,9 @@ def stage(df: Any, where: str | None, schema: pa.Schema) -> tuple[Any, int]:
         kept = df.persist(StorageLevel.DISK_ONLY)
         return kept, int(kept.count())
 
-    opts = storage.current()
-
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
-        storage.configure(opts)
         ctx = TaskContext.get()
         assert ctx is not None, "runs inside a Spark task"
         got = [b for b in batches if b.num_rows]
@@ -151,6 +146,6 @@ def stage(df: Any, where: str | None, schema: pa.Schema) -> tuple[Any, int]:
         yield pa.RecordBatch.from_pydict({"rows": [sum(b.num_rows for b in got)]}, schema=pa.schema([("rows",
                                                                                                      pa.int64())]))
 
-    rows = int(sum(r["rows"] for r in df.mapInArrow(write, "rows long").collect()))
+    rows = int(sum(r["rows"] for r in df.mapInArrow(storage.carried(write), "rows long").collect()))
     files = storage.parquet_files(where) if rows else []
     return files_frame(df.sparkSession, files, lambda _pos, uri: [storage.read_parquet(uri)], schema), rows
