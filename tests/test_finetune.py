@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from fruitpipe import images
-from fruitpipe.classify import finetune
+from fruitpipe.classify import finetune, openset
 from fruitpipe.classify.export import FruitClassifier, Head, export
 from fruitpipe.cli import main
 from fruitpipe.models import build_mobilenet_v2 as mnv2
@@ -121,7 +121,13 @@ def tuned(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     argv = ["train", str(out), "--also", str(root / "real-out"), "--also-families", str(REAL / "families.json"),
             "--also-val", str(root / "val-out"), "--master", "local[2]", "--no-pca-table", "-q", "--finetune",
             "--finetune-epochs", "1", "--finetune-blocks", "1"]
-    assert main(argv) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        # 6 real photos in the threshold's held-out fold: too few for the product's rule (97 % right, judged
+        # from 20 answers), whose choice test_the_not_sure_threshold_* checks; here a rule any 6 photos meet
+        # (every one answered) carries a threshold from the held-out fold to the published file.
+        mp.setattr(openset, "TARGET_RIGHT", 0.0)
+        mp.setattr(openset, "MIN_JUDGED", 1)
+        assert main(argv) == 0
     return {"out": out, "root": root, "metrics": json.loads((out / "classifier" / "metrics.json").read_text())}
 
 
@@ -138,6 +144,14 @@ def test_train_publishes_the_finetuned_file_with_its_figures(tuned: dict) -> Non
     assert held["photos"] == 6 and f["linear_head"]["held_out"][str(tuned["root"] / "val-out")]["photos"] == 6
     clf = FruitClassifier((tuned["out"] / "classifier" / "fruit_classifier.onnx").read_bytes())
     assert json.loads(clf.metadata["finetuned"]) == {"blocks": 1, "epochs": 1, "seed": 7}
+    # "not sure" is the fine-tuned model's own: chosen on a fold of near-copy groups of the real photos (2 of each
+    # family's 6) that a first fine-tuning never saw, and published with the file; the val photos are scored at it
+    ns = f["not_sure"]
+    assert ns["held_out"]["photos"] == 6 and ns["held_out"]["fit_photos"] == 5 * 20 + 18 - 6
+    assert ns["held_out"]["answered"] == 1.0 and ns["threshold"] is not None
+    assert m["open_set"]["threshold"] == ns["threshold"] == clf.not_sure_below
+    assert held["not_sure"]["threshold"] == ns["threshold"] and "open_set" in f["linear_head"]
+    assert f["seconds"]["threshold_fit"] > 0
     # the held-out figure is the published file's own, photo by photo
     families = json.loads((REAL / "families.json").read_text())
     ok = []
@@ -175,3 +189,23 @@ def test_the_held_out_report_counts_the_species_answer() -> None:
     assert r["species_top1"] == pytest.approx(2 / 3, abs=1e-5)  # the species answer sums its classes
     assert r["per_label"]["apple"]["photos"] == 3
     assert [c["answered"] for c in r["coverage"]][:2] == [1.0, 1.0]
+
+
+def test_the_not_sure_threshold_is_the_lowest_whose_answers_stay_97_percent_right() -> None:
+    """100 held-out photos, surest first: wrong ones at ranks 41 and 61. The 61 surest are 59/61 = 96.7 % right, so
+    the answers stop at the 60 surest (59/60), although later ones are right again; the threshold lies between the
+    60th and 61st probability. The rule is judged from 20 answers on."""
+    conf = np.linspace(0.99, 0.01, 100)
+    right = np.ones(100, bool)
+    right[[40, 60]] = False
+    shuffle = np.random.default_rng(0).permutation(100)
+    got = openset.choose_by_precision(conf[shuffle], right[shuffle])
+    assert got["threshold"] == pytest.approx((conf[59] + conf[60]) / 2, abs=1e-5)
+    assert got["held_out"]["answered"] == 0.6 and got["held_out"]["species_top1_of_answered"] == round(59 / 60, 5)
+    everything = openset.choose_by_precision(conf, np.ones(100, bool))
+    assert everything["threshold"] == pytest.approx(0.01) and everything["held_out"]["answered"] == 1.0
+    early = right.copy()
+    early[5] = False  # the 20 surest are 95 % right: no threshold meets the rule
+    assert openset.choose_by_precision(conf, early)["threshold"] is None
+    few = openset.choose_by_precision(conf[:10], right[:10])
+    assert few["threshold"] is None and "fewer than 20" in few["why"]

@@ -18,7 +18,7 @@ import numpy as np
 from fruitpipe import images, jsonio, storage
 from fruitpipe.classify.export import FruitClassifier
 from fruitpipe.classify.fruits import species_name
-from fruitpipe.classify.openset import COVERAGE_THRESHOLDS, species_proba
+from fruitpipe.classify.openset import coverage, species_proba
 from fruitpipe.classify.published import CLASSIFIER_DIR, ONNX_NAME, read_classifier
 from fruitpipe.classify.sources import check_families, read_families
 from fruitpipe.errors import ConfigError, FruitpipeError
@@ -165,12 +165,7 @@ def summarise(proba: np.ndarray, labels: list[str], clf: FruitClassifier,
         for j in order[sel, 0]:
             counts[group_of_class[j]] = counts.get(group_of_class[j], 0) + 1
         confusion[g] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    coverage = []
-    for t in COVERAGE_THRESHOLDS:
-        answered = conf >= t
-        coverage.append({"threshold": t, "answered": round(float(answered.mean()), 5) if n else None,
-                         "species_top1_of_answered": round(float(species_right[answered].mean()), 5)
-                         if answered.any() else None})
+
     def mean(x: np.ndarray) -> float | None:
         return round(float(x.mean()), 5) if len(x) else None
 
@@ -180,7 +175,7 @@ def summarise(proba: np.ndarray, labels: list[str], clf: FruitClassifier,
             "confidence": {"right": mean(conf[species_right]), "wrong": mean(conf[~species_right])},
             "not_sure": {"threshold": clf.not_sure_below,
                          "answered": mean(conf >= clf.not_sure_below) if clf.not_sure_below is not None else None},
-            "coverage": coverage}
+            "coverage": coverage(conf, species_right)}
 
 
 def evaluate(settings: EvaluateSettings) -> dict[str, Any]:

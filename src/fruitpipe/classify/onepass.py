@@ -56,6 +56,8 @@ class OnePass:
     sources: dict[str, Any]
     #: With --also-val: each held-out output's photos scored by the final classifier (never in any fit).
     held_out: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: With --also: the label maps with the other sources' near-copy folds (what --finetune holds a fold of out).
+    relabel: Relabel | None = None
 
 
 class OnePassError(FruitpipeError):
@@ -297,4 +299,5 @@ def fit(spark: Any, data: FitData, plan: FitPlan, guard: Callable[[], None] | No
                             **({"folds": relabel.grouping.describe()} if relabel.grouping else {})}
                    if relabel.sources else {},
                    held_out={root: {k.replace("cross_validated_", ""): v for k, v in r.items()}
-                             for root, r in held_scores.items()})
+                             for root, r in held_scores.items()},
+                   relabel=relabel if relabel.sources else None)

@@ -129,3 +129,54 @@ def test_rates(threshold: float | None, known_conf: np.ndarray, right: np.ndarra
         out.update({"unseen_class_photos": int(len(unseen_conf)),
                     "unseen_above": round(float(np.mean(unseen_conf >= threshold)), 5)})
     return out
+
+
+#: The fine-tuned model's "not sure" threshold is chosen for the share of its answers that must be right on real
+#: photos it never saw (a grouped fold held out of a first fine-tuning, classify.tuning): 97 %, issue 34's goal
+#: for the app, fixed before any measurement. Its open-set threshold (species held out) would cost one more
+#: fine-tuning per species group.
+TARGET_RIGHT = 0.97
+#: The first answers (surest first) whose share right is not judged: one wrong photo among the first few would
+#: otherwise put the threshold near 1.
+MIN_JUDGED = 20
+
+
+def coverage(conf: np.ndarray, right: np.ndarray, thresholds: tuple[float, ...] = COVERAGE_THRESHOLDS
+             ) -> list[dict[str, Any]]:
+    """The coverage table of labelled photos: per threshold on the top species' probability `conf`, the share of
+    photos answered (at or above it) and the share of those whose species answer was `right`."""
+    conf, right = np.asarray(conf, np.float64), np.asarray(right, bool)
+    return [{"threshold": float(t), "answered": round(float((conf >= t).mean()), 5) if len(conf) else None,
+             "species_top1_of_answered": round(float(right[conf >= t].mean()), 5) if (conf >= t).any() else None}
+            for t in thresholds]
+
+
+def choose_by_precision(conf: np.ndarray, right: np.ndarray, target: float | None = None,
+                        min_judged: int | None = None) -> dict[str, Any]:
+    """The lowest top-species probability at which the answers given (photos at or above it) are at least `target`
+    right, and stay so at every higher one: photos are taken from the surest down until the share right first
+    falls under `target` (the first `min_judged` are not judged). `conf`, `right`: the held-out photos' top-species
+    probability and whether the species answer was right. Defaults: TARGET_RIGHT and MIN_JUDGED."""
+    target = TARGET_RIGHT if target is None else target
+    min_judged = MIN_JUDGED if min_judged is None else min_judged
+    conf, right = np.asarray(conf, np.float64), np.asarray(right, bool)
+    n = len(conf)
+    table = coverage(conf, right)
+    if n < min_judged:
+        return {"threshold": None, "why": f"{n} held-out real photos: fewer than {min_judged} to judge a share "
+                                          "of right answers", "held_out": {"photos": n, "coverage": table}}
+    order = np.argsort(-conf, kind="stable")
+    share = np.cumsum(right[order]) / np.arange(1, n + 1)
+    under = np.flatnonzero(share[min_judged - 1:] < target)
+    answered = n if not len(under) else int(under[0]) + min_judged - 1
+    if answered < min_judged:
+        return {"threshold": None, "why": f"even the {min_judged} surest held-out real photos were under "
+                                          f"{target:.0%} right", "held_out": {"photos": n, "coverage": table}}
+    # between the last photo answered and the first one not (all answered: the least sure one's probability)
+    low = conf[order[answered - 1]]
+    threshold = low if answered == n else (low + conf[order[answered]]) / 2
+    return {"threshold": round(float(threshold), 5), "measure": "the top species' probability",
+            "chosen_by": f"the lowest at which at least {target:.0%} of the answers are right (and at every higher "
+                         "one), on real photos held out of a first fine-tuning: a fold of near-copy groups",
+            "held_out": {"photos": n, "answered": round(answered / n, 5),
+                         "species_top1_of_answered": round(float(share[answered - 1]), 5), "coverage": table}}

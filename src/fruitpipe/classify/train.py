@@ -173,7 +173,7 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
                      got.cross_validation, got.pca_table, dim, extra)
     if settings.finetune and relabel is not None:
         t0 = time.perf_counter()
-        tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, relabel, held_out,
+        tuning.replace_head(fitted, settings.finetune_settings(), spec.name, files, got.relabel or relabel, held_out,
                             rundir.guard, settings.quiet)
         timings["finetune"] = time.perf_counter() - t0
     return fitted

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: studio classes (Fruits-360 Test top-1 98.2 % with 20 on the shared sample) at a fraction of the time; every
 #: photo of the other sources (the real photos) is used.
 STUDIO_PER_CLASS = 20
+#: Folds of the real photos when they come without near-copy groups (the threshold's fine-tuning holds one out).
+THRESHOLD_FOLDS = 3
 
 
 class FinetuneError(FruitpipeError):
@@ -121,33 +123,56 @@ def _decode(rows: Rows) -> finetune.Photos:
     return finetune.decode([(cid, storage.read_bytes(u), y) for cid, u, y in zip(rows.ids, rows.uris, rows.y)])
 
 
-def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]],
-                    folders: dict[str, str] | None = None) -> dict[str, Any]:
-    """What source_scores reports of held-out photos, from the fine-tuned model's probabilities: top-1 (the top
-    class stands for the label's class), the species answer's top-1, the coverage table and per label (`labels`:
-    each photo's class; `folders`: class -> the folder label it was read from, the per-label keys)."""
+def species_answers(proba: np.ndarray, labels: list[str], classes: list[str],
+                    maps_to: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per photo (`labels`: each one's class): whether the top class stands for the label's class, whether the
+    species answer (the app's) is right, and the top species' probability (what "not sure" compares)."""
     index = {c: i for i, c in enumerate(classes)}
     species, names = openset.species_of(classes)
     sp = openset.species_proba(proba, species, len(names))
-    thresholds = np.array(openset.COVERAGE_THRESHOLDS)
-    ok_top, ok_species, per = [], [], {}
+    ok_top, ok_species = [], []
     for i, lb in enumerate(labels):
         right = {index[c] for c in (lb, *maps_to.get(lb, [])) if c in index}
         ok_top.append(int(np.argmax(proba[i])) in right)
         ok_species.append(any(species[c] == int(np.argmax(sp[i])) for c in right))
-    ok_top_a, ok_sp_a = np.array(ok_top, bool), np.array(ok_species, bool)
-    conf = sp.max(axis=1) if len(sp) else np.zeros(0)
+    return np.array(ok_top, bool), np.array(ok_species, bool), sp.max(axis=1) if len(sp) else np.zeros(0)
+
+
+def held_out_report(proba: np.ndarray, labels: list[str], classes: list[str], maps_to: dict[str, list[str]],
+                    folders: dict[str, str] | None = None, threshold: float | None = None) -> dict[str, Any]:
+    """What source_scores reports of held-out photos, from the fine-tuned model's probabilities: top-1 (the top
+    class stands for the label's class), the species answer's top-1, the coverage table and per label (`labels`:
+    each photo's class; `folders`: class -> the folder label it was read from, the per-label keys), and with the
+    model's "not sure" `threshold` the share answered and right of those answered."""
+    ok_top_a, ok_sp_a, conf = species_answers(proba, labels, classes, maps_to)
+    per: dict[str, Any] = {}
     n = len(labels)
     for lb in sorted(set(labels)):
         sel = np.array([x == lb for x in labels])
         per[(folders or {}).get(lb, lb)] = {"class": lb, "stands_for": maps_to.get(lb, []), "photos": int(sel.sum()),
                                             "top1": round(float(ok_top_a[sel].mean()), 5)}
-    return {"photos": n, "top1": round(float(ok_top_a.mean()), 5) if n else None,
-            "species_top1": round(float(ok_sp_a.mean()), 5) if n else None,
-            "coverage": [{"threshold": float(t), "answered": round(float((conf >= t).mean()), 5) if n else None,
-                          "species_top1_of_answered": round(float(ok_sp_a[conf >= t].mean()), 5)
-                          if (conf >= t).any() else None} for t in thresholds],
-            "per_label": per}
+    out: dict[str, Any] = {
+        "photos": n, "top1": round(float(ok_top_a.mean()), 5) if n else None,
+        "species_top1": round(float(ok_sp_a.mean()), 5) if n else None,
+        "coverage": openset.coverage(conf, ok_sp_a),
+        "per_label": per}
+    if threshold is not None and n:
+        sure = conf >= threshold
+        out["not_sure"] = {"threshold": threshold, "answered": round(float(sure.mean()), 5),
+                           "species_top1_of_answered": round(float(ok_sp_a[sure].mean()), 5) if sure.any() else None}
+    return out
+
+
+def threshold_fold(train: finetune.Photos, other: set[str], relabel: Relabel) -> np.ndarray:
+    """The indices of `train`'s photos held out of the threshold's fine-tuning: the other sources' (real) photos of
+    one fold of their near-copy groups (classify.groups: a burst of one shelf stays on one side), so that the
+    photos the threshold is chosen on were not taken beside a photo that fine-tuning saw."""
+    idx = [i for i, cid in enumerate(train.ids) if cid in other]
+    if relabel.grouping is None:
+        log.warning("fine-tuning: the real photos have no near-copy groups; their threshold fold is by content id")
+    folds = relabel.grouping.folds if relabel.grouping is not None else THRESHOLD_FOLDS
+    fold = relabel.fold_of([train.ids[i] for i in idx], folds)
+    return np.array([i for i, f in zip(idx, fold.tolist()) if f == 0], np.int64)
 
 
 @dataclass
@@ -178,17 +203,29 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
         raise FinetuneError("--finetune learns from real photos: pass --also OTHER_OUTPUT (e.g. `fruitpipe sample "
                             "DIR --real`'s train/, embedded by `fruitpipe run`)")
     train = _decode(rows)
+    uri_of = dict(zip(rows.ids, rows.uris))
+    held_idx = threshold_fold(train, set(rows.ids[n_studio:]), relabel)
+    fit_idx = np.setdiff1d(np.arange(len(train.ids)), held_idx)
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
     trunk = ort.InferenceSession(finetune.trunk_model(load, settings.blocks), so,
                                  providers=["CPUExecutionProvider"])
-    work = len(train.ids) * (settings.views + settings.epochs)
+    work = len(train.ids) * (settings.views + settings.epochs) + len(fit_idx) * settings.epochs
     with tqdm(total=work, desc="fine-tune", unit="photo", disable=quiet, leave=False) as bar:
         views = finetune.make_views(trunk, train, settings.views, settings.seed, bar.update)
         t_views = time.perf_counter() - t0
+        # First the threshold's fine-tuning, without a fold of the real photos, then the one that is exported,
+        # with every photo and the same settings: "not sure" is chosen on photos the first never saw.
+        first = finetune.fit(finetune.init_params(load, settings.blocks, len(classes), head), views[:, fit_idx],
+                             train.y[fit_idx], len(classes), settings, progress=bar.update)
         state = finetune.init_params(load, settings.blocks, len(classes), head)
         result = finetune.fit(state, views, train.y, len(classes), settings, progress=bar.update)
     del views
+    acts, kept = finetune.center_views(trunk, [storage.read_bytes(uri_of[train.ids[i]]) for i in held_idx])
+    _, right, conf = species_answers(finetune.predict(first, acts), [classes[train.y[held_idx[i]]] for i in kept],
+                                     classes, maps_to)
+    not_sure = openset.choose_by_precision(conf, right)
+    not_sure["held_out"].update({"fit_photos": int(len(fit_idx)), "seconds": round(first.seconds, 1)})
     acts, kept = finetune.center_views(trunk, [storage.read_bytes(u) for u in test_uris])
     if len(kept) != len(test_uris):
         raise FinetuneError("a test photo could not be read again for the fine-tuned model: run `fruitpipe run` "
@@ -203,7 +240,7 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
             labels = [labels[i] for i in kept]
             proba = finetune.predict(result, acts)
             held[source.root] = held_out_report(proba, labels, classes, maps_to,
-                                                {c: lb for lb, c in source.classes.items()})
+                                                {c: lb for lb, c in source.classes.items()}, not_sure["threshold"])
     backbone = finetune.export_backbone(load, result)
     report = {"blocks": settings.blocks, "epochs": settings.epochs, "views": settings.views,
               "learning_rate": settings.learning_rate, "seed": settings.seed,
@@ -211,8 +248,9 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
               "losses": [round(x, 5) for x in result.losses], "framework": "jax (CPU)",
               # The same seed gives other weights on another instruction set (onnxruntime's and XLA's kernels
               # differ by ISA): 80.0 % on the val split on an AVX-512 VM, 84.5 % on an AVX2 one (docs/real-photos.md).
-              "cpu": cpu_features(),
-              "seconds": {"views": round(t_views, 1), "fit": round(result.seconds, 1),
+              "cpu": cpu_features(), "not_sure": not_sure,
+              "seconds": {"views": round(t_views, 1), "threshold_fit": round(first.seconds, 1),
+                          "fit": round(result.seconds, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     log.info("fine-tuning: %d photos (%d studio, %d real), %d epochs in %.0f s", len(train.ids), n_studio, n_other,
              settings.epochs, time.perf_counter() - t0)
@@ -231,9 +269,14 @@ def replace_head(fitted: Any, settings: finetune.FinetuneSettings, model_name: s
     if guard is not None:
         guard()  # minutes have passed: a train that lost its lease stops here
     linear_top1 = metrics.top_k(fitted.proba, fitted.y, 1) if len(fitted.y) else None
+    linear_open_set = fitted.extra.get("open_set", {})
     fitted.extra["finetune"] = {**tuned.report, "linear_head": {
         "test_top1": None if linear_top1 is None else round(linear_top1, 5),
-        "held_out": fitted.extra.get("held_out", {})}}
+        "held_out": fitted.extra.get("held_out", {}), "open_set": linear_open_set}}
+    chosen = tuned.report["not_sure"]
+    fitted.extra["open_set"] = dict(chosen) if chosen["threshold"] is not None else {
+        **linear_open_set, "why_not_the_finetuned_models": chosen["why"],
+        "note": "the linear head's threshold, on the fine-tuned model's probabilities"}
     if "held_out" in fitted.extra:
         fitted.extra["held_out"] = tuned.held_out
     fitted.proba = tuned.test_proba.astype(np.float64)
