@@ -225,7 +225,9 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
     _, right, conf = species_answers(finetune.predict(first, acts), [classes[train.y[held_idx[i]]] for i in kept],
                                      classes, maps_to)
     not_sure = openset.choose_by_precision(conf, right)
-    not_sure["held_out"].update({"fit_photos": int(len(fit_idx)), "seconds": round(first.seconds, 1)})
+    # the first fine-tuning's species top-1 on the fold: a figure of fine-tuning on photos not taken beside the fit's
+    not_sure["held_out"].update({"species_top1": round(float(right.mean()), 5) if len(right) else None,
+                                 "fit_photos": int(len(fit_idx)), "seconds": round(first.seconds, 1)})
     acts, kept = finetune.center_views(trunk, [storage.read_bytes(u) for u in test_uris])
     if len(kept) != len(test_uris):
         raise FinetuneError("a test photo could not be read again for the fine-tuned model: run `fruitpipe run` "
