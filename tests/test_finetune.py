@@ -209,3 +209,6 @@ def test_the_not_sure_threshold_is_the_lowest_whose_answers_stay_97_percent_righ
     assert openset.choose_by_precision(conf, early)["threshold"] is None
     few = openset.choose_by_precision(conf[:10], right[:10])
     assert few["threshold"] is None and "fewer than 20" in few["why"]
+    from fruitpipe.classify.tuning import _not_sure  # a fold that small runs no first fine-tuning at all
+    skipped = _not_sure(None, None, ["s3://b/p.jpg"] * 5, ["Banana 1"] * 5, ["Banana 1"], {}, 0)
+    assert skipped["threshold"] is None and "5 real photos" in skipped["why"]
