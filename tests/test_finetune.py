@@ -152,6 +152,8 @@ def test_train_publishes_the_finetuned_file_with_its_figures(tuned: dict) -> Non
     assert m["open_set"]["threshold"] == ns["threshold"] == clf.not_sure_below
     assert held["not_sure"]["threshold"] == ns["threshold"] and "open_set" in f["linear_head"]
     assert f["seconds"]["threshold_fit"] > 0
+    page = (tuned["out"] / "report.html").read_text()
+    assert f"At the exported file's \"not sure\" threshold ({ns['threshold']:.3f})" in page
     # the held-out figure is the published file's own, photo by photo
     families = json.loads((REAL / "families.json").read_text())
     ok = []

@@ -164,6 +164,10 @@ def _real_photos(metrics: dict[str, Any]) -> list[str]:
                    "answers):</p>")
         out.append(_table([[c["threshold"], _pct(c["answered"]), _pct(c["species_top1_of_answered"])]
                            for c in r["coverage"]], ["threshold", "answered", "right of answered"]))
+        if r.get("not_sure"):
+            ns = r["not_sure"]
+            out.append(f"<p>At the exported file's \"not sure\" threshold ({ns['threshold']:.3f}): "
+                       f"{_pct(ns['answered'])} answered, {_pct(ns['species_top1_of_answered'])} of them right.</p>")
     return out
 
 
