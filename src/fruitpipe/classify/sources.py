@@ -8,7 +8,7 @@ import difflib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,14 @@ class Relabel:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"output": s.root, "labels": dict(sorted(s.classes.items()))} for s in self.sources]
+
+    def linked_to(self, fitted: Relabel) -> Relabel:
+        """These (held-out) labels standing also for the `fitted` sources' classes that stand for one of their
+        Fruits-360 classes: a held-out folder named otherwise than the --also one of the same fruit ("bananas",
+        "banana") is answered right by that class, and scored even when the fit has no studio class of it."""
+        maps = {c: [*t, *sorted(f for f, ft in fitted.maps_to.items() if f != c and f not in t and set(ft) & set(t))]
+                for c, t in self.maps_to.items()}
+        return replace(self, maps_to=maps)
 
 
 def read_families(uri: str) -> dict[str, list[str]]:

@@ -153,6 +153,8 @@ def _fit_linear(spark: Any, settings: TrainSettings, rundir: RunDir, files: list
     vals = _other_outputs(settings, model_sha256, "--also-val") if settings.also_val else []
     held_out = (_relabel(spark, settings, files, vals, fitted=False), [f for _, parts in vals for f in parts]) \
         if vals else None
+    if held_out is not None and relabel is not None:
+        held_out = (held_out[0].linked_to(relabel), held_out[1])
     files = [*files, *(f for _, parts in others for f in parts)]
 
     fmap = FeatureMap(onepass.DEFAULT_TRANSFORM) if components is None else FeatureMap("none", components)

@@ -257,7 +257,8 @@ def run(settings: finetune.FinetuneSettings, model_name: str, files: list[str],
             acts, kept = finetune.center_views(trunk, [storage.read_bytes(u) for u in hrows.uris])
             labels = [labels[i] for i in kept]
             proba = finetune.predict(result, acts)
-            held[source.root] = held_out_report(proba, labels, classes, maps_to,
+            # the held-out output's own label maps: its folders need not be named as the --also ones
+            held[source.root] = held_out_report(proba, labels, classes, {**maps_to, **held_out[0].maps_to},
                                                 {c: lb for lb, c in source.classes.items()}, not_sure["threshold"])
     backbone = finetune.export_backbone(load, result)
     report = {"blocks": settings.blocks, "epochs": settings.epochs, "views": settings.views,
