@@ -48,7 +48,7 @@ from fruitpipe.cloud.settings import (
     split_s3,
 )
 from fruitpipe.cloud.studio import Studio
-from fruitpipe.cloud.watch import CLUSTER_DONE, ClusterWatch, signals_ignored, signals_interrupt
+from fruitpipe.cloud.watch import CLUSTER_DONE, ClusterWatch, signals_deferred, signals_ignored, signals_interrupt
 from fruitpipe.models import get_spec, resolve_model
 from fruitpipe.version import code_sha256
 
@@ -233,9 +233,13 @@ class Emr(AccountSetup, ClusterWatch):
         elif not quota.get("checked"):
             log.warning("vCPU quota not checked: %s", quota["why"])
         request = job_flow_request(settings, subnet)
-        cluster_id = self._run_job_flow(request)
-        if started is not None:
-            started(cluster_id)
+        # A signal during RunJobFlow once raised inside botocore: the cluster existed and its id was never known, so
+        # nothing terminated it. Deferred, it is raised once the id is recorded (after IAM's retries: at most a
+        # minute), and run()'s handler terminates the cluster.
+        with signals_deferred():
+            cluster_id = self._run_job_flow(request)
+            if started is not None:
+                started(cluster_id)
         steps = self.emr.list_steps(ClusterId=cluster_id)["Steps"]
         log.info("cluster %s starting in %s", cluster_id, self.region)
         answer: dict[str, Any] = {"cluster_id": cluster_id, "step_id": steps[0]["Id"] if steps else ""}

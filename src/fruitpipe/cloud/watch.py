@@ -40,6 +40,32 @@ def signals_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP are recorded, not acted on; the first is raised as
+    KeyboardInterrupt when the block ends (main thread only): a call that starts a billing cluster returns its id
+    before the interruption, so that the id is known and the cluster terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    got: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        got.append(signum)
+
+    for sig in signals:
+        signal.signal(sig, record)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        raise KeyboardInterrupt(signal.Signals(got[0]).name)
+
+
+@contextlib.contextmanager
 def signals_ignored() -> Iterator[None]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP are ignored (main thread only): a second Ctrl-C must not cut
     the termination of a billing cluster short."""
