@@ -19,24 +19,34 @@ from fruitpipe.cloud.settings import EmrError, split_s3
 log = logging.getLogger(__name__)
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does (main thread only)."""
+def _handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None]:
+    """Within the block, `signals` go to `handler`; their previous handlers come back after it (main thread only:
+    elsewhere Python cannot set handlers, and the block runs unchanged)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in previous:
-        signal.signal(sig, interrupt)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does (main thread only)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    with _handling((signal.SIGTERM, signal.SIGHUP), interrupt):
+        yield
 
 
 @contextlib.contextmanager
@@ -44,23 +54,9 @@ def signals_deferred() -> Iterator[None]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP are recorded, not acted on; the first is raised as
     KeyboardInterrupt when the block ends (main thread only): a call that starts a billing cluster returns its id
     before the interruption, so that the id is known and the cluster terminated."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
     got: list[int] = []
-
-    def record(signum: int, frame: Any) -> None:
-        got.append(signum)
-
-    for sig in signals:
-        signal.signal(sig, record)
-    try:
+    with _handling(_STOPS, lambda signum, frame: got.append(signum)):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if got:
         raise KeyboardInterrupt(signal.Signals(got[0]).name)
 
@@ -69,18 +65,8 @@ def signals_deferred() -> Iterator[None]:
 def signals_ignored() -> Iterator[None]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP are ignored (main thread only): a second Ctrl-C must not cut
     the termination of a billing cluster short."""
-    if threading.current_thread() is not threading.main_thread():
+    with _handling(_STOPS, signal.SIG_IGN):
         yield
-        return
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _iso(when: Any) -> str:
