@@ -50,9 +50,10 @@ def _upload_head(port: int, length: int) -> socket.socket:
 
 
 def test_a_dripping_upload_meets_the_whole_upload_deadline(trained) -> None:
-    """One byte every 0.2 s never trips the 1 s body timeout; the 2 s whole-upload deadline ends it with 408 and a
-    closed connection (before: served for as long as the client dripped)."""
-    srv = _Server(create_app(ServeSettings(output=str(trained["out"]), body_timeout=1.0, upload_timeout=2.0)))
+    """One byte every 0.2 s never trips the 5 s body timeout; the 7 s whole-upload deadline ends it with 408 and a
+    closed connection (before: served for as long as the client dripped). The body timeout is 25 times the drip's
+    interval: with 1 s (5 times), a 2-core CI machine under load once let 1 s pass between two bytes."""
+    srv = _Server(create_app(ServeSettings(output=str(trained["out"]), body_timeout=5.0, upload_timeout=7.0)))
     try:
         sock = _upload_head(srv.port, 100_000)
         sock.setblocking(False)
