@@ -4,6 +4,7 @@ they have on the real host, on a real HTTP server on 127.0.0.1, with faults a te
 from __future__ import annotations
 
 import http.server
+import sys
 import threading
 import urllib.parse
 from collections import Counter
@@ -44,6 +45,8 @@ class Mirror:
     drip: float = 0.0
     #: Set when the mirror stops: a dripping answer ends.
     closed: threading.Event = field(default_factory=threading.Event)
+    #: Errors the mirror met answering (not a client that hung up): the block fails with the first.
+    errors: list[BaseException | None] = field(default_factory=list)
 
     def fail(self, host_path: str, *faults: Fault) -> None:
         """Answer the next requests of `host_path` with `faults`, in order, then serve the file again."""
@@ -107,8 +110,18 @@ def serve_mirror() -> Iterator[Mirror]:
                 except OSError:  # the client gave up: what the test wants
                     return
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            # socketserver prints the traceback to stderr, the stderr of the command under test (the mirror runs in
+            # its process): a client that hung up mid-answer (a download stopped because another file failed) is
+            # what a real host sees without a word; any other error fails the test when the block ends.
+            exc = sys.exc_info()[1]
+            if not isinstance(exc, ConnectionError):
+                mirror.errors.append(exc)
+
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -118,3 +131,4 @@ def serve_mirror() -> Iterator[Mirror]:
         mirror.closed.set()
         server.shutdown()
         server.server_close()
+    assert not mirror.errors, f"the mirror failed on a request: {mirror.errors[0]!r}"

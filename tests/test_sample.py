@@ -165,13 +165,14 @@ def test_real_photos_are_fetched_pinned_and_resumed(tmp_path: Path, monkeypatch:
 
 
 def test_a_dripping_mirror_is_given_up_by_the_rate_floor(tmp_path: Path) -> None:
-    """A mirror that sends one byte every 0.05 s never trips the per-read timeout; the attempt's deadline
-    (timeout + size / min_rate) ends it, nothing is kept (before: served for as long as it dripped)."""
+    """A mirror that sends one byte every 0.05 s never trips the 5 s per-read timeout (100 drips: a loaded 2-core
+    machine once stalled a 0.2 s drip past 1 s); the attempt's deadline (timeout + size / min_rate) ends it,
+    nothing is kept (before: served for as long as it dripped)."""
     import time
 
     row = sample.pinned_real()[0]
     pinned = download.PinnedFile(f"{REAL_DIR}/{row.path}", row.dest, row.sha256, row.size)
-    retry = download.Retry(attempts=1, timeout_s=1.0, min_rate=row.size / 1.0)  # 2 s for the whole file
+    retry = download.Retry(attempts=1, timeout_s=5.0, min_rate=row.size / 1.0)  # 6 s for the whole file
     with serve_mirror() as mirror:
         mirror.drip = 0.05
         started = time.monotonic()
