@@ -22,6 +22,7 @@ from fruitpipe.cloud.settings import (
 )
 from fruitpipe.cloud.sizing import executors
 from fruitpipe.config import task_count
+from fruitpipe.lease import TTL_S
 
 #: The derived step timeout: this many times the estimated step time (the estimate is +-30 % and unmeasured on
 #: EMR's vCPUs), and never under STEP_TIMEOUT_FLOOR_MIN.
@@ -37,12 +38,16 @@ DEFAULT_PARTITION_IMAGES = 512
 #: files, written to staging and copied into place; 2 record writes per commit: naming the parts, then marking
 #: them visible). On a new OUTPUT nothing committed is compared; a re-run also stages its verdicts and rows to embed
 #: (a few files). The commit record is one conditional PUT (boto3; pyarrow's writes are 3-request multipart
-#: uploads), read with its ETag. Before the conditional record: 15, 23, 56, 36; before the bookkeeping moved to the
-#: executors: 10, 15, 58, 36; before hidden commits: 13, 23, 54, 35, 36.
+#: uploads), read with its ETag. The lease's heartbeats are counted apart (lease_renewals): on 2026-12-07, 81 and
+#: 111 PUT/POST, 88 and 134 GET/HEAD without them. Before they were counted apart the fixed parts were 48 and 37, and
+#: the 2-minute step's 5 heartbeats hid 3 PUTs and 5 reads: a test run of over 30 s (one heartbeat) read once more
+#: than priced.
+#: Before the conditional record: 15, 23, 56, 36; before the bookkeeping moved to the executors: 10, 15, 58, 36;
+#: before hidden commits: 13, 23, 54, 35, 36.
 PUTS_PER_PART = 15
 READS_PER_PART = 23
-FIXED_PUTS = 48
-FIXED_DRIVER_READS = 37
+FIXED_PUTS = 51
+FIXED_DRIVER_READS = 42
 #: LIST pages that do not grow with the input: the output's folders (staging, record checks, publish), the staged
 #: index the executors read back, the input's existence probes, and report.html's; 38 counted, with 1 of headroom.
 FIXED_LISTS = 38
@@ -97,7 +102,7 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
     partition = opts.partition_size or DEFAULT_PARTITION_IMAGES
     slots = slots or settings.core_nodes * INSTANCE_TYPES[settings.core_type].vcpus
     parts = task_count(settings.images, partition, slots)  # the embed job's own split
-    renewals = math.ceil(2 * (_work_minutes(settings) + FIXED_MINUTES["spark_start_and_pca"]))
+    renewals = lease_renewals(settings)
     return {
         "get_images": settings.images,
         "head_images": 0,
@@ -105,6 +110,13 @@ def s3_requests(settings: EmrSettings, slots: int | None = None) -> dict[str, in
         "put": PUTS_PER_PART * parts + FIXED_PUTS + renewals,
         "get_head_driver": READS_PER_PART * parts + FIXED_DRIVER_READS + renewals,
     }
+
+
+def lease_renewals(settings: EmrSettings) -> int:
+    """The lease's heartbeats during the estimated step (lease.hold renews every TTL / 4, one GET and one PUT each):
+    the only requests that grow with the step's time rather than with its images."""
+    step_s = 60 * (_work_minutes(settings) + FIXED_MINUTES["spark_start_and_pca"])
+    return math.ceil(step_s / (TTL_S / 4))
 
 
 def estimate(settings: EmrSettings) -> dict[str, Any]:
