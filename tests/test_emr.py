@@ -585,29 +585,64 @@ def test_a_failed_bootstrap_is_explained(aws, runs_granted, capsys) -> None:
     assert "cluster TERMINATED_WITH_ERRORS, step" in err and why in err  # the progress line says it too
 
 
+def _emr_run_process(aws, name: str):
+    """`emr run` in a fresh process (signals go to it, not to pytest), its stderr piped."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "emr", "run", INPUT, f"s3://fruits-out/runs/{name}",
+                             "--name", name, "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "120", "-q"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+
+
+def _assert_interrupted_and_terminated(aws, proc, name: str) -> None:
+    _, err = proc.communicate(timeout=60)
+    cluster = [c for c in _client("emr", aws["endpoint"]).list_clusters()["Clusters"] if c["Name"] == name][0]
+    assert cluster["Status"]["State"] in ("TERMINATING", "TERMINATED"), cluster["Status"]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("fruitpipe emr: interrupted"), err
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_emr_run_terminates_its_cluster_on_a_signal(aws, runs_granted, sig: str) -> None:
     """A session closed (SIGHUP), a scheduler's kill (SIGTERM) or Ctrl-C while `emr run` waits: the cluster it
     started is terminated, and the command exits 130 with one line."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     name = f"fruitpipe-signal-{sig.lower()}"
-    proc = subprocess.Popen([sys.executable, "-m", "fruitpipe.cli", "emr", "run", INPUT, f"s3://fruits-out/runs/{name}",
-                             "--name", name, "--wheel", aws["wheel"], "--poll", "0.2", "--timeout", "120", "-q"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    proc = _emr_run_process(aws, name)
     api = _client("emr", aws["endpoint"])
     deadline = time.monotonic() + 120
     while not [c for c in api.list_clusters()["Clusters"] if c["Name"] == name]:  # observable: it was started
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.1)  # polling for the event, not a timed fault
     proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
-    cluster = [c for c in api.list_clusters()["Clusters"] if c["Name"] == name][0]
-    assert cluster["Status"]["State"] in ("TERMINATING", "TERMINATED"), cluster["Status"]
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("fruitpipe emr: interrupted"), err
+    _assert_interrupted_and_terminated(aws, proc, name)
+
+
+def test_a_signal_while_run_job_flow_answers_still_terminates_the_cluster(aws, runs_granted, monkeypatch) -> None:
+    """SIGTERM sent by the loopback EMR itself once it has made the cluster and before it answers RunJobFlow (the
+    event, not a timing): `emr run` is inside botocore's call, the cluster exists and its id is not yet known. The
+    signal waits for the id, then the cluster is terminated (it was left running: the signal raised inside the call,
+    as the test above once saw under load)."""
+    import signal
+
+    from moto.emr.models import ElasticMapReduceBackend
+
+    name, procs, signalled = "fruitpipe-signal-in-runjobflow", [], []
+    real = ElasticMapReduceBackend.run_job_flow
+
+    def run_job_flow(self, **kwargs):  # moto serves from this process: the hook runs before the answer is sent
+        cluster = real(self, **kwargs)
+        if kwargs.get("name") == name:
+            procs[0].send_signal(signal.SIGTERM)
+            signalled.append(cluster.id)
+        return cluster
+
+    monkeypatch.setattr(ElasticMapReduceBackend, "run_job_flow", run_job_flow)
+    procs.append(_emr_run_process(aws, name))
+    _assert_interrupted_and_terminated(aws, procs[0], name)
+    assert len(signalled) == 1
 
 
 def test_pipeline_runs_with_only_the_instance_role_policy(aws, tmp_path: Path) -> None:
