@@ -459,9 +459,10 @@ def test_s3_requests_of_a_run_match_the_plan(aws, spark, tmp_path: Path, partiti
     def on_lease(method: str) -> list[int]:
         return [i for i, r in enumerate(proxy.requests) if r[0] == method and r[1].endswith("/" + LEASE)]
 
-    beats = len(on_lease("PUT")) - 1
+    lease_puts, lease_gets = on_lease("PUT"), on_lease("GET")
+    beats = len(lease_puts) - 1
     assert 0 <= beats <= seconds // (TTL_S / 4), (beats, seconds)
-    beat_requests = set(on_lease("PUT")[1:] + on_lease("GET")[1:1 + beats])  # acquire's own GET and PUT stay
+    beat_requests = set(lease_puts[1:] + lease_gets[1:1 + beats])  # acquire's own GET and PUT stay
     reqs = [r for i, r in enumerate(proxy.requests) if i not in beat_requests]
     images = [(m, p) for m, p, _ in reqs if p.startswith("/fruits-in/fruits360/") and p.endswith(".jpg")]
     by_image: dict[str, list[str]] = {}
