@@ -44,7 +44,7 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
 # 2-vCPU VM a `fruitpipe reduce` of 6 photos took 27 s, 11.6 s of it starting Spark. Two JVM options of the tests'
 # own, neither of which changes what Spark computes, took it to 16 s (start 4.5 s):
 # - a class-data-sharing archive of the classes a Spark session loads (JDK 17's dynamic CDS archive), dumped once per
-#   virtual environment by a bare session (about 60 s): the drivers map it instead of reading the jars again;
+#   virtual environment by a bare session (about 50 s): the drivers map it instead of reading the jars again;
 # - C1 only (`TieredStopAtLevel=1`): no C2 compilation, which a driver that lives seconds never profits from.
 #   The session's own long-lived Spark (`spark` below) keeps C2.
 # `fruitpipe` itself sets neither: a real run lives long enough for C2 to pay, and it is not a test's to cache.
@@ -94,6 +94,7 @@ def _spark_class_archive() -> Path | None:
         os.replace(part, path)  # whole or absent, for a session beside this one
     return path
 
+
 @pytest.fixture(autouse=True)
 def _cli_logging_stays_in_its_test():
     """`main()` configures the root logger as a command does once per process (its stderr handler, JSON or text,
@@ -127,14 +128,15 @@ def spark():
     from fruitpipe.spark import spark_session
 
     opts = os.environ.get("SPARK_SUBMIT_OPTS")
-    if opts:  # this JVM lives for the whole session: C2 pays here (SHORT_JVM)
+    if opts:  # this JVM lives for the whole session: C2 pays here (SHORT_JVM); the drivers started after keep C1
         os.environ["SPARK_SUBMIT_OPTS"] = " ".join(o for o in opts.split() if o not in SHORT_JVM)
     try:
         with spark_session("local[2]", "fruitpipe-tests", conf={"spark.ui.enabled": "false"}) as session:
-            os.environ["SPARK_SUBMIT_OPTS"] = opts or ""
+            if opts:
+                os.environ["SPARK_SUBMIT_OPTS"] = opts
             yield session
     finally:
-        if opts is not None:
+        if opts:
             os.environ["SPARK_SUBMIT_OPTS"] = opts
 
 
