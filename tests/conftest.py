@@ -127,17 +127,17 @@ def spark():
     """One real Spark for the whole session: local[2], no UI, few shuffle partitions."""
     from fruitpipe.spark import spark_session
 
-    opts = os.environ.get("SPARK_SUBMIT_OPTS")
-    if opts:  # this JVM lives for the whole session: C2 pays here (SHORT_JVM); the drivers started after keep C1
-        os.environ["SPARK_SUBMIT_OPTS"] = " ".join(o for o in opts.split() if o not in SHORT_JVM)
-    try:
-        with spark_session("local[2]", "fruitpipe-tests", conf={"spark.ui.enabled": "false"}) as session:
-            if opts:
-                os.environ["SPARK_SUBMIT_OPTS"] = opts
-            yield session
-    finally:
-        if opts:
-            os.environ["SPARK_SUBMIT_OPTS"] = opts
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        # This JVM lives for the whole session: C2 pays here (SHORT_JVM). The drivers started after keep C1: the
+        # variable is restored once this one has started.
+        with pytest.MonkeyPatch.context() as env:
+            opts = os.environ.get("SPARK_SUBMIT_OPTS", "")
+            env.setenv("SPARK_SUBMIT_OPTS", " ".join(o for o in opts.split() if o not in SHORT_JVM))
+            session = stack.enter_context(
+                spark_session("local[2]", "fruitpipe-tests", conf={"spark.ui.enabled": "false"}))
+        yield session
 
 
 def copy_classes(dest: Path, classes: list[str], splits: tuple[str, ...] = ("Training", "Test"),
