@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -126,8 +127,6 @@ def no_local_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def spark():
     """One real Spark for the whole session: local[2], no UI, few shuffle partitions."""
     from fruitpipe.spark import spark_session
-
-    import contextlib
 
     with contextlib.ExitStack() as stack:
         # This JVM lives for the whole session: C2 pays here (SHORT_JVM). The drivers started after keep C1: the
